@@ -1,0 +1,114 @@
+"""The one error tree of vmctl: everything it raises on purpose is a ``VmctlError``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class VmctlError(Exception):
+    """Root of every error vmctl raises on purpose."""
+
+
+class InvalidArgument(VmctlError, ValueError):
+    """The caller passed something vmctl cannot use; nothing was sent or changed."""
+
+
+class QMPError(VmctlError):
+    """Something went wrong talking QMP."""
+
+
+class ConnectError(QMPError):
+    """The monitor could not be reached or the QMP handshake failed."""
+
+
+class ConnectionLost(QMPError):
+    """The connection to QEMU is gone (QEMU exited, the socket closed, or the monitor was closed)."""
+
+
+class ProtocolError(QMPError):
+    """QEMU sent something that is not QMP; the connection cannot be trusted any more."""
+
+
+class StateError(QMPError):
+    """The call is not allowed in the monitor's current state."""
+
+
+class MessageTooLarge(QMPError):
+    """A reply was larger than the configured maximum; the command ran but its reply was discarded."""
+
+    def __init__(self, message: str, *, command: str, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.command = command
+        self.size = size
+        self.limit = limit
+
+
+class CommandError(QMPError):
+    """QEMU answered the command with an error."""
+
+    def __init__(self, *, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"{command}: {desc} ({error_class})")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class GenericError(CommandError):
+    pass
+
+
+class CommandNotFound(CommandError):
+    pass
+
+
+class DeviceNotActive(CommandError):
+    pass
+
+
+class DeviceNotFound(CommandError):
+    pass
+
+
+class KVMMissingCap(CommandError):
+    pass
+
+
+_ERROR_CLASSES: dict[str, type[CommandError]] = {
+    "GenericError": GenericError,
+    "CommandNotFound": CommandNotFound,
+    "DeviceNotActive": DeviceNotActive,
+    "DeviceNotFound": DeviceNotFound,
+    "KVMMissingCap": KVMMissingCap,
+}
+
+
+def command_error(command: str, error: Any) -> CommandError:
+    """Map QEMU's ``{"class": ..., "desc": ...}`` error object to its typed exception."""
+    if isinstance(error, dict):
+        error_class = str(error.get("class", "GenericError"))
+        desc = str(error.get("desc", "(no description)"))
+    else:
+        error_class, desc = "GenericError", repr(error)
+    cls = _ERROR_CLASSES.get(error_class, CommandError)
+    return cls(command=command, error_class=error_class, desc=desc)
+
+
+class CommandTimeout(QMPError, TimeoutError):
+    """No reply in time. The command may or may not have run: its outcome is unknown."""
+
+    def __init__(self, *, command: str, timeout: float, sent: bool = True) -> None:
+        if sent:
+            text = (
+                f"{command}: no reply within {timeout:g}s; the outcome is unknown "
+                "(QEMU may still run it; a late reply will be discarded)"
+            )
+        else:
+            text = f"{command}: could not be sent within {timeout:g}s; it was not run"
+        super().__init__(text)
+        self.command = command
+        self.timeout = timeout
+        self.sent = sent
+
+
+class EventTimeout(QMPError, TimeoutError):
+    """The awaited event did not arrive in time."""

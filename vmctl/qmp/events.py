@@ -1,0 +1,166 @@
+"""Event filtering, bounded subscriptions and the bounded history of recent events."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from vmctl.errors import EventTimeout, InvalidArgument, QMPError
+from vmctl.qmp.messages import Event
+
+#: A mapping that must be a subset of the event's data, or a predicate on the event.
+Match = Mapping[str, Any] | Callable[[Event], bool] | None
+
+
+def data_contains(data: Any, subset: Any) -> bool:
+    """Whether ``subset`` is contained in ``data``: dicts key by key (recursively), else equality."""
+    if isinstance(subset, Mapping):
+        if not isinstance(data, Mapping):
+            return False
+        return all(key in data and data_contains(data[key], expected) for key, expected in subset.items())
+    return bool(data == subset)
+
+
+class EventFilter:
+    """Which events a subscriber wants: a set of names (empty: all) and an optional match."""
+
+    __slots__ = ("match", "names")
+
+    def __init__(self, names: Iterable[str], match: Match) -> None:
+        self.names = frozenset(names)
+        for name in self.names:
+            if not isinstance(name, str) or not name:
+                raise InvalidArgument(f"event names must be non-empty strings, not {name!r}")
+        if match is not None and not callable(match) and not isinstance(match, Mapping):
+            raise InvalidArgument(f"match must be a mapping or a callable, not {type(match).__name__}")
+        self.match = match
+
+    def accepts(self, event: Event) -> bool:
+        if self.names and event.name not in self.names:
+            return False
+        match = self.match
+        if match is None:
+            return True
+        if isinstance(match, Mapping):
+            return data_contains(event.data, match)
+        return bool(match(event))
+
+
+class Subscription:
+    """Events delivered to one subscriber, in order, in a bounded buffer.
+
+    When the buffer is full, newer events are dropped and counted in ``dropped``. Once the
+    connection is gone, ``get`` returns what is buffered and then raises the connection's error.
+    Subscribe before sending the command whose event you need: QEMU may emit it before the reply.
+    """
+
+    def __init__(
+        self,
+        event_filter: EventFilter,
+        *,
+        maxsize: int,
+        on_close: Callable[[Subscription], None],
+    ) -> None:
+        if maxsize < 1:
+            raise InvalidArgument(f"maxsize must be at least 1, not {maxsize}")
+        self.filter = event_filter
+        self.maxsize = maxsize
+        self.dropped = 0
+        self._buffer: deque[Event] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._failure: QMPError | None = None
+        self._closed = False
+        self._on_close = on_close
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._on_close(self)
+
+    def get(self, timeout: float) -> Event:
+        """The next event; ``EventTimeout`` if none arrives within ``timeout`` seconds."""
+        if timeout is None or timeout < 0:
+            raise InvalidArgument(f"timeout must be a number of seconds >= 0, not {timeout!r}")
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._buffer:
+                if self._failure is not None:
+                    raise self._failure
+                if self._closed:
+                    raise QMPError("the subscription is closed")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    names = ", ".join(sorted(self.filter.names)) or "any event"
+                    raise EventTimeout(f"no matching event ({names}) within {timeout:g}s")
+                self._cond.wait(remaining)
+            return self._buffer.popleft()
+
+    def get_nowait(self) -> Event | None:
+        with self._cond:
+            return self._buffer.popleft() if self._buffer else None
+
+    def drain(self) -> list[Event]:
+        """Every event buffered now, without waiting."""
+        with self._cond:
+            events = list(self._buffer)
+            self._buffer.clear()
+            return events
+
+    # -- called by the monitor -------------------------------------------------------------
+
+    def deliver(self, event: Event) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            if len(self._buffer) >= self.maxsize:
+                self.dropped += 1
+                return
+            self._buffer.append(event)
+            self._cond.notify()
+
+    def fail(self, error: QMPError) -> None:
+        with self._cond:
+            self._failure = error
+            self._cond.notify_all()
+
+
+class EventHistory:
+    """The last ``maxlen`` events, queryable by name, time and match."""
+
+    def __init__(self, maxlen: int) -> None:
+        if maxlen < 0:
+            raise InvalidArgument(f"event history size must be >= 0, not {maxlen}")
+        self._events: deque[Event] = deque(maxlen=maxlen)
+        self.total = 0
+
+    def append(self, event: Event) -> None:
+        # deque.append with maxlen is atomic under the GIL; readers copy before filtering.
+        self._events.append(event)
+        self.total += 1
+
+    @property
+    def evicted(self) -> int:
+        return self.total - len(self._events)
+
+    def query(self, names: Iterable[str] = (), *, since: float | None = None, match: Match = None) -> list[Event]:
+        event_filter = EventFilter(names, match)
+        return [
+            event
+            for event in tuple(self._events)
+            if (since is None or event.timestamp >= since) and event_filter.accepts(event)
+        ]
