@@ -314,3 +314,29 @@ def test_commands_before_negotiation_are_impossible(fake: FakeQEMU) -> None:
         assert mon.execute("query-status")
     first = fake.calls[0]
     assert isinstance(first, FakeCall) and first.command == "qmp_capabilities"
+
+
+def test_concurrent_fd_passing_keeps_each_fd_with_its_command(monitor: Monitor, fake: FakeQEMU) -> None:
+    failures: list[BaseException] = []
+
+    def worker(thread: int) -> None:
+        try:
+            for i in range(20):
+                with tempfile.TemporaryFile() as f:
+                    f.write(f"{thread}-{i}".encode())
+                    f.flush()
+                    monitor.execute("query-status")
+                    monitor.execute("add-fd", {"fdset-id": thread * 100 + i}, fds=[f])
+                    monitor.execute("query-status")
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not failures
+    assert len(fake.fdsets) == 160
+    for fdset_id, [(_, fd)] in fake.fdsets.items():
+        assert os.pread(fd, 16, 0).decode() == f"{fdset_id // 100}-{fdset_id % 100}"

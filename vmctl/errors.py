@@ -96,18 +96,13 @@ def command_error(command: str, error: Any) -> CommandError:
 class CommandTimeout(QMPError, TimeoutError):
     """No reply in time. The command may or may not have run: its outcome is unknown."""
 
-    def __init__(self, *, command: str, timeout: float, sent: bool = True) -> None:
-        if sent:
-            text = (
-                f"{command}: no reply within {timeout:g}s; the outcome is unknown "
-                "(QEMU may still run it; a late reply will be discarded)"
-            )
-        else:
-            text = f"{command}: could not be sent within {timeout:g}s; it was not run"
-        super().__init__(text)
+    def __init__(self, *, command: str, timeout: float) -> None:
+        super().__init__(
+            f"{command}: no reply within {timeout:g}s; the outcome is unknown "
+            "(QEMU may still run it; a late reply will be discarded)"
+        )
         self.command = command
         self.timeout = timeout
-        self.sent = sent
 
 
 class EventTimeout(QMPError, TimeoutError):

@@ -66,7 +66,8 @@ DEFAULT_QUIET_COMMANDS: Final = frozenset({"ringbuf-read", "query-migrate"})
 DEFAULT_QUIET_EVENTS: Final = frozenset({"RTC_CHANGE"})
 
 _DEBUG: Final = 10
-_RECV_SIZE: Final = 256 * 1024
+# Below malloc's mmap threshold: a larger buffer costs page faults on every read.
+_RECV_SIZE: Final = 64 * 1024
 # A follower re-checks whether it should read at least this often, so progress never depends
 # on a single wake-up being delivered.
 _FOLLOWER_SLICE: Final = 0.01
@@ -121,7 +122,12 @@ class Monitor:
         self._transcript = Transcript(transcript) if transcript is not None else None
 
         self._state_lock = threading.Lock()
-        self._send_lock = threading.Lock()
+        self._outbox_lock = threading.Lock()
+        # QEMU keeps the fds of its last read in one slot, replaced (and closed) by the next read
+        # carrying fds: one fd-passing command at a time, from send until its reply.
+        self._fd_command_lock = threading.Lock()
+        self._outbox: list[tuple[bytes, Sequence[int]]] = []
+        self._sending = False
         self._pump = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._late: collections.OrderedDict[str, str] = collections.OrderedDict()
@@ -276,7 +282,12 @@ class Monitor:
             self._raise_if_unusable()
             self._pending[command_id] = pending
             self._active += 1
+        fd_slot_held = False
         try:
+            if fd_list:
+                fd_slot_held = self._fd_command_lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+                if not fd_slot_held:
+                    raise CommandTimeout(command=command, timeout=timeout)
             self._transcribe_command(command, command_id, arguments)
             self._send_bytes(data, fd_list, deadline, command)
             self._await(pending, deadline, timeout)
@@ -284,6 +295,8 @@ class Monitor:
             self._log_command(pending, "timeout", arguments)
             raise exc from None
         finally:
+            if fd_slot_held:
+                self._fd_command_lock.release()
             with self._state_lock:
                 self._pending.pop(command_id, None)
                 self._active -= 1
@@ -357,35 +370,55 @@ class Monitor:
             os.eventfd_write(self._wakefd, 1)
 
     def _send_bytes(self, data: bytes, fds: Sequence[int], deadline: float, command: str) -> None:
-        if not self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise CommandTimeout(command=command, timeout=deadline - time.monotonic(), sent=False)
+        """Queue a command's bytes and, unless another thread is sending, send the queue.
+
+        Threads that arrive while one is sending leave their bytes to it, so concurrent commands
+        go out in one system call (and wake QEMU once) instead of one each.
+        """
+        with self._outbox_lock:
+            self._outbox.append((data, fds))
+            if self._sending:
+                return
+            self._sending = True
         try:
-            view = memoryview(data)
-            sent_any = False
-            while view:
-                try:
-                    if fds and not sent_any:
-                        sent = self._sock.sendmsg([view], scm_rights(fds), socket.MSG_NOSIGNAL)
-                    else:
-                        sent = self._sock.send(view, socket.MSG_NOSIGNAL)
-                except BlockingIOError:
-                    remaining = deadline - time.monotonic()
-                    if remaining > 0 and wait_writable(self._sock, remaining):
-                        continue
-                    if not sent_any:
-                        raise CommandTimeout(command=command, timeout=remaining, sent=False) from None
-                    # Half a command is on the wire: the stream can never be resynchronised.
-                    self._fail(ConnectionLost, f"{self.name}: sending {command} stalled mid-message")
-                    self._raise_if_unusable()
-                    raise AssertionError("unreachable") from None
-                except OSError as exc:
-                    self._fail(ConnectionLost, f"{self.name}: sending {command} failed: {exc}")
-                    self._raise_if_unusable()
-                    raise AssertionError("unreachable") from exc
-                sent_any = True
-                view = view[sent:]
-        finally:
-            self._send_lock.release()
+            while True:
+                with self._outbox_lock:
+                    batch = self._outbox
+                    if not batch:
+                        self._sending = False
+                        return
+                    self._outbox = []
+                for chunk, chunk_fds in _coalesce(batch):
+                    self._write(chunk, chunk_fds, deadline, command)
+        except BaseException:
+            with self._outbox_lock:
+                self._sending = False
+            raise
+
+    def _write(self, data: bytes, fds: Sequence[int], deadline: float, command: str) -> None:
+        view = memoryview(data)
+        with_fds = bool(fds)
+        while view:
+            try:
+                if with_fds:
+                    sent = self._sock.sendmsg([view], scm_rights(fds), socket.MSG_NOSIGNAL)
+                else:
+                    sent = self._sock.send(view, socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining > 0 and wait_writable(self._sock, remaining):
+                    continue
+                # QEMU has not drained its monitor socket for a whole command timeout, and the
+                # stream may hold half a command: it can never be resynchronised.
+                self._fail(ConnectionLost, f"{self.name}: QEMU stopped reading its monitor (sending {command} stalled)")
+                self._raise_if_unusable()
+                raise AssertionError("unreachable") from None
+            except OSError as exc:
+                self._fail(ConnectionLost, f"{self.name}: sending {command} failed: {exc}")
+                self._raise_if_unusable()
+                raise AssertionError("unreachable") from exc
+            with_fds = False
+            view = view[sent:]
 
     # -- reading and dispatch (only by the pump holder) ------------------------------------
 
@@ -645,6 +678,26 @@ def _reply_record(command_id: str, value: Any, error: Mapping[str, Any] | None) 
     if error is not None:
         return {"id": command_id, "error": dict(error)}
     return {"id": command_id, "return": redact_value(value)}
+
+
+def _coalesce(batch: list[tuple[bytes, Sequence[int]]]) -> list[tuple[bytes, Sequence[int]]]:
+    """Join queued commands into as few writes as possible; a command with fds starts a write."""
+    if len(batch) == 1:
+        return batch
+    chunks: list[tuple[bytes, Sequence[int]]] = []
+    pieces: list[bytes] = []
+    chunk_fds: Sequence[int] = ()
+    for data, fds in batch:
+        if fds and pieces:
+            chunks.append((b"".join(pieces), chunk_fds))
+            pieces = []
+        if fds:
+            chunk_fds = fds
+        elif not pieces:
+            chunk_fds = ()
+        pieces.append(data)
+    chunks.append((b"".join(pieces), chunk_fds))
+    return chunks
 
 
 def _poll_ms(seconds: float) -> int:

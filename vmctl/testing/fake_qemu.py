@@ -73,6 +73,7 @@ class FakeQEMU:
         self.running = True
         self.fdsets: dict[int, list[tuple[int, int]]] = {}  # fdset-id -> [(fd, our dup)]
         self.named_fds: dict[str, int] = {}
+        self._msgfds: list[int] = []  # fds of the last read that carried some, until a command takes them
         self.negotiated_capabilities: list[str] | None = None
         self._scripts: dict[str, _Script] = {}
         self._lock = threading.Lock()
@@ -227,7 +228,6 @@ class FakeQEMU:
         try:
             self._send_greeting()
             buffer = b""
-            fds: list[int] = []
             while not self._closed:
                 self._frozen.wait()
                 try:
@@ -236,23 +236,28 @@ class FakeQEMU:
                     return
                 if not data:
                     return
+                received: list[int] = []
                 for level, kind, payload in ancdata:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         fd_array = array.array("i")
                         fd_array.frombytes(payload[: len(payload) - len(payload) % fd_array.itemsize])
-                        fds.extend(fd_array)
+                        received.extend(fd_array)
+                if received:
+                    # Like QEMU: a read carrying fds replaces (and closes) the unclaimed ones.
+                    for fd in self._msgfds:
+                        os.close(fd)
+                    self._msgfds = received
                 buffer += data
                 while b"\n" in buffer and not self._closed:
                     self._frozen.wait()
                     line, buffer = buffer.split(b"\n", 1)
                     if line.strip():
-                        self._handle_line(line, fds)
-                        fds = []
-                for fd in fds:  # fds that came with no command are closed, as QEMU does
-                    os.close(fd)
-                fds = []
+                        self._handle_line(line)
         finally:
             self._conn = None
+            for fd in self._msgfds:
+                os.close(fd)
+            self._msgfds = []
             with contextlib.suppress(OSError):
                 conn.close()
 
@@ -270,7 +275,7 @@ class FakeQEMU:
             }
         )
 
-    def _handle_line(self, line: bytes, fds: list[int]) -> None:
+    def _handle_line(self, line: bytes) -> None:
         try:
             message = json.loads(line)
         except ValueError:
@@ -282,7 +287,7 @@ class FakeQEMU:
             command=str(command),
             arguments=message.get("arguments") or {},
             id=message.get("id"),
-            fds=tuple(fds),
+            fds=tuple(self._msgfds),
             oob=oob,
         )
         self.calls.append(call)
@@ -387,16 +392,20 @@ class FakeQEMU:
     def _cmd_human_monitor_command(self, call: FakeCall) -> Any:
         return f"fake: {call.arguments.get('command-line', '')}\r\n"
 
-    def _cmd_add_fd(self, call: FakeCall) -> Any:
-        if len(call.fds) != 1:
+    def _take_msgfd(self) -> int:
+        if not self._msgfds:
             raise FakeCommandError("GenericError", "No file descriptor supplied via SCM_RIGHTS")
+        return self._msgfds.pop(0)
+
+    def _cmd_add_fd(self, call: FakeCall) -> Any:
+        fd = self._take_msgfd()
         fdset_id = call.arguments.get("fdset-id")
         if fdset_id is None:
             fdset_id = self._next_fdset
             self._next_fdset += 1
         fdset = self.fdsets.setdefault(int(fdset_id), [])
         number = 100 + sum(len(s) for s in self.fdsets.values())
-        fdset.append((number, call.fds[0]))
+        fdset.append((number, fd))
         return {"fdset-id": fdset_id, "fd": number}
 
     def _cmd_remove_fd(self, call: FakeCall) -> Any:
@@ -414,12 +423,11 @@ class FakeQEMU:
         ]
 
     def _cmd_getfd(self, call: FakeCall) -> Any:
-        if len(call.fds) != 1:
-            raise FakeCommandError("GenericError", "No file descriptor supplied via SCM_RIGHTS")
+        fd = self._take_msgfd()
         name = str(call.arguments["fdname"])
         if name in self.named_fds:
             os.close(self.named_fds[name])
-        self.named_fds[name] = call.fds[0]
+        self.named_fds[name] = fd
         return {}
 
     def _cmd_closefd(self, call: FakeCall) -> Any:
