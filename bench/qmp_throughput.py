@@ -130,7 +130,7 @@ def async_run(path: str, ops: int, tasks: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", type=int, default=3000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     logging.getLogger("qemu").setLevel(logging.WARNING)
@@ -156,6 +156,8 @@ def main() -> int:
             "qemu.qmp async, 8 tasks": lambda: async_run(path, args.ops, CONCURRENCY),
         }
         results: dict[str, list[float]] = {name: [] for name in cases}
+        for case in cases.values():  # warm-up: first connections, imports, CPU frequency
+            case()
         for round_number in range(args.rounds):
             for name, case in cases.items():
                 results[name].append(case())
