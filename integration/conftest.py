@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -10,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from vmctl import VM, VMSpec
 from vmctl.qmp import Monitor, connect
+from vmctl.testing import READY_MARKER, TestGuest
+
+REPO = Path(__file__).resolve().parent.parent
+BOOT_TIMEOUT = 60.0
 
 QEMU = shutil.which("qemu-system-x86_64")
 _started: list[subprocess.Popen[bytes]] = []
@@ -83,10 +89,82 @@ def qmp(qemu: QemuProcess) -> Iterator[Monitor]:
         yield monitor
 
 
+@pytest.fixture(scope="session")
+def guest() -> TestGuest:
+    return TestGuest.ensure(REPO / ".cache")
+
+
+_RUN_DIR_MARK = "vmctl-it-"
+
+
+class VMFactory:
+    """Launches test-guest VMs and makes sure every one of them is gone after the test."""
+
+    def __init__(self, guest: TestGuest, tmp_path: Path) -> None:
+        self.guest = guest
+        self.tmp_path = tmp_path
+        self.vms: list[VM] = []
+
+    def spec(self, name: str = "vm1", *, append: str = "", **overrides: object) -> VMSpec:
+        fields: dict[str, object] = {
+            "name": name,
+            "kernel": self.guest.kernel,
+            "initrd": self.guest.initrd,
+            "append": f"{self.guest.append} {append}".strip(),
+            "accel": "tcg",
+            "memory_mib": 256,
+            "shell_serial": True,
+        }
+        fields.update(overrides)
+        return VMSpec(**fields)  # type: ignore[arg-type]
+
+    def run_dir(self, name: str) -> Path:
+        return self.tmp_path / f"{_RUN_DIR_MARK}{name}"
+
+    def launch(self, spec: VMSpec | None = None, *, wait_ready: bool = True, **kwargs: object) -> VM:
+        spec = spec or self.spec()
+        vm = VM.launch(spec, run_dir=self.run_dir(spec.name), **kwargs)  # type: ignore[arg-type]
+        self.vms.append(vm)
+        if wait_ready:
+            vm.console.wait_for(READY_MARKER, timeout=BOOT_TIMEOUT)
+        return vm
+
+    def cleanup(self) -> None:
+        for vm in self.vms:
+            if not vm.has_exited:
+                vm.kill()
+            vm.close()
+
+
+@pytest.fixture
+def vms(guest: TestGuest, tmp_path: Path) -> Iterator[VMFactory]:
+    factory = VMFactory(guest, tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+def _leftover_qemus() -> list[int]:
+    """QEMU processes started by this test run (bare ones, or VMs in our run directories)."""
+    pids = [p.pid for p in _started if p.poll() is None]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and _RUN_DIR_MARK.encode() in cmdline:
+            pids.append(int(entry.name))
+    return sorted(set(pids))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    alive = [p.pid for p in _started if p.poll() is None]
+    alive = _leftover_qemus()
     for pid in alive:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     if alive:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\nERROR: QEMU processes left running after the tests: {alive}")

@@ -107,3 +107,39 @@ class CommandTimeout(QMPError, TimeoutError):
 
 class EventTimeout(QMPError, TimeoutError):
     """The awaited event did not arrive in time."""
+
+
+class SpecError(InvalidArgument):
+    """A VM spec is invalid; nothing was started."""
+
+
+class LaunchError(VmctlError):
+    """QEMU did not start; ``log`` holds what QEMU said."""
+
+    def __init__(self, message: str, *, log: str = "") -> None:
+        super().__init__(f"{message}\n{log}".rstrip() if log else message)
+        self.log = log
+
+
+class StaleState(VmctlError):
+    """The run directory describes a VM that is gone (or whose pid now belongs to another process)."""
+
+
+class WaitTimeout(VmctlError, TimeoutError):
+    """The VM did not reach the awaited state in time; it is left as it is."""
+
+
+class AbnormalExit(VmctlError):
+    """QEMU exited without a guest or host shutdown: a crash, a kill from outside, or a lost monitor."""
+
+    def __init__(self, message: str, *, exit_code: int | None, signal: int | None, log_tail: str) -> None:
+        details = []
+        if exit_code is not None:
+            details.append(f"exit code {exit_code}")
+        if signal is not None:
+            details.append(f"signal {signal}")
+        text = f"{message} ({', '.join(details)})" if details else message
+        super().__init__(f"{text}\n--- end of QEMU's log ---\n{log_tail}".rstrip() if log_tail else text)
+        self.exit_code = exit_code
+        self.signal = signal
+        self.log_tail = log_tail

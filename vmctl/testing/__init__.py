@@ -1,5 +1,17 @@
-"""Test helpers for vmctl and its users: a scriptable fake QEMU monitor."""
+"""Test helpers for vmctl and its users: a scriptable fake QEMU, the tiny test guest and its shell."""
 
 from vmctl.testing.fake_qemu import FakeCall, FakeCommandError, FakeQEMU
+from vmctl.testing.guest import READY_MARKER, GuestBuildError, TestGuest
+from vmctl.testing.shell import GuestCommandFailed, GuestShell, ShellResult
 
-__all__ = ["FakeCall", "FakeCommandError", "FakeQEMU"]
+__all__ = [
+    "READY_MARKER",
+    "FakeCall",
+    "FakeCommandError",
+    "FakeQEMU",
+    "GuestBuildError",
+    "GuestCommandFailed",
+    "GuestShell",
+    "ShellResult",
+    "TestGuest",
+]

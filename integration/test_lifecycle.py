@@ -1,0 +1,176 @@
+"""VM lifecycle against real QEMU running the test guest under TCG."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from integration.conftest import BOOT_TIMEOUT, VMFactory
+from vmctl import VM, DiskSpec, RunState, ShutdownMethod, VMSpec
+from vmctl.errors import AbnormalExit, LaunchError, SpecError, StaleState
+from vmctl.testing import READY_MARKER, GuestShell
+
+
+def test_boot_to_ready_and_run_a_command(vms: VMFactory) -> None:
+    vm = vms.launch()
+    assert vm.status().run_state is RunState.RUNNING
+    with GuestShell(vm) as shell:
+        result = shell.run("uname -r && cat /proc/cmdline")
+    assert result.ok
+    assert "cloud-amd64" in result.output
+    assert "console=ttyS0" in result.output
+
+
+def test_pause_and_resume_with_events_and_status(vms: VMFactory) -> None:
+    vm = vms.launch()
+    with vm.qmp.events("STOP", "RESUME") as events:
+        vm.pause()
+        assert vm.status().run_state is RunState.PAUSED
+        assert events.get(5).name == "STOP"
+        vm.resume()
+        assert vm.status().run_state is RunState.RUNNING
+        assert events.get(5).name == "RESUME"
+    with GuestShell(vm) as shell:
+        assert shell.run("echo alive").output == "alive\n"
+
+
+def test_host_reset_is_expected_and_guest_reboot_is_not(vms: VMFactory) -> None:
+    vm = vms.launch()
+    unexpected: list[object] = []
+    got_unexpected = threading.Event()
+
+    def on_unexpected(reset: object) -> None:
+        unexpected.append(reset)
+        got_unexpected.set()
+
+    vm.on_unexpected_reset(on_unexpected)
+    mark = vm.console.position
+    vm.reset()
+    vm.console.wait_for(READY_MARKER, timeout=BOOT_TIMEOUT, since=mark)
+    assert [r.expected for r in vm.resets] == [True]
+    assert not unexpected
+    with GuestShell(vm) as shell:
+        mark = vm.console.position
+        shell.send("reboot -f")
+        assert got_unexpected.wait(30)
+    assert unexpected[0].guest is True  # type: ignore[attr-defined]
+    assert [r.expected for r in vm.resets] == [True, False]
+    vm.console.wait_for(READY_MARKER, timeout=BOOT_TIMEOUT, since=mark)
+    assert vm.status().running
+
+
+def test_acpi_powerdown_shuts_the_guest_down(vms: VMFactory) -> None:
+    vm = vms.launch()
+    shutdowns: list[object] = []
+    vm.on_shutdown(shutdowns.append)
+    result = vm.shutdown(timeout=30)
+    assert result.method is ShutdownMethod.POWERDOWN
+    assert result.exit.code == 0
+    assert vm.wait(1).code == 0
+    assert shutdowns and shutdowns[0].guest is True  # type: ignore[attr-defined]
+
+
+def test_powerdown_with_no_shutdown_quits_qemu(vms: VMFactory) -> None:
+    vm = vms.launch(vms.spec(no_shutdown=True))
+    result = vm.shutdown(timeout=30)
+    assert result.method is ShutdownMethod.POWERDOWN
+    assert vm.process.poll() is not None
+
+
+def test_guest_ignoring_acpi_escalates_in_bounded_time(vms: VMFactory) -> None:
+    vm = vms.launch(vms.spec(append="vmctl.noacpi"))
+    started = time.monotonic()
+    result = vm.shutdown(timeout=2, step_timeout=5)
+    assert result.method is ShutdownMethod.QUIT
+    assert time.monotonic() - started < 10
+    assert vm.wait(1).code == 0
+
+
+def test_sigkill_is_an_abnormal_exit_with_the_log_tail(vms: VMFactory) -> None:
+    vm = vms.launch()
+    crashes: list[AbnormalExit] = []
+    crashed = threading.Event()
+
+    def on_crash(crash: AbnormalExit) -> None:
+        crashes.append(crash)
+        crashed.set()
+
+    vm.on_crash(on_crash)
+    with (vm.run_dir / "qemu.log").open("a") as qemu_log:
+        qemu_log.write("marker-before-crash\n")
+    killed_at = time.monotonic()
+    os.kill(vm.pid, signal.SIGKILL)
+    assert crashed.wait(5)
+    assert time.monotonic() - killed_at < 0.1 + 0.05  # detection bound plus the callback hand-off
+    with pytest.raises(AbnormalExit) as info:
+        vm.wait(1)
+    assert info.value.signal == signal.SIGKILL
+    assert "marker-before-crash" in info.value.log_tail
+    assert crashes[0] is info.value
+
+
+def test_attach_after_the_controlling_process_exits(vms: VMFactory, tmp_path: Path) -> None:
+    disk = tmp_path / "data.raw"
+    disk.write_bytes(b"\0" * 1024 * 1024)
+    spec = vms.spec("attached", disks=(DiskSpec(id="data0", path=disk, format="raw"),))
+    run_dir = vms.run_dir("attached")
+    script = f"""
+import sys
+from vmctl import VM, VMSpec
+from vmctl.testing import READY_MARKER
+spec = VMSpec.from_dict({spec.to_dict()!r})
+vm = VM.launch(spec, run_dir={str(run_dir)!r})
+vm.console.wait_for(READY_MARKER, timeout={BOOT_TIMEOUT})
+print(vm.pid)
+"""
+    controller = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert controller.returncode == 0, controller.stderr
+    pid = int(controller.stdout.strip().splitlines()[-1])
+    vm = VM.attach(run_dir)
+    vms.vms.append(vm)
+    assert vm.pid == pid
+    assert vm.spec == spec
+    assert [d.id for d in vm.inventory.disks] == ["data0"]
+    assert vm.status().running
+    with GuestShell(vm) as shell:
+        assert "vda" in shell.run("ls /sys/block").output
+    result = vm.shutdown(timeout=30)
+    assert result.method is ShutdownMethod.POWERDOWN
+    assert result.exit.code is None  # not our child: only its parent could know
+    with pytest.raises(StaleState):
+        VM.attach(run_dir)
+
+
+def test_launch_refuses_a_run_dir_with_a_live_vm(vms: VMFactory) -> None:
+    vm = vms.launch(wait_ready=False)
+    with pytest.raises(LaunchError, match="belongs to a running VM"):
+        VM.launch(vms.spec(), run_dir=vm.run_dir)
+
+
+def test_missing_kernel_is_a_launch_error_with_qemus_message(vms: VMFactory, tmp_path: Path) -> None:
+    spec = vms.spec(kernel=tmp_path / "no-such-kernel", initrd=None, append="")
+    with pytest.raises(LaunchError, match="no-such-kernel") as info:
+        VM.launch(spec, run_dir=tmp_path / "vmctl-it-missing")
+    assert "could not open kernel file" in info.value.log
+
+
+def test_bad_qemu_argument_is_a_launch_error(vms: VMFactory, tmp_path: Path) -> None:
+    spec = vms.spec(extra_args=("-device", "no-such-device"))
+    with pytest.raises(LaunchError, match="no-such-device"):
+        VM.launch(spec, run_dir=tmp_path / "vmctl-it-bad-arg")
+
+
+def test_bad_specs_are_refused_before_anything_starts(vms: VMFactory) -> None:
+    with pytest.raises(SpecError, match="max_cpus"):
+        vms.spec(cpus=4, max_cpus=2)
+    with pytest.raises(SpecError, match="unique"):
+        vms.spec(disks=(DiskSpec(id="d0", path="/a"), DiskSpec(id="d0", path="/b")))
+    with pytest.raises(SpecError, match="name"):
+        VMSpec(name="bad name", kernel="/k")

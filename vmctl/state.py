@@ -1,0 +1,96 @@
+"""The run directory's state file: what a restarted control plane needs to attach to a VM."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from vmctl.errors import StaleState
+from vmctl.spec import DiskSpec, NicSpec, VMSpec
+
+STATE_FILE = "vm.json"
+FORMAT_VERSION = 1
+
+
+@attrs.frozen(kw_only=True)
+class Inventory:
+    """The devices a VM has now: those it was launched with and those hotplugged since."""
+
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Inventory:
+        return cls(
+            disks=tuple(DiskSpec(**d) for d in data.get("disks", ())),
+            nics=tuple(NicSpec(**n) for n in data.get("nics", ())),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class VMState:
+    pid: int
+    start_time: int
+    qmp_socket: str
+    spec: VMSpec
+    inventory: Inventory
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "pid": self.pid,
+            "start_time": self.start_time,
+            "qmp_socket": self.qmp_socket,
+            "spec": self.spec.to_dict(),
+            "inventory": self.inventory.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VMState:
+        if data.get("format") != FORMAT_VERSION:
+            raise StaleState(f"unknown state file format {data.get('format')!r}")
+        return cls(
+            pid=int(data["pid"]),
+            start_time=int(data["start_time"]),
+            qmp_socket=str(data["qmp_socket"]),
+            spec=VMSpec.from_dict(data["spec"]),
+            inventory=Inventory.from_dict(data["inventory"]),
+        )
+
+
+def write_state(run_dir: Path, state: VMState) -> None:
+    """Replace the state file atomically: write a temporary file, fsync, rename, fsync the directory."""
+    path = run_dir / STATE_FILE
+    temporary = run_dir / f".{STATE_FILE}.tmp"
+    with open(temporary, "w", encoding="utf-8") as out:
+        json.dump(state.to_dict(), out, indent=2, sort_keys=True)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+    directory = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def read_state(run_dir: Path) -> VMState:
+    path = run_dir / STATE_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StaleState(f"no VM state in {run_dir} ({STATE_FILE} is missing)") from None
+    except ValueError as exc:
+        raise StaleState(f"{path} is not valid JSON: {exc}") from None
+    try:
+        return VMState.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StaleState(f"{path} is not a vmctl state file: {exc}") from None

@@ -1,0 +1,113 @@
+"""Run shell commands inside the test guest, over its second serial port."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import re
+import threading
+import time
+
+import attrs
+
+from vmctl.errors import InvalidArgument, VmctlError, WaitTimeout
+from vmctl.qmp.transport import open_socket
+from vmctl.spec import SHELL_SOCKET
+from vmctl.vm import VM
+
+_END = re.compile(rb"VMCTL-END (\d+) (\d+)\r?$")
+_BEGIN = re.compile(rb"VMCTL-BEGIN (\d+)\r?$")
+
+
+@attrs.frozen(kw_only=True)
+class ShellResult:
+    output: str
+    status: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+
+class GuestCommandFailed(VmctlError):
+    def __init__(self, command: str, result: ShellResult) -> None:
+        super().__init__(f"guest command {command!r} exited with {result.status}: {result.output.strip()[-500:]}")
+        self.result = result
+
+
+class GuestShell:
+    """A command shell in the test guest (the VM needs ``shell_serial=True``)."""
+
+    def __init__(self, vm: VM, *, timeout: float = 10.0) -> None:
+        if not vm.spec.shell_serial:
+            raise InvalidArgument(f"{vm.name} has no shell serial port (launch it with shell_serial=True)")
+        self._vm = vm
+        self._sock = open_socket(str(vm.run_dir / SHELL_SOCKET), timeout=timeout)
+        self._sock.setblocking(True)
+        self._buffer = b""
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> GuestShell:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def run(self, command: str, *, timeout: float = 30.0, check: bool = False) -> ShellResult:
+        """Run ``command`` with ``sh`` in the guest; its output (stdout and stderr) and exit status."""
+        with self._lock:
+            command_id = next(self._ids)
+            self._send(command_id, command)
+            result = self._read_result(command_id, timeout, command)
+        if check and not result.ok:
+            raise GuestCommandFailed(command, result)
+        return result
+
+    def send(self, command: str) -> None:
+        """Start a command and do not wait (for ``reboot -f`` and other commands that never answer)."""
+        with self._lock:
+            self._send(next(self._ids), command)
+
+    def _send(self, command_id: int, command: str) -> None:
+        encoded = base64.b64encode(command.encode()).decode()
+        self._sock.sendall(f"{command_id} {encoded}\n".encode())
+
+    def _read_result(self, command_id: int, timeout: float, command: str) -> ShellResult:
+        deadline = time.monotonic() + timeout
+        collecting = False
+        output: list[bytes] = []
+        while True:
+            line = self._read_line(deadline, command, timeout)
+            begin = _BEGIN.match(line)
+            if begin:
+                collecting = int(begin.group(1)) == command_id
+                output = []
+                continue
+            end = _END.match(line)
+            if end and int(end.group(1)) == command_id:
+                text = base64.b64decode(b"".join(output)).decode(errors="replace")
+                return ShellResult(output=text, status=int(end.group(2)))
+            if collecting:
+                output.append(line.strip())
+
+    def _read_line(self, deadline: float, command: str, timeout: float) -> bytes:
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(f"guest command {command!r} did not finish within {timeout:g}s")
+            self._sock.settimeout(remaining)
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise VmctlError(f"the guest shell connection failed: {exc}") from exc
+            if not data:
+                raise VmctlError("the guest shell connection closed (did QEMU exit?)")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
