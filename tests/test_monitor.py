@@ -191,7 +191,7 @@ def test_fds_travel_with_their_command(monitor: Monitor, fake: FakeQEMU) -> None
     assert len(call.fds) == 1
     fdset_fd = fake.fdsets[0][0][1]
     assert os.pread(fdset_fd, 5, 0) == b"hello"
-    assert monitor.execute("query-fdsets") == [{"fdset-id": 0, "fds": [{"fd": reply["fd"]}]}]
+    assert monitor.execute("query-fdsets") == [{"fdset-id": 0, "fds": [{"fd": reply["fd"], "opaque": "disk1"}]}]
     read_end, write_end = os.pipe()
     try:
         monitor.execute("getfd", {"fdname": "tap0"}, fds=[write_end])

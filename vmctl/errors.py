@@ -143,3 +143,26 @@ class AbnormalExit(VmctlError):
         self.exit_code = exit_code
         self.signal = signal
         self.log_tail = log_tail
+
+
+class DeviceError(VmctlError):
+    """A device operation failed."""
+
+
+class DeviceExists(DeviceError, InvalidArgument):
+    """A device with that id is already there."""
+
+
+class UnknownDevice(DeviceError, InvalidArgument):
+    """No device with that id."""
+
+
+class HotplugError(DeviceError):
+    """A hotplug or unplug did not complete. ``remaining`` lists what is still in QEMU (empty when
+    everything was rolled back); an unplug can be retried to finish the job."""
+
+    def __init__(self, message: str, *, remaining: tuple[str, ...] = ()) -> None:
+        if remaining:
+            message += f"; still present: {', '.join(remaining)}"
+        super().__init__(message)
+        self.remaining = remaining

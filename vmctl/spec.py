@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +39,18 @@ def _path(value: str | os.PathLike[str]) -> str:
 
 def _optional_path(value: str | os.PathLike[str] | None) -> str | None:
     return None if value is None else os.fspath(value)
+
+
+def _disks(value: Iterable[DiskSpec]) -> tuple[DiskSpec, ...]:
+    return tuple(value)
+
+
+def _nics(value: Iterable[NicSpec]) -> tuple[NicSpec, ...]:
+    return tuple(value)
+
+
+def _strings(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
 
 
 def disk_node_names(disk_id: str) -> tuple[str, str]:
@@ -121,12 +133,12 @@ class VMSpec:
     kernel: str | None = attrs.field(default=None, converter=_optional_path)
     initrd: str | None = attrs.field(default=None, converter=_optional_path)
     append: str = ""
-    disks: tuple[DiskSpec, ...] = attrs.field(default=(), converter=tuple)
-    nics: tuple[NicSpec, ...] = attrs.field(default=(), converter=tuple)
+    disks: tuple[DiskSpec, ...] = attrs.field(default=(), converter=_disks)
+    nics: tuple[NicSpec, ...] = attrs.field(default=(), converter=_nics)
     serial_console: bool = True
     shell_serial: bool = False
     no_shutdown: bool = False
-    extra_args: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    extra_args: tuple[str, ...] = attrs.field(default=(), converter=_strings)
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):

@@ -24,15 +24,18 @@ from vmctl.errors import (
     AbnormalExit,
     CommandError,
     ConnectError,
+    DeviceExists,
     LaunchError,
     QMPError,
     StaleState,
     StateError,
+    UnknownDevice,
     WaitTimeout,
 )
+from vmctl.ops import disks as disk_ops
 from vmctl.process import ExitStatus, QemuProcess
 from vmctl.qmp import Event, Monitor, connect
-from vmctl.spec import CONSOLE_CHARDEV, LOG_FILE, QMP_SOCKET, SHELL_SOCKET, Accelerator, VMSpec
+from vmctl.spec import CONSOLE_CHARDEV, LOG_FILE, QMP_SOCKET, SHELL_SOCKET, Accelerator, DiskSpec, VMSpec
 from vmctl.state import STATE_FILE, Inventory, VMState, read_state, write_state
 
 log = structlog.get_logger(__name__)
@@ -122,6 +125,7 @@ class VM:
         self._inventory = state.inventory
         self._log = log.bind(vm=self.name)
         self._lock = threading.Lock()
+        self._ops_lock = threading.RLock()  # one device operation at a time keeps the inventory true
         self._expected_resets = 0
         self._expected_exit = False
         self._closed = False
@@ -276,6 +280,56 @@ class VM:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    # -- devices ------------------------------------------------------------------------------
+
+    def disks(self) -> tuple[DiskSpec, ...]:
+        return self._inventory.disks
+
+    def hotplug_disk(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        id: str,
+        format: str = "qcow2",
+        read_only: bool = False,
+        bus: disk_ops.Bus = "virtio-blk",
+        cache: disk_ops.CacheMode = "writeback",
+        aio: disk_ops.Aio = "threads",
+        timeout: float = 30.0,
+    ) -> disk_ops.Disk:
+        """Attach an image as a new disk; on any failure every step is undone (``HotplugError``)."""
+        with self._ops_lock:
+            self._refuse_duplicate(id)
+            disk = disk_ops.hotplug_disk(
+                self.qmp,
+                self._log,
+                path=path,
+                disk_id=id,
+                format=format,
+                read_only=read_only,
+                bus=bus,
+                cache=cache,
+                aio=aio,
+                timeout=timeout,
+            )
+            self._inventory = attrs.evolve(self._inventory, disks=(*self._inventory.disks, disk.spec()))
+            self._save_state()
+            return disk
+
+    def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None:
+        """Detach a disk: the guest releases it, then its nodes and fdset go. Safe to retry."""
+        with self._ops_lock:
+            if not any(d.id == id for d in self._inventory.disks):
+                raise UnknownDevice(f"{self.name} has no disk {id!r}")
+            disk_ops.unplug_disk(self.qmp, self._log, disk_id=id, timeout=timeout)
+            self._inventory = attrs.evolve(self._inventory, disks=tuple(d for d in self._inventory.disks if d.id != id))
+            self._save_state()
+
+    def _refuse_duplicate(self, device_id: str) -> None:
+        ids = {d.id for d in self._inventory.disks} | {n.id for n in self._inventory.nics}
+        if device_id in ids or disk_ops.device_present(self.qmp, device_id):
+            raise DeviceExists(f"{self.name} already has a device {device_id!r}")
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -71,7 +71,8 @@ class FakeQEMU:
         self._greeting = greeting
         self.calls: list[FakeCall] = []
         self.running = True
-        self.fdsets: dict[int, list[tuple[int, int]]] = {}  # fdset-id -> [(fd, our dup)]
+        self.fdsets: dict[int, list[tuple[int, int]]] = {}  # fdset-id -> [(fd number, the fd we hold)]
+        self.fd_opaques: dict[int, str] = {}  # fd number -> opaque
         self.named_fds: dict[str, int] = {}
         self._msgfds: list[int] = []  # fds of the last read that carried some, until a command takes them
         self.negotiated_capabilities: list[str] | None = None
@@ -406,6 +407,8 @@ class FakeQEMU:
         fdset = self.fdsets.setdefault(int(fdset_id), [])
         number = 100 + sum(len(s) for s in self.fdsets.values())
         fdset.append((number, fd))
+        if "opaque" in call.arguments:
+            self.fd_opaques[number] = str(call.arguments["opaque"])
         return {"fdset-id": fdset_id, "fd": number}
 
     def _cmd_remove_fd(self, call: FakeCall) -> Any:
@@ -418,7 +421,13 @@ class FakeQEMU:
 
     def _cmd_query_fdsets(self, call: FakeCall) -> Any:
         return [
-            {"fdset-id": fdset_id, "fds": [{"fd": number} for number, _ in fds]}
+            {
+                "fdset-id": fdset_id,
+                "fds": [
+                    {"fd": number, **({"opaque": self.fd_opaques[number]} if number in self.fd_opaques else {})}
+                    for number, _ in fds
+                ],
+            }
             for fdset_id, fds in sorted(self.fdsets.items())
         ]
 

@@ -1,0 +1,163 @@
+"""Disk hotplug rollback on the fake: a failure at each step undoes exactly the steps before it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from vmctl.errors import HotplugError, InvalidArgument
+from vmctl.ops import disks as disk_ops
+from vmctl.qmp import Monitor
+from vmctl.testing import FakeCall, FakeCommandError, FakeQEMU
+
+log = structlog.get_logger("test")
+
+
+class BlockState:
+    """Just enough of QEMU's block and device state for the disk procedures."""
+
+    def __init__(self, fake: FakeQEMU, fail: str | None = None) -> None:
+        self.nodes: set[str] = set()
+        self.devices: set[str] = set()
+        self.fail = fail
+        fake.on("blockdev-add", self.blockdev_add)
+        fake.on("blockdev-del", self.blockdev_del)
+        fake.on("device_add", self.device_add)
+        fake.on("device_del", self.device_del)
+        fake.on("qom-list", lambda call: [{"name": d, "type": "child<virtio-blk-pci>"} for d in self.devices])
+        fake.on("query-named-block-nodes", lambda call: [{"node-name": n} for n in sorted(self.nodes)])
+        self.fake = fake
+
+    def blockdev_add(self, call: FakeCall) -> Any:
+        kind = "protocol" if call.arguments["driver"] == "file" else "format"
+        if self.fail == f"blockdev-add {kind}":
+            raise FakeCommandError("GenericError", f"injected {kind} failure")
+        self.nodes.add(call.arguments["node-name"])
+        return {}
+
+    def blockdev_del(self, call: FakeCall) -> Any:
+        self.nodes.remove(call.arguments["node-name"])
+        return {}
+
+    def device_add(self, call: FakeCall) -> Any:
+        if self.fail == "device_add":
+            raise FakeCommandError("GenericError", "injected device failure")
+        self.devices.add(call.arguments["id"])
+        return {}
+
+    def device_del(self, call: FakeCall) -> Any:
+        self.devices.remove(call.arguments["id"])
+        self.fake.emit_event("DEVICE_DELETED", {"path": f"/machine/peripheral/{call.arguments['id']}/virtio-backend"})
+        self.fake.emit_event("DEVICE_DELETED", {"device": call.arguments["id"], "path": "/p"})
+        return {}
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.qcow2"
+    path.write_bytes(b"\0" * 4096)
+    return path
+
+
+def test_hotplug_runs_the_steps_in_order(monitor: Monitor, fake: FakeQEMU, image: Path) -> None:
+    state = BlockState(fake)
+    disk = disk_ops.hotplug_disk(monitor, log, path=image, disk_id="d1")
+    assert [c.command for c in fake.calls[1:]] == ["add-fd", "blockdev-add", "blockdev-add", "device_add"]
+    file_args, format_args = (c.arguments for c in fake.calls_of("blockdev-add"))
+    assert file_args["filename"] == f"/dev/fdset/{disk.fdset_id}"
+    assert format_args == {
+        "driver": "qcow2",
+        "node-name": "d1-fmt",
+        "file": "d1-file",
+        "read-only": False,
+        "cache": {"direct": False, "no-flush": False},
+    }
+    assert fake.calls_of("device_add")[0].arguments["drive"] == "d1-fmt"
+    assert state.nodes == {"d1-file", "d1-fmt"} and state.devices == {"d1"}
+    disk_ops.unplug_disk(monitor, log, disk_id="d1", timeout=5)
+    assert state.nodes == set() and state.devices == set() and fake.fdsets == {}
+
+
+@pytest.mark.parametrize(
+    ("fail", "undone"),
+    [
+        ("blockdev-add protocol", ["remove-fd"]),
+        ("blockdev-add format", ["blockdev-del", "remove-fd"]),
+        ("device_add", ["blockdev-del", "blockdev-del", "remove-fd"]),
+    ],
+)
+def test_a_failure_at_each_step_is_rolled_back(
+    monitor: Monitor, fake: FakeQEMU, image: Path, fail: str, undone: list[str]
+) -> None:
+    state = BlockState(fake, fail=fail)
+    with pytest.raises(HotplugError, match="injected") as info:
+        disk_ops.hotplug_disk(monitor, log, path=image, disk_id="d1")
+    assert info.value.remaining == ()
+    commands = [c.command for c in fake.calls[1:]]
+    first_failed = commands.index("device_add" if fail == "device_add" else "blockdev-add") + (
+        1 if fail == "blockdev-add format" else 0
+    )
+    assert commands[first_failed + 1 :] == undone
+    assert state.nodes == set() and state.devices == set() and fake.fdsets == {}
+
+
+def test_add_fd_failure_leaves_nothing(monitor: Monitor, fake: FakeQEMU, image: Path) -> None:
+    BlockState(fake)
+    fake.on("add-fd", error=("GenericError", "no fd"))
+    with pytest.raises(HotplugError):
+        disk_ops.hotplug_disk(monitor, log, path=image, disk_id="d1")
+    assert [c.command for c in fake.calls[1:]] == ["add-fd"]
+
+
+def test_a_failing_undo_is_reported_as_remaining(monitor: Monitor, fake: FakeQEMU, image: Path) -> None:
+    BlockState(fake, fail="device_add")
+    fake.on("remove-fd", error=("GenericError", "busy"))
+    with pytest.raises(HotplugError, match="still present: add-fd") as info:
+        disk_ops.hotplug_disk(monitor, log, path=image, disk_id="d1")
+    assert info.value.remaining == ("add-fd",)
+
+
+def test_our_fd_is_closed_whatever_happens(monitor: Monitor, fake: FakeQEMU, image: Path) -> None:
+    BlockState(fake, fail="device_add")
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(HotplugError):
+        disk_ops.hotplug_disk(monitor, log, path=image, disk_id="d1")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_guest_that_never_releases_the_device(monitor: Monitor, fake: FakeQEMU, image: Path) -> None:
+    state = BlockState(fake)
+    disk_ops.hotplug_disk(monitor, log, path=image, disk_id="d1")
+    fake.on("device_del", returns={})  # accepted, but the guest never ejects
+    with pytest.raises(HotplugError, match="did not release") as info:
+        disk_ops.unplug_disk(monitor, log, disk_id="d1", timeout=0.2)
+    assert "device d1" in info.value.remaining
+    assert state.nodes == {"d1-file", "d1-fmt"}  # nothing torn down under a live device
+    fake.on("device_del", state.device_del)
+    state.devices.discard("d1")  # the guest finally lets go
+    disk_ops.unplug_disk(monitor, log, disk_id="d1", timeout=5)
+    assert state.nodes == set() and fake.fdsets == {}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cache": "bogus"}, "cache"),
+        ({"aio": "native"}, "O_DIRECT"),
+        ({"bus": "ide"}, "bus"),
+        ({"format": "vmdk"}, "format"),
+        ({"disk_id": "9bad"}, "id"),
+    ],
+)
+def test_bad_input_is_refused_before_qemu_sees_anything(
+    monitor: Monitor, fake: FakeQEMU, image: Path, kwargs: dict[str, Any], message: str
+) -> None:
+    arguments: dict[str, Any] = {"path": image, "disk_id": "d1"}
+    arguments.update(kwargs)
+    with pytest.raises(InvalidArgument, match=message):
+        disk_ops.hotplug_disk(monitor, log, **arguments)
+    assert [c.command for c in fake.calls] == ["qmp_capabilities"]

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmctl import DiskSpec, NicSpec, VMSpec
+from vmctl.errors import SpecError
+
+RUN = Path("/run/vms/vm1")
+
+
+def render(**fields: Any) -> list[str]:
+    base: dict[str, Any] = {"name": "vm1", "kernel": "/boot/vmlinuz"}
+    base.update(fields)
+    return VMSpec(**base).command_line(qemu_binary="qemu", run_dir=RUN, accel="tcg")
+
+
+def option(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_minimal_command_line() -> None:
+    argv = render()
+    assert argv[0] == "qemu"
+    assert option(argv, "-accel") == ["tcg"]
+    assert option(argv, "-m") == ["256M"]
+    assert option(argv, "-smp") == ["1"]
+    assert "-S" in argv and "-nodefaults" in argv
+    assert option(argv, "-pidfile") == [str(RUN / "qemu.pid")]
+    assert f"socket,id=vmctl-qmp,path={RUN}/qmp.sock,server=on,wait=off" in option(argv, "-chardev")
+    assert option(argv, "-mon") == ["chardev=vmctl-qmp,mode=control"]
+    assert option(argv, "-serial") == ["chardev:vmctl-console"]
+    assert option(argv, "-kernel") == ["/boot/vmlinuz"]
+
+
+def test_hotplug_ranges_render() -> None:
+    argv = render(memory_mib=512, max_memory_mib=2048, memory_slots=4, cpus=2, max_cpus=4)
+    assert option(argv, "-m") == ["512M,slots=4,maxmem=2048M"]
+    assert option(argv, "-smp") == ["2,maxcpus=4"]
+
+
+def test_disks_nics_and_shell_render() -> None:
+    argv = render(
+        disks=[
+            DiskSpec(id="root", path="/img/a,b.qcow2"),
+            DiskSpec(id="data", path="/img/d.raw", format="raw", read_only=True),
+        ],
+        nics=[NicSpec(id="net0", mac="52:54:00:12:34:56", tap="tap0"), NicSpec(id="net1")],
+        shell_serial=True,
+        no_shutdown=True,
+        extra_args=["-device", "pvpanic"],
+    )
+    blockdevs = option(argv, "-blockdev")
+    assert blockdevs[0] == "driver=file,node-name=root-file,filename=/img/a,,b.qcow2,read-only=off"
+    assert blockdevs[1] == "driver=qcow2,node-name=root-fmt,file=root-file,read-only=off"
+    assert blockdevs[3] == "driver=raw,node-name=data-fmt,file=data-file,read-only=on"
+    devices = option(argv, "-device")
+    assert "virtio-blk-pci,drive=root-fmt,id=root" in devices
+    assert "virtio-net-pci,netdev=net0-net,id=net0,mac=52:54:00:12:34:56" in devices
+    assert option(argv, "-netdev") == ["tap,id=net0-net,ifname=tap0,script=no,downscript=no", "user,id=net1-net"]
+    assert option(argv, "-serial") == ["chardev:vmctl-console", "chardev:vmctl-shell"]
+    assert "-no-shutdown" in argv
+    assert argv[-2:] == ["-device", "pvpanic"]
+
+
+def test_shell_is_always_the_second_serial_port() -> None:
+    argv = render(serial_console=False, shell_serial=True)
+    assert option(argv, "-serial") == ["null", "chardev:vmctl-shell"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"name": ""}, "name"),
+        ({"name": "a b"}, "name"),
+        ({"memory_mib": 8}, "too small"),
+        ({"memory_mib": 0}, "positive"),
+        ({"memory_mib": 512, "max_memory_mib": 256, "memory_slots": 2}, "must exceed"),
+        ({"max_memory_mib": 1024}, "both"),
+        ({"cpus": 4, "max_cpus": 2}, "below"),
+        ({"cpus": True}, "positive"),
+        ({"accel": "hvf"}, "accel"),
+        ({"kernel": None}, "nothing to boot"),
+        ({"kernel": None, "initrd": "/i", "disks": [DiskSpec(id="d", path="/d")]}, "need a kernel"),
+        ({"disks": [DiskSpec(id="x", path="/a")], "nics": [NicSpec(id="x")]}, "unique"),
+        ({"machine": "pc q35"}, "machine"),
+    ],
+)
+def test_bad_specs_are_refused_with_clear_errors(fields: dict[str, Any], message: str) -> None:
+    base: dict[str, Any] = {"name": "vm1", "kernel": "/boot/vmlinuz"}
+    base.update(fields)
+    with pytest.raises(SpecError, match=message):
+        VMSpec(**base)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DiskSpec(id="1abc", path="/a"),
+        lambda: DiskSpec(id="d", path="/a", format="vmdk"),  # type: ignore[arg-type]
+        lambda: DiskSpec(id="d", path=""),
+        lambda: NicSpec(id="n", mac="zz"),
+        lambda: NicSpec(id="n", tap="much-too-long-interface-name"),
+    ],
+)
+def test_bad_devices_are_refused(make: Any) -> None:
+    with pytest.raises(SpecError):
+        make()
+
+
+def test_spec_round_trips_through_a_dict() -> None:
+    spec = VMSpec(
+        name="vm1",
+        kernel=Path("/boot/vmlinuz"),
+        disks=[DiskSpec(id="d", path=Path("/d"))],
+        nics=[NicSpec(id="n")],
+        extra_args=["-x"],
+    )
+    assert VMSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(SpecError):
+        VMSpec.from_dict({"name": "vm1", "kernel": "/k", "bogus": 1})

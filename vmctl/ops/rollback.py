@@ -1,0 +1,42 @@
+"""Run an operation as steps, each with its undo beside it; on failure, undo what was done."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Steps:
+    """``with Steps(log) as steps: x = steps.run("name", do, undo)``.
+
+    If the block raises, the undos of the steps that completed run in reverse order. An undo that
+    fails is logged and named in ``leftovers`` (the original error is re-raised either way).
+    """
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+        self._undo: list[tuple[str, Callable[[], Any]]] = []
+        self.leftovers: list[str] = []
+
+    def run(self, name: str, do: Callable[[], T], undo: Callable[[T], Any] | None = None) -> T:
+        result = do()
+        if undo is not None:
+            self._undo.append((name, lambda: undo(result)))
+        return result
+
+    def __enter__(self) -> Steps:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            return
+        for name, undo in reversed(self._undo):
+            try:
+                undo()
+                self._log.info("rollback.step_undone", step=name)
+            except Exception as undo_error:
+                self.leftovers.append(name)
+                self._log.error("rollback.undo_failed", step=name, error=str(undo_error))
+        self._undo.clear()
