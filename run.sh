@@ -3,9 +3,11 @@
 #   ./run.sh demo          the demo (installs what it needs first)
 #   ./run.sh test [ARGS]   lint, type-check, unit and integration tests (ARGS go to pytest)
 #   ./run.sh bench         the benchmarks under bench/
-#   ./run.sh setup         only install: Debian packages, the virtualenv at .venv/
+#   ./run.sh setup         only install: Debian packages, the virtualenv at .venv/, the test guest
 set -euo pipefail
 cd "$(dirname "$0")"
+# The test guest (kernel + initramfs) is built once into this git-ignored directory.
+export VMCTL_CACHE_DIR="$PWD/.cache"
 
 ensure_system() {
     local missing=()
@@ -13,11 +15,17 @@ ensure_system() {
     command -v qemu-img >/dev/null || missing+=(qemu-utils)
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
-    if ((${#missing[@]})); then
-        local sudo=""
-        [ "$(id -u)" = 0 ] || sudo=sudo
-        echo "==> installing Debian packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    # The test guest is fetched with `apt-get download`, which needs the package lists.
+    local lists_ready=1
+    apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || lists_ready=0
+    if ((${#missing[@]})) || [ "$lists_ready" = 0 ]; then
+        echo "==> apt-get update"
         $sudo apt-get update -qq
+    fi
+    if ((${#missing[@]})); then
+        echo "==> installing Debian packages: ${missing[*]}"
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 }
@@ -32,9 +40,15 @@ ensure_venv() {
     fi
 }
 
+ensure_guest() {
+    echo "==> test guest (built once into .cache/)"
+    .venv/bin/python -c 'from vmctl.testing import TestGuest; print("   ", TestGuest.ensure().kernel.parent)'
+}
+
 setup() {
     ensure_system
     ensure_venv
+    ensure_guest
 }
 
 lint() {

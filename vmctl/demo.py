@@ -1,72 +1,130 @@
-"""``vmctl demo``: show the QMP transport working against a real QEMU, with visible progress."""
+"""``vmctl demo``: boot two tiny guests and drive them, printing every step and every QMP event."""
 
 from __future__ import annotations
 
+import os
 import shutil
-import socket
 import subprocess
-import sys
-import threading
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TextIO
 
 from vmctl.errors import VmctlError
-from vmctl.qmp import Event, connect
+from vmctl.qmp import Event
+from vmctl.spec import VMSpec
+from vmctl.testing import READY_MARKER, GuestShell, TestGuest
+from vmctl.vm import VM
 
 
-def _say(out: TextIO, text: str) -> None:
-    out.write(text + "\n")
-    out.flush()
+class _Printer:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.started = time.monotonic()
+
+    def say(self, text: str) -> None:
+        self.out.write(f"[{time.monotonic() - self.started:6.2f}s] {text}\n")
+        self.out.flush()
+
+    @contextmanager
+    def step(self, text: str) -> Iterator[None]:
+        began = time.monotonic()
+        self.say(f"==> {text}")
+        yield
+        self.say(f"    done in {(time.monotonic() - began) * 1000:.0f} ms")
 
 
-def run_qmp_demo(out: TextIO = sys.stdout) -> int:
-    qemu = shutil.which("qemu-system-x86_64")
-    if qemu is None:
-        _say(out, "qemu-system-x86_64 not found; install it with: apt-get install qemu-system-x86")
+def run_demo(out: TextIO, *, cache_dir: Path | None = None) -> int:
+    printer = _Printer(out)
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
+        printer.say("QEMU is missing: apt-get install qemu-system-x86 qemu-utils (./run.sh demo does it)")
         return 2
-    ours, theirs = socket.socketpair()
-    _say(out, "==> starting QEMU (-machine none) with its QMP monitor on a socketpair")
-    process = subprocess.Popen(
-        [qemu, "-machine", "none", "-nodefaults", "-display", "none", "-accel", "tcg",
-         "-chardev", f"socket,id=mon0,fd={theirs.fileno()}", "-mon", "chardev=mon0,mode=control"],
-        pass_fds=[theirs.fileno()],
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    theirs.close()
-    printed = threading.Event()
+    work = Path(tempfile.mkdtemp(prefix="vmctl-demo-"))
+    vms: list[VM] = []
     try:
-        with connect(ours, name="demo", timeout=10) as qmp:
-            _say(out, f"    connected: QEMU {qmp.version} (pid {process.pid}), capabilities {list(qmp.capabilities)}")
-            status = qmp.execute("query-status")
-            _say(out, f"    status: {status['status']}")
-            commands = qmp.execute("query-commands")
-            _say(out, f"    QEMU supports {len(commands)} QMP commands")
-
-            def show(event: Event) -> None:
-                _say(out, f"    event {event.name} {dict(event.data) or ''}".rstrip())
-                printed.set()
-
-            qmp.on_event(show)
-            for command in ("stop", "cont", "stop", "cont"):
-                printed.clear()
-                started = time.perf_counter()
-                qmp.execute(command)
-                elapsed = (time.perf_counter() - started) * 1000
-                state = qmp.execute("query-status")["status"]
-                printed.wait(2)
-                _say(out, f"==> {command}: {elapsed:.2f} ms, now {state}")
-            _say(out, "==> quit")
-            with qmp.events("SHUTDOWN") as shutdown:
-                qmp.execute("quit")
-                _say(out, f"    {shutdown.get(timeout=5).name}: QEMU is shutting down")
-        process.wait(10)
-        _say(out, f"==> QEMU exited with status {process.returncode}")
+        with printer.step("building the test guest (Debian cloud kernel + busybox initramfs; cached)"):
+            guest = TestGuest.ensure(cache_dir)
+        with printer.step("booting two VMs under TCG (demo-a, demo-b), each with its monitor on a unix socket"):
+            for name in ("demo-a", "demo-b"):
+                spec = VMSpec(
+                    name=name,
+                    kernel=guest.kernel,
+                    initrd=guest.initrd,
+                    append=guest.append,
+                    accel="tcg",
+                    memory_mib=256,
+                    shell_serial=True,
+                )
+                vm = VM.launch(spec, run_dir=work / name)
+                vms.append(vm)
+                vm.qmp.on_event(_event_printer(printer, name))
+                printer.say(f"    {name}: QEMU {vm.qmp.version}, pid {vm.pid}, run dir {vm.run_dir}")
+            for vm in vms:
+                vm.console.wait_for(READY_MARKER, timeout=120)
+                printer.say(f"    {vm.name}: guest is up ({vm.status().run_state.value})")
+        first, second = vms
+        _disk_round_trip(printer, first, work)
+        with printer.step("pause, resume and a host reset of demo-b (an expected reset)"):
+            second.pause()
+            printer.say(f"    demo-b is {second.status().run_state.value}")
+            second.resume()
+            printer.say(f"    demo-b is {second.status().run_state.value}")
+            mark = second.console.position
+            second.reset()
+            second.console.wait_for(READY_MARKER, timeout=120, since=mark)
+            printer.say(f"    resets seen: {[('expected' if r.expected else 'unexpected') for r in second.resets]}")
+        with printer.step("shutting both down through ACPI (escalating to quit/SIGTERM/SIGKILL if ignored)"):
+            for vm in vms:
+                result = vm.shutdown(timeout=30)
+                printer.say(f"    {vm.name}: {result.method.value} in {result.seconds:.2f}s, {result.exit}")
+        printer.say("demo finished")
         return 0
     except VmctlError as exc:
-        _say(out, f"demo failed: {type(exc).__name__}: {exc}")
+        printer.say(f"demo failed: {type(exc).__name__}: {exc}")
         return 1
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-        ours.close()
+        for vm in vms:
+            if not vm.has_exited and vm.process.poll() is None:
+                vm.kill()
+            vm.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _disk_round_trip(printer: _Printer, vm: VM, work: Path) -> None:
+    image = work / "data.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    with GuestShell(vm) as shell:
+        with printer.step(f"hotplugging {image.name} into {vm.name} (fd passed with add-fd, no path access needed)"):
+            disk = vm.hotplug_disk(image, id="data1")
+            printer.say(f"    fdset {disk.fdset_id}, nodes {disk.file_node} + {disk.format_node}, device {disk.id}")
+            device = ""
+            for _ in range(100):
+                device = shell.run("grep -l '^data1$' /sys/block/*/serial 2>/dev/null | cut -d/ -f4").output.strip()
+                if device:
+                    break
+            printer.say(f"    the guest sees /dev/{device}")
+        with printer.step("writing in the guest, reading back in the guest"):
+            shell.run(f"echo 'hello from the guest' | dd of=/dev/{device} conv=sync,fsync 2>/dev/null", check=True)
+            text = shell.run(f"dd if=/dev/{device} bs=21 count=1 2>/dev/null").output
+            printer.say(f"    read back: {text!r}")
+        with printer.step("unplugging data1 (waits for the guest to release it, then removes nodes and fdset)"):
+            vm.unplug_disk("data1")
+            left = [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes", {"flat": True})]
+            printer.say(
+                f"    block nodes left: {left or 'none'}; fdsets left: {vm.qmp.execute('query-fdsets') or 'none'}"
+            )
+    raw = work / "data.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    with open(raw, "rb") as data:
+        printer.say(f"    the host reads the image: {data.read(21).decode(errors='replace')!r}")
+    os.unlink(raw)
+
+
+def _event_printer(printer: _Printer, name: str) -> Callable[[Event], None]:
+    def show(event: Event) -> None:
+        details = f" {dict(event.data)}" if event.data else ""
+        printer.say(f"    [{name}] event {event.name}{details}")
+
+    return show

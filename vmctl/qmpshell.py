@@ -7,6 +7,7 @@ otherwise; dotted keys nest (``file.driver=file``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -92,10 +93,8 @@ def interactive(qmp: Monitor, out: TextIO = sys.stdout) -> int:
     readline.set_completer(_completer(commands))
     readline.parse_and_bind("tab: complete")
     readline.set_completer_delims(" \t")
-    try:
+    with contextlib.suppress(OSError):
         readline.read_history_file(HISTORY_FILE)
-    except OSError:
-        pass
 
     def show_event(event: Event) -> None:
         out.write(f"\nevent {event.name} {json.dumps(dict(event.data))}\n")
@@ -123,10 +122,8 @@ def interactive(qmp: Monitor, out: TextIO = sys.stdout) -> int:
                 continue
             status = run_one(qmp, command, arguments, out)
     finally:
-        try:
+        with contextlib.suppress(OSError):
             readline.write_history_file(HISTORY_FILE)
-        except OSError:
-            pass
 
 
 def _completer(commands: list[str]) -> Callable[[str, int], str | None]:
