@@ -23,6 +23,7 @@ PID_FILE = "qemu.pid"
 CONSOLE_CHARDEV = "vmctl-console"
 SHELL_CHARDEV = "vmctl-shell"
 MONITOR_CHARDEV = "vmctl-qmp"
+BALLOON_DEVICE = "vmctl-balloon"
 
 DiskFormat = Literal["qcow2", "raw"]
 Accelerator = Literal["kvm", "tcg"]
@@ -138,6 +139,7 @@ class VMSpec:
     serial_console: bool = True
     shell_serial: bool = False
     no_shutdown: bool = False
+    balloon: bool = False
     extra_args: tuple[str, ...] = attrs.field(default=(), converter=_strings)
 
     def __attrs_post_init__(self) -> None:
@@ -208,6 +210,8 @@ class VMSpec:
             argv += ["-append", self.append]
         if self.no_shutdown:
             argv.append("-no-shutdown")
+        if self.balloon:
+            argv += ["-device", f"virtio-balloon-pci,id={BALLOON_DEVICE}"]
         for disk in self.disks:
             argv += disk.arguments()
         for nic in self.nics:

@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 
 from vmctl.errors import StaleState
+from vmctl.ops.memory import MemorySpec
 from vmctl.spec import DiskSpec, NicSpec, VMSpec
 
 STATE_FILE = "vm.json"
@@ -23,6 +24,8 @@ class Inventory:
 
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[NicSpec, ...] = ()
+    memory: tuple[MemorySpec, ...] = ()
+    hotplugged_cpus: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -32,7 +35,12 @@ class Inventory:
         return cls(
             disks=tuple(DiskSpec(**d) for d in data.get("disks", ())),
             nics=tuple(NicSpec(**n) for n in data.get("nics", ())),
+            memory=tuple(MemorySpec(**m) for m in data.get("memory", ())),
+            hotplugged_cpus=tuple(str(c) for c in data.get("hotplugged_cpus", ())),
         )
+
+    def device_ids(self) -> set[str]:
+        return {d.id for d in self.disks} | {n.id for n in self.nics} | {m.id for m in self.memory}
 
 
 @attrs.frozen(kw_only=True)

@@ -32,7 +32,10 @@ from vmctl.errors import (
     UnknownDevice,
     WaitTimeout,
 )
+from vmctl.ops import balloon as balloon_ops
+from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import disks as disk_ops
+from vmctl.ops import memory as memory_ops
 from vmctl.process import ExitStatus, QemuProcess
 from vmctl.qmp import Event, Monitor, connect
 from vmctl.spec import CONSOLE_CHARDEV, LOG_FILE, QMP_SOCKET, SHELL_SOCKET, Accelerator, DiskSpec, VMSpec
@@ -327,9 +330,55 @@ class VM:
             self._save_state()
 
     def _refuse_duplicate(self, device_id: str) -> None:
-        ids = {d.id for d in self._inventory.disks} | {n.id for n in self._inventory.nics}
-        if device_id in ids or disk_ops.device_present(self.qmp, device_id):
+        if device_id in self._inventory.device_ids() or disk_ops.device_present(self.qmp, device_id):
             raise DeviceExists(f"{self.name} already has a device {device_id!r}")
+
+    def hotplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
+        """Add ``count`` vCPUs (up to the spec's ``max_cpus``); the guest may need to online them."""
+        with self._ops_lock:
+            added = cpu_ops.hotplug_cpus(self.qmp, self._log, count, timeout=timeout)
+            self._inventory = attrs.evolve(self._inventory, hotplugged_cpus=(*self._inventory.hotplugged_cpus, *added))
+            self._save_state()
+            return added
+
+    def unplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
+        """Remove the ``count`` most recently hotplugged vCPUs (the guest must release them)."""
+        with self._ops_lock:
+            removed = cpu_ops.unplug_cpus(self.qmp, self._log, count, timeout=timeout)
+            remaining = tuple(c for c in self._inventory.hotplugged_cpus if c not in removed)
+            self._inventory = attrs.evolve(self._inventory, hotplugged_cpus=remaining)
+            self._save_state()
+            return removed
+
+    def hotplug_memory(self, size_mib: int, *, id: str, timeout: float = 30.0) -> memory_ops.MemorySpec:
+        """Add a DIMM of ``size_mib`` (a multiple of 128); needs ``max_memory_mib`` and ``memory_slots``."""
+        with self._ops_lock:
+            self._refuse_duplicate(id)
+            memory = memory_ops.hotplug_memory(self.qmp, self._log, memory_id=id, size_mib=size_mib, timeout=timeout)
+            self._inventory = attrs.evolve(self._inventory, memory=(*self._inventory.memory, memory))
+            self._save_state()
+            return memory
+
+    def unplug_memory(self, id: str, *, timeout: float = 30.0) -> None:
+        with self._ops_lock:
+            if not any(m.id == id for m in self._inventory.memory):
+                raise UnknownDevice(f"{self.name} has no hotplugged memory {id!r}")
+            memory_ops.unplug_memory(self.qmp, self._log, memory_id=id, timeout=timeout)
+            self._inventory = attrs.evolve(
+                self._inventory, memory=tuple(m for m in self._inventory.memory if m.id != id)
+            )
+            self._save_state()
+
+    def memory_devices(self) -> list[memory_ops.MemoryDevice]:
+        return memory_ops.memory_devices(self.qmp)
+
+    def balloon(self) -> int:
+        """The guest memory in bytes as the balloon reports it."""
+        return balloon_ops.balloon_bytes(self.qmp)
+
+    def set_balloon(self, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int:
+        """Inflate or deflate the balloon to leave the guest ``target_bytes``; waits for the guest by default."""
+        return balloon_ops.set_balloon(self.qmp, self._log, target_bytes, wait=wait, timeout=timeout)
 
     # -- lifecycle ----------------------------------------------------------------------------
 

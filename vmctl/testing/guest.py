@@ -62,8 +62,8 @@ mount -t tmpfs tmpfs /tmp
 for module in {" ".join(MODULES)}; do
     insmod /lib/modules/$module.ko || echo "vmctl-guest: insmod $module failed"
 done
-# Hotplugged memory comes online by itself (there is no udev here).
-echo online > /sys/devices/system/memory/auto_online_blocks 2>/dev/null
+# Hotplugged memory comes online by itself (there is no udev here), movable so it can be unplugged.
+echo online_movable > /sys/devices/system/memory/auto_online_blocks 2>/dev/null
 # ACPI power button -> power off, unless the test wants a guest that ignores it.
 if ! grep -q vmctl.noacpi /proc/cmdline; then
     for event in /dev/input/event*; do

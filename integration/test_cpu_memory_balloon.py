@@ -1,0 +1,87 @@
+"""CPU and memory hotplug and the balloon, checked from inside the test guest."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from integration.conftest import VMFactory
+from vmctl.errors import HotplugError, InvalidArgument
+from vmctl.ops.balloon import BalloonUnavailable
+from vmctl.testing import GuestShell
+
+MIB = 1024 * 1024
+
+
+def wait_until(predicate: object, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_cpu_hotplug_and_unplug_seen_by_the_guest(vms: VMFactory) -> None:
+    vm = vms.launch(vms.spec(cpus=1, max_cpus=3))
+    with GuestShell(vm) as shell:
+
+        def present() -> int:
+            return int(shell.run("ls -d /sys/devices/system/cpu/cpu[0-9]* | wc -l").output)
+
+        assert present() == 1
+        added = vm.hotplug_cpus(2)
+        assert len(added) == 2 and vm.inventory.hotplugged_cpus == tuple(added)
+        assert wait_until(lambda: present() == 3)
+        shell.run("for c in /sys/devices/system/cpu/cpu[1-9]*; do echo 1 > $c/online; done", check=True)
+        assert shell.run("cat /sys/devices/system/cpu/online").output.strip() == "0-2"
+        assert int(shell.run("grep -c ^processor /proc/cpuinfo").output) == 3
+        with pytest.raises(InvalidArgument, match="only 0 more"):
+            vm.hotplug_cpus(1)
+        removed = vm.unplug_cpus(1)
+        assert removed == [added[-1]]
+        assert wait_until(lambda: present() == 2)
+        assert vm.inventory.hotplugged_cpus == (added[0],)
+    assert sum(1 for s in vm.qmp.execute("query-hotpluggable-cpus") if "qom-path" in s) == 2
+
+
+def test_memory_hotplug_and_unplug_seen_by_the_guest(vms: VMFactory) -> None:
+    vm = vms.launch(vms.spec(memory_mib=256, max_memory_mib=1024, memory_slots=2))
+    with GuestShell(vm) as shell:
+
+        def mem_total_kib() -> int:
+            return int(shell.run("awk '/MemTotal/ {print $2}' /proc/meminfo").output)
+
+        before = mem_total_kib()
+        vm.hotplug_memory(256, id="dimm1")
+        assert wait_until(lambda: mem_total_kib() >= before + 250 * 1024)
+        [device] = vm.memory_devices()
+        assert device.id == "dimm1" and device.size == 256 * MIB and device.hotplugged
+        with pytest.raises(HotplugError, match="rolled back"):
+            vm.hotplug_memory(1024, id="toobig")  # beyond maxmem
+        assert "toobig-ram" not in {o["name"] for o in vm.qmp.execute("qom-list", {"path": "/objects"})}
+        with pytest.raises(InvalidArgument, match="128"):
+            vm.hotplug_memory(100, id="odd")
+        vm.unplug_memory("dimm1", timeout=30)
+        assert wait_until(lambda: mem_total_kib() <= before + 1024)
+    assert vm.memory_devices() == []
+    assert "dimm1-ram" not in {o["name"] for o in vm.qmp.execute("qom-list", {"path": "/objects"})}
+
+
+def test_balloon_reaches_its_target(vms: VMFactory) -> None:
+    vm = vms.launch(vms.spec(memory_mib=512, balloon=True))
+    assert vm.balloon() == 512 * MIB
+    assert vm.set_balloon(256 * MIB, timeout=30) == 256 * MIB
+    with GuestShell(vm) as shell:
+        total_kib = int(shell.run("awk '/MemTotal/ {print $2}' /proc/meminfo").output)
+    assert total_kib < 300 * 1024  # the guest gave the memory back
+    assert vm.set_balloon(512 * MIB, timeout=30) == 512 * MIB
+
+
+def test_balloon_without_a_device_is_a_clear_error(vms: VMFactory) -> None:
+    vm = vms.launch(wait_ready=False)
+    with pytest.raises(BalloonUnavailable):
+        vm.balloon()
+    with pytest.raises(BalloonUnavailable):
+        vm.set_balloon(128 * MIB)

@@ -1,0 +1,55 @@
+"""The memory balloon: ask the guest to give memory back (or take it again), and wait for it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vmctl.errors import DeviceError, DeviceNotActive, EventTimeout, InvalidArgument, WaitTimeout
+from vmctl.qmp import Monitor
+
+PAGE = 4096
+
+
+class BalloonUnavailable(DeviceError):
+    """The VM has no balloon device (``VMSpec(balloon=True)``)."""
+
+
+def balloon_bytes(qmp: Monitor) -> int:
+    """The guest's memory as the balloon sees it now (``query-balloon`` ``actual``)."""
+    try:
+        return int(qmp.execute("query-balloon")["actual"])
+    except DeviceNotActive:
+        raise BalloonUnavailable("no balloon device: launch the VM with VMSpec(balloon=True)") from None
+
+
+def set_balloon(qmp: Monitor, log: Any, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int:
+    """Set the balloon target; with ``wait``, return once the guest reports reaching it.
+
+    Returns the guest memory the balloon reports. A guest without the virtio_balloon driver never
+    moves the balloon: the wait then ends in ``WaitTimeout`` that says so.
+    """
+    if not isinstance(target_bytes, int) or isinstance(target_bytes, bool) or target_bytes < 64 * 1024 * 1024:
+        raise InvalidArgument(f"balloon target must be at least 64 MiB in bytes, not {target_bytes!r}")
+    before = balloon_bytes(qmp)
+    with qmp.events("BALLOON_CHANGE") as changes:
+        try:
+            qmp.execute("balloon", {"value": target_bytes})
+        except DeviceNotActive:
+            raise BalloonUnavailable("no balloon device: launch the VM with VMSpec(balloon=True)") from None
+        log.info("balloon.set", target=target_bytes, before=before)
+        if not wait:
+            return before
+        actual = before
+        deadline = time.monotonic() + timeout
+        while abs(actual - target_bytes) >= PAGE:
+            try:
+                actual = int(changes.get(max(0.0, deadline - time.monotonic())).data["actual"])
+            except EventTimeout:
+                moved = "moved" if actual != before else "did not move"
+                raise WaitTimeout(
+                    f"the balloon {moved} but reached {actual} bytes, not {target_bytes}, within {timeout:g}s"
+                    + ("" if actual != before else " (is the guest's virtio_balloon driver loaded?)")
+                ) from None
+    log.info("balloon.reached", actual=actual)
+    return actual

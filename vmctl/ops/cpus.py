@@ -1,0 +1,87 @@
+"""CPU hotplug with the slots QEMU offers in ``query-hotpluggable-cpus``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from vmctl.errors import EventTimeout, HotplugError, InvalidArgument, QMPError
+from vmctl.qmp import Monitor
+
+_ID_PREFIX = "vmctl-cpu"
+
+
+@attrs.frozen(kw_only=True)
+class CpuSlot:
+    type: str
+    props: dict[str, int]
+    qom_path: str | None
+
+    @classmethod
+    def from_qmp(cls, entry: dict[str, Any]) -> CpuSlot:
+        return cls(type=str(entry["type"]), props=dict(entry["props"]), qom_path=entry.get("qom-path"))
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        return tuple(self.props.get(k, 0) for k in ("node-id", "socket-id", "die-id", "core-id", "thread-id"))
+
+    @property
+    def device_id(self) -> str:
+        return _ID_PREFIX + "-" + "-".join(str(v) for v in self.key)
+
+    @property
+    def hotplugged_by_us(self) -> bool:
+        return self.qom_path is not None and self.qom_path.startswith(f"/machine/peripheral/{_ID_PREFIX}")
+
+
+def cpu_slots(qmp: Monitor) -> list[CpuSlot]:
+    return sorted((CpuSlot.from_qmp(e) for e in qmp.execute("query-hotpluggable-cpus")), key=lambda s: s.key)
+
+
+def hotplug_cpus(qmp: Monitor, log: Any, count: int, *, timeout: float = 30.0) -> list[str]:
+    """Plug ``count`` CPUs into the lowest free slots; all or none (a failure unplugs the added ones)."""
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise InvalidArgument(f"CPU count must be a positive whole number, not {count!r}")
+    free = [s for s in cpu_slots(qmp) if s.qom_path is None]
+    if count > len(free):
+        raise InvalidArgument(f"only {len(free)} more CPU(s) fit (raise max_cpus in the VM spec)")
+    added: list[str] = []
+    try:
+        for slot in free[:count]:
+            qmp.execute("device_add", {"driver": slot.type, "id": slot.device_id, **slot.props}, timeout=timeout)
+            added.append(slot.device_id)
+    except QMPError as exc:
+        remaining = [device for device in reversed(added) if not _remove(qmp, device, timeout)]
+        raise HotplugError(f"CPU hotplug failed and was rolled back: {exc}", remaining=tuple(remaining)) from exc
+    log.info("cpus.hotplugged", cpus=added)
+    return added
+
+
+def unplug_cpus(qmp: Monitor, log: Any, count: int, *, timeout: float = 30.0) -> list[str]:
+    """Unplug the ``count`` most recently plugged CPUs (those vmctl plugged); the guest must release them."""
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise InvalidArgument(f"CPU count must be a positive whole number, not {count!r}")
+    ours = [s for s in reversed(cpu_slots(qmp)) if s.hotplugged_by_us]
+    if count > len(ours):
+        raise InvalidArgument(f"only {len(ours)} hotplugged CPU(s) can be unplugged")
+    removed = []
+    for slot in ours[:count]:
+        if not _remove(qmp, slot.device_id, timeout):
+            raise HotplugError(
+                f"the guest did not release CPU {slot.device_id} within {timeout:g}s",
+                remaining=(slot.device_id,),
+            )
+        removed.append(slot.device_id)
+    log.info("cpus.unplugged", cpus=removed)
+    return removed
+
+
+def _remove(qmp: Monitor, device_id: str, timeout: float) -> bool:
+    with qmp.events("DEVICE_DELETED", match={"device": device_id}) as deleted:
+        try:
+            qmp.execute("device_del", {"id": device_id})
+            deleted.get(timeout)
+        except (EventTimeout, QMPError):
+            return not any(s.device_id == device_id and s.qom_path for s in cpu_slots(qmp))
+    return True

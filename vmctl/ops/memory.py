@@ -1,0 +1,99 @@
+"""Memory hotplug: a RAM backend object and a pc-dimm on it; unplug needs the guest's consent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from vmctl.errors import EventTimeout, HotplugError, InvalidArgument, QMPError
+from vmctl.ops.disks import device_present
+from vmctl.ops.rollback import Steps
+from vmctl.qmp import Monitor
+
+MIB = 1024 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class MemorySpec:
+    """Hotplugged memory: a pc-dimm ``id`` of ``size_mib``."""
+
+    id: str
+    size_mib: int
+
+
+@attrs.frozen(kw_only=True)
+class MemoryDevice:
+    id: str
+    size: int
+    address: int
+    slot: int
+    hotplugged: bool
+
+    @classmethod
+    def from_qmp(cls, entry: dict[str, Any]) -> MemoryDevice:
+        data = entry["data"]
+        return cls(
+            id=str(data.get("id", "")),
+            size=int(data["size"]),
+            address=int(data["addr"]),
+            slot=int(data["slot"]),
+            hotplugged=bool(data.get("hotplugged", False)),
+        )
+
+
+def backend_id(memory_id: str) -> str:
+    return f"{memory_id}-ram"
+
+
+def hotplug_memory(qmp: Monitor, log: Any, *, memory_id: str, size_mib: int, timeout: float = 30.0) -> MemorySpec:
+    # The guest onlines memory in 128 MiB blocks: a smaller DIMM would never be usable.
+    if not isinstance(size_mib, int) or isinstance(size_mib, bool) or size_mib <= 0 or size_mib % 128:
+        raise InvalidArgument(f"memory {memory_id}: size must be a positive multiple of 128 MiB, not {size_mib!r}")
+    bound = log.bind(memory=memory_id)
+    backend = backend_id(memory_id)
+    try:
+        with Steps(bound) as steps:
+            steps.run(
+                "object-add",
+                lambda: qmp.execute(
+                    "object-add", {"qom-type": "memory-backend-ram", "id": backend, "size": size_mib * MIB}
+                ),
+                lambda _: qmp.execute("object-del", {"id": backend}),
+            )
+            steps.run(
+                "device_add",
+                lambda: qmp.execute(
+                    "device_add", {"driver": "pc-dimm", "id": memory_id, "memdev": backend}, timeout=timeout
+                ),
+            )
+    except QMPError as exc:
+        raise HotplugError(
+            f"hotplug of memory {memory_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
+        ) from exc
+    bound.info("memory.hotplugged", size_mib=size_mib)
+    return MemorySpec(id=memory_id, size_mib=size_mib)
+
+
+def unplug_memory(qmp: Monitor, log: Any, *, memory_id: str, timeout: float = 30.0) -> None:
+    """Remove a DIMM (the guest must offline it first; it does when the memory is movable)."""
+    bound = log.bind(memory=memory_id)
+    if device_present(qmp, memory_id):
+        with qmp.events("DEVICE_DELETED", match={"device": memory_id}) as deleted:
+            qmp.execute("device_del", {"id": memory_id})
+            try:
+                deleted.get(timeout)
+            except EventTimeout:
+                if device_present(qmp, memory_id):
+                    raise HotplugError(
+                        f"the guest did not release memory {memory_id} within {timeout:g}s",
+                        remaining=(f"device {memory_id}", f"object {backend_id(memory_id)}"),
+                    ) from None
+    objects = {o["name"] for o in qmp.execute("qom-list", {"path": "/objects"})}
+    if backend_id(memory_id) in objects:
+        qmp.execute("object-del", {"id": backend_id(memory_id)})
+    bound.info("memory.unplugged")
+
+
+def memory_devices(qmp: Monitor) -> list[MemoryDevice]:
+    return [MemoryDevice.from_qmp(e) for e in qmp.execute("query-memory-devices") if e.get("type") == "dimm"]
