@@ -13,6 +13,7 @@ ensure_system() {
     local missing=()
     command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
     command -v qemu-img >/dev/null || missing+=(qemu-utils)
+    command -v ip >/dev/null || missing+=(iproute2)
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     local sudo=""

@@ -36,9 +36,10 @@ from vmctl.ops import balloon as balloon_ops
 from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import disks as disk_ops
 from vmctl.ops import memory as memory_ops
+from vmctl.ops import nics as nic_ops
 from vmctl.process import ExitStatus, QemuProcess
 from vmctl.qmp import Event, Monitor, connect
-from vmctl.spec import CONSOLE_CHARDEV, LOG_FILE, QMP_SOCKET, SHELL_SOCKET, Accelerator, DiskSpec, VMSpec
+from vmctl.spec import CONSOLE_CHARDEV, LOG_FILE, QMP_SOCKET, SHELL_SOCKET, Accelerator, DiskSpec, NicSpec, VMSpec
 from vmctl.state import STATE_FILE, Inventory, VMState, read_state, write_state
 
 log = structlog.get_logger(__name__)
@@ -327,6 +328,38 @@ class VM:
                 raise UnknownDevice(f"{self.name} has no disk {id!r}")
             disk_ops.unplug_disk(self.qmp, self._log, disk_id=id, timeout=timeout)
             self._inventory = attrs.evolve(self._inventory, disks=tuple(d for d in self._inventory.disks if d.id != id))
+            self._save_state()
+
+    def nics(self) -> tuple[NicSpec, ...]:
+        return self._inventory.nics
+
+    def hotplug_nic(
+        self,
+        *,
+        id: str,
+        tap: str | None = None,
+        mac: str | None = None,
+        model: str = "virtio-net-pci",
+        queues: int = 1,
+        timeout: float = 30.0,
+    ) -> nic_ops.Nic:
+        """Add a NIC on a tap device that vmctl opens (``tap`` names it; else the kernel does).
+        A MAC is generated when none is given, so it survives migration and re-attach."""
+        with self._ops_lock:
+            self._refuse_duplicate(id)
+            nic = nic_ops.hotplug_nic(
+                self.qmp, self._log, nic_id=id, tap=tap, mac=mac, model=model, queues=queues, timeout=timeout
+            )
+            self._inventory = attrs.evolve(self._inventory, nics=(*self._inventory.nics, nic.spec()))
+            self._save_state()
+            return nic
+
+    def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
+        with self._ops_lock:
+            if not any(n.id == id for n in self._inventory.nics):
+                raise UnknownDevice(f"{self.name} has no nic {id!r}")
+            nic_ops.unplug_nic(self.qmp, self._log, nic_id=id, timeout=timeout)
+            self._inventory = attrs.evolve(self._inventory, nics=tuple(n for n in self._inventory.nics if n.id != id))
             self._save_state()
 
     def _refuse_duplicate(self, device_id: str) -> None:

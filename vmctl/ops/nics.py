@@ -1,0 +1,164 @@
+"""NIC hotplug: the control plane opens the tap device and passes QEMU its fds.
+
+Hotplug: open /dev/net/tun (TUNSETIFF; one fd per queue, multiqueue when queues > 1) -> getfd
+for each fd -> netdev_add tap with those fds -> device_add. Every step has its undo beside it.
+QEMU holds the tap from then on; when it lets go (netdev_del), a non-persistent tap vanishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import random
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from vmctl.errors import (
+    CommandError,
+    DeviceError,
+    DeviceNotFound,
+    EventTimeout,
+    HotplugError,
+    InvalidArgument,
+    QMPError,
+)
+from vmctl.ops.disks import device_present
+from vmctl.ops.rollback import Steps
+from vmctl.qmp import Monitor
+from vmctl.spec import NicSpec
+
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_IFF_MULTI_QUEUE = 0x0100
+_MAX_QUEUES = 16
+
+
+def netdev_id(nic_id: str) -> str:
+    return f"{nic_id}-net"
+
+
+def random_mac() -> str:
+    """A MAC in QEMU's locally administered 52:54:00 range."""
+    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
+
+
+@attrs.frozen(kw_only=True)
+class Nic:
+    id: str
+    tap: str
+    mac: str
+    model: str
+    queues: int
+
+    def spec(self) -> NicSpec:
+        return NicSpec(id=self.id, mac=self.mac, model=self.model, tap=self.tap)
+
+
+def open_tap(name: str | None, queues: int) -> tuple[str, list[int]]:
+    """Create (or attach to) a tap interface; returns its name and one fd per queue."""
+    flags = _IFF_TAP | _IFF_NO_PI | (_IFF_MULTI_QUEUE if queues > 1 else 0)
+    wanted = (name or "tap%d").encode()
+    fds: list[int] = []
+    try:
+        for _ in range(queues):
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            fds.append(fd)
+            request = struct.pack("16sH22x", wanted, flags)
+            answer = fcntl.ioctl(fd, _TUNSETIFF, request)
+            wanted = answer[:16].rstrip(b"\0")  # later queues attach to the same interface
+    except OSError as exc:
+        for fd in fds:
+            os.close(fd)
+        hint = " (creating taps needs CAP_NET_ADMIN)" if exc.errno == errno.EPERM else ""
+        raise DeviceError(f"cannot open tap {name or '(new)'}: {exc.strerror}{hint}") from None
+    return wanted.decode(), fds
+
+
+def hotplug_nic(
+    qmp: Monitor,
+    log: Any,
+    *,
+    nic_id: str,
+    tap: str | None = None,
+    mac: str | None = None,
+    model: str = "virtio-net-pci",
+    queues: int = 1,
+    timeout: float = 30.0,
+) -> Nic:
+    if not isinstance(queues, int) or isinstance(queues, bool) or not 1 <= queues <= _MAX_QUEUES:
+        raise InvalidArgument(f"nic {nic_id}: queues must be 1..{_MAX_QUEUES}, not {queues!r}")
+    if queues > 1 and model != "virtio-net-pci":
+        raise InvalidArgument(f"nic {nic_id}: multiqueue needs virtio-net-pci, not {model}")
+    mac = mac or random_mac()
+    NicSpec(id=nic_id, mac=mac, model=model, tap=tap)  # validates id, MAC and tap name
+    tap_name, fds = open_tap(tap, queues)
+    bound = log.bind(nic=nic_id, tap=tap_name)
+    netdev = netdev_id(nic_id)
+    fd_names = [f"{nic_id}-tap{i}" for i in range(queues)]
+    try:
+        with Steps(bound) as steps:
+            for fd, fd_name in zip(fds, fd_names, strict=True):
+                steps.run(f"getfd {fd_name}", _getfd(qmp, fd, fd_name), lambda name: _closefd(qmp, name))
+            netdev_arguments: dict[str, Any] = {"type": "tap", "id": netdev}
+            if queues == 1:
+                netdev_arguments["fd"] = fd_names[0]
+            else:
+                netdev_arguments["fds"] = ":".join(fd_names)
+            steps.run(
+                "netdev_add",
+                lambda: qmp.execute("netdev_add", netdev_arguments, timeout=timeout),
+                lambda _: qmp.execute("netdev_del", {"id": netdev}),
+            )
+            device: dict[str, Any] = {"driver": model, "id": nic_id, "netdev": netdev, "mac": mac}
+            if queues > 1:
+                device.update({"mq": True, "vectors": 2 * queues + 2})
+            steps.run("device_add", lambda: qmp.execute("device_add", device, timeout=timeout))
+    except QMPError as exc:
+        raise HotplugError(
+            f"hotplug of nic {nic_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
+        ) from exc
+    finally:
+        for fd in fds:
+            os.close(fd)  # QEMU holds its own copies
+    bound.info("nic.hotplugged", mac=mac, queues=queues)
+    return Nic(id=nic_id, tap=tap_name, mac=mac, model=model, queues=queues)
+
+
+def _getfd(qmp: Monitor, fd: int, fd_name: str) -> Callable[[], str]:
+    def give() -> str:
+        qmp.execute("getfd", {"fdname": fd_name}, fds=[fd])
+        return fd_name
+
+    return give
+
+
+def _closefd(qmp: Monitor, fd_name: str) -> None:
+    # netdev_add takes the named fd out of the monitor's list; then there is nothing to close.
+    with contextlib.suppress(CommandError):
+        qmp.execute("closefd", {"fdname": fd_name})
+
+
+def unplug_nic(qmp: Monitor, log: Any, *, nic_id: str, timeout: float = 30.0) -> None:
+    """Remove the NIC once the guest releases it, then its tap backend. Idempotent."""
+    bound = log.bind(nic=nic_id)
+    if device_present(qmp, nic_id):
+        with qmp.events("DEVICE_DELETED", match={"device": nic_id}) as deleted:
+            with contextlib.suppress(DeviceNotFound):
+                qmp.execute("device_del", {"id": nic_id})
+            try:
+                deleted.get(timeout)
+            except EventTimeout:
+                if device_present(qmp, nic_id):
+                    raise HotplugError(
+                        f"the guest did not release nic {nic_id} within {timeout:g}s",
+                        remaining=(f"device {nic_id}", f"netdev {netdev_id(nic_id)}"),
+                    ) from None
+    with contextlib.suppress(DeviceNotFound):
+        qmp.execute("netdev_del", {"id": netdev_id(nic_id)})
+    bound.info("nic.unplugged")
