@@ -99,3 +99,35 @@ def test_unplug_of_an_already_removed_device_is_idempotent(vms: VMFactory, tmp_p
         deleted.get(30)
     vm.unplug_disk("gone1")
     assert leftovers(vm, "gone1") == []
+
+
+def test_resize_and_throttle(vms: VMFactory, tmp_path: Path) -> None:
+    vm = vms.launch()
+    image = make_image(tmp_path / "grow.qcow2", "qcow2", "64M")
+    throttle = disk_ops.Throttle(bps=4 * 1024 * 1024, iops=100)
+    vm.hotplug_disk(image, id="grow1", throttle=throttle)
+    [info] = [b for b in vm.qmp.execute("query-block") if b.get("inserted", {}).get("node-name") == "grow1-fmt"]
+    assert info["inserted"]["bps"] == 4 * 1024 * 1024 and info["inserted"]["iops"] == 100
+    with GuestShell(vm) as shell:
+        name = None
+        for _ in range(50):
+            name = guest_disk(shell, "grow1")
+            if name:
+                break
+            shell.run("sleep 0.1")
+        assert name
+        vm.resize_disk("grow1", 128 * 1024 * 1024)
+        assert shell.run(f"cat /sys/block/{name}/size").output.strip() == str(128 * 1024 * 1024 // 512)
+        with pytest.raises(InvalidArgument, match="shrink"):
+            vm.resize_disk("grow1", 32 * 1024 * 1024)
+        vm.set_disk_throttle("grow1", disk_ops.Throttle())
+        [info] = [b for b in vm.qmp.execute("query-block") if b.get("inserted", {}).get("node-name") == "grow1-fmt"]
+        assert info["inserted"]["bps"] == 0
+    out = subprocess.run(["qemu-img", "info", "--force-share", "--output=json", str(image)], capture_output=True)
+    assert '"virtual-size": 134217728' in out.stdout.decode()
+    with pytest.raises(InvalidArgument):
+        disk_ops.Throttle(bps=-1)
+    with pytest.raises(UnknownDevice):
+        vm.resize_disk("nope", 1024 * 1024)
+    vm.unplug_disk("grow1")
+    assert leftovers(vm, "grow1") == []

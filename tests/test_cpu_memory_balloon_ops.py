@@ -28,6 +28,11 @@ class CpuBoard:
         fake.on("query-hotpluggable-cpus", self.query)
         fake.on("device_add", self.add)
         fake.on("device_del", self.delete)
+        fake.on("qom-list", self.peripherals)
+
+    def peripherals(self, call: FakeCall) -> Any:
+        paths = [p for p in self.plugged.values() if p.startswith("/machine/peripheral/")]
+        return [{"name": p.rsplit("/", 1)[1], "type": "child<qemu64-x86_64-cpu>"} for p in paths]
 
     def query(self, call: FakeCall) -> Any:
         entries = []

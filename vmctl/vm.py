@@ -37,6 +37,7 @@ from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import disks as disk_ops
 from vmctl.ops import memory as memory_ops
 from vmctl.ops import nics as nic_ops
+from vmctl.ops.devices import device_present
 from vmctl.process import ExitStatus, QemuProcess
 from vmctl.qmp import Event, Monitor, connect
 from vmctl.spec import CONSOLE_CHARDEV, LOG_FILE, QMP_SOCKET, SHELL_SOCKET, Accelerator, DiskSpec, NicSpec, VMSpec
@@ -300,6 +301,7 @@ class VM:
         bus: disk_ops.Bus = "virtio-blk",
         cache: disk_ops.CacheMode = "writeback",
         aio: disk_ops.Aio = "threads",
+        throttle: disk_ops.Throttle | None = None,
         timeout: float = 30.0,
     ) -> disk_ops.Disk:
         """Attach an image as a new disk; on any failure every step is undone (``HotplugError``)."""
@@ -315,6 +317,7 @@ class VM:
                 bus=bus,
                 cache=cache,
                 aio=aio,
+                throttle=throttle,
                 timeout=timeout,
             )
             self._inventory = attrs.evolve(self._inventory, disks=(*self._inventory.disks, disk.spec()))
@@ -324,8 +327,7 @@ class VM:
     def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None:
         """Detach a disk: the guest releases it, then its nodes and fdset go. Safe to retry."""
         with self._ops_lock:
-            if not any(d.id == id for d in self._inventory.disks):
-                raise UnknownDevice(f"{self.name} has no disk {id!r}")
+            self._require_disk(id)
             disk_ops.unplug_disk(self.qmp, self._log, disk_id=id, timeout=timeout)
             self._inventory = attrs.evolve(self._inventory, disks=tuple(d for d in self._inventory.disks if d.id != id))
             self._save_state()
@@ -362,8 +364,25 @@ class VM:
             self._inventory = attrs.evolve(self._inventory, nics=tuple(n for n in self._inventory.nics if n.id != id))
             self._save_state()
 
+    def resize_disk(self, id: str, size: int, *, allow_shrink: bool = False) -> None:
+        """Grow a disk to ``size`` bytes; the guest sees the new size at once."""
+        with self._ops_lock:
+            self._require_disk(id)
+            disk_ops.resize_disk(self.qmp, self._log, disk_id=id, size=size, allow_shrink=allow_shrink)
+
+    def set_disk_throttle(self, id: str, throttle: disk_ops.Throttle) -> None:
+        """Set (or, with ``Throttle()``, clear) a disk's I/O limits."""
+        with self._ops_lock:
+            self._require_disk(id)
+            disk_ops.set_throttle(self.qmp, disk_id=id, throttle=throttle)
+            self._log.info("disk.throttled", disk=id, **throttle.arguments())
+
+    def _require_disk(self, disk_id: str) -> None:
+        if not any(d.id == disk_id for d in self._inventory.disks):
+            raise UnknownDevice(f"{self.name} has no disk {disk_id!r}")
+
     def _refuse_duplicate(self, device_id: str) -> None:
-        if device_id in self._inventory.device_ids() or disk_ops.device_present(self.qmp, device_id):
+        if device_id in self._inventory.device_ids() or device_present(self.qmp, device_id):
             raise DeviceExists(f"{self.name} already has a device {device_id!r}")
 
     def hotplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:

@@ -6,7 +6,8 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import EventTimeout, HotplugError, InvalidArgument, QMPError
+from vmctl.errors import HotplugError, InvalidArgument, QMPError
+from vmctl.ops.devices import remove_device
 from vmctl.qmp import Monitor
 
 _ID_PREFIX = "vmctl-cpu"
@@ -78,10 +79,8 @@ def unplug_cpus(qmp: Monitor, log: Any, count: int, *, timeout: float = 30.0) ->
 
 
 def _remove(qmp: Monitor, device_id: str, timeout: float) -> bool:
-    with qmp.events("DEVICE_DELETED", match={"device": device_id}) as deleted:
-        try:
-            qmp.execute("device_del", {"id": device_id})
-            deleted.get(timeout)
-        except (EventTimeout, QMPError):
-            return not any(s.device_id == device_id and s.qom_path for s in cpu_slots(qmp))
+    try:
+        remove_device(qmp, device_id, timeout)
+    except (HotplugError, QMPError):
+        return not any(s.device_id == device_id and s.qom_path for s in cpu_slots(qmp))
     return True

@@ -14,13 +14,11 @@ from typing import Any, Literal
 import attrs
 
 from vmctl.errors import (
-    CommandError,
-    DeviceNotFound,
-    EventTimeout,
     HotplugError,
     InvalidArgument,
     QMPError,
 )
+from vmctl.ops.devices import remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 from vmctl.spec import DiskSpec, disk_node_names
@@ -37,6 +35,28 @@ _CACHE = {
     "directsync": (True, False, False),
     "unsafe": (False, True, True),
 }
+
+
+@attrs.frozen(kw_only=True)
+class Throttle:
+    """I/O limits for a disk (``block_set_io_throttle``); 0 means unlimited."""
+
+    bps: int = 0
+    bps_rd: int = 0
+    bps_wr: int = 0
+    iops: int = 0
+    iops_rd: int = 0
+    iops_wr: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        for name, value in attrs.asdict(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidArgument(f"throttle {name} must be a whole number >= 0, not {value!r}")
+        if (self.bps and (self.bps_rd or self.bps_wr)) or (self.iops and (self.iops_rd or self.iops_wr)):
+            raise InvalidArgument("a total limit cannot be combined with read/write limits of the same kind")
+
+    def arguments(self) -> dict[str, int]:
+        return attrs.asdict(self)
 
 
 def fdset_tag(disk_id: str) -> str:
@@ -70,6 +90,7 @@ def hotplug_disk(
     bus: Bus = "virtio-blk",
     cache: CacheMode = "writeback",
     aio: Aio = "threads",
+    throttle: Throttle | None = None,
     timeout: float = 30.0,
 ) -> Disk:
     spec = DiskSpec(id=disk_id, path=path, format=format, read_only=read_only)  # type: ignore[arg-type]
@@ -143,7 +164,10 @@ def hotplug_disk(
                     },
                     timeout=timeout,
                 ),
+                lambda _: remove_device(qmp, disk_id, timeout),
             )
+            if throttle is not None:
+                steps.run("throttle", lambda: set_throttle(qmp, disk_id=disk_id, throttle=throttle))
     except QMPError as exc:
         raise HotplugError(
             f"hotplug of disk {disk_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
@@ -170,25 +194,15 @@ def unplug_disk(qmp: Monitor, log: Any, *, disk_id: str, timeout: float = 30.0) 
     """
     bound = log.bind(disk=disk_id)
     file_node, format_node = disk_node_names(disk_id)
-    if device_present(qmp, disk_id):
-        # Subscribe first: QEMU may send DEVICE_DELETED before device_del's reply. It first sends
-        # one for the virtio backend path (no "device" field), then the one for our id.
-        with qmp.events("DEVICE_DELETED", match={"device": disk_id}) as deleted:
-            try:
-                qmp.execute("device_del", {"id": disk_id})
-            except DeviceNotFound:
-                pass  # gone between the check and the command
-            except CommandError as exc:
-                if "in the process of unplug" not in exc.desc and "already" not in exc.desc:
-                    raise
-            try:
-                deleted.get(timeout)
-            except EventTimeout:
-                if device_present(qmp, disk_id):
-                    remaining = (f"device {disk_id}", f"node {format_node}", f"node {file_node}")
-                    raise HotplugError(
-                        f"the guest did not release disk {disk_id} within {timeout:g}s", remaining=remaining
-                    ) from None
+    # QEMU may send DEVICE_DELETED before device_del's reply, so remove_device subscribes first. It
+    # first sends one for the virtio backend path (no "device" field), then the one for our id.
+    try:
+        remove_device(qmp, disk_id, timeout)
+    except HotplugError:
+        raise HotplugError(
+            f"the guest did not release disk {disk_id} within {timeout:g}s",
+            remaining=(f"device {disk_id}", f"node {format_node}", f"node {file_node}"),
+        ) from None
     nodes = {str(n.get("node-name")) for n in qmp.execute("query-named-block-nodes", {"flat": True})}
     for node in (format_node, file_node):
         if node in nodes:
@@ -199,7 +213,23 @@ def unplug_disk(qmp: Monitor, log: Any, *, disk_id: str, timeout: float = 30.0) 
     bound.info("disk.unplugged")
 
 
-def device_present(qmp: Monitor, device_id: str) -> bool:
-    """Whether a device with this id is in QEMU's device tree (under /machine/peripheral)."""
-    children = qmp.execute("qom-list", {"path": "/machine/peripheral"})
-    return any(child.get("name") == device_id for child in children)
+def set_throttle(qmp: Monitor, *, disk_id: str, throttle: Throttle) -> None:
+    # The block backend hangs off the virtio device inside the PCI proxy that carries the id.
+    device_path = f"/machine/peripheral/{disk_id}/virtio-backend"
+    qmp.execute("block_set_io_throttle", {"id": device_path, **throttle.arguments()})
+
+
+def resize_disk(qmp: Monitor, log: Any, *, disk_id: str, size: int, allow_shrink: bool = False) -> int:
+    """Grow the disk's image to ``size`` bytes (the guest is told); returns the old size."""
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 512:
+        raise InvalidArgument(f"disk {disk_id}: size must be a positive multiple of 512 bytes, not {size!r}")
+    _, format_node = disk_node_names(disk_id)
+    nodes = {n["node-name"]: n for n in qmp.execute("query-named-block-nodes", {"flat": True})}
+    if format_node not in nodes:
+        raise InvalidArgument(f"disk {disk_id} has no block node {format_node} (was it hotplugged by vmctl?)")
+    current = int(nodes[format_node]["image"]["virtual-size"])
+    if size < current and not allow_shrink:
+        raise InvalidArgument(f"disk {disk_id}: {size} bytes would shrink it from {current} (allow_shrink=True)")
+    qmp.execute("block_resize", {"node-name": format_node, "size": size})
+    log.bind(disk=disk_id).info("disk.resized", old=current, new=size)
+    return current

@@ -6,8 +6,8 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import EventTimeout, HotplugError, InvalidArgument, QMPError
-from vmctl.ops.disks import device_present
+from vmctl.errors import HotplugError, InvalidArgument, QMPError
+from vmctl.ops.devices import remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
@@ -78,17 +78,13 @@ def hotplug_memory(qmp: Monitor, log: Any, *, memory_id: str, size_mib: int, tim
 def unplug_memory(qmp: Monitor, log: Any, *, memory_id: str, timeout: float = 30.0) -> None:
     """Remove a DIMM (the guest must offline it first; it does when the memory is movable)."""
     bound = log.bind(memory=memory_id)
-    if device_present(qmp, memory_id):
-        with qmp.events("DEVICE_DELETED", match={"device": memory_id}) as deleted:
-            qmp.execute("device_del", {"id": memory_id})
-            try:
-                deleted.get(timeout)
-            except EventTimeout:
-                if device_present(qmp, memory_id):
-                    raise HotplugError(
-                        f"the guest did not release memory {memory_id} within {timeout:g}s",
-                        remaining=(f"device {memory_id}", f"object {backend_id(memory_id)}"),
-                    ) from None
+    try:
+        remove_device(qmp, memory_id, timeout)
+    except HotplugError:
+        raise HotplugError(
+            f"the guest did not release memory {memory_id} within {timeout:g}s",
+            remaining=(f"device {memory_id}", f"object {backend_id(memory_id)}"),
+        ) from None
     objects = {o["name"] for o in qmp.execute("qom-list", {"path": "/objects"})}
     if backend_id(memory_id) in objects:
         qmp.execute("object-del", {"id": backend_id(memory_id)})

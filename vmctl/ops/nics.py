@@ -22,12 +22,11 @@ from vmctl.errors import (
     CommandError,
     DeviceError,
     DeviceNotFound,
-    EventTimeout,
     HotplugError,
     InvalidArgument,
     QMPError,
 )
-from vmctl.ops.disks import device_present
+from vmctl.ops.devices import remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 from vmctl.spec import NicSpec
@@ -147,18 +146,13 @@ def _closefd(qmp: Monitor, fd_name: str) -> None:
 def unplug_nic(qmp: Monitor, log: Any, *, nic_id: str, timeout: float = 30.0) -> None:
     """Remove the NIC once the guest releases it, then its tap backend. Idempotent."""
     bound = log.bind(nic=nic_id)
-    if device_present(qmp, nic_id):
-        with qmp.events("DEVICE_DELETED", match={"device": nic_id}) as deleted:
-            with contextlib.suppress(DeviceNotFound):
-                qmp.execute("device_del", {"id": nic_id})
-            try:
-                deleted.get(timeout)
-            except EventTimeout:
-                if device_present(qmp, nic_id):
-                    raise HotplugError(
-                        f"the guest did not release nic {nic_id} within {timeout:g}s",
-                        remaining=(f"device {nic_id}", f"netdev {netdev_id(nic_id)}"),
-                    ) from None
+    try:
+        remove_device(qmp, nic_id, timeout)
+    except HotplugError:
+        raise HotplugError(
+            f"the guest did not release nic {nic_id} within {timeout:g}s",
+            remaining=(f"device {nic_id}", f"netdev {netdev_id(nic_id)}"),
+        ) from None
     with contextlib.suppress(DeviceNotFound):
         qmp.execute("netdev_del", {"id": netdev_id(nic_id)})
     bound.info("nic.unplugged")

@@ -1,0 +1,34 @@
+"""Device-tree helpers shared by the device operations."""
+
+from __future__ import annotations
+
+from vmctl.errors import CommandError, DeviceNotFound, EventTimeout, HotplugError
+from vmctl.qmp import Monitor
+
+
+def device_present(qmp: Monitor, device_id: str) -> bool:
+    """Whether a device with this id is in QEMU's device tree (under /machine/peripheral)."""
+    children = qmp.execute("qom-list", {"path": "/machine/peripheral"})
+    return any(child.get("name") == device_id for child in children)
+
+
+def remove_device(qmp: Monitor, device_id: str, timeout: float) -> None:
+    """device_del and wait for the guest to let go (DEVICE_DELETED for this id)."""
+    if not device_present(qmp, device_id):
+        return
+    with qmp.events("DEVICE_DELETED", match={"device": device_id}) as deleted:
+        try:
+            qmp.execute("device_del", {"id": device_id})
+        except DeviceNotFound:
+            return
+        except CommandError as exc:
+            if "in the process of unplug" not in exc.desc and "already" not in exc.desc:
+                raise
+        try:
+            deleted.get(timeout)
+        except EventTimeout:
+            if device_present(qmp, device_id):
+                raise HotplugError(
+                    f"the guest did not release device {device_id} within {timeout:g}s",
+                    remaining=(f"device {device_id}",),
+                ) from None
