@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 
 from vmctl.errors import StaleState
+from vmctl.ops.chardevs import Chardev
 from vmctl.ops.memory import MemorySpec
 from vmctl.spec import DiskSpec, NicSpec, VMSpec
 
@@ -26,6 +27,7 @@ class Inventory:
     nics: tuple[NicSpec, ...] = ()
     memory: tuple[MemorySpec, ...] = ()
     hotplugged_cpus: tuple[str, ...] = ()
+    chardevs: tuple[Chardev, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -37,10 +39,12 @@ class Inventory:
             nics=tuple(NicSpec(**n) for n in data.get("nics", ())),
             memory=tuple(MemorySpec(**m) for m in data.get("memory", ())),
             hotplugged_cpus=tuple(str(c) for c in data.get("hotplugged_cpus", ())),
+            chardevs=tuple(Chardev(**c) for c in data.get("chardevs", ())),
         )
 
     def device_ids(self) -> set[str]:
-        return {d.id for d in self.disks} | {n.id for n in self.nics} | {m.id for m in self.memory}
+        ids = {d.id for d in self.disks} | {n.id for n in self.nics} | {m.id for m in self.memory}
+        return ids | {c.id for c in self.chardevs} | {c.port_id for c in self.chardevs if c.port_name}
 
 
 @attrs.frozen(kw_only=True)

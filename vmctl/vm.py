@@ -33,6 +33,7 @@ from vmctl.errors import (
     WaitTimeout,
 )
 from vmctl.ops import balloon as balloon_ops
+from vmctl.ops import chardevs as chardev_ops
 from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import disks as disk_ops
 from vmctl.ops import memory as memory_ops
@@ -376,6 +377,38 @@ class VM:
             self._require_disk(id)
             disk_ops.set_throttle(self.qmp, disk_id=id, throttle=throttle)
             self._log.info("disk.throttled", disk=id, **throttle.arguments())
+
+    def hotplug_chardev(
+        self,
+        id: str,
+        *,
+        kind: chardev_ops.Kind,
+        path: str | os.PathLike[str] | None = None,
+        size: int = 65536,
+        port_name: str | None = None,
+        timeout: float = 30.0,
+    ) -> chardev_ops.Chardev:
+        """Add a chardev (a unix socket QEMU listens on, or a ring buffer); with ``port_name`` the
+        guest sees it as that virtio-serial port."""
+        with self._ops_lock:
+            self._refuse_duplicate(id)
+            chardev = chardev_ops.hotplug_chardev(
+                self.qmp, self._log, chardev_id=id, kind=kind, path=path, size=size, port_name=port_name,
+                timeout=timeout,
+            )  # fmt: skip
+            self._inventory = attrs.evolve(self._inventory, chardevs=(*self._inventory.chardevs, chardev))
+            self._save_state()
+            return chardev
+
+    def unplug_chardev(self, id: str, *, timeout: float = 30.0) -> None:
+        with self._ops_lock:
+            chardev = next((c for c in self._inventory.chardevs if c.id == id), None)
+            if chardev is None:
+                raise UnknownDevice(f"{self.name} has no chardev {id!r}")
+            chardev_ops.unplug_chardev(self.qmp, self._log, chardev=chardev, timeout=timeout)
+            remaining = tuple(c for c in self._inventory.chardevs if c.id != id)
+            self._inventory = attrs.evolve(self._inventory, chardevs=remaining)
+            self._save_state()
 
     def _require_disk(self, disk_id: str) -> None:
         if not any(d.id == disk_id for d in self._inventory.disks):

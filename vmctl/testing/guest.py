@@ -40,6 +40,7 @@ MODULES = (
     "net_failover",
     "virtio_net",
     "virtio_balloon",
+    "virtio_console",
     "scsi_common",
     "scsi_mod",
     "virtio_scsi",

@@ -1,0 +1,115 @@
+"""Character devices added at run time (a unix socket or a ring buffer), optionally exposed to
+the guest as a named virtio-serial port."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from typing import Any, Literal
+
+import attrs
+
+from vmctl.errors import CommandError, HotplugError, InvalidArgument, QMPError
+from vmctl.ops.devices import device_present, remove_device
+from vmctl.ops.rollback import Steps
+from vmctl.qmp import Monitor
+
+Kind = Literal["socket", "ringbuf"]
+SERIAL_CONTROLLER = "vmctl-vserial"
+_PORT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
+
+
+@attrs.frozen(kw_only=True)
+class Chardev:
+    id: str
+    kind: Kind
+    path: str | None = None  # the unix socket QEMU listens on (kind "socket")
+    size: int | None = None  # the ring buffer's size (kind "ringbuf")
+    port_name: str | None = None  # the virtio-serial port the guest sees, if any
+
+    @property
+    def port_id(self) -> str:
+        return f"{self.id}-port"
+
+
+def hotplug_chardev(
+    qmp: Monitor,
+    log: Any,
+    *,
+    chardev_id: str,
+    kind: Kind,
+    path: str | os.PathLike[str] | None = None,
+    size: int = 65536,
+    port_name: str | None = None,
+    timeout: float = 30.0,
+) -> Chardev:
+    chardev = _validated(chardev_id, kind, path, size, port_name)
+    backend: dict[str, Any]
+    if chardev.kind == "socket":
+        address = {"type": "unix", "data": {"path": chardev.path}}
+        backend = {"type": "socket", "data": {"addr": address, "server": True, "wait": False}}
+    else:
+        backend = {"type": "ringbuf", "data": {"size": chardev.size}}
+    bound = log.bind(chardev=chardev_id)
+    try:
+        with Steps(bound) as steps:
+            steps.run(
+                "chardev-add",
+                lambda: qmp.execute("chardev-add", {"id": chardev_id, "backend": backend}),
+                lambda _: qmp.execute("chardev-remove", {"id": chardev_id}),
+            )
+            if port_name is not None:
+                if not device_present(qmp, SERIAL_CONTROLLER):
+                    steps.run(
+                        "virtio-serial controller",
+                        lambda: qmp.execute(
+                            "device_add", {"driver": "virtio-serial-pci", "id": SERIAL_CONTROLLER}, timeout=timeout
+                        ),
+                        lambda _: remove_device(qmp, SERIAL_CONTROLLER, timeout),
+                    )
+                port = {
+                    "driver": "virtserialport",
+                    "id": chardev.port_id,
+                    "chardev": chardev_id,
+                    "name": port_name,
+                    "bus": f"{SERIAL_CONTROLLER}.0",
+                }
+                steps.run("virtserialport", lambda: qmp.execute("device_add", port, timeout=timeout))
+    except QMPError as exc:
+        raise HotplugError(
+            f"hotplug of chardev {chardev_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
+        ) from exc
+    bound.info("chardev.hotplugged", kind=kind, port=port_name)
+    return chardev
+
+
+def unplug_chardev(qmp: Monitor, log: Any, *, chardev: Chardev, timeout: float = 30.0) -> None:
+    """Remove the port (if any), then the chardev. Idempotent."""
+    if chardev.port_name is not None:
+        remove_device(qmp, chardev.port_id, timeout)
+    with contextlib.suppress(CommandError):  # already gone
+        qmp.execute("chardev-remove", {"id": chardev.id})
+    log.bind(chardev=chardev.id).info("chardev.unplugged")
+
+
+def _validated(
+    chardev_id: str, kind: Kind, path: str | os.PathLike[str] | None, size: int, port: str | None
+) -> Chardev:
+    if not isinstance(chardev_id, str) or not _ID.fullmatch(chardev_id):
+        raise InvalidArgument(f"chardev id {chardev_id!r} must start with a letter (letters, digits, _ . -)")
+    if port is not None and not _PORT_NAME.fullmatch(port):
+        raise InvalidArgument(f"chardev {chardev_id}: port name {port!r} is not valid")
+    if kind == "socket":
+        if path is None:
+            raise InvalidArgument(f"chardev {chardev_id}: a socket chardev needs a path")
+        text = os.fspath(path)
+        if len(os.fsencode(text)) >= 108:
+            raise InvalidArgument(f"chardev {chardev_id}: socket path too long for the kernel: {text}")
+        return Chardev(id=chardev_id, kind=kind, path=text, port_name=port)
+    if kind == "ringbuf":
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size & (size - 1):
+            raise InvalidArgument(f"chardev {chardev_id}: ringbuf size must be a power of two, not {size!r}")
+        return Chardev(id=chardev_id, kind=kind, size=size, port_name=port)
+    raise InvalidArgument(f"chardev {chardev_id}: kind must be socket or ringbuf, not {kind!r}")
