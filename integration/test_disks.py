@@ -131,3 +131,23 @@ def test_resize_and_throttle(vms: VMFactory, tmp_path: Path) -> None:
         vm.resize_disk("nope", 1024 * 1024)
     vm.unplug_disk("grow1")
     assert leftovers(vm, "grow1") == []
+
+
+def test_scsi_disk_hotplug(vms: VMFactory, tmp_path: Path) -> None:
+    vm = vms.launch()
+    image = make_image(tmp_path / "scsi.raw", "raw", "32M")
+    with GuestShell(vm) as shell:
+        vm.hotplug_disk(image, id="scsi1", format="raw", bus="scsi")
+        name = ""
+        for _ in range(100):
+            name = shell.run("ls /sys/block | grep ^sd").output.strip()
+            if name:
+                break
+            shell.run("sleep 0.1")
+        assert name == "sda"
+        shell.run("echo scsi-data | dd of=/dev/sda conv=sync,fsync 2>/dev/null", check=True)
+        vm.set_disk_throttle("scsi1", disk_ops.Throttle(iops=50))
+        vm.unplug_disk("scsi1")
+        assert shell.run("ls /sys/block | grep ^sd").output.strip() == ""
+    assert leftovers(vm, "scsi1") == []
+    assert image.read_bytes()[:10] == b"scsi-data\n"

@@ -57,7 +57,7 @@ def test_disks_nics_and_shell_render() -> None:
     assert blockdevs[1] == "driver=qcow2,node-name=root-fmt,file=root-file,read-only=off"
     assert blockdevs[3] == "driver=raw,node-name=data-fmt,file=data-file,read-only=on"
     devices = option(argv, "-device")
-    assert "virtio-blk-pci,drive=root-fmt,id=root" in devices
+    assert "virtio-blk-pci,drive=root-fmt,id=root,serial=root" in devices
     assert "virtio-net-pci,netdev=net0-net,id=net0,mac=52:54:00:12:34:56" in devices
     assert option(argv, "-netdev") == ["tap,id=net0-net,ifname=tap0,script=no,downscript=no", "user,id=net1-net"]
     assert option(argv, "-serial") == ["chardev:vmctl-console", "chardev:vmctl-shell"]
@@ -121,3 +121,10 @@ def test_spec_round_trips_through_a_dict() -> None:
     assert VMSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(SpecError):
         VMSpec.from_dict({"name": "vm1", "kernel": "/k", "bogus": 1})
+
+
+def test_scsi_disks_get_a_controller() -> None:
+    argv = render(disks=[DiskSpec(id="s0", path="/s0", bus="scsi")])
+    devices = option(argv, "-device")
+    assert devices[0] == "virtio-scsi-pci,id=vmctl-scsi"
+    assert devices[1] == "scsi-hd,drive=s0-fmt,id=s0,serial=s0,bus=vmctl-scsi.0"

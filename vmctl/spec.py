@@ -26,6 +26,8 @@ MONITOR_CHARDEV = "vmctl-qmp"
 BALLOON_DEVICE = "vmctl-balloon"
 
 DiskFormat = Literal["qcow2", "raw"]
+DiskBus = Literal["virtio-blk", "scsi"]
+SCSI_CONTROLLER = "vmctl-scsi"
 Accelerator = Literal["kvm", "tcg"]
 
 
@@ -65,11 +67,14 @@ class DiskSpec:
     path: str = attrs.field(converter=_path)
     format: DiskFormat = "qcow2"
     read_only: bool = False
+    bus: DiskBus = "virtio-blk"
 
     def __attrs_post_init__(self) -> None:
         _check_id("disk", self.id)
         if self.format not in ("qcow2", "raw"):
             raise SpecError(f"disk {self.id}: format must be qcow2 or raw, not {self.format!r}")
+        if self.bus not in ("virtio-blk", "scsi"):
+            raise SpecError(f"disk {self.id}: bus must be virtio-blk or scsi, not {self.bus!r}")
         if not self.path:
             raise SpecError(f"disk {self.id}: the image path is empty")
 
@@ -82,8 +87,15 @@ class DiskSpec:
             "-blockdev",
             f"driver={self.format},node-name={format_node},file={file_node},read-only={read_only}",
             "-device",
-            f"virtio-blk-pci,drive={format_node},id={self.id}",
+            self.device(),
         ]
+
+    def device(self) -> str:
+        """The ``-device`` value; the same properties as a hotplugged disk of this bus gets."""
+        _, format_node = disk_node_names(self.id)
+        if self.bus == "scsi":
+            return f"scsi-hd,drive={format_node},id={self.id},serial={self.id},bus={SCSI_CONTROLLER}.0"
+        return f"virtio-blk-pci,drive={format_node},id={self.id},serial={self.id}"
 
 
 @attrs.frozen(kw_only=True)
@@ -212,6 +224,8 @@ class VMSpec:
             argv.append("-no-shutdown")
         if self.balloon:
             argv += ["-device", f"virtio-balloon-pci,id={BALLOON_DEVICE}"]
+        if any(disk.bus == "scsi" for disk in self.disks):
+            argv += ["-device", f"virtio-scsi-pci,id={SCSI_CONTROLLER}"]
         for disk in self.disks:
             argv += disk.arguments()
         for nic in self.nics:

@@ -375,7 +375,8 @@ class VM:
         """Set (or, with ``Throttle()``, clear) a disk's I/O limits."""
         with self._ops_lock:
             self._require_disk(id)
-            disk_ops.set_throttle(self.qmp, disk_id=id, throttle=throttle)
+            bus = next(d.bus for d in self._inventory.disks if d.id == id)
+            disk_ops.set_throttle(self.qmp, disk_id=id, throttle=throttle, bus=bus)
             self._log.info("disk.throttled", disk=id, **throttle.arguments())
 
     def hotplug_chardev(

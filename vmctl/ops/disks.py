@@ -18,12 +18,12 @@ from vmctl.errors import (
     InvalidArgument,
     QMPError,
 )
-from vmctl.ops.devices import remove_device
+from vmctl.ops.devices import device_present, remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
-from vmctl.spec import DiskSpec, disk_node_names
+from vmctl.spec import SCSI_CONTROLLER, DiskBus, DiskSpec, disk_node_names
 
-Bus = Literal["virtio-blk"]
+Bus = DiskBus
 CacheMode = Literal["writeback", "none", "writethrough", "directsync", "unsafe"]
 Aio = Literal["threads", "native", "io_uring"]
 
@@ -71,12 +71,19 @@ class Disk:
     path: str
     format: str
     read_only: bool
+    bus: DiskBus
     file_node: str
     format_node: str
     fdset_id: int | None
 
     def spec(self) -> DiskSpec:
-        return DiskSpec(id=self.id, path=self.path, format=self.format, read_only=self.read_only)  # type: ignore[arg-type]
+        return DiskSpec(
+            id=self.id,
+            path=self.path,
+            format=self.format,  # type: ignore[arg-type]
+            read_only=self.read_only,
+            bus=self.bus,
+        )
 
 
 def hotplug_disk(
@@ -93,9 +100,7 @@ def hotplug_disk(
     throttle: Throttle | None = None,
     timeout: float = 30.0,
 ) -> Disk:
-    spec = DiskSpec(id=disk_id, path=path, format=format, read_only=read_only)  # type: ignore[arg-type]
-    if bus != "virtio-blk":
-        raise InvalidArgument(f"disk {disk_id}: bus {bus!r} is not supported (virtio-blk)")
+    spec = DiskSpec(id=disk_id, path=path, format=format, read_only=read_only, bus=bus)  # type: ignore[arg-type]
     if cache not in _CACHE:
         raise InvalidArgument(f"disk {disk_id}: cache must be one of {', '.join(_CACHE)}, not {cache!r}")
     if aio not in ("threads", "native", "io_uring"):
@@ -151,23 +156,30 @@ def hotplug_disk(
                 ),
                 lambda _: qmp.execute("blockdev-del", {"node-name": format_node}),
             )
+            device: dict[str, Any] = {
+                "driver": "virtio-blk-pci",
+                "id": disk_id,
+                "drive": format_node,
+                "serial": disk_id,
+                "write-cache": "on" if write_cache else "off",
+            }
+            if bus == "scsi":
+                device.update(driver="scsi-hd", bus=f"{SCSI_CONTROLLER}.0")
+                if not device_present(qmp, SCSI_CONTROLLER):
+                    steps.run(
+                        "virtio-scsi controller",
+                        lambda: qmp.execute(
+                            "device_add", {"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER}, timeout=timeout
+                        ),
+                        lambda _: remove_device(qmp, SCSI_CONTROLLER, timeout),
+                    )
             steps.run(
                 "device_add",
-                lambda: qmp.execute(
-                    "device_add",
-                    {
-                        "driver": "virtio-blk-pci",
-                        "id": disk_id,
-                        "drive": format_node,
-                        "serial": disk_id,
-                        "write-cache": "on" if write_cache else "off",
-                    },
-                    timeout=timeout,
-                ),
+                lambda: qmp.execute("device_add", device, timeout=timeout),
                 lambda _: remove_device(qmp, disk_id, timeout),
             )
             if throttle is not None:
-                steps.run("throttle", lambda: set_throttle(qmp, disk_id=disk_id, throttle=throttle))
+                steps.run("throttle", lambda: set_throttle(qmp, disk_id=disk_id, throttle=throttle, bus=bus))
     except QMPError as exc:
         raise HotplugError(
             f"hotplug of disk {disk_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
@@ -180,6 +192,7 @@ def hotplug_disk(
         path=spec.path,
         format=format,
         read_only=read_only,
+        bus=bus,
         file_node=file_node,
         format_node=format_node,
         fdset_id=fdset,
@@ -213,9 +226,10 @@ def unplug_disk(qmp: Monitor, log: Any, *, disk_id: str, timeout: float = 30.0) 
     bound.info("disk.unplugged")
 
 
-def set_throttle(qmp: Monitor, *, disk_id: str, throttle: Throttle) -> None:
-    # The block backend hangs off the virtio device inside the PCI proxy that carries the id.
-    device_path = f"/machine/peripheral/{disk_id}/virtio-backend"
+def set_throttle(qmp: Monitor, *, disk_id: str, throttle: Throttle, bus: DiskBus = "virtio-blk") -> None:
+    # A virtio-blk disk's block backend hangs off the virtio device inside the PCI proxy that
+    # carries the id; a SCSI disk holds it itself.
+    device_path = f"/machine/peripheral/{disk_id}" + ("/virtio-backend" if bus == "virtio-blk" else "")
     qmp.execute("block_set_io_throttle", {"id": device_path, **throttle.arguments()})
 
 
