@@ -75,7 +75,8 @@ test)
     ;;
 bench)
     setup
-    exec .venv/bin/python bench/qmp_throughput.py
+    .venv/bin/python bench/qmp_throughput.py
+    exec .venv/bin/python bench/hotplug.py
     ;;
 *)
     sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'

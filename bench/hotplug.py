@@ -1,0 +1,133 @@
+"""Disk hotplug + unplug end to end: vmctl against the same QMP commands by hand on a raw socket.
+
+    .venv/bin/python bench/hotplug.py [--rounds N]
+
+One booted test guest (TCG) with a second QMP monitor for the raw client; the two take turns,
+N rounds each. The raw client does the minimum: add-fd (SCM_RIGHTS), blockdev-add x2, device_add,
+then device_del, wait for DEVICE_DELETED, blockdev-del x2, remove-fd. vmctl adds its checks
+(duplicate id, device present, nodes and fdsets left) and keeps its state file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from vmctl import VM, VMSpec
+from vmctl.testing import READY_MARKER, TestGuest
+
+
+class RawQMP:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.reader = self.sock.makefile("rb")
+        self.reader.readline()
+        self.call("qmp_capabilities")
+
+    def call(self, command: str, arguments: dict[str, Any] | None = None, fds: list[int] | None = None) -> Any:
+        message: dict[str, Any] = {"execute": command, "id": command}
+        if arguments:
+            message["arguments"] = arguments
+        data = json.dumps(message).encode() + b"\n"
+        if fds:
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            self.sock.sendmsg([data], rights)
+        else:
+            self.sock.sendall(data)
+        while True:
+            reply = json.loads(self.reader.readline())
+            if reply.get("id") == command:
+                if "error" in reply:
+                    raise RuntimeError(f"{command}: {reply['error']}")
+                return reply["return"]
+
+    def wait_deleted(self, device: str) -> None:
+        while True:
+            message = json.loads(self.reader.readline())
+            if message.get("event") == "DEVICE_DELETED" and message.get("data", {}).get("device") == device:
+                return
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def raw_round(raw: RawQMP, image: str) -> float:
+    started = time.perf_counter()
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    fdset = raw.call("add-fd", {"opaque": "raw"}, fds=[fd])["fdset-id"]
+    os.close(fd)
+    raw.call("blockdev-add", {"driver": "file", "node-name": "r-file", "filename": f"/dev/fdset/{fdset}"})
+    raw.call("blockdev-add", {"driver": "qcow2", "node-name": "r-fmt", "file": "r-file"})
+    raw.call("device_add", {"driver": "virtio-blk-pci", "id": "r1", "drive": "r-fmt"})
+    raw.call("device_del", {"id": "r1"})
+    raw.wait_deleted("r1")
+    raw.call("blockdev-del", {"node-name": "r-fmt"})
+    raw.call("blockdev-del", {"node-name": "r-file"})
+    raw.call("remove-fd", {"fdset-id": fdset})
+    return time.perf_counter() - started
+
+
+def vmctl_round(vm: VM, image: str) -> float:
+    started = time.perf_counter()
+    vm.hotplug_disk(image, id="v1")
+    vm.unplug_disk("v1")
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    guest = TestGuest.ensure()
+    work = Path(tempfile.mkdtemp(prefix="vmctl-bench-"))
+    raw_socket = str(work / "raw.sock")
+    spec = VMSpec(
+        name="bench",
+        kernel=guest.kernel,
+        initrd=guest.initrd,
+        append=guest.append,
+        accel="tcg",
+        extra_args=("-chardev", f"socket,id=raw,path={raw_socket},server=on,wait=off", "-mon", "chardev=raw,mode=control"),
+    )
+    image = str(work / "disk.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "64M"], check=True)
+    vm = VM.launch(spec, run_dir=work / "vm")
+    try:
+        vm.console.wait_for(READY_MARKER, timeout=120)
+        raw = RawQMP(raw_socket)
+        vmctl_times, raw_times = [], []
+        for _ in range(args.rounds):
+            vmctl_times.append(vmctl_round(vm, image))
+            raw_times.append(raw_round(raw, image))
+        raw.close()
+    finally:
+        vm.kill()
+        vm.close()
+    vmctl_median, raw_median = statistics.median(vmctl_times), statistics.median(raw_times)
+    print(f"\ndisk hotplug + unplug end to end, {args.rounds} rounds each, one TCG test guest\n")
+    print(f"{'client':10} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
+    for name, times in (("vmctl", vmctl_times), ("raw QMP", raw_times)):
+        print(f"{name:10} {statistics.median(times) * 1000:10.1f} {min(times) * 1000:8.1f} {max(times) * 1000:8.1f}")
+    print(f"\nvmctl overhead over raw QMP: {(vmctl_median - raw_median) * 1000:+.1f} ms per round trip "
+          f"({vmctl_median / raw_median:.2f}x)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
