@@ -103,7 +103,12 @@ def main() -> int:
         initrd=guest.initrd,
         append=guest.append,
         accel="tcg",
-        extra_args=("-chardev", f"socket,id=raw,path={raw_socket},server=on,wait=off", "-mon", "chardev=raw,mode=control"),
+        extra_args=(
+            "-chardev",
+            f"socket,id=raw,path={raw_socket},server=on,wait=off",
+            "-mon",
+            "chardev=raw,mode=control",
+        ),
     )
     image = str(work / "disk.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "64M"], check=True)

@@ -6,6 +6,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,6 +144,60 @@ def vms(guest: TestGuest, tmp_path: Path) -> Iterator[VMFactory]:
         yield factory
     finally:
         factory.cleanup()
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A network namespace of this test's own (deleted afterwards)."""
+    name = f"{_RUN_DIR_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+class TwoHosts:
+    """Two network namespaces joined by a veth pair: two hosts with addresses a and b."""
+
+    a_address = "10.232.0.1"
+    b_address = "10.232.0.2"
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.a = f"{_RUN_DIR_MARK}a-{tag}"
+        self.b = f"{_RUN_DIR_MARK}b-{tag}"
+        self.a_link, self.b_link = f"va{tag}", f"vb{tag}"
+        for namespace in (self.a, self.b):
+            subprocess.run(["ip", "netns", "add", namespace], check=True)
+        commands = [
+            ["ip", "-n", self.a, "link", "add", self.a_link, "type", "veth",
+             "peer", "name", self.b_link, "netns", self.b],
+            ["ip", "-n", self.a, "addr", "add", f"{self.a_address}/24", "dev", self.a_link],
+            ["ip", "-n", self.b, "addr", "add", f"{self.b_address}/24", "dev", self.b_link],
+            ["ip", "-n", self.a, "link", "set", self.a_link, "up"],
+            ["ip", "-n", self.b, "link", "set", self.b_link, "up"],
+            ["ip", "-n", self.a, "link", "set", "lo", "up"],
+            ["ip", "-n", self.b, "link", "set", "lo", "up"],
+        ]  # fmt: skip
+        for command in commands:
+            subprocess.run(command, check=True)
+
+    def cut(self) -> None:
+        subprocess.run(["ip", "-n", self.a, "link", "set", self.a_link, "down"], check=True)
+
+    def remove(self) -> None:
+        for namespace in (self.a, self.b):
+            subprocess.run(["ip", "netns", "del", namespace], check=False)
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[TwoHosts]:
+    hosts = TwoHosts()
+    try:
+        yield hosts
+    finally:
+        hosts.remove()
 
 
 def _leftover_qemus() -> list[int]:

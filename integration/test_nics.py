@@ -5,10 +5,7 @@ The only hosts are the guest and that namespace (joined by the tap); no traffic 
 
 from __future__ import annotations
 
-import os
 import subprocess
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,16 +16,6 @@ from vmctl.testing import GuestShell
 
 HOST_ADDRESS = "10.231.7.1"
 GUEST_ADDRESS = "10.231.7.2"
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"vmctl-it-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def guest_interface(shell: GuestShell, mac: str) -> str | None:

@@ -15,9 +15,11 @@ from vmctl.errors import SpecError
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _DEVICE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 _MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
+_PCI_ADDR = re.compile(r"0x[0-9a-f]{1,2}\.[0-7]")
 
 QMP_SOCKET = "qmp.sock"
 SHELL_SOCKET = "shell.sock"
+MIGRATION_SOCKET = "migrate.sock"
 LOG_FILE = "qemu.log"
 PID_FILE = "qemu.pid"
 CONSOLE_CHARDEV = "vmctl-console"
@@ -29,6 +31,19 @@ DiskFormat = Literal["qcow2", "raw"]
 DiskBus = Literal["virtio-blk", "scsi"]
 SCSI_CONTROLLER = "vmctl-scsi"
 Accelerator = Literal["kvm", "tcg"]
+
+
+def _check_pci_addr(device_id: str, value: str | None) -> None:
+    if value is not None and not _PCI_ADDR.fullmatch(value):
+        raise SpecError(f"{device_id}: PCI address {value!r} is not of the form 0x5.0")
+
+
+def _addr(pci_addr: str | None) -> str:
+    return f",addr={pci_addr}" if pci_addr else ""
+
+
+def pci_addr_from_devfn(devfn: int) -> str:
+    return f"0x{devfn >> 3:x}.{devfn & 7}"
 
 
 def _check_id(kind: str, value: str) -> None:
@@ -68,9 +83,11 @@ class DiskSpec:
     format: DiskFormat = "qcow2"
     read_only: bool = False
     bus: DiskBus = "virtio-blk"
+    pci_addr: str | None = None  # pinned so that a migration target lays out its PCI bus alike
 
     def __attrs_post_init__(self) -> None:
         _check_id("disk", self.id)
+        _check_pci_addr(self.id, self.pci_addr)
         if self.format not in ("qcow2", "raw"):
             raise SpecError(f"disk {self.id}: format must be qcow2 or raw, not {self.format!r}")
         if self.bus not in ("virtio-blk", "scsi"):
@@ -95,7 +112,7 @@ class DiskSpec:
         _, format_node = disk_node_names(self.id)
         if self.bus == "scsi":
             return f"scsi-hd,drive={format_node},id={self.id},serial={self.id},bus={SCSI_CONTROLLER}.0"
-        return f"virtio-blk-pci,drive={format_node},id={self.id},serial={self.id}"
+        return f"virtio-blk-pci,drive={format_node},id={self.id},serial={self.id}" + _addr(self.pci_addr)
 
 
 @attrs.frozen(kw_only=True)
@@ -106,9 +123,11 @@ class NicSpec:
     mac: str | None = None
     model: str = "virtio-net-pci"
     tap: str | None = None
+    pci_addr: str | None = None
 
     def __attrs_post_init__(self) -> None:
         _check_id("nic", self.id)
+        _check_pci_addr(self.id, self.pci_addr)
         if self.mac is not None and not _MAC.fullmatch(self.mac):
             raise SpecError(f"nic {self.id}: MAC {self.mac!r} is not of the form 52:54:00:12:34:56")
         if self.tap is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", self.tap):
@@ -117,7 +136,7 @@ class NicSpec:
     def arguments(self) -> list[str]:
         netdev = f"{self.id}-net"
         backend = f"tap,id={netdev},ifname={self.tap},script=no,downscript=no" if self.tap else f"user,id={netdev}"
-        device = f"{self.model},netdev={netdev},id={self.id}"
+        device = f"{self.model},netdev={netdev},id={self.id}" + _addr(self.pci_addr)
         if self.mac:
             device += f",mac={self.mac}"
         return ["-netdev", backend, "-device", device]

@@ -25,6 +25,7 @@ from vmctl.errors import (
     CommandError,
     ConnectError,
     DeviceExists,
+    InvalidArgument,
     LaunchError,
     QMPError,
     StaleState,
@@ -37,11 +38,22 @@ from vmctl.ops import chardevs as chardev_ops
 from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import disks as disk_ops
 from vmctl.ops import memory as memory_ops
+from vmctl.ops import migration as migration_ops
 from vmctl.ops import nics as nic_ops
-from vmctl.ops.devices import device_present
+from vmctl.ops.devices import device_present, pci_address
 from vmctl.process import ExitStatus, QemuProcess
 from vmctl.qmp import Event, Monitor, connect
-from vmctl.spec import CONSOLE_CHARDEV, LOG_FILE, QMP_SOCKET, SHELL_SOCKET, Accelerator, DiskSpec, NicSpec, VMSpec
+from vmctl.spec import (
+    CONSOLE_CHARDEV,
+    LOG_FILE,
+    MIGRATION_SOCKET,
+    QMP_SOCKET,
+    SHELL_SOCKET,
+    Accelerator,
+    DiskSpec,
+    NicSpec,
+    VMSpec,
+)
 from vmctl.state import STATE_FILE, Inventory, VMState, read_state, write_state
 
 log = structlog.get_logger(__name__)
@@ -166,12 +178,16 @@ class VM:
         qemu_binary: str | None = None,
         timeout: float = 30.0,
         paused: bool = False,
+        incoming: bool = False,
+        netns: str | None = None,
+        inventory: Inventory | None = None,
     ) -> VM:
         """Start QEMU for ``spec`` with its monitor, log, pidfile and state file in ``run_dir``.
 
         QEMU starts with ``-S``; once the monitor is connected and vmctl listens for its events,
         the guest is started (unless ``paused``). A QEMU that fails to start raises ``LaunchError``
-        with QEMU's own message.
+        with QEMU's own message. ``incoming`` waits for a migration (see ``launch_incoming``);
+        ``netns`` runs QEMU in that network namespace (``ip netns exec``), as on another host.
         """
         directory = Path(run_dir).resolve()
         directory.mkdir(parents=True, exist_ok=True)
@@ -184,6 +200,10 @@ class VM:
                 (directory / leftover).unlink()
         accel = spec.accel or default_accelerator()
         argv = spec.command_line(qemu_binary=binary, run_dir=directory, accel=accel)
+        if incoming:
+            argv += ["-incoming", "defer"]
+        if netns is not None:
+            argv = ["ip", "netns", "exec", netns, *argv]
         log_path = directory / LOG_FILE
         log_path.write_bytes(b"")
         deadline = time.monotonic() + timeout
@@ -204,7 +224,7 @@ class VM:
                 start_time=process.start_time,
                 qmp_socket=str(socket_path),
                 spec=spec,
-                inventory=Inventory(disks=spec.disks, nics=spec.nics),
+                inventory=inventory or Inventory(disks=spec.disks, nics=spec.nics),
             )
             vm = cls(run_dir=directory, state=state, process=process, qmp=qmp)
         except BaseException:
@@ -213,8 +233,9 @@ class VM:
             process.close()
             raise
         try:
+            vm._pin_pci_addresses()
             vm._save_state()
-            if not paused:
+            if not paused and not incoming:
                 vm.qmp.execute("cont")
         except BaseException:
             vm.kill()
@@ -222,6 +243,29 @@ class VM:
             raise
         bound.info("vm.launched", pid=process.pid, accel=accel, run_dir=str(directory))
         return vm
+
+    @classmethod
+    def launch_incoming(
+        cls,
+        spec: VMSpec,
+        *,
+        run_dir: str | os.PathLike[str],
+        netns: str | None = None,
+        inventory: Inventory | None = None,
+        qemu_binary: str | None = None,
+        timeout: float = 30.0,
+    ) -> VM:
+        """Start QEMU waiting for an incoming migration (``-incoming defer``); ``vm.migrate(this)``
+        then tells it where to listen. Build ``spec`` with ``source.migration_target_spec()``."""
+        return cls.launch(
+            spec,
+            run_dir=run_dir,
+            qemu_binary=qemu_binary,
+            timeout=timeout,
+            incoming=True,
+            netns=netns,
+            inventory=inventory,
+        )
 
     @classmethod
     def attach(cls, run_dir: str | os.PathLike[str], *, timeout: float = 10.0) -> VM:
@@ -261,6 +305,17 @@ class VM:
     @property
     def inventory(self) -> Inventory:
         return self._inventory
+
+    def _pin_pci_addresses(self) -> None:
+        """Record where QEMU put the spec's PCI devices, so a migration target can match it."""
+        disks = tuple(
+            d if d.pci_addr or d.bus != "virtio-blk" else attrs.evolve(d, pci_addr=pci_address(self.qmp, d.id))
+            for d in self._inventory.disks
+        )
+        nics = tuple(
+            n if n.pci_addr else attrs.evolve(n, pci_addr=pci_address(self.qmp, n.id)) for n in self._inventory.nics
+        )
+        self._inventory = attrs.evolve(self._inventory, disks=disks, nics=nics)
 
     def _save_state(self) -> None:
         write_state(
@@ -321,7 +376,8 @@ class VM:
                 throttle=throttle,
                 timeout=timeout,
             )
-            self._inventory = attrs.evolve(self._inventory, disks=(*self._inventory.disks, disk.spec()))
+            pinned = attrs.evolve(disk.spec(), pci_addr=pci_address(self.qmp, id) if bus == "virtio-blk" else None)
+            self._inventory = attrs.evolve(self._inventory, disks=(*self._inventory.disks, pinned))
             self._save_state()
             return disk
 
@@ -353,7 +409,8 @@ class VM:
             nic = nic_ops.hotplug_nic(
                 self.qmp, self._log, nic_id=id, tap=tap, mac=mac, model=model, queues=queues, timeout=timeout
             )
-            self._inventory = attrs.evolve(self._inventory, nics=(*self._inventory.nics, nic.spec()))
+            pinned_nic = attrs.evolve(nic.spec(), pci_addr=pci_address(self.qmp, id))
+            self._inventory = attrs.evolve(self._inventory, nics=(*self._inventory.nics, pinned_nic))
             self._save_state()
             return nic
 
@@ -465,6 +522,125 @@ class VM:
     def set_balloon(self, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int:
         """Inflate or deflate the balloon to leave the guest ``target_bytes``; waits for the guest by default."""
         return balloon_ops.set_balloon(self.qmp, self._log, target_bytes, wait=wait, timeout=timeout)
+
+    # -- migration ----------------------------------------------------------------------------
+
+    def migration_target_spec(self, *, name: str | None = None) -> VMSpec:
+        """A spec for a migration target with this VM's devices as they are now, hotplugged ones
+        included, at the same PCI addresses and memory slots. NIC backends are the target's own
+        (user networking unless the caller sets taps)."""
+        inventory = self._inventory
+        if inventory.chardevs:
+            raise InvalidArgument(f"{self.name}: migrating hotplugged chardevs is not supported yet")
+        if any(d.bus == "scsi" for d in inventory.disks) and not any(d.bus == "scsi" for d in self.spec.disks):
+            raise InvalidArgument(f"{self.name}: migrating SCSI disks hotplugged at run time is not supported yet")
+        extra = list(self.spec.extra_args)
+        for memory in inventory.memory:
+            backend = memory_ops.backend_id(memory.id)
+            dimm = f"pc-dimm,id={memory.id},memdev={backend}"
+            dimm += f",slot={memory.slot}" if memory.slot is not None else ""
+            dimm += f",addr={memory.addr}" if memory.addr is not None else ""
+            extra += ["-object", f"memory-backend-ram,id={backend},size={memory.size_mib}M", "-device", dimm]
+        for slot in cpu_ops.cpu_slots(self.qmp):
+            if slot.hotplugged_by_us:
+                props = ",".join(f"{key}={value}" for key, value in slot.props.items())
+                extra += ["-device", f"{slot.type},id={slot.device_id},{props}"]
+        return attrs.evolve(
+            self.spec,
+            name=name or self.spec.name,
+            disks=inventory.disks,
+            nics=tuple(attrs.evolve(n, tap=None) for n in inventory.nics),
+            extra_args=tuple(extra),
+        )
+
+    def migrate(
+        self,
+        target: VM | str,
+        *,
+        listen: tuple[str, int] | None = None,
+        postcopy: bool = False,
+        auto_converge: bool = False,
+        bandwidth: int | None = None,
+        downtime_limit: int | None = None,
+        pause_before_switchover: bool = False,
+        multifd_channels: int | None = None,
+        resume_target: bool = True,
+        stop_source: bool = True,
+    ) -> migration_ops.Migration:
+        """Start migrating to ``target``: a VM from ``launch_incoming`` (it listens on a unix
+        socket in its run dir, or on ``listen`` = (host, port) over TCP) or a migration URI.
+
+        Capabilities (``events`` always) and parameters are set on both sides and restored on
+        the source if the migration fails. On success the target is resumed and this source
+        quits (unless told otherwise)."""
+        options = migration_ops.MigrationOptions(
+            postcopy=postcopy,
+            auto_converge=auto_converge,
+            bandwidth=bandwidth,
+            downtime_limit=downtime_limit,
+            pause_before_switchover=pause_before_switchover,
+            multifd_channels=multifd_channels,
+        )
+        target_events = None
+        if isinstance(target, VM):
+            uri = f"tcp:{listen[0]}:{listen[1]}" if listen else f"unix:{target.run_dir / MIGRATION_SOCKET}"
+            migration_ops.set_capabilities(target.qmp, options.capabilities(source=False))
+            migration_ops.set_parameters(target.qmp, options.parameters(source=False))
+            target_events = target.qmp.events("MIGRATION")
+            try:
+                target.qmp.execute("migrate-incoming", {"uri": uri})
+            except BaseException:
+                target_events.close()
+                raise
+        elif isinstance(target, str) and target:
+            uri = target
+        else:
+            raise InvalidArgument(f"migrate to a VM launched for incoming or a URI, not {target!r}")
+        previous_caps = migration_ops.set_capabilities(self.qmp, options.capabilities(source=True))
+        previous_params = migration_ops.set_parameters(self.qmp, options.parameters(source=True))
+
+        def restore() -> None:
+            migration_ops.set_capabilities(self.qmp, previous_caps)
+            migration_ops.set_parameters(self.qmp, previous_params)
+
+        events = self.qmp.events("MIGRATION")
+        try:
+            self.qmp.execute("migrate", {"uri": uri})
+        except BaseException:
+            events.close()
+            if target_events is not None:
+                target_events.close()
+            restore()
+            raise
+        self._log.info("vm.migration_started", uri=uri, postcopy=postcopy)
+        return migration_ops.Migration(
+            source=self,
+            target=target if isinstance(target, VM) else None,
+            uri=uri,
+            options=options,
+            source_events=events,
+            target_events=target_events,
+            restore=restore,
+            resume_target=resume_target,
+            stop_source=stop_source,
+        )
+
+    def adopt_inventory(self, inventory: Inventory) -> None:
+        """Take over the device inventory of the VM this one was migrated from."""
+        with self._ops_lock:
+            self._inventory = inventory
+            self._save_state()
+
+    def finish_migrated_source(self, *, timeout: float = 10.0) -> None:
+        """The guest runs elsewhere now: quit this QEMU (an expected exit)."""
+        self._expected_exit = True
+        with contextlib.suppress(QMPError):
+            self.qmp.execute("quit", timeout=timeout)
+        if self.process.wait(timeout) is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout)
+        self._exited.wait(1.0)
+        self._log.info("vm.migrated_away")
 
     # -- lifecycle ----------------------------------------------------------------------------
 

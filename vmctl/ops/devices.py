@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from vmctl.errors import CommandError, DeviceNotFound, EventTimeout, HotplugError
 from vmctl.qmp import Monitor
+from vmctl.spec import pci_addr_from_devfn
 
 
 def device_present(qmp: Monitor, device_id: str) -> bool:
@@ -32,3 +33,9 @@ def remove_device(qmp: Monitor, device_id: str, timeout: float) -> None:
                     f"the guest did not release device {device_id} within {timeout:g}s",
                     remaining=(f"device {device_id}",),
                 ) from None
+
+
+def pci_address(qmp: Monitor, device_id: str) -> str:
+    """The slot.function a PCI device got, as ``-device ...,addr=`` takes it."""
+    devfn = qmp.execute("qom-get", {"path": f"/machine/peripheral/{device_id}", "property": "addr"})
+    return pci_addr_from_devfn(int(devfn))

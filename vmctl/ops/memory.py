@@ -20,6 +20,8 @@ class MemorySpec:
 
     id: str
     size_mib: int
+    slot: int | None = None  # where QEMU put it: a migration target must put it there too
+    addr: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -71,8 +73,14 @@ def hotplug_memory(qmp: Monitor, log: Any, *, memory_id: str, size_mib: int, tim
         raise HotplugError(
             f"hotplug of memory {memory_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
         ) from exc
+    placed = next((d for d in memory_devices(qmp) if d.id == memory_id), None)
     bound.info("memory.hotplugged", size_mib=size_mib)
-    return MemorySpec(id=memory_id, size_mib=size_mib)
+    return MemorySpec(
+        id=memory_id,
+        size_mib=size_mib,
+        slot=placed.slot if placed else None,
+        addr=placed.address if placed else None,
+    )
 
 
 def unplug_memory(qmp: Monitor, log: Any, *, memory_id: str, timeout: float = 30.0) -> None:

@@ -1,0 +1,172 @@
+"""Live migration of the test guest: memory and disk data survive, failures leave the source running."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from integration.conftest import TwoHosts, VMFactory
+from vmctl import VM, RunState
+from vmctl.errors import AbnormalExit
+from vmctl.ops.migration import MigrationError
+from vmctl.testing import GuestShell
+
+MIB = 1024 * 1024
+SLOW = 4 * MIB  # bytes/s: a 256 MiB guest then needs about a minute, time enough to interfere
+
+
+def write_pattern(vm: VM) -> None:
+    """Random bytes in a tmpfs file (guest RAM) and their checksum."""
+    with GuestShell(vm) as shell:
+        shell.run("head -c 16000000 /dev/urandom > /tmp/pattern && sha256sum /tmp/pattern > /tmp/sum", check=True)
+
+
+def pattern_intact(vm: VM) -> bool:
+    with GuestShell(vm) as shell:
+        return shell.run("sha256sum -c /tmp/sum").output.strip() == "/tmp/pattern: OK"
+
+
+def incoming(vms: VMFactory, source: VM, name: str, **kwargs: object) -> VM:
+    target = VM.launch_incoming(
+        source.migration_target_spec(name=name),
+        run_dir=vms.run_dir(name),
+        inventory=source.inventory,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    vms.vms.append(target)
+    return target
+
+
+def test_precopy_keeps_memory_and_hotplugged_devices(vms: VMFactory, tmp_path: Path) -> None:
+    source = vms.launch(vms.spec("src", cpus=1, max_cpus=2, memory_mib=256, max_memory_mib=768, memory_slots=2))
+    image = tmp_path / "data.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M"], check=True)
+    source.hotplug_disk(image, id="data1")
+    source.hotplug_memory(128, id="dimm1")
+    source.hotplug_cpus(1)
+    with GuestShell(source) as shell:
+        for _ in range(50):
+            if shell.run("grep -qx data1 /sys/block/vda/serial").ok:
+                break
+            shell.run("sleep 0.1")
+        shell.run("echo before-migration | dd of=/dev/vda conv=sync,fsync 2>/dev/null", check=True)
+    write_pattern(source)
+    target = incoming(vms, source, "dst")
+    result = source.migrate(target, downtime_limit=300).wait(120)
+    assert result.status == "completed" and result.transferred > 0 and result.total_time_ms > 0
+    assert source.has_exited and source.wait(1).code == 0  # quit after handing over, not a crash
+    assert target.status().run_state is RunState.RUNNING
+    assert pattern_intact(target)
+    assert [d.id for d in target.disks()] == ["data1"]
+    assert [m.id for m in target.inventory.memory] == ["dimm1"]
+    with GuestShell(target) as shell:
+        assert shell.run("dd if=/dev/vda bs=17 count=1 2>/dev/null").output == "before-migration\n"
+        shell.run("echo after-migration | dd of=/dev/vda bs=512 seek=1 conv=sync,fsync 2>/dev/null", check=True)
+        assert "MemTotal" in shell.run("grep MemTotal /proc/meminfo").output
+    target.unplug_disk("data1")
+    assert target.qmp.execute("query-fdsets") == [] or all(
+        fd.get("opaque") != "vmctl:disk:data1" for s in target.qmp.execute("query-fdsets") for fd in s["fds"]
+    )
+
+
+def test_precopy_over_tcp_between_two_hosts(vms: VMFactory, two_hosts: TwoHosts) -> None:
+    source = vms.launch(vms.spec("src"), netns=two_hosts.a)
+    write_pattern(source)
+    target = incoming(vms, source, "dst", netns=two_hosts.b)
+    migration = source.migrate(target, listen=(two_hosts.b_address, 4444))
+    assert migration.uri == f"tcp:{two_hosts.b_address}:4444"
+    migration.wait(120)
+    assert pattern_intact(target)
+
+
+def test_postcopy(vms: VMFactory) -> None:
+    source = vms.launch(vms.spec("src"))
+    write_pattern(source)
+    target = incoming(vms, source, "dst")
+    migration = source.migrate(target, postcopy=True, bandwidth=SLOW)
+    migration.wait_for_status("active", timeout=30)
+    migration.start_postcopy()
+    result = migration.wait(120)
+    assert result.postcopy
+    assert pattern_intact(target)
+
+
+def test_pause_before_switchover(vms: VMFactory) -> None:
+    source = vms.launch(vms.spec("src"))
+    target = incoming(vms, source, "dst")
+    migration = source.migrate(target, pause_before_switchover=True)
+    migration.wait_for_status("pre-switchover", timeout=60)
+    assert source.status().run_state is RunState.FINISH_MIGRATE  # stopped, devices not yet handed over
+    migration.continue_()
+    assert migration.wait(60).status == "completed"
+    assert target.status().running
+
+
+def test_cancel_leaves_the_source_running(vms: VMFactory) -> None:
+    source = vms.launch(vms.spec("src"))
+    write_pattern(source)
+    target = incoming(vms, source, "dst")
+    migration = source.migrate(target, bandwidth=SLOW)
+    migration.wait_for_status("active", timeout=30)
+    migration.cancel()
+    assert migration.status == "cancelled"
+    assert source.status().running and pattern_intact(source)
+    caps = {c["capability"]: c["state"] for c in source.qmp.execute("query-migrate-capabilities")}
+    assert caps["events"] is False  # restored
+    assert source.qmp.execute("query-migrate-parameters")["max-bandwidth"] != SLOW
+
+
+def test_destination_killed_midway(vms: VMFactory) -> None:
+    source = vms.launch(vms.spec("src"))
+    target = incoming(vms, source, "dst")
+    migration = source.migrate(target, bandwidth=SLOW)
+    migration.wait_for_status("active", timeout=30)
+    target.kill()
+    with pytest.raises(MigrationError) as info:
+        migration.wait(60)
+    assert info.value.status == "failed"
+    assert source.status().running and not source.has_exited
+
+
+def test_link_cut_midway_fails_in_bounded_time(vms: VMFactory, two_hosts: TwoHosts) -> None:
+    source = vms.launch(vms.spec("src"), netns=two_hosts.a)
+    target = incoming(vms, source, "dst", netns=two_hosts.b)
+    crashes: list[AbnormalExit] = []
+    target.on_crash(crashes.append)
+    migration = source.migrate(target, listen=(two_hosts.b_address, 4445), bandwidth=SLOW)
+    migration.wait_for_status("active", timeout=30)
+    two_hosts.cut()
+    started = time.monotonic()
+    with pytest.raises(MigrationError, match="no progress"):
+        migration.wait(60, stall_timeout=3)
+    assert time.monotonic() - started < 15
+    assert source.status().running
+
+
+def test_ten_migrations_back_and_forth(vms: VMFactory) -> None:
+    vm = vms.launch(vms.spec("hop0"))
+    write_pattern(vm)
+    for hop in range(1, 11):
+        target = incoming(vms, vm, f"hop{hop}")
+        vm.migrate(target).wait(120)
+        vm = target
+    assert pattern_intact(vm)
+    assert vm.status().running
+
+
+def test_progress_reports_while_running(vms: VMFactory) -> None:
+    source = vms.launch(vms.spec("src"))
+    target = incoming(vms, source, "dst")
+    seen = []
+    lock = threading.Lock()
+
+    def on_progress(progress: object) -> None:
+        with lock:
+            seen.append(progress)
+
+    source.migrate(target, bandwidth=64 * MIB).wait(120, on_progress=on_progress, progress_interval=0.2)
+    assert seen and seen[-1].total > 0  # type: ignore[attr-defined]

@@ -1,0 +1,294 @@
+"""Live migration: capabilities and parameters on both sides, precopy or postcopy, followed
+through MIGRATION events, with cancel, pause-before-switchover and a stall watchdog."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from vmctl.errors import EventTimeout, InvalidArgument, QMPError, VmctlError, WaitTimeout
+from vmctl.qmp import Monitor, Subscription
+
+if TYPE_CHECKING:
+    from vmctl.vm import VM
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+class MigrationError(VmctlError):
+    """The migration failed or was cancelled; the source keeps running with its devices and data."""
+
+    def __init__(self, message: str, *, status: str, error_desc: str = "") -> None:
+        super().__init__(f"{message}: {error_desc}" if error_desc else message)
+        self.status = status
+        self.error_desc = error_desc
+
+
+@attrs.frozen(kw_only=True)
+class MigrationOptions:
+    postcopy: bool = False
+    auto_converge: bool = False
+    bandwidth: int | None = None  # bytes per second
+    downtime_limit: int | None = None  # milliseconds
+    pause_before_switchover: bool = False
+    multifd_channels: int | None = None
+    xbzrle: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("bandwidth", "downtime_limit", "multifd_channels"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise InvalidArgument(f"{name} must be a positive whole number, not {value!r}")
+        if self.postcopy and self.multifd_channels:
+            raise InvalidArgument("postcopy and multifd cannot be combined in this QEMU")
+
+    def capabilities(self, *, source: bool) -> dict[str, bool]:
+        caps = {"events": True, "postcopy-ram": self.postcopy, "multifd": bool(self.multifd_channels)}
+        if source:
+            caps.update(
+                {
+                    "auto-converge": self.auto_converge,
+                    "pause-before-switchover": self.pause_before_switchover,
+                    "xbzrle": self.xbzrle,
+                }
+            )
+        return caps
+
+    def parameters(self, *, source: bool) -> dict[str, int]:
+        params: dict[str, int] = {}
+        if self.multifd_channels:
+            params["multifd-channels"] = self.multifd_channels
+        if source and self.bandwidth is not None:
+            params["max-bandwidth"] = self.bandwidth
+        if source and self.downtime_limit is not None:
+            params["downtime-limit"] = self.downtime_limit
+        return params
+
+
+@attrs.frozen(kw_only=True)
+class MigrationProgress:
+    """A snapshot of ``query-migrate`` on the source."""
+
+    status: str
+    total_time_ms: int
+    transferred: int
+    remaining: int
+    total: int
+    dirty_rate: int  # bytes per second being dirtied
+    mbps: float
+    passes: int
+
+    @classmethod
+    def from_qmp(cls, info: Mapping[str, Any]) -> MigrationProgress:
+        ram = info.get("ram", {})
+        return cls(
+            status=str(info.get("status", "none")),
+            total_time_ms=int(info.get("total-time", 0)),
+            transferred=int(ram.get("transferred", 0)),
+            remaining=int(ram.get("remaining", 0)),
+            total=int(ram.get("total", 0)),
+            dirty_rate=int(ram.get("dirty-pages-rate", 0)) * int(ram.get("page-size", 4096)),
+            mbps=float(ram.get("mbps", 0.0)),
+            passes=int(ram.get("dirty-sync-count", 0)),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class MigrationResult:
+    status: str
+    total_time_ms: int
+    downtime_ms: int
+    setup_time_ms: int
+    transferred: int
+    postcopy: bool
+
+    @classmethod
+    def from_qmp(cls, info: Mapping[str, Any], *, postcopy: bool) -> MigrationResult:
+        return cls(
+            status=str(info.get("status")),
+            total_time_ms=int(info.get("total-time", 0)),
+            downtime_ms=int(info.get("downtime", 0)),
+            setup_time_ms=int(info.get("setup-time", 0)),
+            transferred=int(info.get("ram", {}).get("transferred", 0)),
+            postcopy=postcopy,
+        )
+
+
+def set_capabilities(qmp: Monitor, wanted: Mapping[str, bool]) -> dict[str, bool]:
+    """Set the capabilities this QEMU knows; returns the previous states, for restoring."""
+    current = {c["capability"]: bool(c["state"]) for c in qmp.execute("query-migrate-capabilities")}
+    unknown = [name for name, on in wanted.items() if on and name not in current]
+    if unknown:
+        raise InvalidArgument(f"this QEMU does not support migration capabilities: {', '.join(unknown)}")
+    changes = [{"capability": name, "state": on} for name, on in wanted.items() if name in current]
+    qmp.execute("migrate-set-capabilities", {"capabilities": changes})
+    return {name: current[name] for name in wanted if name in current}
+
+
+def set_parameters(qmp: Monitor, wanted: Mapping[str, int]) -> dict[str, Any]:
+    if not wanted:
+        return {}
+    current = qmp.execute("query-migrate-parameters")
+    qmp.execute("migrate-set-parameters", dict(wanted))
+    return {name: current[name] for name in wanted if name in current}
+
+
+class Migration:
+    """A migration under way. ``wait`` follows it through QEMU's MIGRATION events."""
+
+    def __init__(
+        self,
+        *,
+        source: VM,
+        target: VM | None,
+        uri: str,
+        options: MigrationOptions,
+        source_events: Subscription,
+        target_events: Subscription | None,
+        restore: Callable[[], None],
+        resume_target: bool,
+        stop_source: bool,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.uri = uri
+        self.options = options
+        self._events = source_events
+        self._target_events = target_events
+        self._restore = restore
+        self._resume_target = resume_target
+        self._stop_source = stop_source
+        self._status = "setup"
+        self._result: MigrationResult | None = None
+        self._postcopy_started = False
+        self.started = time.monotonic()
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    def progress(self) -> MigrationProgress:
+        return MigrationProgress.from_qmp(self.source.qmp.execute("query-migrate"))
+
+    def start_postcopy(self) -> None:
+        if not self.options.postcopy:
+            raise InvalidArgument("this migration was not started with postcopy=True")
+        self.source.qmp.execute("migrate-start-postcopy")
+        self._postcopy_started = True
+
+    def continue_(self) -> None:
+        """Let a migration paused before switchover (``pause_before_switchover=True``) finish."""
+        self.source.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+
+    def cancel(self, *, timeout: float = 30.0) -> None:
+        """Stop the migration; the source goes on running."""
+        if self._status in TERMINAL:
+            return
+        self.source.qmp.execute("migrate_cancel")
+        try:
+            self.wait(timeout)
+        except MigrationError as exc:
+            if exc.status != "cancelled":
+                raise
+
+    def wait_for_status(self, status: str, *, timeout: float) -> None:
+        """Wait until the migration reaches ``status`` (e.g. ``pre-switchover``, ``postcopy-active``)."""
+        deadline = time.monotonic() + timeout
+        while self._status != status:
+            if self._status in TERMINAL:
+                raise MigrationError(
+                    f"the migration ended ({self._status}) before reaching {status}", status=self._status
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(f"the migration did not reach {status} within {timeout:g}s (it is {self._status})")
+            try:
+                self._status = str(self._events.get(remaining).data.get("status"))
+            except EventTimeout:
+                continue
+
+    def wait(
+        self,
+        timeout: float,
+        *,
+        stall_timeout: float = 30.0,
+        on_progress: Callable[[MigrationProgress], Any] | None = None,
+        progress_interval: float = 0.5,
+    ) -> MigrationResult:
+        """Wait for the end. Returns the figures on success; ``MigrationError`` (with QEMU's
+        error-desc) on failure or cancel. If no byte moves for ``stall_timeout`` seconds (a cut
+        link), the migration is cancelled and fails. ``WaitTimeout`` if still running at ``timeout``."""
+        if self._result is not None:
+            return self._result
+        deadline = time.monotonic() + timeout
+        last_transferred, last_moved = -1, time.monotonic()
+        while self._status not in TERMINAL:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(f"the migration is still {self._status} after {timeout:g}s")
+            try:
+                self._status = str(self._events.get(min(remaining, progress_interval)).data.get("status"))
+                continue
+            except EventTimeout:
+                pass
+            snapshot = self.progress()
+            if on_progress is not None:
+                on_progress(snapshot)
+            if snapshot.status in TERMINAL:
+                self._status = snapshot.status  # the event is on its way; the state is already known
+            elif snapshot.transferred != last_transferred:
+                last_transferred, last_moved = snapshot.transferred, time.monotonic()
+            elif time.monotonic() - last_moved > stall_timeout and snapshot.status != "pre-switchover":
+                self.source.qmp.execute("migrate_cancel")
+                self._end("cancelled")
+                raise MigrationError(
+                    f"the migration made no progress for {stall_timeout:g}s and was cancelled (is the link down?)",
+                    status="cancelled",
+                )
+        return self._finish()
+
+    def _finish(self) -> MigrationResult:
+        info = self.source.qmp.execute("query-migrate")
+        if self._status != "completed":
+            self._end(self._status)
+            raise MigrationError(
+                f"the migration {self._status}", status=self._status, error_desc=str(info.get("error-desc", ""))
+            )
+        self._result = MigrationResult.from_qmp(info, postcopy=self._postcopy_started)
+        self._events.close()
+        target = self.target
+        if target is not None:
+            if self._target_events is not None:
+                self._wait_target_completed(self._target_events)
+            target.adopt_inventory(self.source.inventory)
+            if self._resume_target:
+                target.qmp.execute("cont")
+        if self._stop_source:
+            self.source.finish_migrated_source()
+        return self._result
+
+    def _wait_target_completed(self, events: Subscription) -> None:
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                status = events.get(max(0.0, deadline - time.monotonic())).data.get("status")
+                if status in TERMINAL:
+                    if status != "completed":
+                        raise MigrationError(f"the target's incoming migration {status}", status=str(status))
+                    return
+        except EventTimeout:
+            raise MigrationError("the target never reported the incoming migration complete", status="failed") from None
+        finally:
+            events.close()
+
+    def _end(self, status: str) -> None:
+        self._status = status
+        self._events.close()
+        if self._target_events is not None:
+            self._target_events.close()
+        with contextlib.suppress(QMPError):  # the source monitor may be gone too: nothing to restore
+            self._restore()
