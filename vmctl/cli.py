@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmctl", description="Run QEMU virtual machines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show vmctl's own log lines")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="boot two tiny guests: hotplug, events, and (soon) migration")
+    demo = commands.add_parser("demo", help="boot two tiny guests: hotplug, events, live migration")
     demo.add_argument("--cache-dir", type=Path, default=None, help="where the test guest is built and kept")
     qmp = commands.add_parser("qmp", help="an interactive QMP shell, or one command")
     qmp.add_argument("socket", help="the QMP unix socket (a VM's run_dir/qmp.sock)")

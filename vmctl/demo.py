@@ -1,4 +1,5 @@
-"""``vmctl demo``: boot two tiny guests and drive them, printing every step and every QMP event."""
+"""``vmctl demo``: boot two tiny guests and drive them (hotplug, reset, live migration, shutdown),
+printing every step and every QMP event."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from vmctl.errors import VmctlError
+from vmctl.ops.migration import MigrationProgress
 from vmctl.qmp import Event
 from vmctl.spec import VMSpec
 from vmctl.testing import READY_MARKER, GuestShell, TestGuest
@@ -66,6 +68,7 @@ def run_demo(out: TextIO, *, cache_dir: Path | None = None) -> int:
                 printer.say(f"    {vm.name}: guest is up ({vm.status().run_state.value})")
         first, second = vms
         _disk_round_trip(printer, first, work)
+        vms[0] = _migrate(printer, first, work)
         with printer.step("pause, resume and a host reset of demo-b (an expected reset)"):
             second.pause()
             printer.say(f"    demo-b is {second.status().run_state.value}")
@@ -120,6 +123,56 @@ def _disk_round_trip(printer: _Printer, vm: VM, work: Path) -> None:
     with open(raw, "rb") as data:
         printer.say(f"    the host reads the image: {data.read(21).decode(errors='replace')!r}")
     os.unlink(raw)
+
+
+def _migrate(printer: _Printer, source: VM, work: Path) -> VM:
+    image = work / "carried.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    with printer.step(f"preparing {source.name} for migration: a hotplugged disk with data, 16 MB of data in RAM"):
+        source.hotplug_disk(image, id="carried1")
+        with GuestShell(source) as shell:
+            for _ in range(100):
+                if shell.run("grep -qx carried1 /sys/block/*/serial 2>/dev/null").ok:
+                    break
+            device = "$(grep -lx carried1 /sys/block/*/serial | cut -d/ -f4)"
+            shell.run(f"echo 'written before migration' | dd of=/dev/{device} conv=sync,fsync 2>/dev/null", check=True)
+            shell.run("head -c 16000000 /dev/urandom > /tmp/pattern && sha256sum /tmp/pattern > /tmp/sum", check=True)
+    with printer.step(f"live-migrating {source.name} to a new QEMU (unix socket, 64 MiB/s cap to watch it go)"):
+        target = VM.launch_incoming(
+            source.migration_target_spec(name=f"{source.name}-migrated"),
+            run_dir=work / f"{source.name}-migrated",
+            inventory=source.inventory,
+        )
+        target.qmp.on_event(_event_printer(printer, target.name))
+        try:
+            migration = source.migrate(target, bandwidth=64 * 1024 * 1024)
+            result = migration.wait(300, on_progress=lambda p: printer.say("    " + _bar(p)), progress_interval=0.4)
+        except BaseException:
+            target.kill()
+            target.close()
+            raise
+        printer.say(
+            f"    completed: {result.total_time_ms} ms total, {result.downtime_ms} ms downtime, "
+            f"{result.transferred / 1e6:.0f} MB sent; {source.name} quit, {target.name} is "
+            f"{target.status().run_state.value}"
+        )
+    source.close()
+    with printer.step(f"checking inside {target.name}: RAM and disk came along"), GuestShell(target) as shell:
+        printer.say("    " + shell.run("sha256sum -c /tmp/sum").output.strip())
+        text = shell.run(f"dd if=/dev/{device} bs=24 count=1 2>/dev/null").output
+        printer.say(f"    the carried disk reads: {text!r}")
+    return target
+
+
+def _bar(progress: MigrationProgress) -> str:
+    done = progress.total - progress.remaining if progress.total else 0
+    fraction = done / progress.total if progress.total else 0.0
+    filled = int(fraction * 30)
+    return (
+        f"[{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%}  "
+        f"sent {progress.transferred / 1e6:6.1f} MB, left {progress.remaining / 1e6:6.1f} MB, "
+        f"dirtying {progress.dirty_rate / 1e6:5.1f} MB/s, pass {progress.passes}"
+    )
 
 
 def _event_printer(printer: _Printer, name: str) -> Callable[[Event], None]:
