@@ -76,7 +76,8 @@ test)
 bench)
     setup
     .venv/bin/python bench/qmp_throughput.py
-    exec .venv/bin/python bench/hotplug.py
+    .venv/bin/python bench/hotplug.py
+    exec .venv/bin/python bench/migration.py
     ;;
 *)
     sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'

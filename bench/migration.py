@@ -1,0 +1,125 @@
+"""Migration of an idle test guest: driven by vmctl against the same QMP commands on raw sockets.
+
+    .venv/bin/python bench/migration.py [--rounds N]
+
+The guest hops from QEMU to QEMU (unix socket), vmctl and raw taking turns. Each VM has a second
+QMP monitor for the raw driver. Timed for both: from setting capabilities until the target runs
+(``cont`` answered). The raw driver sets the ``events`` capability on both sides, sends
+migrate-incoming and migrate, reads events until ``completed`` on the source and on the target,
+then sends ``cont``. vmctl also restores nothing (success) but checks and keeps its state file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from vmctl import VM, VMSpec
+from vmctl.testing import READY_MARKER, TestGuest
+
+
+class RawQMP:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.reader = self.sock.makefile("rb")
+        self.reader.readline()
+        self.call("qmp_capabilities")
+
+    def call(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        message: dict[str, Any] = {"execute": command, "id": command}
+        if arguments:
+            message["arguments"] = arguments
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+        while True:
+            reply = json.loads(self.reader.readline())
+            if reply.get("id") == command:
+                if "error" in reply:
+                    raise RuntimeError(f"{command}: {reply['error']}")
+                return reply["return"]
+
+    def wait_status(self, status: str) -> None:
+        while True:
+            message = json.loads(self.reader.readline())
+            if message.get("event") == "MIGRATION" and message["data"]["status"] == status:
+                return
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def raw_monitor_args(run_dir: Path) -> tuple[str, ...]:
+    return ("-chardev", f"socket,id=raw,path={run_dir}/raw.sock,server=on,wait=off", "-mon", "chardev=raw,mode=control")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    guest = TestGuest.ensure()
+    work = Path(tempfile.mkdtemp(prefix="vmctl-bench-"))
+    base = VMSpec(name="hop", kernel=guest.kernel, initrd=guest.initrd, append=guest.append, accel="tcg")
+    hop = 0
+
+    def spec_for(run_dir: Path) -> VMSpec:
+        return VMSpec.from_dict({**base.to_dict(), "extra_args": raw_monitor_args(run_dir)})
+
+    first_dir = work / "hop0"
+    vm = VM.launch(spec_for(first_dir), run_dir=first_dir)
+    vm.console.wait_for(READY_MARKER, timeout=120)
+    times: dict[str, list[float]] = {"vmctl": [], "raw QMP": []}
+    try:
+        for _ in range(args.rounds):
+            for driver in ("vmctl", "raw QMP"):
+                hop += 1
+                run_dir = work / f"hop{hop}"
+                target = VM.launch_incoming(spec_for(run_dir), run_dir=run_dir, inventory=vm.inventory)
+                if driver == "vmctl":
+                    started = time.perf_counter()
+                    vm.migrate(target, stop_source=False).wait(120)
+                    times[driver].append(time.perf_counter() - started)
+                else:
+                    source_raw, target_raw = RawQMP(str(vm.run_dir / "raw.sock")), RawQMP(str(run_dir / "raw.sock"))
+                    started = time.perf_counter()
+                    for monitor in (source_raw, target_raw):
+                        monitor.call(
+                            "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
+                        )
+                    uri = f"unix:{run_dir}/migrate.sock"
+                    target_raw.call("migrate-incoming", {"uri": uri})
+                    source_raw.call("migrate", {"uri": uri})
+                    source_raw.wait_status("completed")
+                    target_raw.wait_status("completed")
+                    target_raw.call("cont")
+                    times[driver].append(time.perf_counter() - started)
+                    source_raw.close()
+                    target_raw.close()
+                vm.finish_migrated_source()
+                vm.close()
+                vm = target
+    finally:
+        vm.kill()
+        vm.close()
+    print(f"\nmigration of an idle 256 MiB test guest over a unix socket, {args.rounds} rounds each\n")
+    print(f"{'driver':10} {'median ms':>10} {'min ms':>8} {'max ms':>8}")
+    for name, values in times.items():
+        print(f"{name:10} {statistics.median(values) * 1000:10.1f} {min(values) * 1000:8.1f} {max(values) * 1000:8.1f}")
+    ratio = statistics.median(times["vmctl"]) / statistics.median(times["raw QMP"])
+    print(f"\nvmctl / raw QMP: {ratio:.2f}x (goal <= 1.10)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
