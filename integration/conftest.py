@@ -186,6 +186,9 @@ class TwoHosts:
     def cut(self) -> None:
         subprocess.run(["ip", "-n", self.a, "link", "set", self.a_link, "down"], check=True)
 
+    def restore(self) -> None:
+        subprocess.run(["ip", "-n", self.a, "link", "set", self.a_link, "up"], check=True)
+
     def remove(self) -> None:
         for namespace in (self.a, self.b):
             subprocess.run(["ip", "netns", "del", namespace], check=False)

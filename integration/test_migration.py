@@ -170,3 +170,23 @@ def test_progress_reports_while_running(vms: VMFactory) -> None:
 
     source.migrate(target, bandwidth=64 * MIB).wait(120, on_progress=on_progress, progress_interval=0.2)
     assert seen and seen[-1].total > 0  # type: ignore[attr-defined]
+
+
+def test_postcopy_recovers_after_the_link_breaks(vms: VMFactory, two_hosts: TwoHosts) -> None:
+    source = vms.launch(vms.spec("src"), netns=two_hosts.a)
+    write_pattern(source)
+    target = incoming(vms, source, "dst", netns=two_hosts.b)
+    migration = source.migrate(target, listen=(two_hosts.b_address, 4446), postcopy=True, bandwidth=SLOW)
+    migration.wait_for_status("active", timeout=30)
+    migration.start_postcopy()
+    migration.wait_for_status("postcopy-active", timeout=30)
+    two_hosts.cut()
+    with pytest.raises(MigrationError, match="call recover") as info:
+        migration.wait(60, stall_timeout=3)
+    assert info.value.status == "postcopy-paused"
+    assert migration.status == "postcopy-paused"
+    two_hosts.restore()
+    migration.recover(listen=(two_hosts.b_address, 4447))
+    result = migration.wait(120)
+    assert result.status == "completed" and result.postcopy
+    assert pattern_intact(target)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from vmctl.vm import VM
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
+POSTCOPY = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
 
 
 class MigrationError(VmctlError):
@@ -118,6 +119,20 @@ class MigrationResult:
         )
 
 
+def _wait_status(events: Subscription, status: str, timeout: float, what: str) -> None:
+    """Read MIGRATION events until ``status``; a terminal status on the way is an error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            seen = str(events.get(max(0.0, deadline - time.monotonic())).data.get("status"))
+        except EventTimeout:
+            raise WaitTimeout(f"{what} did not reach {status} within {timeout:g}s") from None
+        if seen == status:
+            return
+        if seen in TERMINAL:
+            raise MigrationError(f"{what} ended ({seen}) before reaching {status}", status=seen)
+
+
 def set_capabilities(qmp: Monitor, wanted: Mapping[str, bool]) -> dict[str, bool]:
     """Set the capabilities this QEMU knows; returns the previous states, for restoring."""
     current = {c["capability"]: bool(c["state"]) for c in qmp.execute("query-migrate-capabilities")}
@@ -179,6 +194,36 @@ class Migration:
             raise InvalidArgument("this migration was not started with postcopy=True")
         self.source.qmp.execute("migrate-start-postcopy")
         self._postcopy_started = True
+
+    def pause(self, *, timeout: float = 30.0) -> None:
+        """Pause a postcopy migration whose link broke (out of band, on both sides), so that
+        ``recover`` can resume it once the network is back."""
+        if self._status not in POSTCOPY:
+            raise InvalidArgument(f"only a postcopy migration can be paused (it is {self._status})")
+        for monitor in self._monitors():
+            with contextlib.suppress(QMPError):  # a side may already have paused by itself
+                monitor.execute("migrate-pause", oob=True)
+        self.wait_for_status("postcopy-paused", timeout=timeout)
+        if self._target_events is not None:
+            _wait_status(self._target_events, "postcopy-paused", timeout, "the incoming side")
+
+    def recover(self, *, listen: tuple[str, int] | None = None, uri: str | None = None) -> None:
+        """Resume a paused postcopy migration over a new connection: the target listens again
+        (``migrate-recover``) and the source reconnects (``migrate`` with ``resume``)."""
+        if self._status != "postcopy-paused":
+            raise InvalidArgument(f"recover needs a paused postcopy migration (it is {self._status})")
+        if uri is None:
+            if listen is None:
+                raise InvalidArgument("recover needs the address the target should listen on")
+            uri = f"tcp:{listen[0]}:{listen[1]}"
+        if self.target is not None:
+            self.target.qmp.execute("migrate-recover", {"uri": uri}, oob=True)
+        self.source.qmp.execute("migrate", {"uri": uri, "resume": True})
+        self.uri = uri
+        self.source._log.info("vm.migration_recovering", uri=uri)
+
+    def _monitors(self) -> list[Monitor]:
+        return [self.source.qmp] + ([self.target.qmp] if self.target is not None else [])
 
     def continue_(self) -> None:
         """Let a migration paused before switchover (``pause_before_switchover=True``) finish."""
@@ -242,6 +287,15 @@ class Migration:
                 self._status = snapshot.status  # the event is on its way; the state is already known
             elif snapshot.transferred != last_transferred:
                 last_transferred, last_moved = snapshot.transferred, time.monotonic()
+            elif snapshot.status in POSTCOPY and time.monotonic() - last_moved > stall_timeout:
+                # Postcopy cannot be cancelled: the guest's memory is split between the hosts.
+                if snapshot.status != "postcopy-paused":
+                    self.pause()
+                raise MigrationError(
+                    f"the postcopy migration made no progress for {stall_timeout:g}s and is paused; "
+                    "call recover() once the link is back (both QEMUs wait, the guest is stopped)",
+                    status="postcopy-paused",
+                )
             elif time.monotonic() - last_moved > stall_timeout and snapshot.status != "pre-switchover":
                 self.source.qmp.execute("migrate_cancel")
                 self._end("cancelled")

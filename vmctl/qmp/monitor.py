@@ -259,8 +259,12 @@ class Monitor:
         *,
         fds: Sequence[FileDescriptor] = (),
         timeout: float | None = None,
+        oob: bool = False,
     ) -> Any:
         """Run ``command`` and return QEMU's ``return`` value.
+
+        ``oob`` sends it out of band (``exec-oob``), for the few commands QEMU allows there
+        (``migrate-pause``, ``migrate-recover``): they run even while QEMU's main loop is stuck.
 
         ``fds`` travel with SCM_RIGHTS in the same ``sendmsg`` as the command (``add-fd``,
         ``getfd``). Raises a ``CommandError`` subclass for QEMU's error, ``CommandTimeout`` when
@@ -276,7 +280,7 @@ class Monitor:
             raise InvalidArgument(f"{command}: file descriptors can only be passed over a unix socket")
         deadline = time.monotonic() + timeout
         self._raise_if_unusable()
-        command_id, data = self._proto.send_command(command, arguments)
+        command_id, data = self._proto.send_command(command, arguments, oob=oob)
         pending = _Pending(command_id, command)
         with self._state_lock:
             self._raise_if_unusable()
