@@ -11,7 +11,7 @@ import pytest
 
 from integration.conftest import TwoHosts, VMFactory
 from vmctl import VM, RunState
-from vmctl.errors import AbnormalExit
+from vmctl.errors import AbnormalExit, InvalidArgument
 from vmctl.ops.migration import MigrationError
 from vmctl.testing import GuestShell
 
@@ -190,3 +190,23 @@ def test_postcopy_recovers_after_the_link_breaks(vms: VMFactory, two_hosts: TwoH
     result = migration.wait(120)
     assert result.status == "completed" and result.postcopy
     assert pattern_intact(target)
+
+
+def test_multifd(vms: VMFactory) -> None:
+    source = vms.launch(vms.spec("src"))
+    write_pattern(source)
+    target = incoming(vms, source, "dst")
+    assert source.migrate(target, multifd_channels=2).wait(120).status == "completed"
+    assert pattern_intact(target)
+
+
+def test_a_target_without_the_sources_devices_is_refused(vms: VMFactory, tmp_path: Path) -> None:
+    source = vms.launch(vms.spec("src"))
+    image = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M"], check=True)
+    source.hotplug_disk(image, id="data1")
+    target = VM.launch_incoming(vms.spec("dst"), run_dir=vms.run_dir("dst"))
+    vms.vms.append(target)
+    with pytest.raises(InvalidArgument, match="disks missing on the target: data1"):
+        source.migrate(target)
+    assert source.status().running

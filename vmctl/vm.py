@@ -583,6 +583,12 @@ class VM:
         )
         target_events = None
         if isinstance(target, VM):
+            mismatch = _device_mismatch(self._inventory, target.inventory)
+            if mismatch:
+                raise InvalidArgument(
+                    f"{target.name} does not have {self.name}'s devices ({mismatch}); "
+                    "launch it from source.migration_target_spec() with inventory=source.inventory"
+                )
             uri = f"tcp:{listen[0]}:{listen[1]}" if listen else f"unix:{target.run_dir / MIGRATION_SOCKET}"
             migration_ops.set_capabilities(target.qmp, options.capabilities(source=False))
             migration_ops.set_parameters(target.qmp, options.parameters(source=False))
@@ -850,6 +856,22 @@ class VM:
         self._crash = crash
         self._log.error("vm.crashed", reason=message)
         self._notify("crash", crash)
+
+
+def _device_mismatch(source: Inventory, target: Inventory) -> str:
+    """What differs between two VMs' device sets, in words (empty when they match)."""
+    differences = []
+    for kind, mine, theirs in (
+        ("disks", {d.id for d in source.disks}, {d.id for d in target.disks}),
+        ("nics", {n.id for n in source.nics}, {n.id for n in target.nics}),
+        ("memory", {m.id for m in source.memory}, {m.id for m in target.memory}),
+        ("cpus", set(source.hotplugged_cpus), set(target.hotplugged_cpus)),
+    ):
+        if mine - theirs:
+            differences.append(f"{kind} missing on the target: {', '.join(sorted(mine - theirs))}")
+        if theirs - mine:
+            differences.append(f"{kind} only on the target: {', '.join(sorted(theirs - mine))}")
+    return "; ".join(differences)
 
 
 def _refuse_live_vm(run_dir: Path) -> None:
