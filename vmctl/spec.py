@@ -46,9 +46,11 @@ def pci_addr_from_devfn(devfn: int) -> str:
     return f"0x{devfn >> 3:x}.{devfn & 7}"
 
 
-def _check_id(kind: str, value: str) -> None:
-    if not isinstance(value, str) or not _DEVICE_ID.fullmatch(value):
-        raise SpecError(f"{kind} id {value!r} must start with a letter and use only letters, digits, _ . - (max 31)")
+def _check_id(kind: str, value: str, *, max_length: int = 31) -> None:
+    if not isinstance(value, str) or not _DEVICE_ID.fullmatch(value) or len(value) > max_length:
+        raise SpecError(
+            f"{kind} id {value!r} must start with a letter and use only letters, digits, _ . - (max {max_length})"
+        )
 
 
 def _path(value: str | os.PathLike[str]) -> str:
@@ -57,6 +59,10 @@ def _path(value: str | os.PathLike[str]) -> str:
 
 def _optional_path(value: str | os.PathLike[str] | None) -> str | None:
     return None if value is None else os.fspath(value)
+
+
+def _overlays(value: Iterable[Overlay | Mapping[str, Any]]) -> tuple[Overlay, ...]:
+    return tuple(o if isinstance(o, Overlay) else Overlay(**o) for o in value)
 
 
 def _disks(value: Iterable[DiskSpec]) -> tuple[DiskSpec, ...]:
@@ -71,9 +77,20 @@ def _strings(value: Iterable[str]) -> tuple[str, ...]:
     return tuple(value)
 
 
-def disk_node_names(disk_id: str) -> tuple[str, str]:
-    """The protocol and format node names of a disk: derived from its id, so nothing else is stored."""
-    return f"{disk_id}-file", f"{disk_id}-fmt"
+def disk_node_names(disk_id: str, layer: int = 0) -> tuple[str, str]:
+    """The protocol and format node names of one layer of a disk, derived from its id and the
+    layer's number (0 for the image the disk was created with), so nothing else is stored."""
+    if layer == 0:
+        return f"{disk_id}-file", f"{disk_id}-fmt"
+    return f"{disk_id}-o{layer}-file", f"{disk_id}-o{layer}-fmt"
+
+
+@attrs.frozen(kw_only=True)
+class Overlay:
+    """A qcow2 layer on top of a disk's base image (an external snapshot)."""
+
+    layer: int
+    path: str = attrs.field(converter=_path)
 
 
 @attrs.frozen(kw_only=True)
@@ -84,9 +101,13 @@ class DiskSpec:
     read_only: bool = False
     bus: DiskBus = "virtio-blk"
     pci_addr: str | None = None  # pinned so that a migration target lays out its PCI bus alike
+    base_layer: int = 0  # the layer number of ``path`` (not 0 once a stream or mirror replaced it)
+    overlays: tuple[Overlay, ...] = attrs.field(default=(), converter=_overlays)  # bottom to top
 
     def __attrs_post_init__(self) -> None:
-        _check_id("disk", self.id)
+        _check_id("disk", self.id, max_length=20)  # node names derived from it must fit QEMU's 31
+        if re.search(r"-o\d+$", self.id):
+            raise SpecError(f"disk id {self.id!r} must not end in -o<number> (that names snapshot layers)")
         _check_pci_addr(self.id, self.pci_addr)
         if self.format not in ("qcow2", "raw"):
             raise SpecError(f"disk {self.id}: format must be qcow2 or raw, not {self.format!r}")
@@ -95,21 +116,43 @@ class DiskSpec:
         if not self.path:
             raise SpecError(f"disk {self.id}: the image path is empty")
 
+    @property
+    def layers(self) -> list[int]:
+        """Layer numbers from the base image up to the active (top) one."""
+        return [self.base_layer, *(o.layer for o in self.overlays)]
+
+    @property
+    def active_node(self) -> str:
+        """The format node the guest's device reads and writes."""
+        return disk_node_names(self.id, self.layers[-1])[1]
+
+    def next_layer(self) -> int:
+        return max(self.layers) + 1
+
     def arguments(self) -> list[str]:
-        file_node, format_node = disk_node_names(self.id)
+        file_node, format_node = disk_node_names(self.id, self.base_layer)
         read_only = "on" if self.read_only else "off"
-        return [
+        argv = [
             "-blockdev",
             f"driver=file,node-name={file_node},filename={_escape(self.path)},read-only={read_only}",
             "-blockdev",
             f"driver={self.format},node-name={format_node},file={file_node},read-only={read_only}",
-            "-device",
-            self.device(),
         ]
+        below = format_node
+        for overlay in self.overlays:
+            file_node, format_node = disk_node_names(self.id, overlay.layer)
+            argv += [
+                "-blockdev",
+                f"driver=file,node-name={file_node},filename={_escape(overlay.path)},read-only={read_only}",
+                "-blockdev",
+                f"driver=qcow2,node-name={format_node},file={file_node},backing={below},read-only={read_only}",
+            ]
+            below = format_node
+        return [*argv, "-device", self.device()]
 
     def device(self) -> str:
         """The ``-device`` value; the same properties as a hotplugged disk of this bus gets."""
-        _, format_node = disk_node_names(self.id)
+        format_node = self.active_node
         if self.bus == "scsi":
             return f"scsi-hd,drive={format_node},id={self.id},serial={self.id},bus={SCSI_CONTROLLER}.0"
         return f"virtio-blk-pci,drive={format_node},id={self.id},serial={self.id}" + _addr(self.pci_addr)

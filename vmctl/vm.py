@@ -425,14 +425,13 @@ class VM:
     def resize_disk(self, id: str, size: int, *, allow_shrink: bool = False) -> None:
         """Grow a disk to ``size`` bytes; the guest sees the new size at once."""
         with self._ops_lock:
-            self._require_disk(id)
-            disk_ops.resize_disk(self.qmp, self._log, disk_id=id, size=size, allow_shrink=allow_shrink)
+            disk = self._require_disk(id)
+            disk_ops.resize_disk(self.qmp, self._log, disk=disk, size=size, allow_shrink=allow_shrink)
 
     def set_disk_throttle(self, id: str, throttle: disk_ops.Throttle) -> None:
         """Set (or, with ``Throttle()``, clear) a disk's I/O limits."""
         with self._ops_lock:
-            self._require_disk(id)
-            bus = next(d.bus for d in self._inventory.disks if d.id == id)
+            bus = self._require_disk(id).bus
             disk_ops.set_throttle(self.qmp, disk_id=id, throttle=throttle, bus=bus)
             self._log.info("disk.throttled", disk=id, **throttle.arguments())
 
@@ -468,9 +467,11 @@ class VM:
             self._inventory = attrs.evolve(self._inventory, chardevs=remaining)
             self._save_state()
 
-    def _require_disk(self, disk_id: str) -> None:
-        if not any(d.id == disk_id for d in self._inventory.disks):
-            raise UnknownDevice(f"{self.name} has no disk {disk_id!r}")
+    def _require_disk(self, disk_id: str) -> DiskSpec:
+        for disk in self._inventory.disks:
+            if disk.id == disk_id:
+                return disk
+        raise UnknownDevice(f"{self.name} has no disk {disk_id!r}")
 
     def _refuse_duplicate(self, device_id: str) -> None:
         if device_id in self._inventory.device_ids() or device_present(self.qmp, device_id):

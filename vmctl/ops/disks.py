@@ -9,11 +9,13 @@ restarted control plane can unplug what an earlier one plugged.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 import attrs
 
 from vmctl.errors import (
+    CommandError,
     HotplugError,
     InvalidArgument,
     QMPError,
@@ -59,8 +61,19 @@ class Throttle:
         return attrs.asdict(self)
 
 
-def fdset_tag(disk_id: str) -> str:
-    return f"vmctl:disk:{disk_id}"
+def fdset_tag(disk_id: str, layer: int = 0) -> str:
+    return f"vmctl:disk:{disk_id}" + (f":{layer}" if layer else "")
+
+
+def is_disk_fdset(opaque: object, disk_id: str) -> bool:
+    """Whether an fd's opaque tag belongs to this disk (any of its layers)."""
+    tag = fdset_tag(disk_id)
+    return opaque == tag or (isinstance(opaque, str) and re.fullmatch(re.escape(tag) + r":\d+", opaque) is not None)
+
+
+def is_disk_node(node_name: str, disk_id: str) -> bool:
+    """Whether a block node is one of this disk's layers (see :func:`vmctl.spec.disk_node_names`)."""
+    return re.fullmatch(re.escape(disk_id) + r"-(o\d+-)?(file|fmt)", node_name) is not None
 
 
 @attrs.frozen(kw_only=True)
@@ -206,7 +219,6 @@ def unplug_disk(qmp: Monitor, log: Any, *, disk_id: str, timeout: float = 30.0) 
     time, ``HotplugError`` says what remains and a later call finishes the job.
     """
     bound = log.bind(disk=disk_id)
-    file_node, format_node = disk_node_names(disk_id)
     # QEMU may send DEVICE_DELETED before device_del's reply, so remove_device subscribes first. It
     # first sends one for the virtio backend path (no "device" field), then the one for our id.
     try:
@@ -214,16 +226,42 @@ def unplug_disk(qmp: Monitor, log: Any, *, disk_id: str, timeout: float = 30.0) 
     except HotplugError:
         raise HotplugError(
             f"the guest did not release disk {disk_id} within {timeout:g}s",
-            remaining=(f"device {disk_id}", f"node {format_node}", f"node {file_node}"),
+            remaining=(f"device {disk_id}", *(f"node {n}" for n in disk_nodes(qmp, disk_id))),
         ) from None
-    nodes = {str(n.get("node-name")) for n in qmp.execute("query-named-block-nodes", {"flat": True})}
-    for node in (format_node, file_node):
-        if node in nodes:
-            qmp.execute("blockdev-del", {"node-name": node})
-    for fdset in qmp.execute("query-fdsets"):
-        if any(fd.get("opaque") == fdset_tag(disk_id) for fd in fdset.get("fds", ())):
-            qmp.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
+    delete_disk_nodes(qmp, disk_id)
+    remove_disk_fdsets(qmp, disk_id)
     bound.info("disk.unplugged")
+
+
+def disk_nodes(qmp: Monitor, disk_id: str) -> list[str]:
+    names = (str(n.get("node-name")) for n in qmp.execute("query-named-block-nodes", {"flat": True}))
+    return [name for name in names if is_disk_node(name, disk_id)]
+
+
+def delete_disk_nodes(qmp: Monitor, disk_id: str, *, only: set[str] | None = None) -> None:
+    """blockdev-del this disk's nodes (or just ``only``), users before what they use: a node
+    still in use (a backing or protocol node) is retried after the nodes above it are gone."""
+    while True:
+        remaining = [n for n in disk_nodes(qmp, disk_id) if only is None or n in only]
+        if not remaining:
+            return
+        deleted = False
+        for node in remaining:
+            try:
+                qmp.execute("blockdev-del", {"node-name": node})
+                deleted = True
+            except CommandError:
+                continue  # in use by a node not yet deleted
+        if not deleted:
+            raise HotplugError(f"cannot delete the block nodes of disk {disk_id}", remaining=tuple(remaining))
+
+
+def remove_disk_fdsets(qmp: Monitor, disk_id: str, *, layers: set[int] | None = None) -> None:
+    for fdset in qmp.execute("query-fdsets"):
+        opaques = [fd.get("opaque") for fd in fdset.get("fds", ())]
+        wanted = [fdset_tag(disk_id, layer) for layer in layers] if layers is not None else None
+        if any(is_disk_fdset(o, disk_id) and (wanted is None or o in wanted) for o in opaques):
+            qmp.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
 
 
 def set_throttle(qmp: Monitor, *, disk_id: str, throttle: Throttle, bus: DiskBus = "virtio-blk") -> None:
@@ -233,11 +271,12 @@ def set_throttle(qmp: Monitor, *, disk_id: str, throttle: Throttle, bus: DiskBus
     qmp.execute("block_set_io_throttle", {"id": device_path, **throttle.arguments()})
 
 
-def resize_disk(qmp: Monitor, log: Any, *, disk_id: str, size: int, allow_shrink: bool = False) -> int:
-    """Grow the disk's image to ``size`` bytes (the guest is told); returns the old size."""
+def resize_disk(qmp: Monitor, log: Any, *, disk: DiskSpec, size: int, allow_shrink: bool = False) -> int:
+    """Grow the disk's active image to ``size`` bytes (the guest is told); returns the old size."""
+    disk_id = disk.id
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 512:
         raise InvalidArgument(f"disk {disk_id}: size must be a positive multiple of 512 bytes, not {size!r}")
-    _, format_node = disk_node_names(disk_id)
+    format_node = disk.active_node
     nodes = {n["node-name"]: n for n in qmp.execute("query-named-block-nodes", {"flat": True})}
     if format_node not in nodes:
         raise InvalidArgument(f"disk {disk_id} has no block node {format_node} (was it hotplugged by vmctl?)")

@@ -1,0 +1,153 @@
+"""One job layer for every block job (commit, mirror, stream): started with auto-dismiss off,
+followed through JOB_STATUS_CHANGE events subscribed before the start command, always dismissed."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from vmctl.errors import CommandError, EventTimeout, VmctlError, WaitTimeout
+from vmctl.qmp import Monitor, Subscription
+
+# Job states after which QEMU does nothing more by itself (QAPI JobStatus).
+_WAITING_FOR_US = frozenset({"ready", "pending", "concluded", "null"})
+
+
+class BlockJobError(VmctlError):
+    """A block job failed; ``qemu_error`` is QEMU's message."""
+
+    def __init__(self, message: str, *, job_id: str, qemu_error: str) -> None:
+        super().__init__(f"{message}: {qemu_error}" if qemu_error else message)
+        self.job_id = job_id
+        self.qemu_error = qemu_error
+
+
+@attrs.frozen(kw_only=True)
+class JobProgress:
+    id: str
+    type: str
+    status: str
+    current: int
+    total: int
+    error: str | None
+
+    @classmethod
+    def from_qmp(cls, info: Mapping[str, Any]) -> JobProgress:
+        return cls(
+            id=str(info["id"]),
+            type=str(info.get("type", "")),
+            status=str(info.get("status", "")),
+            current=int(info.get("current-progress", 0)),
+            total=int(info.get("total-progress", 0)),
+            error=info.get("error"),
+        )
+
+
+def query_jobs(qmp: Monitor) -> list[JobProgress]:
+    return [JobProgress.from_qmp(j) for j in qmp.execute("query-jobs")]
+
+
+class Job:
+    """A block job. ``wait`` (or ``complete``/``cancel``) ends it; it is dismissed either way."""
+
+    def __init__(self, qmp: Monitor, job_id: str, job_type: str, events: Subscription, log: Any) -> None:
+        self.qmp = qmp
+        self.id = job_id
+        self.type = job_type
+        self._events = events
+        self._log = log.bind(job=job_id)
+        self.status = "created"
+        self._finished = False
+        self._on_success: list[Callable[[], Any]] = []
+        self._on_failure: list[Callable[[], Any]] = []
+
+    @classmethod
+    def start(cls, qmp: Monitor, log: Any, command: str, arguments: Mapping[str, Any], *, job_type: str) -> Job:
+        job_id = str(arguments["job-id"])
+        events = qmp.events("JOB_STATUS_CHANGE", match={"id": job_id}, maxsize=1024)
+        try:
+            qmp.execute(command, {**arguments, "auto-dismiss": False})
+        except BaseException:
+            events.close()
+            raise
+        job = cls(qmp, job_id, job_type, events, log)
+        job._log.info("blockjob.started", type=job_type)
+        return job
+
+    def on_success(self, action: Callable[[], Any]) -> None:
+        """Run ``action`` once the job concluded without error (e.g. update the inventory)."""
+        self._on_success.append(action)
+
+    def on_failure(self, action: Callable[[], Any]) -> None:
+        """Run ``action`` once the job ended with an error or was cancelled (e.g. drop its target)."""
+        self._on_failure.append(action)
+
+    def progress(self) -> JobProgress:
+        for job in query_jobs(self.qmp):
+            if job.id == self.id:
+                return job
+        return JobProgress(id=self.id, type=self.type, status="null", current=0, total=0, error=None)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until a mirror or active commit is READY (source and target in sync)."""
+        self._wait_for({"ready"}, timeout)
+        if self.status != "ready":
+            self._conclude(cancelled=False)
+
+    def complete(self, timeout: float = 60.0) -> None:
+        """Finish a READY job: a mirror pivots to its target, an active commit to its base."""
+        self.qmp.execute("job-complete", {"id": self.id})
+        self.wait(timeout)
+
+    def cancel(self, timeout: float = 60.0) -> None:
+        """Stop the job; the source stays as it was (a READY mirror stops without pivoting)."""
+        if self._finished:
+            return
+        with contextlib.suppress(CommandError):  # it may have just concluded
+            self.qmp.execute("job-cancel", {"id": self.id})
+        self._wait_for({"concluded", "null"}, timeout)
+        self._conclude(cancelled=True)
+
+    def wait(self, timeout: float) -> None:
+        """Wait for the job to conclude; ``BlockJobError`` with QEMU's message if it failed."""
+        if self._finished:
+            return
+        self._wait_for({"concluded", "null"}, timeout)
+        self._conclude(cancelled=False)
+
+    def _wait_for(self, statuses: set[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.status not in statuses:
+            if self.status == "concluded" or self.status == "null":
+                return  # it ended before reaching what we wanted: _conclude reports why
+            if self.status == "pending":
+                self.qmp.execute("job-finalize", {"id": self.id})
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(f"block job {self.id} is still {self.status} after {timeout:g}s")
+            try:
+                self.status = str(self._events.get(remaining).data["status"])
+            except EventTimeout:
+                self.status = self.progress().status
+
+    def _conclude(self, *, cancelled: bool) -> None:
+        """Read the outcome, dismiss the job, run the follow-ups; raise if it failed."""
+        error = self.progress().error
+        with contextlib.suppress(CommandError):
+            self.qmp.execute("job-dismiss", {"id": self.id})
+        self._finished = True
+        self._events.close()
+        if error or cancelled:
+            for action in self._on_failure:
+                action()
+            self._log.info("blockjob.ended", error=error, cancelled=cancelled)
+            if error and not (cancelled and "cancel" in error.lower()):
+                raise BlockJobError(f"block job {self.id} failed", job_id=self.id, qemu_error=error)
+            return
+        for action in self._on_success:
+            action()
+        self._log.info("blockjob.completed")
