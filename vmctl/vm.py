@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import structlog
@@ -34,12 +34,16 @@ from vmctl.errors import (
     WaitTimeout,
 )
 from vmctl.ops import balloon as balloon_ops
+from vmctl.ops import bitmaps as bitmap_ops
+from vmctl.ops import chains as chain_ops
 from vmctl.ops import chardevs as chardev_ops
 from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import disks as disk_ops
 from vmctl.ops import memory as memory_ops
 from vmctl.ops import migration as migration_ops
+from vmctl.ops import nbd as nbd_ops
 from vmctl.ops import nics as nic_ops
+from vmctl.ops.blockjobs import Job, JobProgress, query_jobs
 from vmctl.ops.devices import device_present, pci_address
 from vmctl.process import ExitStatus, QemuProcess
 from vmctl.qmp import Event, Monitor, connect
@@ -159,6 +163,9 @@ class VM:
             "crash": (),
         }
         self._console = Console(qmp, CONSOLE_CHARDEV) if state.spec.serial_console else None
+        self._nbd_address: nbd_ops.NbdAddress | None = None
+        self._exports: dict[str, nbd_ops.Export] = {}
+        self.leftover_jobs: list[JobProgress] = []
         self._watch_wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         qmp.on_event(self._on_reset, "RESET")
         qmp.on_event(self._on_shutdown, "SHUTDOWN")
@@ -284,7 +291,12 @@ class VM:
                 f"{exc} (is another control plane still connected? QEMU serves one monitor client at a time)"
             ) from exc
         vm = cls(run_dir=directory, state=state, process=process, qmp=qmp)
-        log.bind(vm=vm.name).info("vm.attached", pid=process.pid, run_dir=str(directory))
+        bound = log.bind(vm=vm.name)
+        bound.info("vm.attached", pid=process.pid, run_dir=str(directory))
+        # Block jobs a crashed control plane left behind are QEMU's still: report them.
+        vm.leftover_jobs = query_jobs(qmp)
+        for job in vm.leftover_jobs:
+            bound.warning("vm.leftover_block_job", job=job.id, type=job.type, status=job.status, error=job.error)
         return vm
 
     def close(self) -> None:
@@ -523,6 +535,116 @@ class VM:
     def set_balloon(self, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int:
         """Inflate or deflate the balloon to leave the guest ``target_bytes``; waits for the guest by default."""
         return balloon_ops.set_balloon(self.qmp, self._log, target_bytes, wait=wait, timeout=timeout)
+
+    # -- block jobs, snapshots, bitmaps, NBD ----------------------------------------------------
+
+    def _replace_disk(self, disk: DiskSpec) -> None:
+        with self._ops_lock:
+            self._inventory = attrs.evolve(
+                self._inventory, disks=tuple(disk if d.id == disk.id else d for d in self._inventory.disks)
+            )
+            self._save_state()
+
+    def snapshot_disks(
+        self,
+        ids: list[str],
+        *,
+        overlays: dict[str, str | os.PathLike[str]],
+        bitmap: str | None = None,
+    ) -> list[DiskSpec]:
+        """External snapshots of these disks, switched atomically (one transaction); ``overlays``
+        maps each id to its new qcow2 file. On failure nothing changes (``SnapshotError``)."""
+        with self._ops_lock:
+            disks = [self._require_disk(i) for i in ids]
+            updated = chain_ops.snapshot_disks(self.qmp, self._log, disks, overlays, bitmap=bitmap)
+            for disk in updated:
+                self._replace_disk(disk)
+            return updated
+
+    def commit_disk(self, id: str, *, top: int | None = None, base: int | None = None, timeout: float = 300) -> None:
+        """Commit layers down (``top``/``base`` are layer numbers, see ``DiskSpec.layers``): an
+        active commit pivots the guest back onto the base; the chain in the inventory follows."""
+        with self._ops_lock:
+            disk = self._require_disk(id)
+            job, result = chain_ops.start_commit(self.qmp, self._log, disk, top=top, base=base)
+            job.on_success(lambda: self._replace_disk(result))
+            if top is None or top == disk.layers[-1]:
+                job.wait_ready(timeout)
+                job.complete(timeout)
+            else:
+                job.wait(timeout)
+
+    def stream_disk(self, id: str, *, base: int | None = None, timeout: float = 300) -> None:
+        """Pull the backing layers' data into the active layer (all of them: a standalone image)."""
+        with self._ops_lock:
+            disk = self._require_disk(id)
+            job, result = chain_ops.start_stream(self.qmp, self._log, disk, base=base)
+            job.on_success(lambda: self._replace_disk(result))
+            job.wait(timeout)
+
+    def mirror_disk(
+        self,
+        id: str,
+        target_path: str | os.PathLike[str],
+        *,
+        sync: chain_ops.MirrorSync = "full",
+        format: Literal["qcow2", "raw"] = "qcow2",
+    ) -> Job:
+        """Start mirroring a disk to a new image; ``job.wait_ready()`` then ``job.complete()``
+        pivots the guest onto it (the inventory follows) or ``job.cancel()`` keeps the source."""
+        with self._ops_lock:
+            disk = self._require_disk(id)
+            job, result = chain_ops.start_mirror(self.qmp, self._log, disk, target_path, sync=sync, fmt=format)
+            job.on_success(lambda: self._replace_disk(result))
+            return job
+
+    def block_jobs(self) -> list[JobProgress]:
+        return query_jobs(self.qmp)
+
+    def bitmaps(self, id: str) -> list[bitmap_ops.Bitmap]:
+        return bitmap_ops.bitmaps(self.qmp, self._require_disk(id))
+
+    def add_bitmap(self, id: str, name: str, *, persistent: bool = True, granularity: int | None = None) -> None:
+        bitmap_ops.add_bitmap(self.qmp, self._require_disk(id), name, persistent=persistent, granularity=granularity)
+
+    def remove_bitmap(self, id: str, name: str) -> None:
+        bitmap_ops.remove_bitmap(self.qmp, self._require_disk(id), name)
+
+    def clear_bitmap(self, id: str, name: str) -> None:
+        bitmap_ops.clear_bitmap(self.qmp, self._require_disk(id), name)
+
+    def merge_bitmaps(self, id: str, target: str, sources: list[str]) -> None:
+        bitmap_ops.merge_bitmaps(self.qmp, self._require_disk(id), target, sources)
+
+    def export_disk(
+        self, id: str, *, address: nbd_ops.NbdAddress | None = None, writable: bool = False, name: str | None = None
+    ) -> nbd_ops.Export:
+        """Export a disk over NBD (the VM's NBD server starts on first use: ``address`` is a unix
+        socket path or (host, port); default: nbd.sock in the run dir)."""
+        with self._ops_lock:
+            disk = self._require_disk(id)
+            if id in self._exports:
+                raise DeviceExists(f"disk {id} is exported already")
+            if self._nbd_address is None:
+                wanted = address if address is not None else str(self.run_dir / "nbd.sock")
+                nbd_ops.start_server(self.qmp, wanted)
+                self._nbd_address = wanted
+            elif address is not None and address != self._nbd_address:
+                raise InvalidArgument(f"the NBD server already listens on {self._nbd_address}")
+            export = nbd_ops.add_export(self.qmp, disk, self._nbd_address, writable=writable, name=name)
+            self._exports[id] = export
+            self._log.info("disk.exported", disk=id, uri=export.uri, writable=writable)
+            return export
+
+    def unexport_disk(self, id: str) -> None:
+        with self._ops_lock:
+            if id not in self._exports:
+                raise UnknownDevice(f"disk {id} is not exported")
+            nbd_ops.remove_export(self.qmp, id)
+            del self._exports[id]
+            if not self._exports:
+                nbd_ops.stop_server(self.qmp)
+                self._nbd_address = None
 
     # -- migration ----------------------------------------------------------------------------
 

@@ -13,9 +13,6 @@ import attrs
 from vmctl.errors import CommandError, EventTimeout, VmctlError, WaitTimeout
 from vmctl.qmp import Monitor, Subscription
 
-# Job states after which QEMU does nothing more by itself (QAPI JobStatus).
-_WAITING_FOR_US = frozenset({"ready", "pending", "concluded", "null"})
-
 
 class BlockJobError(VmctlError):
     """A block job failed; ``qemu_error`` is QEMU's message."""
@@ -124,8 +121,6 @@ class Job:
         while self.status not in statuses:
             if self.status == "concluded" or self.status == "null":
                 return  # it ended before reaching what we wanted: _conclude reports why
-            if self.status == "pending":
-                self.qmp.execute("job-finalize", {"id": self.id})
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WaitTimeout(f"block job {self.id} is still {self.status} after {timeout:g}s")

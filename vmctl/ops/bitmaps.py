@@ -1,0 +1,81 @@
+"""Dirty bitmaps on a disk's active layer: which blocks changed since a point in time."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from vmctl.errors import InvalidArgument
+from vmctl.qmp import Monitor
+from vmctl.spec import DiskSpec
+
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+@attrs.frozen(kw_only=True)
+class Bitmap:
+    name: str
+    dirty_bytes: int
+    granularity: int
+    persistent: bool
+    recording: bool
+
+    @classmethod
+    def from_qmp(cls, info: Mapping[str, Any]) -> Bitmap:
+        return cls(
+            name=str(info["name"]),
+            dirty_bytes=int(info.get("count", 0)),
+            granularity=int(info.get("granularity", 0)),
+            persistent=bool(info.get("persistent", False)),
+            recording=bool(info.get("recording", True)),
+        )
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidArgument(f"bitmap name {name!r} must be 1-64 letters, digits, _ . : -")
+
+
+def bitmaps(qmp: Monitor, disk: DiskSpec) -> list[Bitmap]:
+    for node in qmp.execute("query-named-block-nodes", {"flat": True}):
+        if node.get("node-name") == disk.active_node:
+            return [Bitmap.from_qmp(b) for b in node.get("dirty-bitmaps", ())]
+    return []
+
+
+def add_bitmap(
+    qmp: Monitor, disk: DiskSpec, name: str, *, persistent: bool = True, granularity: int | None = None
+) -> None:
+    """Start a bitmap; ``persistent`` ones are stored in the qcow2 image (raw images cannot hold them)."""
+    _check_name(name)
+    active_is_raw = disk.format == "raw" and not disk.overlays
+    if persistent and active_is_raw:
+        raise InvalidArgument(f"disk {disk.id} is raw: a persistent bitmap needs qcow2 (use persistent=False)")
+    if granularity is not None and (granularity < 512 or granularity & (granularity - 1)):
+        raise InvalidArgument(f"bitmap granularity must be a power of two >= 512, not {granularity}")
+    arguments: dict[str, Any] = {"node": disk.active_node, "name": name, "persistent": persistent}
+    if granularity is not None:
+        arguments["granularity"] = granularity
+    qmp.execute("block-dirty-bitmap-add", arguments)
+
+
+def remove_bitmap(qmp: Monitor, disk: DiskSpec, name: str) -> None:
+    _check_name(name)
+    qmp.execute("block-dirty-bitmap-remove", {"node": disk.active_node, "name": name})
+
+
+def clear_bitmap(qmp: Monitor, disk: DiskSpec, name: str) -> None:
+    _check_name(name)
+    qmp.execute("block-dirty-bitmap-clear", {"node": disk.active_node, "name": name})
+
+
+def merge_bitmaps(qmp: Monitor, disk: DiskSpec, target: str, sources: Sequence[str]) -> None:
+    """Add the dirty blocks of ``sources`` into ``target`` (all on this disk)."""
+    for name in (target, *sources):
+        _check_name(name)
+    if not sources:
+        raise InvalidArgument("merge needs at least one source bitmap")
+    qmp.execute("block-dirty-bitmap-merge", {"node": disk.active_node, "target": target, "bitmaps": list(sources)})

@@ -1,0 +1,275 @@
+"""A disk's backing chain: external snapshots in one transaction, commit, stream and mirror.
+
+Every layer the control plane adds is a file it creates and opens itself, passed to QEMU by fd
+(add-fd, /dev/fdset/N) like a hotplugged disk. Jobs write the real paths of backing files into
+image headers (``backing-file``), never /dev/fdset names. Each operation returns the disk's new
+:class:`~vmctl.spec.DiskSpec` for the inventory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from vmctl.errors import HotplugError, InvalidArgument, QMPError, VmctlError
+from vmctl.ops.blockjobs import Job
+from vmctl.ops.disks import delete_disk_nodes, fdset_tag, remove_disk_fdsets
+from vmctl.ops.rollback import Steps
+from vmctl.qmp import Monitor
+from vmctl.spec import DiskSpec, Overlay, disk_node_names
+
+MirrorSync = Literal["full", "top"]
+
+
+class SnapshotError(VmctlError):
+    """The snapshot transaction failed; no disk changed and nothing was left behind."""
+
+
+def layer_path(disk: DiskSpec, layer: int) -> str:
+    if layer == disk.base_layer:
+        return disk.path
+    for overlay in disk.overlays:
+        if overlay.layer == layer:
+            return overlay.path
+    raise InvalidArgument(f"disk {disk.id} has no layer {layer} (its layers are {disk.layers})")
+
+
+def layer_format(disk: DiskSpec, layer: int) -> str:
+    return disk.format if layer == disk.base_layer else "qcow2"
+
+
+def virtual_size(qmp: Monitor, node: str) -> int:
+    for entry in qmp.execute("query-named-block-nodes", {"flat": True}):
+        if entry.get("node-name") == node:
+            return int(entry["image"]["virtual-size"])
+    raise InvalidArgument(f"no block node {node}")
+
+
+def _create_image(
+    path: Path, size: int, *, fmt: str = "qcow2", backing: str | None = None, backing_fmt: str = ""
+) -> None:
+    command = ["qemu-img", "create", "-q", "-f", fmt]
+    if backing is not None:
+        # -u: the backing file is in use by QEMU; its size is given, so it need not be opened.
+        command += ["-b", backing, "-F", backing_fmt, "-u"]
+    result = subprocess.run([*command, str(path), str(size)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise InvalidArgument(f"cannot create {path}: {result.stderr.strip()}")
+
+
+def _add_layer(
+    qmp: Monitor, steps: Steps, disk: DiskSpec, layer: int, path: Path, fmt: str, backing: str | None
+) -> str:
+    """Open ``path``, pass it by fd and add its protocol and format nodes; returns the format node."""
+    file_node, format_node = disk_node_names(disk.id, layer)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fdset = steps.run(
+            f"add-fd layer {layer}",
+            lambda: int(qmp.execute("add-fd", {"opaque": fdset_tag(disk.id, layer)}, fds=[fd])["fdset-id"]),
+            lambda fdset_id: qmp.execute("remove-fd", {"fdset-id": fdset_id}),
+        )
+    finally:
+        os.close(fd)
+    steps.run(
+        f"blockdev-add {file_node}",
+        lambda: qmp.execute(
+            "blockdev-add", {"driver": "file", "node-name": file_node, "filename": f"/dev/fdset/{fdset}"}
+        ),
+        lambda _: qmp.execute("blockdev-del", {"node-name": file_node}),
+    )
+    arguments: dict[str, Any] = {"driver": fmt, "node-name": format_node, "file": file_node}
+    if fmt == "qcow2":
+        arguments["backing"] = backing  # None: no backing yet (blockdev-snapshot attaches it)
+    steps.run(
+        f"blockdev-add {format_node}",
+        lambda: qmp.execute("blockdev-add", arguments),
+        lambda _: qmp.execute("blockdev-del", {"node-name": format_node}),
+    )
+    return format_node
+
+
+def snapshot_disks(
+    qmp: Monitor,
+    log: Any,
+    disks: Sequence[DiskSpec],
+    overlays: Mapping[str, str | os.PathLike[str]],
+    *,
+    bitmap: str | None = None,
+    bitmap_granularity: int | None = None,
+) -> list[DiskSpec]:
+    """External snapshots of ``disks``, switched atomically in one ``transaction``.
+
+    ``overlays`` maps each disk id to the path of its new qcow2 overlay (created here if missing,
+    with the current top image as its backing file). With ``bitmap``, a persistent dirty bitmap
+    of that name starts on each overlay in the same transaction. If anything fails, no disk
+    changes and every node, fdset and file this call created is removed.
+    """
+    if not disks:
+        raise InvalidArgument("snapshot_disks needs at least one disk")
+    missing = [d.id for d in disks if d.id not in overlays]
+    if missing:
+        raise InvalidArgument(f"no overlay path given for {', '.join(missing)}")
+    created: list[Path] = []
+    actions: list[dict[str, Any]] = []
+    updated: list[DiskSpec] = []
+    try:
+        with Steps(log) as steps:
+            for disk in disks:
+                layer = disk.next_layer()
+                path = Path(overlays[disk.id]).resolve()
+                if not path.exists():
+                    top = disk.layers[-1]
+                    size = virtual_size(qmp, disk.active_node)
+                    _create_image(path, size, backing=layer_path(disk, top), backing_fmt=layer_format(disk, top))
+                    created.append(path)
+                overlay_node = _add_layer(qmp, steps, disk, layer, path, "qcow2", backing=None)
+                actions.append(
+                    {"type": "blockdev-snapshot", "data": {"node": disk.active_node, "overlay": overlay_node}}
+                )
+                if bitmap is not None:
+                    data: dict[str, Any] = {"node": overlay_node, "name": bitmap, "persistent": True}
+                    if bitmap_granularity is not None:
+                        data["granularity"] = bitmap_granularity
+                    actions.append({"type": "block-dirty-bitmap-add", "data": data})
+                updated.append(attrs.evolve(disk, overlays=(*disk.overlays, Overlay(layer=layer, path=path))))
+            steps.run("transaction", lambda: qmp.execute("transaction", {"actions": actions}))
+    except (QMPError, InvalidArgument, OSError) as exc:
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if isinstance(exc, InvalidArgument):
+            raise
+        raise SnapshotError(f"the snapshot of {', '.join(d.id for d in disks)} failed; nothing changed: {exc}") from exc
+    log.info("disks.snapshotted", disks=[d.id for d in updated], bitmap=bitmap)
+    return updated
+
+
+def start_commit(
+    qmp: Monitor, log: Any, disk: DiskSpec, *, top: int | None = None, base: int | None = None
+) -> tuple[Job, DiskSpec]:
+    """Commit layers ``top`` (default: the active one) down into ``base`` (default: the base image).
+
+    Returns the job and the disk as it will be once the job succeeds. An active commit (top is
+    the active layer) reaches READY and pivots on ``job.complete()``; an intermediate one ends
+    by itself. The committed layers' nodes and fdsets are removed when the job succeeds.
+    """
+    layers = disk.layers
+    top_layer = layers[-1] if top is None else top
+    base_layer = layers[0] if base is None else base
+    if top_layer not in layers or base_layer not in layers or layers.index(top_layer) <= layers.index(base_layer):
+        raise InvalidArgument(f"disk {disk.id}: cannot commit layer {top_layer} into {base_layer} (layers {layers})")
+    dropped = layers[layers.index(base_layer) + 1 : layers.index(top_layer) + 1]
+    kept_overlays = tuple(o for o in disk.overlays if o.layer not in dropped)
+    result = attrs.evolve(disk, overlays=kept_overlays)
+    arguments: dict[str, Any] = {
+        "job-id": f"{disk.id}-commit",
+        "device": disk.active_node,
+        "base-node": disk_node_names(disk.id, base_layer)[1],
+    }
+    if top_layer != layers[-1]:
+        # The layer above ``top`` gets a new backing file: write its real path, not /dev/fdset/N.
+        arguments["top-node"] = disk_node_names(disk.id, top_layer)[1]
+        arguments["backing-file"] = layer_path(disk, base_layer)
+    job = Job.start(qmp, log, "block-commit", arguments, job_type="commit")
+    job.on_success(lambda: _drop_layers(qmp, disk, dropped))
+    return job, result
+
+
+def start_stream(qmp: Monitor, log: Any, disk: DiskSpec, *, base: int | None = None) -> tuple[Job, DiskSpec]:
+    """Pull the data of the layers below the active one (down to ``base``, exclusive) into it."""
+    layers = disk.layers
+    if len(layers) < 2:
+        raise InvalidArgument(f"disk {disk.id} has no backing layers to stream")
+    if base is not None and (base not in layers[:-1]):
+        raise InvalidArgument(f"disk {disk.id}: {base} is not a layer below the active one ({layers})")
+    top = layers[-1]
+    arguments: dict[str, Any] = {"job-id": f"{disk.id}-stream", "device": disk.active_node}
+    if base is None:
+        dropped = layers[:-1]
+        result = attrs.evolve(disk, path=layer_path(disk, top), format="qcow2", base_layer=top, overlays=())
+    else:
+        dropped = layers[layers.index(base) + 1 : -1]
+        arguments["base-node"] = disk_node_names(disk.id, base)[1]
+        arguments["backing-file"] = layer_path(disk, base)
+        result = attrs.evolve(disk, overlays=tuple(o for o in disk.overlays if o.layer not in dropped))
+    job = Job.start(qmp, log, "block-stream", arguments, job_type="stream")
+    job.on_success(lambda: _drop_layers(qmp, disk, dropped))
+    return job, result
+
+
+def start_mirror(
+    qmp: Monitor,
+    log: Any,
+    disk: DiskSpec,
+    target: str | os.PathLike[str],
+    *,
+    sync: MirrorSync = "full",
+    fmt: Literal["qcow2", "raw"] = "qcow2",
+) -> tuple[Job, DiskSpec]:
+    """Mirror the disk to a new image at ``target`` while the guest runs.
+
+    ``sync="full"`` copies the whole chain into a standalone image; ``"top"`` copies only the
+    active layer onto a qcow2 that keeps the layers below as its backing. Wait for READY, then
+    ``job.complete()`` pivots the guest onto the target, or ``job.cancel()`` keeps the source.
+    """
+    if sync not in ("full", "top"):
+        raise InvalidArgument(f"mirror sync must be full or top, not {sync!r}")
+    if fmt not in ("qcow2", "raw"):
+        raise InvalidArgument(f"mirror format must be qcow2 or raw, not {fmt!r}")
+    top_only = sync == "top" and len(disk.layers) > 1
+    if top_only and fmt != "qcow2":
+        raise InvalidArgument("a top-only mirror needs a qcow2 target (it keeps a backing file)")
+    path = Path(target).resolve()
+    if path.exists():
+        raise InvalidArgument(f"mirror target {path} exists already")
+    layer = disk.next_layer()
+    below = disk.layers[-2] if top_only else None
+    size = virtual_size(qmp, disk.active_node)
+    if below is not None:
+        _create_image(path, size, backing=layer_path(disk, below), backing_fmt=layer_format(disk, below))
+    else:
+        _create_image(path, size, fmt=fmt)
+    try:
+        with Steps(log) as steps:
+            backing = disk_node_names(disk.id, below)[1] if below is not None else None
+            target_node = _add_layer(qmp, steps, disk, layer, path, fmt, backing=backing)
+            job = steps.run(
+                "blockdev-mirror",
+                lambda: Job.start(
+                    qmp,
+                    log,
+                    "blockdev-mirror",
+                    {"job-id": f"{disk.id}-mirror", "device": disk.active_node, "target": target_node, "sync": sync},
+                    job_type="mirror",
+                ),
+            )
+    except QMPError as exc:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise HotplugError(
+            f"the mirror of disk {disk.id} could not start: {exc}", remaining=tuple(steps.leftovers)
+        ) from exc
+    if top_only:
+        kept = disk.overlays[:-1]
+        result = attrs.evolve(disk, overlays=(*kept, Overlay(layer=layer, path=path)))
+        replaced = [disk.layers[-1]]
+    else:
+        result = attrs.evolve(disk, path=str(path), format=fmt, base_layer=layer, overlays=())
+        replaced = disk.layers
+    job.on_success(lambda: _drop_layers(qmp, disk, replaced))
+    job.on_failure(lambda: _drop_layers(qmp, disk, [layer]))
+    return job, result
+
+
+def _drop_layers(qmp: Monitor, disk: DiskSpec, layers: Sequence[int]) -> None:
+    """Delete the nodes and fdsets of layers that left the chain."""
+    nodes = {name for layer in layers for name in disk_node_names(disk.id, layer)}
+    delete_disk_nodes(qmp, disk.id, only=nodes)
+    remove_disk_fdsets(qmp, disk.id, layers=set(layers))

@@ -1,0 +1,85 @@
+"""NBD exports of disks (for storage migration or backup), on one NBD server per VM."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import attrs
+
+from vmctl.errors import CommandError, DeviceError, EventTimeout, InvalidArgument
+from vmctl.qmp import Monitor
+from vmctl.spec import DiskSpec
+
+NbdAddress = str | tuple[str, int]
+
+
+@attrs.frozen(kw_only=True)
+class Export:
+    id: str
+    name: str
+    disk: str
+    writable: bool
+    uri: str  # how an NBD client (qemu-img, another QEMU) reaches it
+
+
+def export_id(disk_id: str) -> str:
+    return f"nbd-{disk_id}"
+
+
+def server_address(address: NbdAddress) -> dict[str, Any]:
+    if isinstance(address, tuple):
+        host, port = address
+        return {"type": "inet", "data": {"host": host, "port": str(port)}}
+    if len(os.fsencode(address)) >= 108:
+        raise InvalidArgument(f"NBD socket path too long for the kernel: {address}")
+    return {"type": "unix", "data": {"path": address}}
+
+
+def export_uri(address: NbdAddress, name: str) -> str:
+    if isinstance(address, tuple):
+        return f"nbd://{address[0]}:{address[1]}/{name}"
+    return f"nbd+unix:///{name}?socket={address}"
+
+
+def start_server(qmp: Monitor, address: NbdAddress) -> None:
+    qmp.execute("nbd-server-start", {"addr": server_address(address)})
+
+
+def stop_server(qmp: Monitor) -> None:
+    with contextlib.suppress(CommandError):  # not running
+        qmp.execute("nbd-server-stop")
+
+
+def add_export(qmp: Monitor, disk: DiskSpec, address: NbdAddress, *, writable: bool, name: str | None) -> Export:
+    export_name = name or disk.id
+    qmp.execute(
+        "block-export-add",
+        {
+            "type": "nbd",
+            "id": export_id(disk.id),
+            "node-name": disk.active_node,
+            "name": export_name,
+            "writable": writable,
+        },
+    )
+    return Export(
+        id=export_id(disk.id), name=export_name, disk=disk.id, writable=writable, uri=export_uri(address, export_name)
+    )
+
+
+def remove_export(qmp: Monitor, disk_id: str, *, timeout: float = 10.0) -> None:
+    """Remove the export once its clients let go (BLOCK_EXPORT_DELETED)."""
+    with qmp.events("BLOCK_EXPORT_DELETED", match={"id": export_id(disk_id)}) as deleted:
+        try:
+            qmp.execute("block-export-del", {"id": export_id(disk_id)})
+        except CommandError as exc:
+            if "not found" in exc.desc.lower():
+                return
+            raise
+        try:
+            deleted.get(timeout)
+        except EventTimeout:
+            if any(e.get("id") == export_id(disk_id) for e in qmp.execute("query-block-exports")):
+                raise DeviceError(f"the NBD export of {disk_id} is still there after {timeout:g}s") from None
