@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from integration.conftest import VMFactory
-from vmctl import VM
+from vmctl import VM, DiskSpec
 from vmctl.errors import InvalidArgument
 from vmctl.ops import chains
 from vmctl.ops.blockjobs import BlockJobError
@@ -237,3 +238,22 @@ def test_bitmaps_and_nbd_export(guest_vm: VM, tmp_path: Path) -> None:
         assert data.read(13) == b"exported-data"
     vm.unexport_disk("d1")
     assert vm.qmp.execute("query-block-exports") == []
+
+
+def test_jobs_left_by_a_crashed_control_plane_are_reported_on_attach(vms: VMFactory, tmp_path: Path) -> None:
+    disk = make_image(tmp_path / "data.qcow2")
+    spec = vms.spec("orphan", disks=(DiskSpec(id="data0", path=disk),))
+    run_dir = vms.run_dir("orphan")
+    script = f"""
+from vmctl import VM, VMSpec
+spec = VMSpec.from_dict({spec.to_dict()!r})
+vm = VM.launch(spec, run_dir={str(run_dir)!r})
+job = vm.mirror_disk("data0", {str(tmp_path / "mirror.qcow2")!r})
+job.wait_ready(60)
+# the control plane "crashes" here, leaving the READY mirror behind
+"""
+    controller = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert controller.returncode == 0, controller.stderr
+    vm = VM.attach(run_dir)
+    vms.vms.append(vm)
+    assert [(j.id, j.type, j.status) for j in vm.leftover_jobs] == [("data0-mirror", "mirror", "ready")]

@@ -1,0 +1,111 @@
+"""The block job layer on the fake: event-driven waits, always dismissed, errors surfaced."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import structlog
+
+from vmctl.errors import WaitTimeout
+from vmctl.ops.blockjobs import BlockJobError, Job
+from vmctl.qmp import Monitor
+from vmctl.testing import FakeCall, FakeQEMU
+
+log = structlog.get_logger("test")
+
+
+class Jobs:
+    """A scripted QEMU job: walks through states, optionally failing, until dismissed."""
+
+    def __init__(self, fake: FakeQEMU, *, states: list[str], error: str | None = None) -> None:
+        self.fake = fake
+        self.states = states
+        self.error = error
+        self.status = "created"
+        self.dismissed = False
+        self.started_with: dict[str, Any] = {}
+        fake.on("blockdev-mirror", self.start)
+        fake.on("query-jobs", self.query)
+        fake.on("job-dismiss", self.dismiss)
+        fake.on("job-complete", self.complete)
+        fake.on("job-cancel", self.cancel)
+
+    def emit(self, status: str) -> None:
+        self.status = status
+        self.fake.emit_event("JOB_STATUS_CHANGE", {"id": "j1", "status": status})
+
+    def start(self, call: FakeCall) -> Any:
+        self.started_with = dict(call.arguments)
+        for status in self.states:
+            self.emit(status)
+        return {}
+
+    def query(self, call: FakeCall) -> Any:
+        if self.dismissed:
+            return []
+        info: dict[str, Any] = {"id": "j1", "type": "mirror", "status": self.status,
+                                "current-progress": 5, "total-progress": 10}  # fmt: skip
+        if self.error and self.status == "concluded":
+            info["error"] = self.error
+        return [info]
+
+    def dismiss(self, call: FakeCall) -> Any:
+        self.dismissed = True
+        self.emit("null")
+        return {}
+
+    def complete(self, call: FakeCall) -> Any:
+        for status in ("waiting", "pending", "concluded"):
+            self.emit(status)
+        return {}
+
+    def cancel(self, call: FakeCall) -> Any:
+        for status in ("aborting", "concluded"):
+            self.emit(status)
+        return {}
+
+
+def start(monitor: Monitor) -> Job:
+    return Job.start(monitor, log, "blockdev-mirror", {"job-id": "j1", "device": "d", "target": "t"}, job_type="mirror")
+
+
+def test_ready_complete_and_dismiss(monitor: Monitor, fake: FakeQEMU) -> None:
+    jobs = Jobs(fake, states=["running", "ready"])
+    job = start(monitor)
+    assert jobs.started_with["auto-dismiss"] is False  # vmctl always dismisses itself
+    done: list[str] = []
+    job.on_success(lambda: done.append("success"))
+    job.wait_ready(5)
+    assert job.progress().current == 5
+    job.complete(5)
+    assert jobs.dismissed and done == ["success"]
+
+
+def test_a_failed_job_raises_with_qemus_message_and_is_dismissed(monitor: Monitor, fake: FakeQEMU) -> None:
+    jobs = Jobs(fake, states=["running", "aborting", "concluded"], error="No space left on device")
+    job = start(monitor)
+    cleaned: list[str] = []
+    job.on_failure(lambda: cleaned.append("target dropped"))
+    with pytest.raises(BlockJobError, match="No space left on device") as info:
+        job.wait_ready(5)
+    assert info.value.job_id == "j1"
+    assert jobs.dismissed and cleaned == ["target dropped"]
+
+
+def test_cancel_runs_the_failure_follow_ups(monitor: Monitor, fake: FakeQEMU) -> None:
+    jobs = Jobs(fake, states=["running", "ready"])
+    job = start(monitor)
+    cleaned: list[str] = []
+    job.on_failure(lambda: cleaned.append("target dropped"))
+    job.wait_ready(5)
+    job.cancel()
+    assert jobs.dismissed and cleaned == ["target dropped"]
+    job.cancel()  # idempotent
+
+
+def test_a_job_that_never_gets_ready_times_out(monitor: Monitor, fake: FakeQEMU) -> None:
+    Jobs(fake, states=["running"])
+    job = start(monitor)
+    with pytest.raises(WaitTimeout, match="still running"):
+        job.wait_ready(0.2)
