@@ -210,3 +210,34 @@ def test_a_target_without_the_sources_devices_is_refused(vms: VMFactory, tmp_pat
     with pytest.raises(InvalidArgument, match="disks missing on the target: data1"):
         source.migrate(target)
     assert source.status().running
+
+
+def test_copy_storage_migration_carries_the_disk(vms: VMFactory, tmp_path: Path) -> None:
+    source = vms.launch(vms.spec("src"))
+    image = tmp_path / "src.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    source.hotplug_disk(image, id="data1")
+    with GuestShell(source) as shell:
+        for _ in range(50):
+            if shell.run("grep -qx data1 /sys/block/vda/serial").ok:
+                break
+            shell.run("sleep 0.1")
+        shell.run("head -c 4000000 /dev/urandom | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+        guest_sum = shell.run("dd if=/dev/vda bs=1M count=8 2>/dev/null | md5sum").output.split()[0]
+    copy = tmp_path / "dst.qcow2"  # the target host's own, empty image
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(copy), "64M"], check=True)
+    target = VM.launch_incoming(
+        source.migration_target_spec(name="dst", disk_paths={"data1": copy}),
+        run_dir=vms.run_dir("dst"),
+        inventory=source.inventory,
+    )
+    vms.vms.append(target)
+    source.migrate(target, copy_storage=True).wait(180)
+    assert [d.path for d in target.disks()] == [str(copy)]
+    with GuestShell(target) as shell:
+        shell.run("echo 3 > /proc/sys/vm/drop_caches")
+        assert shell.run("dd if=/dev/vda bs=1M count=8 2>/dev/null | md5sum").output.split()[0] == guest_sum
+    assert target.qmp.execute("query-block-exports") == []
+    target.unplug_disk("data1")
+    compare = subprocess.run(["qemu-img", "compare", str(image), str(copy)], capture_output=True, text=True)
+    assert compare.returncode == 0, compare.stdout + compare.stderr

@@ -29,7 +29,7 @@ class Jobs:
         fake.on("query-jobs", self.query)
         fake.on("job-dismiss", self.dismiss)
         fake.on("job-complete", self.complete)
-        fake.on("job-cancel", self.cancel)
+        fake.on("block-job-cancel", self.cancel)
 
     def emit(self, status: str) -> None:
         self.status = status

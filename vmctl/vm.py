@@ -11,7 +11,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ from vmctl.ops import nbd as nbd_ops
 from vmctl.ops import nics as nic_ops
 from vmctl.ops.blockjobs import Job, JobProgress, query_jobs
 from vmctl.ops.devices import device_present, pci_address
+from vmctl.ops.storage_copy import StorageCopy
 from vmctl.process import ExitStatus, QemuProcess
 from vmctl.qmp import Event, Monitor, connect
 from vmctl.spec import (
@@ -231,7 +232,9 @@ class VM:
                 start_time=process.start_time,
                 qmp_socket=str(socket_path),
                 spec=spec,
-                inventory=inventory or Inventory(disks=spec.disks, nics=spec.nics),
+                # The spec says which disks and NICs this QEMU has; an inventory passed in (from a
+                # migration source) brings what was hotplugged besides them.
+                inventory=attrs.evolve(inventory or Inventory(), disks=spec.disks, nics=spec.nics),
             )
             vm = cls(run_dir=directory, state=state, process=process, qmp=qmp)
         except BaseException:
@@ -636,6 +639,11 @@ class VM:
             self._log.info("disk.exported", disk=id, uri=export.uri, writable=writable)
             return export
 
+    @property
+    def nbd_address(self) -> nbd_ops.NbdAddress | None:
+        """Where this VM's NBD server listens, while it has exports."""
+        return self._nbd_address
+
     def unexport_disk(self, id: str) -> None:
         with self._ops_lock:
             if id not in self._exports:
@@ -648,11 +656,23 @@ class VM:
 
     # -- migration ----------------------------------------------------------------------------
 
-    def migration_target_spec(self, *, name: str | None = None) -> VMSpec:
+    def migration_target_spec(
+        self, *, name: str | None = None, disk_paths: Mapping[str, str | os.PathLike[str]] | None = None
+    ) -> VMSpec:
         """A spec for a migration target with this VM's devices as they are now, hotplugged ones
         included, at the same PCI addresses and memory slots. NIC backends are the target's own
-        (user networking unless the caller sets taps)."""
+        (user networking unless the caller sets taps). ``disk_paths`` gives the target its own
+        (flat, same-size) images for those disks, for ``migrate(copy_storage=True)``."""
         inventory = self._inventory
+        disks = tuple(
+            attrs.evolve(d, path=os.fspath(disk_paths[d.id]), base_layer=0, overlays=())
+            if disk_paths and d.id in disk_paths
+            else d
+            for d in inventory.disks
+        )
+        unknown = set(disk_paths or ()) - {d.id for d in inventory.disks}
+        if unknown:
+            raise InvalidArgument(f"{self.name} has no disks {', '.join(sorted(unknown))}")
         if inventory.chardevs:
             raise InvalidArgument(f"{self.name}: migrating hotplugged chardevs is not supported yet")
         if any(d.bus == "scsi" for d in inventory.disks) and not any(d.bus == "scsi" for d in self.spec.disks):
@@ -671,7 +691,7 @@ class VM:
         return attrs.evolve(
             self.spec,
             name=name or self.spec.name,
-            disks=inventory.disks,
+            disks=disks,
             nics=tuple(attrs.evolve(n, tap=None) for n in inventory.nics),
             extra_args=tuple(extra),
         )
@@ -689,13 +709,19 @@ class VM:
         multifd_channels: int | None = None,
         resume_target: bool = True,
         stop_source: bool = True,
+        copy_storage: bool = False,
+        storage_timeout: float = 600.0,
     ) -> migration_ops.Migration:
         """Start migrating to ``target``: a VM from ``launch_incoming`` (it listens on a unix
         socket in its run dir, or on ``listen`` = (host, port) over TCP) or a migration URI.
 
         Capabilities (``events`` always) and parameters are set on both sides and restored on
         the source if the migration fails. On success the target is resumed and this source
-        quits (unless told otherwise)."""
+        quits (unless told otherwise).
+
+        ``copy_storage`` copies the disks whose image differs on the target (see
+        ``migration_target_spec(disk_paths=...)``) first: each is mirrored into the target's NBD
+        export until in sync (``storage_timeout``), then RAM follows."""
         options = migration_ops.MigrationOptions(
             postcopy=postcopy,
             auto_converge=auto_converge,
@@ -703,8 +729,8 @@ class VM:
             downtime_limit=downtime_limit,
             pause_before_switchover=pause_before_switchover,
             multifd_channels=multifd_channels,
+            copy_storage=copy_storage,
         )
-        target_events = None
         if isinstance(target, VM):
             mismatch = _device_mismatch(self._inventory, target.inventory)
             if mismatch:
@@ -712,21 +738,31 @@ class VM:
                     f"{target.name} does not have {self.name}'s devices ({mismatch}); "
                     "launch it from source.migration_target_spec() with inventory=source.inventory"
                 )
-            uri = f"tcp:{listen[0]}:{listen[1]}" if listen else f"unix:{target.run_dir / MIGRATION_SOCKET}"
-            migration_ops.set_capabilities(target.qmp, options.capabilities(source=False))
-            migration_ops.set_parameters(target.qmp, options.parameters(source=False))
-            target_events = target.qmp.events("MIGRATION")
-            try:
-                target.qmp.execute("migrate-incoming", {"uri": uri})
-            except BaseException:
-                target_events.close()
-                raise
-        elif isinstance(target, str) and target:
-            uri = target
-        else:
+        elif not isinstance(target, str) or not target:
             raise InvalidArgument(f"migrate to a VM launched for incoming or a URI, not {target!r}")
-        previous_caps = migration_ops.set_capabilities(self.qmp, options.capabilities(source=True))
-        previous_params = migration_ops.set_parameters(self.qmp, options.parameters(source=True))
+        elif copy_storage:
+            raise InvalidArgument("copy_storage needs a target VM (launched with launch_incoming)")
+        storage = (
+            self._copy_storage(target, listen, storage_timeout) if isinstance(target, VM) and copy_storage else None
+        )
+        target_events = None
+        try:
+            if isinstance(target, VM):
+                uri = f"tcp:{listen[0]}:{listen[1]}" if listen else f"unix:{target.run_dir / MIGRATION_SOCKET}"
+                migration_ops.set_capabilities(target.qmp, options.capabilities(source=False))
+                migration_ops.set_parameters(target.qmp, options.parameters(source=False))
+                target_events = target.qmp.events("MIGRATION")
+                target.qmp.execute("migrate-incoming", {"uri": uri})
+            else:
+                uri = target
+            previous_caps = migration_ops.set_capabilities(self.qmp, options.capabilities(source=True))
+            previous_params = migration_ops.set_parameters(self.qmp, options.parameters(source=True))
+        except BaseException:
+            if target_events is not None:
+                target_events.close()
+            if storage is not None:
+                storage.abort()
+            raise
 
         def restore() -> None:
             migration_ops.set_capabilities(self.qmp, previous_caps)
@@ -740,8 +776,13 @@ class VM:
             if target_events is not None:
                 target_events.close()
             restore()
+            if storage is not None:
+                storage.abort()
             raise
-        self._log.info("vm.migration_started", uri=uri, postcopy=postcopy)
+        self._log.info("vm.migration_started", uri=uri, postcopy=postcopy, copy_storage=copy_storage)
+        target_inventory = self._inventory
+        if isinstance(target, VM):  # its own images and NIC backends, the source's everything else
+            target_inventory = attrs.evolve(self._inventory, disks=target.inventory.disks, nics=target.inventory.nics)
         return migration_ops.Migration(
             source=self,
             target=target if isinstance(target, VM) else None,
@@ -752,7 +793,20 @@ class VM:
             restore=restore,
             resume_target=resume_target,
             stop_source=stop_source,
+            target_inventory=target_inventory,
+            on_completed=storage.finish if storage is not None else None,
+            on_aborted=storage.abort if storage is not None else None,
         )
+
+    def _copy_storage(self, target: VM, listen: tuple[str, int] | None, timeout: float) -> StorageCopy:
+        """Mirror the disks whose image differs on the target into its NBD exports, until in sync."""
+        theirs = {d.id: d for d in target.inventory.disks}
+        to_copy = [d for d in self._inventory.disks if theirs[d.id].path != d.path or theirs[d.id].overlays]
+        if not to_copy:
+            raise InvalidArgument("copy_storage: the target uses the same images (launch it with disk_paths)")
+        # Over TCP the NBD server listens next to the migration port; else on a socket in its run dir.
+        address = (listen[0], listen[1] + 1) if listen else None
+        return StorageCopy.start(self, target, to_copy, address=address, timeout=timeout, log=self._log)
 
     def adopt_inventory(self, inventory: Inventory) -> None:
         """Take over the device inventory of the VM this one was migrated from."""

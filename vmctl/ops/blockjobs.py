@@ -101,11 +101,12 @@ class Job:
         self.wait(timeout)
 
     def cancel(self, timeout: float = 60.0) -> None:
-        """Stop the job; the source stays as it was (a READY mirror stops without pivoting)."""
+        """Stop the job; the source stays as it was. A READY mirror ends in sync, without pivoting
+        (block-job-cancel without force; job-cancel would abandon in-flight writes)."""
         if self._finished:
             return
         with contextlib.suppress(CommandError):  # it may have just concluded
-            self.qmp.execute("job-cancel", {"id": self.id})
+            self.qmp.execute("block-job-cancel", {"device": self.id})
         self._wait_for({"concluded", "null"}, timeout)
         self._conclude(cancelled=True)
 

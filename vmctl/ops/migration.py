@@ -14,6 +14,7 @@ from vmctl.errors import EventTimeout, InvalidArgument, QMPError, VmctlError, Wa
 from vmctl.qmp import Monitor, Subscription
 
 if TYPE_CHECKING:
+    from vmctl.state import Inventory
     from vmctl.vm import VM
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
@@ -38,6 +39,7 @@ class MigrationOptions:
     pause_before_switchover: bool = False
     multifd_channels: int | None = None
     xbzrle: bool = False
+    copy_storage: bool = False
 
     def __attrs_post_init__(self) -> None:
         for name in ("bandwidth", "downtime_limit", "multifd_channels"):
@@ -49,6 +51,10 @@ class MigrationOptions:
 
     def capabilities(self, *, source: bool) -> dict[str, bool]:
         caps = {"events": True, "postcopy-ram": self.postcopy, "multifd": bool(self.multifd_channels)}
+        if not source:
+            # With disks copied over NBD, the target must not take its images over (lock and
+            # activate them) before the source's mirrors have ended: not until `cont`.
+            caps["late-block-activate"] = self.copy_storage
         if source:
             caps.update(
                 {
@@ -167,6 +173,9 @@ class Migration:
         restore: Callable[[], None],
         resume_target: bool,
         stop_source: bool,
+        target_inventory: Inventory,
+        on_completed: Callable[[], Any] | None = None,
+        on_aborted: Callable[[], Any] | None = None,
     ) -> None:
         self.source = source
         self.target = target
@@ -177,6 +186,9 @@ class Migration:
         self._restore = restore
         self._resume_target = resume_target
         self._stop_source = stop_source
+        self._target_inventory = target_inventory
+        self._on_completed = on_completed
+        self._on_aborted = on_aborted
         self._status = "setup"
         self._result: MigrationResult | None = None
         self._postcopy_started = False
@@ -314,11 +326,13 @@ class Migration:
             )
         self._result = MigrationResult.from_qmp(info, postcopy=self._postcopy_started)
         self._events.close()
+        if self._on_completed is not None:
+            self._on_completed()  # e.g. end the storage mirrors in sync, while the source is stopped
         target = self.target
         if target is not None:
             if self._target_events is not None:
                 self._wait_target_completed(self._target_events)
-            target.adopt_inventory(self.source.inventory)
+            target.adopt_inventory(self._target_inventory)
             if self._resume_target:
                 target.qmp.execute("cont")
         if self._stop_source:
@@ -346,3 +360,6 @@ class Migration:
             self._target_events.close()
         with contextlib.suppress(QMPError):  # the source monitor may be gone too: nothing to restore
             self._restore()
+        if self._on_aborted is not None:
+            with contextlib.suppress(QMPError):
+                self._on_aborted()

@@ -28,13 +28,21 @@ def export_id(disk_id: str) -> str:
     return f"nbd-{disk_id}"
 
 
-def server_address(address: NbdAddress) -> dict[str, Any]:
+def socket_address(address: NbdAddress) -> dict[str, Any]:
+    """QAPI SocketAddress (flat), as blockdev-add's nbd ``server`` takes it."""
     if isinstance(address, tuple):
         host, port = address
-        return {"type": "inet", "data": {"host": host, "port": str(port)}}
+        return {"type": "inet", "host": host, "port": str(port)}
     if len(os.fsencode(address)) >= 108:
         raise InvalidArgument(f"NBD socket path too long for the kernel: {address}")
-    return {"type": "unix", "data": {"path": address}}
+    return {"type": "unix", "path": address}
+
+
+def server_address(address: NbdAddress) -> dict[str, Any]:
+    """QAPI SocketAddressLegacy (nested ``data``), as nbd-server-start's ``addr`` takes it."""
+    flat = socket_address(address)
+    kind = flat.pop("type")
+    return {"type": kind, "data": flat}
 
 
 def export_uri(address: NbdAddress, name: str) -> str:

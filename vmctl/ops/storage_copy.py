@@ -1,0 +1,94 @@
+"""Non-shared storage for migration: mirror each disk into the target's NBD export first.
+
+The target exports its (empty) disks over NBD; the source mirrors each disk into them; once all
+mirrors are READY the RAM migration runs; at the switchover the mirrors are ended in sync without
+pivoting (the source keeps its own disks until it quits) and the exports go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from vmctl.errors import QMPError
+from vmctl.ops import nbd as nbd_ops
+from vmctl.ops.blockjobs import Job
+from vmctl.spec import DiskSpec
+
+if TYPE_CHECKING:
+    from vmctl.vm import VM
+
+
+def client_node(disk_id: str) -> str:
+    return f"{disk_id}-nbd"
+
+
+class StorageCopy:
+    def __init__(self, source: VM, target: VM, jobs: list[Job], disk_ids: list[str], log: Any) -> None:
+        self.source = source
+        self.target = target
+        self.jobs = jobs
+        self.disk_ids = disk_ids
+        self._log = log
+
+    @classmethod
+    def start(
+        cls,
+        source: VM,
+        target: VM,
+        disks: Sequence[DiskSpec],
+        *,
+        address: nbd_ops.NbdAddress | None,
+        timeout: float,
+        log: Any,
+    ) -> StorageCopy:
+        copy = cls(source, target, [], [d.id for d in disks], log)
+        try:
+            for disk in disks:
+                export = target.export_disk(disk.id, address=address, writable=True)
+                assert target.nbd_address is not None
+                source.qmp.execute(
+                    "blockdev-add",
+                    {
+                        "driver": "nbd",
+                        "node-name": client_node(disk.id),
+                        "server": nbd_ops.socket_address(target.nbd_address),
+                        "export": export.name,
+                    },
+                )
+                arguments = {
+                    "job-id": f"{disk.id}-copy",
+                    "device": disk.active_node,
+                    "target": client_node(disk.id),
+                    "sync": "full",
+                }
+                copy.jobs.append(Job.start(source.qmp, log, "blockdev-mirror", arguments, job_type="mirror"))
+            for job in copy.jobs:
+                job.wait_ready(timeout)
+        except BaseException:
+            copy.abort()
+            raise
+        log.info("storage_copy.ready", disks=copy.disk_ids)
+        return copy
+
+    def finish(self) -> None:
+        """At switchover: end each mirror in sync (no pivot), then drop the NBD plumbing."""
+        for job in self.jobs:
+            job.cancel()  # a READY mirror cancelled without force completes in sync
+        self._drop()
+
+    def abort(self) -> None:
+        for job in self.jobs:
+            with contextlib.suppress(QMPError):
+                job.cancel()
+        self._drop()
+
+    def _drop(self) -> None:
+        nodes = {str(n.get("node-name")) for n in self.source.qmp.execute("query-named-block-nodes", {"flat": True})}
+        for disk_id in self.disk_ids:
+            if client_node(disk_id) in nodes:
+                with contextlib.suppress(QMPError):
+                    self.source.qmp.execute("blockdev-del", {"node-name": client_node(disk_id)})
+            with contextlib.suppress(QMPError):
+                self.target.unexport_disk(disk_id)
