@@ -11,59 +11,20 @@ then device_del, wait for DEVICE_DELETED, blockdev-del x2, remove-fd. vmctl adds
 from __future__ import annotations
 
 import argparse
-import array
-import json
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import structlog
+from rawqmp import RawQMP
 
 from vmctl import VM, VMSpec
 from vmctl.testing import READY_MARKER, TestGuest
-
-
-class RawQMP:
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
-        self.reader = self.sock.makefile("rb")
-        self.reader.readline()
-        self.call("qmp_capabilities")
-
-    def call(self, command: str, arguments: dict[str, Any] | None = None, fds: list[int] | None = None) -> Any:
-        message: dict[str, Any] = {"execute": command, "id": command}
-        if arguments:
-            message["arguments"] = arguments
-        data = json.dumps(message).encode() + b"\n"
-        if fds:
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-            self.sock.sendmsg([data], rights)
-        else:
-            self.sock.sendall(data)
-        while True:
-            reply = json.loads(self.reader.readline())
-            if reply.get("id") == command:
-                if "error" in reply:
-                    raise RuntimeError(f"{command}: {reply['error']}")
-                return reply["return"]
-
-    def wait_deleted(self, device: str) -> None:
-        while True:
-            message = json.loads(self.reader.readline())
-            if message.get("event") == "DEVICE_DELETED" and message.get("data", {}).get("device") == device:
-                return
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
 
 
 def raw_round(raw: RawQMP, image: str) -> float:
@@ -75,7 +36,7 @@ def raw_round(raw: RawQMP, image: str) -> float:
     raw.call("blockdev-add", {"driver": "qcow2", "node-name": "r-fmt", "file": "r-file"})
     raw.call("device_add", {"driver": "virtio-blk-pci", "id": "r1", "drive": "r-fmt"})
     raw.call("device_del", {"id": "r1"})
-    raw.wait_deleted("r1")
+    raw.wait_event("DEVICE_DELETED", device="r1")
     raw.call("blockdev-del", {"node-name": "r-fmt"})
     raw.call("blockdev-del", {"node-name": "r-file"})
     raw.call("remove-fd", {"fdset-id": fdset})

@@ -12,51 +12,18 @@ then sends ``cont``. vmctl also restores nothing (success) but checks and keeps 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import structlog
+from rawqmp import RawQMP
 
 from vmctl import VM, VMSpec
 from vmctl.testing import READY_MARKER, TestGuest
-
-
-class RawQMP:
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
-        self.reader = self.sock.makefile("rb")
-        self.reader.readline()
-        self.call("qmp_capabilities")
-
-    def call(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        message: dict[str, Any] = {"execute": command, "id": command}
-        if arguments:
-            message["arguments"] = arguments
-        self.sock.sendall(json.dumps(message).encode() + b"\n")
-        while True:
-            reply = json.loads(self.reader.readline())
-            if reply.get("id") == command:
-                if "error" in reply:
-                    raise RuntimeError(f"{command}: {reply['error']}")
-                return reply["return"]
-
-    def wait_status(self, status: str) -> None:
-        while True:
-            message = json.loads(self.reader.readline())
-            if message.get("event") == "MIGRATION" and message["data"]["status"] == status:
-                return
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
 
 
 def raw_monitor_args(run_dir: Path) -> tuple[str, ...]:
@@ -100,8 +67,8 @@ def main() -> int:
                     uri = f"unix:{run_dir}/migrate.sock"
                     target_raw.call("migrate-incoming", {"uri": uri})
                     source_raw.call("migrate", {"uri": uri})
-                    source_raw.wait_status("completed")
-                    target_raw.wait_status("completed")
+                    source_raw.wait_event("MIGRATION", status="completed")
+                    target_raw.wait_event("MIGRATION", status="completed")
                     target_raw.call("cont")
                     times[driver].append(time.perf_counter() - started)
                     source_raw.close()

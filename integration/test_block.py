@@ -34,15 +34,6 @@ def make_image(path: Path, fmt: str = "qcow2", size: str = "32M") -> Path:
     return path
 
 
-def device_of(shell: GuestShell, disk_id: str) -> str:
-    for _ in range(100):
-        name = shell.run(f"grep -lx {disk_id} /sys/block/*/serial 2>/dev/null | cut -d/ -f4").output.strip()
-        if name:
-            return name
-        shell.run("sleep 0.1")
-    raise AssertionError(f"the guest never saw {disk_id}")
-
-
 def write_block(shell: GuestShell, device: str, block: int, text: str) -> None:
     """Write ``text`` at 64 KiB block ``block`` of the device, synchronously."""
     shell.run(f"printf '{text}' | dd of=/dev/{device} bs=64k seek={block} conv=sync,fsync 2>/dev/null", check=True)
@@ -74,7 +65,7 @@ def test_snapshot_write_commit_keeps_every_byte(guest_vm: VM, tmp_path: Path) ->
     base = make_image(tmp_path / "base.qcow2")
     vm.hotplug_disk(base, id="d1")
     with GuestShell(vm) as shell:
-        device = device_of(shell, "d1")
+        device = shell.block_device("d1")
         write_block(shell, device, 0, "before-snapshot")
         [disk] = vm.snapshot_disks(["d1"], overlays={"d1": tmp_path / "snap1.qcow2"}, bitmap="since-snap1")
         assert disk.layers == [0, 1] and vm.disks()[0].layers == [0, 1]
@@ -100,7 +91,7 @@ def test_intermediate_commit_and_stream(guest_vm: VM, tmp_path: Path) -> None:
     vm = guest_vm
     vm.hotplug_disk(make_image(tmp_path / "base.qcow2"), id="d1")
     with GuestShell(vm) as shell:
-        device = device_of(shell, "d1")
+        device = shell.block_device("d1")
         for layer in (1, 2, 3):
             write_block(shell, device, layer, f"layer-{layer}")
             vm.snapshot_disks(["d1"], overlays={"d1": tmp_path / f"s{layer}.qcow2"})
@@ -125,7 +116,7 @@ def test_mirror_while_the_guest_writes_then_pivot(guest_vm: VM, tmp_path: Path) 
     source = make_image(tmp_path / "src.qcow2", size="64M")
     vm.hotplug_disk(source, id="d1")
     with GuestShell(vm) as shell:
-        device = device_of(shell, "d1")
+        device = shell.block_device("d1")
         shell.run(f"head -c 8000000 /dev/urandom | dd of=/dev/{device} bs=1M conv=fsync 2>/dev/null", check=True)
         # Keep writing while the mirror runs.
         shell.run(f"(for i in 1 2 3 4 5 6 7 8; do head -c 65536 /dev/urandom | "
@@ -158,7 +149,7 @@ def test_cancel_keeps_the_source(guest_vm: VM, tmp_path: Path) -> None:
     nodes = [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes", {"flat": True})]
     assert "d1-o1-fmt" not in nodes and "d1-fmt" in nodes
     with GuestShell(vm) as shell:
-        write_block(shell, device_of(shell, "d1"), 0, "still-usable")
+        write_block(shell, shell.block_device("d1"), 0, "still-usable")
     vm.unplug_disk("d1")
     assert host_block(tmp_path / "src.qcow2", "qcow2", 0, 12, tmp_path) == b"still-usable"
 
@@ -200,7 +191,7 @@ def test_job_error_on_a_full_filesystem(guest_vm: VM, tmp_path: Path, tiny_fs: P
     vm = guest_vm
     vm.hotplug_disk(make_image(tmp_path / "src.qcow2", size="64M"), id="d1")
     with GuestShell(vm) as shell:
-        device = device_of(shell, "d1")
+        device = shell.block_device("d1")
         shell.run(f"head -c 8000000 /dev/urandom | dd of=/dev/{device} bs=1M conv=fsync 2>/dev/null", check=True)
     job = vm.mirror_disk("d1", tiny_fs / "dst.qcow2")
     with pytest.raises(BlockJobError, match="No space left") as info:
@@ -219,7 +210,7 @@ def test_bitmaps_and_nbd_export(guest_vm: VM, tmp_path: Path) -> None:
     vm.add_bitmap("d1", "b1")
     vm.add_bitmap("d1", "b2", persistent=False)
     with GuestShell(vm) as shell:
-        write_block(shell, device_of(shell, "d1"), 3, "exported-data")
+        write_block(shell, shell.block_device("d1"), 3, "exported-data")
     vm.merge_bitmaps("d1", "b2", ["b1"])
     bitmaps = {b.name: b for b in vm.bitmaps("d1")}
     assert bitmaps["b1"].persistent and not bitmaps["b2"].persistent

@@ -42,13 +42,7 @@ def test_hotplug_write_read_back_and_unplug(vms: VMFactory, tmp_path: Path, fmt:
     with GuestShell(vm) as shell:
         disk = vm.hotplug_disk(image, id="data1", format=fmt)
         assert disk.fdset_id is not None
-        name = None
-        for _ in range(50):
-            name = guest_disk(shell, "data1")
-            if name:
-                break
-            shell.run("sleep 0.1")
-        assert name, "the guest never saw the hotplugged disk"
+        name = shell.block_device("data1")
         assert shell.run(f"cat /sys/block/{name}/size").output.strip() == str(64 * 1024 * 1024 // 512)
         shell.run(f"echo vmctl-pattern-1234 | dd of=/dev/{name} bs=512 conv=sync,fsync 2>/dev/null", check=True)
         assert shell.run(f"dd if=/dev/{name} bs=18 count=1 2>/dev/null").output == "vmctl-pattern-1234"
@@ -109,13 +103,7 @@ def test_resize_and_throttle(vms: VMFactory, tmp_path: Path) -> None:
     [info] = [b for b in vm.qmp.execute("query-block") if b.get("inserted", {}).get("node-name") == "grow1-fmt"]
     assert info["inserted"]["bps"] == 4 * 1024 * 1024 and info["inserted"]["iops"] == 100
     with GuestShell(vm) as shell:
-        name = None
-        for _ in range(50):
-            name = guest_disk(shell, "grow1")
-            if name:
-                break
-            shell.run("sleep 0.1")
-        assert name
+        name = shell.block_device("grow1")
         vm.resize_disk("grow1", 128 * 1024 * 1024)
         assert shell.run(f"cat /sys/block/{name}/size").output.strip() == str(128 * 1024 * 1024 // 512)
         with pytest.raises(InvalidArgument, match="shrink"):
@@ -138,13 +126,7 @@ def test_scsi_disk_hotplug(vms: VMFactory, tmp_path: Path) -> None:
     image = make_image(tmp_path / "scsi.raw", "raw", "32M")
     with GuestShell(vm) as shell:
         vm.hotplug_disk(image, id="scsi1", format="raw", bus="scsi")
-        name = ""
-        for _ in range(100):
-            name = shell.run("ls /sys/block | grep ^sd").output.strip()
-            if name:
-                break
-            shell.run("sleep 0.1")
-        assert name == "sda"
+        assert shell.block_device("scsi1") == "sda"
         shell.run("echo scsi-data | dd of=/dev/sda conv=sync,fsync 2>/dev/null", check=True)
         vm.set_disk_throttle("scsi1", disk_ops.Throttle(iops=50))
         vm.unplug_disk("scsi1")

@@ -49,10 +49,7 @@ def test_precopy_keeps_memory_and_hotplugged_devices(vms: VMFactory, tmp_path: P
     source.hotplug_memory(128, id="dimm1")
     source.hotplug_cpus(1)
     with GuestShell(source) as shell:
-        for _ in range(50):
-            if shell.run("grep -qx data1 /sys/block/vda/serial").ok:
-                break
-            shell.run("sleep 0.1")
+        assert shell.block_device("data1") == "vda"
         shell.run("echo before-migration | dd of=/dev/vda conv=sync,fsync 2>/dev/null", check=True)
     write_pattern(source)
     target = incoming(vms, source, "dst")
@@ -218,10 +215,7 @@ def test_copy_storage_migration_carries_the_disk(vms: VMFactory, tmp_path: Path)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
     source.hotplug_disk(image, id="data1")
     with GuestShell(source) as shell:
-        for _ in range(50):
-            if shell.run("grep -qx data1 /sys/block/vda/serial").ok:
-                break
-            shell.run("sleep 0.1")
+        assert shell.block_device("data1") == "vda"
         shell.run("head -c 4000000 /dev/urandom | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
         guest_sum = shell.run("dd if=/dev/vda bs=1M count=8 2>/dev/null | md5sum").output.split()[0]
     copy = tmp_path / "dst.qcow2"  # the target host's own, empty image

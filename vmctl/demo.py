@@ -102,11 +102,7 @@ def _disk_round_trip(printer: _Printer, vm: VM, work: Path) -> None:
         with printer.step(f"hotplugging {image.name} into {vm.name} (fd passed with add-fd, no path access needed)"):
             disk = vm.hotplug_disk(image, id="data1")
             printer.say(f"    fdset {disk.fdset_id}, nodes {disk.file_node} + {disk.format_node}, device {disk.id}")
-            device = ""
-            for _ in range(100):
-                device = shell.run("grep -l '^data1$' /sys/block/*/serial 2>/dev/null | cut -d/ -f4").output.strip()
-                if device:
-                    break
+            device = shell.block_device("data1")
             printer.say(f"    the guest sees /dev/{device}")
         with printer.step("writing in the guest, reading back in the guest"):
             shell.run(f"echo 'hello from the guest' | dd of=/dev/{device} conv=sync,fsync 2>/dev/null", check=True)
@@ -131,10 +127,7 @@ def _migrate(printer: _Printer, source: VM, work: Path) -> VM:
     with printer.step(f"preparing {source.name} for migration: a hotplugged disk with data, 16 MB of data in RAM"):
         source.hotplug_disk(image, id="carried1")
         with GuestShell(source) as shell:
-            for _ in range(100):
-                if shell.run("grep -qx carried1 /sys/block/*/serial 2>/dev/null").ok:
-                    break
-            device = "$(grep -lx carried1 /sys/block/*/serial | cut -d/ -f4)"
+            device = shell.block_device("carried1")
             shell.run(f"echo 'written before migration' | dd of=/dev/{device} conv=sync,fsync 2>/dev/null", check=True)
             shell.run("head -c 16000000 /dev/urandom > /tmp/pattern && sha256sum /tmp/pattern > /tmp/sum", check=True)
     with printer.step(f"live-migrating {source.name} to a new QEMU (unix socket, 64 MiB/s cap to watch it go)"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from vmctl.errors import CommandError, DeviceNotFound, EventTimeout, HotplugError
 from vmctl.qmp import Monitor
 from vmctl.spec import pci_addr_from_devfn
@@ -13,8 +15,11 @@ def device_present(qmp: Monitor, device_id: str) -> bool:
     return any(child.get("name") == device_id for child in children)
 
 
-def remove_device(qmp: Monitor, device_id: str, timeout: float) -> None:
-    """device_del and wait for the guest to let go (DEVICE_DELETED for this id)."""
+def remove_device(
+    qmp: Monitor, device_id: str, timeout: float, *, kind: str = "device", also_left: Sequence[str] = ()
+) -> None:
+    """device_del and wait for the guest to let go (DEVICE_DELETED for this id). If it does not,
+    ``HotplugError`` names the device and ``also_left`` (what the caller would remove after it)."""
     if not device_present(qmp, device_id):
         return
     with qmp.events("DEVICE_DELETED", match={"device": device_id}) as deleted:
@@ -30,8 +35,8 @@ def remove_device(qmp: Monitor, device_id: str, timeout: float) -> None:
         except EventTimeout:
             if device_present(qmp, device_id):
                 raise HotplugError(
-                    f"the guest did not release device {device_id} within {timeout:g}s",
-                    remaining=(f"device {device_id}",),
+                    f"the guest did not release {kind} {device_id} within {timeout:g}s",
+                    remaining=(f"device {device_id}", *also_left),
                 ) from None
 
 

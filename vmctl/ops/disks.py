@@ -222,12 +222,10 @@ def unplug_disk(qmp: Monitor, log: Any, *, disk_id: str, timeout: float = 30.0) 
     # QEMU may send DEVICE_DELETED before device_del's reply, so remove_device subscribes first. It
     # first sends one for the virtio backend path (no "device" field), then the one for our id.
     try:
-        remove_device(qmp, disk_id, timeout)
-    except HotplugError:
-        raise HotplugError(
-            f"the guest did not release disk {disk_id} within {timeout:g}s",
-            remaining=(f"device {disk_id}", *(f"node {n}" for n in disk_nodes(qmp, disk_id))),
-        ) from None
+        remove_device(qmp, disk_id, timeout, kind="disk")
+    except HotplugError as exc:  # name the nodes too (only looked up when it matters)
+        nodes = tuple(f"node {n}" for n in disk_nodes(qmp, disk_id))
+        raise HotplugError(str(exc).split(";")[0], remaining=(*exc.remaining, *nodes)) from None
     delete_disk_nodes(qmp, disk_id)
     remove_disk_fdsets(qmp, disk_id)
     bound.info("disk.unplugged")

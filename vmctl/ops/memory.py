@@ -86,13 +86,7 @@ def hotplug_memory(qmp: Monitor, log: Any, *, memory_id: str, size_mib: int, tim
 def unplug_memory(qmp: Monitor, log: Any, *, memory_id: str, timeout: float = 30.0) -> None:
     """Remove a DIMM (the guest must offline it first; it does when the memory is movable)."""
     bound = log.bind(memory=memory_id)
-    try:
-        remove_device(qmp, memory_id, timeout)
-    except HotplugError:
-        raise HotplugError(
-            f"the guest did not release memory {memory_id} within {timeout:g}s",
-            remaining=(f"device {memory_id}", f"object {backend_id(memory_id)}"),
-        ) from None
+    remove_device(qmp, memory_id, timeout, kind="memory", also_left=(f"object {backend_id(memory_id)}",))
     objects = {o["name"] for o in qmp.execute("qom-list", {"path": "/objects"})}
     if backend_id(memory_id) in objects:
         qmp.execute("object-del", {"id": backend_id(memory_id)})

@@ -146,13 +146,7 @@ def _closefd(qmp: Monitor, fd_name: str) -> None:
 def unplug_nic(qmp: Monitor, log: Any, *, nic_id: str, timeout: float = 30.0) -> None:
     """Remove the NIC once the guest releases it, then its tap backend. Idempotent."""
     bound = log.bind(nic=nic_id)
-    try:
-        remove_device(qmp, nic_id, timeout)
-    except HotplugError:
-        raise HotplugError(
-            f"the guest did not release nic {nic_id} within {timeout:g}s",
-            remaining=(f"device {nic_id}", f"netdev {netdev_id(nic_id)}"),
-        ) from None
+    remove_device(qmp, nic_id, timeout, kind="nic", also_left=(f"netdev {netdev_id(nic_id)}",))
     with contextlib.suppress(DeviceNotFound):
         qmp.execute("netdev_del", {"id": netdev_id(nic_id)})
     bound.info("nic.unplugged")

@@ -67,6 +67,26 @@ class GuestShell:
             raise GuestCommandFailed(command, result)
         return result
 
+    def poll(self, command: str, *, timeout: float = 10.0, interval: float = 0.1) -> str:
+        """Rerun ``command`` in the guest until it succeeds with some output (say, until a
+        hotplugged device shows up); returns that output. The loop runs in the guest: one
+        round trip. ``WaitTimeout`` if it never does."""
+        tries = max(1, int(timeout / interval))
+        script = (
+            f"for _ in $(seq {tries}); do out=$({{ {command}; }} 2>/dev/null) "
+            f'&& [ -n "$out" ] && {{ echo "$out"; exit 0; }}; sleep {interval}; done; exit 1'
+        )
+        result = self.run(script, timeout=timeout + 10)
+        if not result.ok:
+            raise WaitTimeout(f"guest command {command!r} did not succeed with output within {timeout:g}s")
+        return result.output.strip()
+
+    def block_device(self, serial: str, *, timeout: float = 10.0) -> str:
+        """The guest's name (``vda``, ``sdb``…) of the disk with this serial (vmctl sets the disk
+        id), once the guest sees it. virtio-blk shows the serial in ``serial``, SCSI in VPD page 0x80."""
+        find = f"{{ grep -lx '{serial}' /sys/block/*/serial; grep -la '{serial}' /sys/block/*/device/vpd_pg80; }}"
+        return self.poll(f"{find} 2>/dev/null | head -n 1 | cut -d/ -f4", timeout=timeout)
+
     def send(self, command: str) -> None:
         """Start a command and do not wait (for ``reboot -f`` and other commands that never answer)."""
         with self._lock:
