@@ -11,9 +11,9 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import structlog
@@ -24,42 +24,29 @@ from vmctl.errors import (
     AbnormalExit,
     CommandError,
     ConnectError,
-    DeviceExists,
-    InvalidArgument,
     LaunchError,
     QMPError,
     StaleState,
     StateError,
-    UnknownDevice,
     WaitTimeout,
 )
-from vmctl.ops import balloon as balloon_ops
-from vmctl.ops import bitmaps as bitmap_ops
-from vmctl.ops import chains as chain_ops
-from vmctl.ops import chardevs as chardev_ops
-from vmctl.ops import cpus as cpu_ops
-from vmctl.ops import disks as disk_ops
-from vmctl.ops import memory as memory_ops
-from vmctl.ops import migration as migration_ops
 from vmctl.ops import nbd as nbd_ops
-from vmctl.ops import nics as nic_ops
-from vmctl.ops.blockjobs import Job, JobProgress, query_jobs
-from vmctl.ops.devices import device_present, pci_address
-from vmctl.ops.storage_copy import StorageCopy
+from vmctl.ops.blockjobs import JobProgress, query_jobs
+from vmctl.ops.devices import pci_address
 from vmctl.process import ExitStatus, QemuProcess
 from vmctl.qmp import Event, Monitor, connect
 from vmctl.spec import (
     CONSOLE_CHARDEV,
     LOG_FILE,
-    MIGRATION_SOCKET,
     QMP_SOCKET,
     SHELL_SOCKET,
     Accelerator,
-    DiskSpec,
-    NicSpec,
     VMSpec,
 )
 from vmctl.state import STATE_FILE, Inventory, VMState, read_state, write_state
+from vmctl.vm_blocks import BlockMethods
+from vmctl.vm_devices import DeviceMethods
+from vmctl.vm_migration import MigrationMethods
 
 log = structlog.get_logger(__name__)
 
@@ -136,7 +123,7 @@ def default_accelerator() -> Accelerator:
     return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
 
 
-class VM:
+class VM(DeviceMethods, BlockMethods, MigrationMethods):
     """A running QEMU. Get one with :meth:`launch` or :meth:`attach`; ``close()`` detaches."""
 
     def __init__(self, *, run_dir: Path, state: VMState, process: QemuProcess, qmp: Monitor) -> None:
@@ -317,10 +304,6 @@ class VM:
 
     # -- state --------------------------------------------------------------------------------
 
-    @property
-    def inventory(self) -> Inventory:
-        return self._inventory
-
     def _pin_pci_addresses(self) -> None:
         """Record where QEMU put the spec's PCI devices, so a migration target can match it."""
         disks = tuple(
@@ -356,474 +339,6 @@ class VM:
     @property
     def pid(self) -> int:
         return self.process.pid
-
-    # -- devices ------------------------------------------------------------------------------
-
-    def disks(self) -> tuple[DiskSpec, ...]:
-        return self._inventory.disks
-
-    def hotplug_disk(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        id: str,
-        format: str = "qcow2",
-        read_only: bool = False,
-        bus: disk_ops.Bus = "virtio-blk",
-        cache: disk_ops.CacheMode = "writeback",
-        aio: disk_ops.Aio = "threads",
-        throttle: disk_ops.Throttle | None = None,
-        timeout: float = 30.0,
-    ) -> disk_ops.Disk:
-        """Attach an image as a new disk; on any failure every step is undone (``HotplugError``)."""
-        with self._ops_lock:
-            self._refuse_duplicate(id)
-            disk = disk_ops.hotplug_disk(
-                self.qmp,
-                self._log,
-                path=path,
-                disk_id=id,
-                format=format,
-                read_only=read_only,
-                bus=bus,
-                cache=cache,
-                aio=aio,
-                throttle=throttle,
-                timeout=timeout,
-            )
-            pinned = attrs.evolve(disk.spec(), pci_addr=pci_address(self.qmp, id) if bus == "virtio-blk" else None)
-            self._inventory = attrs.evolve(self._inventory, disks=(*self._inventory.disks, pinned))
-            self._save_state()
-            return disk
-
-    def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None:
-        """Detach a disk: the guest releases it, then its nodes and fdset go. Safe to retry."""
-        with self._ops_lock:
-            self._require_disk(id)
-            disk_ops.unplug_disk(self.qmp, self._log, disk_id=id, timeout=timeout)
-            self._inventory = attrs.evolve(self._inventory, disks=tuple(d for d in self._inventory.disks if d.id != id))
-            self._save_state()
-
-    def nics(self) -> tuple[NicSpec, ...]:
-        return self._inventory.nics
-
-    def hotplug_nic(
-        self,
-        *,
-        id: str,
-        tap: str | None = None,
-        mac: str | None = None,
-        model: str = "virtio-net-pci",
-        queues: int = 1,
-        timeout: float = 30.0,
-    ) -> nic_ops.Nic:
-        """Add a NIC on a tap device that vmctl opens (``tap`` names it; else the kernel does).
-        A MAC is generated when none is given, so it survives migration and re-attach."""
-        with self._ops_lock:
-            self._refuse_duplicate(id)
-            nic = nic_ops.hotplug_nic(
-                self.qmp, self._log, nic_id=id, tap=tap, mac=mac, model=model, queues=queues, timeout=timeout
-            )
-            pinned_nic = attrs.evolve(nic.spec(), pci_addr=pci_address(self.qmp, id))
-            self._inventory = attrs.evolve(self._inventory, nics=(*self._inventory.nics, pinned_nic))
-            self._save_state()
-            return nic
-
-    def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
-        with self._ops_lock:
-            if not any(n.id == id for n in self._inventory.nics):
-                raise UnknownDevice(f"{self.name} has no nic {id!r}")
-            nic_ops.unplug_nic(self.qmp, self._log, nic_id=id, timeout=timeout)
-            self._inventory = attrs.evolve(self._inventory, nics=tuple(n for n in self._inventory.nics if n.id != id))
-            self._save_state()
-
-    def resize_disk(self, id: str, size: int, *, allow_shrink: bool = False) -> None:
-        """Grow a disk to ``size`` bytes; the guest sees the new size at once."""
-        with self._ops_lock:
-            disk = self._require_disk(id)
-            disk_ops.resize_disk(self.qmp, self._log, disk=disk, size=size, allow_shrink=allow_shrink)
-
-    def set_disk_throttle(self, id: str, throttle: disk_ops.Throttle) -> None:
-        """Set (or, with ``Throttle()``, clear) a disk's I/O limits."""
-        with self._ops_lock:
-            bus = self._require_disk(id).bus
-            disk_ops.set_throttle(self.qmp, disk_id=id, throttle=throttle, bus=bus)
-            self._log.info("disk.throttled", disk=id, **throttle.arguments())
-
-    def hotplug_chardev(
-        self,
-        id: str,
-        *,
-        kind: chardev_ops.Kind,
-        path: str | os.PathLike[str] | None = None,
-        size: int = 65536,
-        port_name: str | None = None,
-        timeout: float = 30.0,
-    ) -> chardev_ops.Chardev:
-        """Add a chardev (a unix socket QEMU listens on, or a ring buffer); with ``port_name`` the
-        guest sees it as that virtio-serial port."""
-        with self._ops_lock:
-            self._refuse_duplicate(id)
-            chardev = chardev_ops.hotplug_chardev(
-                self.qmp, self._log, chardev_id=id, kind=kind, path=path, size=size, port_name=port_name,
-                timeout=timeout,
-            )  # fmt: skip
-            self._inventory = attrs.evolve(self._inventory, chardevs=(*self._inventory.chardevs, chardev))
-            self._save_state()
-            return chardev
-
-    def unplug_chardev(self, id: str, *, timeout: float = 30.0) -> None:
-        with self._ops_lock:
-            chardev = next((c for c in self._inventory.chardevs if c.id == id), None)
-            if chardev is None:
-                raise UnknownDevice(f"{self.name} has no chardev {id!r}")
-            chardev_ops.unplug_chardev(self.qmp, self._log, chardev=chardev, timeout=timeout)
-            remaining = tuple(c for c in self._inventory.chardevs if c.id != id)
-            self._inventory = attrs.evolve(self._inventory, chardevs=remaining)
-            self._save_state()
-
-    def _require_disk(self, disk_id: str) -> DiskSpec:
-        for disk in self._inventory.disks:
-            if disk.id == disk_id:
-                return disk
-        raise UnknownDevice(f"{self.name} has no disk {disk_id!r}")
-
-    def _refuse_duplicate(self, device_id: str) -> None:
-        if device_id in self._inventory.device_ids() or device_present(self.qmp, device_id):
-            raise DeviceExists(f"{self.name} already has a device {device_id!r}")
-
-    def hotplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
-        """Add ``count`` vCPUs (up to the spec's ``max_cpus``); the guest may need to online them."""
-        with self._ops_lock:
-            added = cpu_ops.hotplug_cpus(self.qmp, self._log, count, timeout=timeout)
-            self._inventory = attrs.evolve(self._inventory, hotplugged_cpus=(*self._inventory.hotplugged_cpus, *added))
-            self._save_state()
-            return added
-
-    def unplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
-        """Remove the ``count`` most recently hotplugged vCPUs (the guest must release them)."""
-        with self._ops_lock:
-            removed = cpu_ops.unplug_cpus(self.qmp, self._log, count, timeout=timeout)
-            remaining = tuple(c for c in self._inventory.hotplugged_cpus if c not in removed)
-            self._inventory = attrs.evolve(self._inventory, hotplugged_cpus=remaining)
-            self._save_state()
-            return removed
-
-    def hotplug_memory(self, size_mib: int, *, id: str, timeout: float = 30.0) -> memory_ops.MemorySpec:
-        """Add a DIMM of ``size_mib`` (a multiple of 128); needs ``max_memory_mib`` and ``memory_slots``."""
-        with self._ops_lock:
-            self._refuse_duplicate(id)
-            memory = memory_ops.hotplug_memory(self.qmp, self._log, memory_id=id, size_mib=size_mib, timeout=timeout)
-            self._inventory = attrs.evolve(self._inventory, memory=(*self._inventory.memory, memory))
-            self._save_state()
-            return memory
-
-    def unplug_memory(self, id: str, *, timeout: float = 30.0) -> None:
-        with self._ops_lock:
-            if not any(m.id == id for m in self._inventory.memory):
-                raise UnknownDevice(f"{self.name} has no hotplugged memory {id!r}")
-            memory_ops.unplug_memory(self.qmp, self._log, memory_id=id, timeout=timeout)
-            self._inventory = attrs.evolve(
-                self._inventory, memory=tuple(m for m in self._inventory.memory if m.id != id)
-            )
-            self._save_state()
-
-    def memory_devices(self) -> list[memory_ops.MemoryDevice]:
-        return memory_ops.memory_devices(self.qmp)
-
-    def balloon(self) -> int:
-        """The guest memory in bytes as the balloon reports it."""
-        return balloon_ops.balloon_bytes(self.qmp)
-
-    def set_balloon(self, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int:
-        """Inflate or deflate the balloon to leave the guest ``target_bytes``; waits for the guest by default."""
-        return balloon_ops.set_balloon(self.qmp, self._log, target_bytes, wait=wait, timeout=timeout)
-
-    # -- block jobs, snapshots, bitmaps, NBD ----------------------------------------------------
-
-    def _replace_disk(self, disk: DiskSpec) -> None:
-        with self._ops_lock:
-            self._inventory = attrs.evolve(
-                self._inventory, disks=tuple(disk if d.id == disk.id else d for d in self._inventory.disks)
-            )
-            self._save_state()
-
-    def snapshot_disks(
-        self,
-        ids: list[str],
-        *,
-        overlays: dict[str, str | os.PathLike[str]],
-        bitmap: str | None = None,
-    ) -> list[DiskSpec]:
-        """External snapshots of these disks, switched atomically (one transaction); ``overlays``
-        maps each id to its new qcow2 file. On failure nothing changes (``SnapshotError``)."""
-        with self._ops_lock:
-            disks = [self._require_disk(i) for i in ids]
-            updated = chain_ops.snapshot_disks(self.qmp, self._log, disks, overlays, bitmap=bitmap)
-            for disk in updated:
-                self._replace_disk(disk)
-            return updated
-
-    def commit_disk(self, id: str, *, top: int | None = None, base: int | None = None, timeout: float = 300) -> None:
-        """Commit layers down (``top``/``base`` are layer numbers, see ``DiskSpec.layers``): an
-        active commit pivots the guest back onto the base; the chain in the inventory follows."""
-        with self._ops_lock:
-            disk = self._require_disk(id)
-            job, result = chain_ops.start_commit(self.qmp, self._log, disk, top=top, base=base)
-            job.on_success(lambda: self._replace_disk(result))
-            if top is None or top == disk.layers[-1]:
-                job.wait_ready(timeout)
-                job.complete(timeout)
-            else:
-                job.wait(timeout)
-
-    def stream_disk(self, id: str, *, base: int | None = None, timeout: float = 300) -> None:
-        """Pull the backing layers' data into the active layer (all of them: a standalone image)."""
-        with self._ops_lock:
-            disk = self._require_disk(id)
-            job, result = chain_ops.start_stream(self.qmp, self._log, disk, base=base)
-            job.on_success(lambda: self._replace_disk(result))
-            job.wait(timeout)
-
-    def mirror_disk(
-        self,
-        id: str,
-        target_path: str | os.PathLike[str],
-        *,
-        sync: chain_ops.MirrorSync = "full",
-        format: Literal["qcow2", "raw"] = "qcow2",
-    ) -> Job:
-        """Start mirroring a disk to a new image; ``job.wait_ready()`` then ``job.complete()``
-        pivots the guest onto it (the inventory follows) or ``job.cancel()`` keeps the source."""
-        with self._ops_lock:
-            disk = self._require_disk(id)
-            job, result = chain_ops.start_mirror(self.qmp, self._log, disk, target_path, sync=sync, fmt=format)
-            job.on_success(lambda: self._replace_disk(result))
-            return job
-
-    def block_jobs(self) -> list[JobProgress]:
-        return query_jobs(self.qmp)
-
-    def bitmaps(self, id: str) -> list[bitmap_ops.Bitmap]:
-        return bitmap_ops.bitmaps(self.qmp, self._require_disk(id))
-
-    def add_bitmap(self, id: str, name: str, *, persistent: bool = True, granularity: int | None = None) -> None:
-        bitmap_ops.add_bitmap(self.qmp, self._require_disk(id), name, persistent=persistent, granularity=granularity)
-
-    def remove_bitmap(self, id: str, name: str) -> None:
-        bitmap_ops.remove_bitmap(self.qmp, self._require_disk(id), name)
-
-    def clear_bitmap(self, id: str, name: str) -> None:
-        bitmap_ops.clear_bitmap(self.qmp, self._require_disk(id), name)
-
-    def merge_bitmaps(self, id: str, target: str, sources: list[str]) -> None:
-        bitmap_ops.merge_bitmaps(self.qmp, self._require_disk(id), target, sources)
-
-    def export_disk(
-        self, id: str, *, address: nbd_ops.NbdAddress | None = None, writable: bool = False, name: str | None = None
-    ) -> nbd_ops.Export:
-        """Export a disk over NBD (the VM's NBD server starts on first use: ``address`` is a unix
-        socket path or (host, port); default: nbd.sock in the run dir)."""
-        with self._ops_lock:
-            disk = self._require_disk(id)
-            if id in self._exports:
-                raise DeviceExists(f"disk {id} is exported already")
-            if self._nbd_address is None:
-                wanted = address if address is not None else str(self.run_dir / "nbd.sock")
-                nbd_ops.start_server(self.qmp, wanted)
-                self._nbd_address = wanted
-            elif address is not None and address != self._nbd_address:
-                raise InvalidArgument(f"the NBD server already listens on {self._nbd_address}")
-            export = nbd_ops.add_export(self.qmp, disk, self._nbd_address, writable=writable, name=name)
-            self._exports[id] = export
-            self._log.info("disk.exported", disk=id, uri=export.uri, writable=writable)
-            return export
-
-    @property
-    def nbd_address(self) -> nbd_ops.NbdAddress | None:
-        """Where this VM's NBD server listens, while it has exports."""
-        return self._nbd_address
-
-    def unexport_disk(self, id: str) -> None:
-        with self._ops_lock:
-            if id not in self._exports:
-                raise UnknownDevice(f"disk {id} is not exported")
-            nbd_ops.remove_export(self.qmp, id)
-            del self._exports[id]
-            if not self._exports:
-                nbd_ops.stop_server(self.qmp)
-                self._nbd_address = None
-
-    # -- migration ----------------------------------------------------------------------------
-
-    def migration_target_spec(
-        self, *, name: str | None = None, disk_paths: Mapping[str, str | os.PathLike[str]] | None = None
-    ) -> VMSpec:
-        """A spec for a migration target with this VM's devices as they are now, hotplugged ones
-        included, at the same PCI addresses and memory slots. NIC backends are the target's own
-        (user networking unless the caller sets taps). ``disk_paths`` gives the target its own
-        (flat, same-size) images for those disks, for ``migrate(copy_storage=True)``."""
-        inventory = self._inventory
-        disks = tuple(
-            attrs.evolve(d, path=os.fspath(disk_paths[d.id]), base_layer=0, overlays=())
-            if disk_paths and d.id in disk_paths
-            else d
-            for d in inventory.disks
-        )
-        unknown = set(disk_paths or ()) - {d.id for d in inventory.disks}
-        if unknown:
-            raise InvalidArgument(f"{self.name} has no disks {', '.join(sorted(unknown))}")
-        if inventory.chardevs:
-            raise InvalidArgument(f"{self.name}: migrating hotplugged chardevs is not supported yet")
-        if any(d.bus == "scsi" for d in inventory.disks) and not any(d.bus == "scsi" for d in self.spec.disks):
-            raise InvalidArgument(f"{self.name}: migrating SCSI disks hotplugged at run time is not supported yet")
-        extra = list(self.spec.extra_args)
-        for memory in inventory.memory:
-            backend = memory_ops.backend_id(memory.id)
-            dimm = f"pc-dimm,id={memory.id},memdev={backend}"
-            dimm += f",slot={memory.slot}" if memory.slot is not None else ""
-            dimm += f",addr={memory.addr}" if memory.addr is not None else ""
-            extra += ["-object", f"memory-backend-ram,id={backend},size={memory.size_mib}M", "-device", dimm]
-        for slot in cpu_ops.cpu_slots(self.qmp):
-            if slot.hotplugged_by_us:
-                props = ",".join(f"{key}={value}" for key, value in slot.props.items())
-                extra += ["-device", f"{slot.type},id={slot.device_id},{props}"]
-        return attrs.evolve(
-            self.spec,
-            name=name or self.spec.name,
-            disks=disks,
-            nics=tuple(attrs.evolve(n, tap=None) for n in inventory.nics),
-            extra_args=tuple(extra),
-        )
-
-    def migrate(
-        self,
-        target: VM | str,
-        *,
-        listen: tuple[str, int] | None = None,
-        postcopy: bool = False,
-        auto_converge: bool = False,
-        bandwidth: int | None = None,
-        downtime_limit: int | None = None,
-        pause_before_switchover: bool = False,
-        multifd_channels: int | None = None,
-        resume_target: bool = True,
-        stop_source: bool = True,
-        copy_storage: bool = False,
-        storage_timeout: float = 600.0,
-    ) -> migration_ops.Migration:
-        """Start migrating to ``target``: a VM from ``launch_incoming`` (it listens on a unix
-        socket in its run dir, or on ``listen`` = (host, port) over TCP) or a migration URI.
-
-        Capabilities (``events`` always) and parameters are set on both sides and restored on
-        the source if the migration fails. On success the target is resumed and this source
-        quits (unless told otherwise).
-
-        ``copy_storage`` copies the disks whose image differs on the target (see
-        ``migration_target_spec(disk_paths=...)``) first: each is mirrored into the target's NBD
-        export until in sync (``storage_timeout``), then RAM follows."""
-        options = migration_ops.MigrationOptions(
-            postcopy=postcopy,
-            auto_converge=auto_converge,
-            bandwidth=bandwidth,
-            downtime_limit=downtime_limit,
-            pause_before_switchover=pause_before_switchover,
-            multifd_channels=multifd_channels,
-            copy_storage=copy_storage,
-        )
-        if isinstance(target, VM):
-            mismatch = _device_mismatch(self._inventory, target.inventory)
-            if mismatch:
-                raise InvalidArgument(
-                    f"{target.name} does not have {self.name}'s devices ({mismatch}); "
-                    "launch it from source.migration_target_spec() with inventory=source.inventory"
-                )
-        elif not isinstance(target, str) or not target:
-            raise InvalidArgument(f"migrate to a VM launched for incoming or a URI, not {target!r}")
-        elif copy_storage:
-            raise InvalidArgument("copy_storage needs a target VM (launched with launch_incoming)")
-        storage = (
-            self._copy_storage(target, listen, storage_timeout) if isinstance(target, VM) and copy_storage else None
-        )
-        target_events = None
-        try:
-            if isinstance(target, VM):
-                uri = f"tcp:{listen[0]}:{listen[1]}" if listen else f"unix:{target.run_dir / MIGRATION_SOCKET}"
-                migration_ops.set_capabilities(target.qmp, options.capabilities(source=False))
-                migration_ops.set_parameters(target.qmp, options.parameters(source=False))
-                target_events = target.qmp.events("MIGRATION")
-                target.qmp.execute("migrate-incoming", {"uri": uri})
-            else:
-                uri = target
-            previous_caps = migration_ops.set_capabilities(self.qmp, options.capabilities(source=True))
-            previous_params = migration_ops.set_parameters(self.qmp, options.parameters(source=True))
-        except BaseException:
-            if target_events is not None:
-                target_events.close()
-            if storage is not None:
-                storage.abort()
-            raise
-
-        def restore() -> None:
-            migration_ops.set_capabilities(self.qmp, previous_caps)
-            migration_ops.set_parameters(self.qmp, previous_params)
-
-        events = self.qmp.events("MIGRATION")
-        try:
-            self.qmp.execute("migrate", {"uri": uri})
-        except BaseException:
-            events.close()
-            if target_events is not None:
-                target_events.close()
-            restore()
-            if storage is not None:
-                storage.abort()
-            raise
-        self._log.info("vm.migration_started", uri=uri, postcopy=postcopy, copy_storage=copy_storage)
-        target_inventory = self._inventory
-        if isinstance(target, VM):  # its own images and NIC backends, the source's everything else
-            target_inventory = attrs.evolve(self._inventory, disks=target.inventory.disks, nics=target.inventory.nics)
-        return migration_ops.Migration(
-            source=self,
-            target=target if isinstance(target, VM) else None,
-            uri=uri,
-            options=options,
-            source_events=events,
-            target_events=target_events,
-            restore=restore,
-            resume_target=resume_target,
-            stop_source=stop_source,
-            target_inventory=target_inventory,
-            on_completed=storage.finish if storage is not None else None,
-            on_aborted=storage.abort if storage is not None else None,
-        )
-
-    def _copy_storage(self, target: VM, listen: tuple[str, int] | None, timeout: float) -> StorageCopy:
-        """Mirror the disks whose image differs on the target into its NBD exports, until in sync."""
-        theirs = {d.id: d for d in target.inventory.disks}
-        to_copy = [d for d in self._inventory.disks if theirs[d.id].path != d.path or theirs[d.id].overlays]
-        if not to_copy:
-            raise InvalidArgument("copy_storage: the target uses the same images (launch it with disk_paths)")
-        # Over TCP the NBD server listens next to the migration port; else on a socket in its run dir.
-        address = (listen[0], listen[1] + 1) if listen else None
-        return StorageCopy.start(self, target, to_copy, address=address, timeout=timeout, log=self._log)
-
-    def adopt_inventory(self, inventory: Inventory) -> None:
-        """Take over the device inventory of the VM this one was migrated from."""
-        with self._ops_lock:
-            self._inventory = inventory
-            self._save_state()
-
-    def finish_migrated_source(self, *, timeout: float = 10.0) -> None:
-        """The guest runs elsewhere now: quit this QEMU (an expected exit)."""
-        self._expected_exit = True
-        with contextlib.suppress(QMPError):
-            self.qmp.execute("quit", timeout=timeout)
-        if self.process.wait(timeout) is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout)
-        self._exited.wait(1.0)
-        self._log.info("vm.migrated_away")
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -1033,22 +548,6 @@ class VM:
         self._crash = crash
         self._log.error("vm.crashed", reason=message)
         self._notify("crash", crash)
-
-
-def _device_mismatch(source: Inventory, target: Inventory) -> str:
-    """What differs between two VMs' device sets, in words (empty when they match)."""
-    differences = []
-    for kind, mine, theirs in (
-        ("disks", {d.id for d in source.disks}, {d.id for d in target.disks}),
-        ("nics", {n.id for n in source.nics}, {n.id for n in target.nics}),
-        ("memory", {m.id for m in source.memory}, {m.id for m in target.memory}),
-        ("cpus", set(source.hotplugged_cpus), set(target.hotplugged_cpus)),
-    ):
-        if mine - theirs:
-            differences.append(f"{kind} missing on the target: {', '.join(sorted(mine - theirs))}")
-        if theirs - mine:
-            differences.append(f"{kind} only on the target: {', '.join(sorted(theirs - mine))}")
-    return "; ".join(differences)
 
 
 def _refuse_live_vm(run_dir: Path) -> None:

@@ -71,6 +71,9 @@ if ! grep -q vmctl.noacpi /proc/cmdline; then
         [ -e "$event" ] && (dd if="$event" of=/dev/null bs=24 count=1 2>/dev/null; poweroff -f) &
     done
 fi
+# Hold the shell port open for good: the 8250 driver empties the UART's FIFO whenever the port is
+# opened after having been closed, which would eat a command the host sent in between.
+exec 3<>/dev/ttyS1
 stty -F /dev/ttyS1 raw -echo 115200
 (while :; do /bin/vmctl-shell </dev/ttyS1 >/dev/ttyS1 2>&1; sleep 0.2; done) &
 echo {READY_MARKER}

@@ -1,0 +1,125 @@
+"""Block methods of the VM: snapshots, commit, stream, mirror, dirty bitmaps, NBD exports."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from vmctl.errors import DeviceExists, InvalidArgument, UnknownDevice
+from vmctl.ops import bitmaps as bitmap_ops
+from vmctl.ops import chains as chain_ops
+from vmctl.ops import nbd as nbd_ops
+from vmctl.ops.blockjobs import Job, JobProgress, query_jobs
+from vmctl.spec import DiskSpec
+from vmctl.vm_parts import VMParts
+
+
+class BlockMethods(VMParts):
+    _nbd_address: nbd_ops.NbdAddress | None
+    _exports: dict[str, nbd_ops.Export]
+
+    def snapshot_disks(
+        self,
+        ids: list[str],
+        *,
+        overlays: dict[str, str | os.PathLike[str]],
+        bitmap: str | None = None,
+    ) -> list[DiskSpec]:
+        """External snapshots of these disks, switched atomically (one transaction); ``overlays``
+        maps each id to its new qcow2 file. On failure nothing changes (``SnapshotError``)."""
+        with self._ops_lock:
+            disks = [self._require_disk(i) for i in ids]
+            updated = chain_ops.snapshot_disks(self.qmp, self._log, disks, overlays, bitmap=bitmap)
+            for disk in updated:
+                self._replace_disk(disk)
+            return updated
+
+    def commit_disk(self, id: str, *, top: int | None = None, base: int | None = None, timeout: float = 300) -> None:
+        """Commit layers down (``top``/``base`` are layer numbers, see ``DiskSpec.layers``): an
+        active commit pivots the guest back onto the base; the chain in the inventory follows."""
+        with self._ops_lock:
+            disk = self._require_disk(id)
+            job, result = chain_ops.start_commit(self.qmp, self._log, disk, top=top, base=base)
+            job.on_success(lambda: self._replace_disk(result))
+            if top is None or top == disk.layers[-1]:
+                job.wait_ready(timeout)
+                job.complete(timeout)
+            else:
+                job.wait(timeout)
+
+    def stream_disk(self, id: str, *, base: int | None = None, timeout: float = 300) -> None:
+        """Pull the backing layers' data into the active layer (all of them: a standalone image)."""
+        with self._ops_lock:
+            disk = self._require_disk(id)
+            job, result = chain_ops.start_stream(self.qmp, self._log, disk, base=base)
+            job.on_success(lambda: self._replace_disk(result))
+            job.wait(timeout)
+
+    def mirror_disk(
+        self,
+        id: str,
+        target_path: str | os.PathLike[str],
+        *,
+        sync: chain_ops.MirrorSync = "full",
+        format: Literal["qcow2", "raw"] = "qcow2",
+    ) -> Job:
+        """Start mirroring a disk to a new image; ``job.wait_ready()`` then ``job.complete()``
+        pivots the guest onto it (the inventory follows) or ``job.cancel()`` keeps the source."""
+        with self._ops_lock:
+            disk = self._require_disk(id)
+            job, result = chain_ops.start_mirror(self.qmp, self._log, disk, target_path, sync=sync, fmt=format)
+            job.on_success(lambda: self._replace_disk(result))
+            return job
+
+    def block_jobs(self) -> list[JobProgress]:
+        return query_jobs(self.qmp)
+
+    def bitmaps(self, id: str) -> list[bitmap_ops.Bitmap]:
+        return bitmap_ops.bitmaps(self.qmp, self._require_disk(id))
+
+    def add_bitmap(self, id: str, name: str, *, persistent: bool = True, granularity: int | None = None) -> None:
+        bitmap_ops.add_bitmap(self.qmp, self._require_disk(id), name, persistent=persistent, granularity=granularity)
+
+    def remove_bitmap(self, id: str, name: str) -> None:
+        bitmap_ops.remove_bitmap(self.qmp, self._require_disk(id), name)
+
+    def clear_bitmap(self, id: str, name: str) -> None:
+        bitmap_ops.clear_bitmap(self.qmp, self._require_disk(id), name)
+
+    def merge_bitmaps(self, id: str, target: str, sources: list[str]) -> None:
+        bitmap_ops.merge_bitmaps(self.qmp, self._require_disk(id), target, sources)
+
+    def export_disk(
+        self, id: str, *, address: nbd_ops.NbdAddress | None = None, writable: bool = False, name: str | None = None
+    ) -> nbd_ops.Export:
+        """Export a disk over NBD (the VM's NBD server starts on first use: ``address`` is a unix
+        socket path or (host, port); default: nbd.sock in the run dir)."""
+        with self._ops_lock:
+            disk = self._require_disk(id)
+            if id in self._exports:
+                raise DeviceExists(f"disk {id} is exported already")
+            if self._nbd_address is None:
+                wanted = address if address is not None else str(self.run_dir / "nbd.sock")
+                nbd_ops.start_server(self.qmp, wanted)
+                self._nbd_address = wanted
+            elif address is not None and address != self._nbd_address:
+                raise InvalidArgument(f"the NBD server already listens on {self._nbd_address}")
+            export = nbd_ops.add_export(self.qmp, disk, self._nbd_address, writable=writable, name=name)
+            self._exports[id] = export
+            self._log.info("disk.exported", disk=id, uri=export.uri, writable=writable)
+            return export
+
+    @property
+    def nbd_address(self) -> nbd_ops.NbdAddress | None:
+        """Where this VM's NBD server listens, while it has exports."""
+        return self._nbd_address
+
+    def unexport_disk(self, id: str) -> None:
+        with self._ops_lock:
+            if id not in self._exports:
+                raise UnknownDevice(f"disk {id} is not exported")
+            nbd_ops.remove_export(self.qmp, id)
+            del self._exports[id]
+            if not self._exports:
+                nbd_ops.stop_server(self.qmp)
+                self._nbd_address = None

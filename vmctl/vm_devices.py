@@ -1,0 +1,190 @@
+"""Device hotplug methods of the VM: disks, NICs, CPUs, memory, balloon, chardevs."""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+
+from vmctl.errors import UnknownDevice
+from vmctl.ops import balloon as balloon_ops
+from vmctl.ops import chardevs as chardev_ops
+from vmctl.ops import cpus as cpu_ops
+from vmctl.ops import disks as disk_ops
+from vmctl.ops import memory as memory_ops
+from vmctl.ops import nics as nic_ops
+from vmctl.ops.devices import pci_address
+from vmctl.spec import DiskSpec, NicSpec
+from vmctl.vm_parts import VMParts
+
+
+class DeviceMethods(VMParts):
+    def disks(self) -> tuple[DiskSpec, ...]:
+        return self._inventory.disks
+
+    def hotplug_disk(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        id: str,
+        format: str = "qcow2",
+        read_only: bool = False,
+        bus: disk_ops.Bus = "virtio-blk",
+        cache: disk_ops.CacheMode = "writeback",
+        aio: disk_ops.Aio = "threads",
+        throttle: disk_ops.Throttle | None = None,
+        timeout: float = 30.0,
+    ) -> disk_ops.Disk:
+        """Attach an image as a new disk; on any failure every step is undone (``HotplugError``)."""
+        with self._ops_lock:
+            self._refuse_duplicate(id)
+            disk = disk_ops.hotplug_disk(
+                self.qmp,
+                self._log,
+                path=path,
+                disk_id=id,
+                format=format,
+                read_only=read_only,
+                bus=bus,
+                cache=cache,
+                aio=aio,
+                throttle=throttle,
+                timeout=timeout,
+            )
+            pinned = attrs.evolve(disk.spec(), pci_addr=pci_address(self.qmp, id) if bus == "virtio-blk" else None)
+            self._inventory = attrs.evolve(self._inventory, disks=(*self._inventory.disks, pinned))
+            self._save_state()
+            return disk
+
+    def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None:
+        """Detach a disk: the guest releases it, then its nodes and fdset go. Safe to retry."""
+        with self._ops_lock:
+            self._require_disk(id)
+            disk_ops.unplug_disk(self.qmp, self._log, disk_id=id, timeout=timeout)
+            self._inventory = attrs.evolve(self._inventory, disks=tuple(d for d in self._inventory.disks if d.id != id))
+            self._save_state()
+
+    def nics(self) -> tuple[NicSpec, ...]:
+        return self._inventory.nics
+
+    def hotplug_nic(
+        self,
+        *,
+        id: str,
+        tap: str | None = None,
+        mac: str | None = None,
+        model: str = "virtio-net-pci",
+        queues: int = 1,
+        timeout: float = 30.0,
+    ) -> nic_ops.Nic:
+        """Add a NIC on a tap device that vmctl opens (``tap`` names it; else the kernel does).
+        A MAC is generated when none is given, so it survives migration and re-attach."""
+        with self._ops_lock:
+            self._refuse_duplicate(id)
+            nic = nic_ops.hotplug_nic(
+                self.qmp, self._log, nic_id=id, tap=tap, mac=mac, model=model, queues=queues, timeout=timeout
+            )
+            pinned_nic = attrs.evolve(nic.spec(), pci_addr=pci_address(self.qmp, id))
+            self._inventory = attrs.evolve(self._inventory, nics=(*self._inventory.nics, pinned_nic))
+            self._save_state()
+            return nic
+
+    def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
+        with self._ops_lock:
+            if not any(n.id == id for n in self._inventory.nics):
+                raise UnknownDevice(f"{self.name} has no nic {id!r}")
+            nic_ops.unplug_nic(self.qmp, self._log, nic_id=id, timeout=timeout)
+            self._inventory = attrs.evolve(self._inventory, nics=tuple(n for n in self._inventory.nics if n.id != id))
+            self._save_state()
+
+    def resize_disk(self, id: str, size: int, *, allow_shrink: bool = False) -> None:
+        """Grow a disk to ``size`` bytes; the guest sees the new size at once."""
+        with self._ops_lock:
+            disk = self._require_disk(id)
+            disk_ops.resize_disk(self.qmp, self._log, disk=disk, size=size, allow_shrink=allow_shrink)
+
+    def set_disk_throttle(self, id: str, throttle: disk_ops.Throttle) -> None:
+        """Set (or, with ``Throttle()``, clear) a disk's I/O limits."""
+        with self._ops_lock:
+            bus = self._require_disk(id).bus
+            disk_ops.set_throttle(self.qmp, disk_id=id, throttle=throttle, bus=bus)
+            self._log.info("disk.throttled", disk=id, **throttle.arguments())
+
+    def hotplug_chardev(
+        self,
+        id: str,
+        *,
+        kind: chardev_ops.Kind,
+        path: str | os.PathLike[str] | None = None,
+        size: int = 65536,
+        port_name: str | None = None,
+        timeout: float = 30.0,
+    ) -> chardev_ops.Chardev:
+        """Add a chardev (a unix socket QEMU listens on, or a ring buffer); with ``port_name`` the
+        guest sees it as that virtio-serial port."""
+        with self._ops_lock:
+            self._refuse_duplicate(id)
+            chardev = chardev_ops.hotplug_chardev(
+                self.qmp, self._log, chardev_id=id, kind=kind, path=path, size=size, port_name=port_name,
+                timeout=timeout,
+            )  # fmt: skip
+            self._inventory = attrs.evolve(self._inventory, chardevs=(*self._inventory.chardevs, chardev))
+            self._save_state()
+            return chardev
+
+    def unplug_chardev(self, id: str, *, timeout: float = 30.0) -> None:
+        with self._ops_lock:
+            chardev = next((c for c in self._inventory.chardevs if c.id == id), None)
+            if chardev is None:
+                raise UnknownDevice(f"{self.name} has no chardev {id!r}")
+            chardev_ops.unplug_chardev(self.qmp, self._log, chardev=chardev, timeout=timeout)
+            remaining = tuple(c for c in self._inventory.chardevs if c.id != id)
+            self._inventory = attrs.evolve(self._inventory, chardevs=remaining)
+            self._save_state()
+
+    def hotplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
+        """Add ``count`` vCPUs (up to the spec's ``max_cpus``); the guest may need to online them."""
+        with self._ops_lock:
+            added = cpu_ops.hotplug_cpus(self.qmp, self._log, count, timeout=timeout)
+            self._inventory = attrs.evolve(self._inventory, hotplugged_cpus=(*self._inventory.hotplugged_cpus, *added))
+            self._save_state()
+            return added
+
+    def unplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
+        """Remove the ``count`` most recently hotplugged vCPUs (the guest must release them)."""
+        with self._ops_lock:
+            removed = cpu_ops.unplug_cpus(self.qmp, self._log, count, timeout=timeout)
+            remaining = tuple(c for c in self._inventory.hotplugged_cpus if c not in removed)
+            self._inventory = attrs.evolve(self._inventory, hotplugged_cpus=remaining)
+            self._save_state()
+            return removed
+
+    def hotplug_memory(self, size_mib: int, *, id: str, timeout: float = 30.0) -> memory_ops.MemorySpec:
+        """Add a DIMM of ``size_mib`` (a multiple of 128); needs ``max_memory_mib`` and ``memory_slots``."""
+        with self._ops_lock:
+            self._refuse_duplicate(id)
+            memory = memory_ops.hotplug_memory(self.qmp, self._log, memory_id=id, size_mib=size_mib, timeout=timeout)
+            self._inventory = attrs.evolve(self._inventory, memory=(*self._inventory.memory, memory))
+            self._save_state()
+            return memory
+
+    def unplug_memory(self, id: str, *, timeout: float = 30.0) -> None:
+        with self._ops_lock:
+            if not any(m.id == id for m in self._inventory.memory):
+                raise UnknownDevice(f"{self.name} has no hotplugged memory {id!r}")
+            memory_ops.unplug_memory(self.qmp, self._log, memory_id=id, timeout=timeout)
+            self._inventory = attrs.evolve(
+                self._inventory, memory=tuple(m for m in self._inventory.memory if m.id != id)
+            )
+            self._save_state()
+
+    def memory_devices(self) -> list[memory_ops.MemoryDevice]:
+        return memory_ops.memory_devices(self.qmp)
+
+    def balloon(self) -> int:
+        """The guest memory in bytes as the balloon reports it."""
+        return balloon_ops.balloon_bytes(self.qmp)
+
+    def set_balloon(self, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int:
+        """Inflate or deflate the balloon to leave the guest ``target_bytes``; waits for the guest by default."""
+        return balloon_ops.set_balloon(self.qmp, self._log, target_bytes, wait=wait, timeout=timeout)

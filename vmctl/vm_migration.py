@@ -1,0 +1,215 @@
+"""Migration methods of the VM: the target's spec, migrate (with storage copy), the hand-over."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, cast
+
+import attrs
+
+from vmctl.errors import InvalidArgument, QMPError
+from vmctl.ops import cpus as cpu_ops
+from vmctl.ops import memory as memory_ops
+from vmctl.ops import migration as migration_ops
+from vmctl.ops.storage_copy import StorageCopy
+from vmctl.spec import MIGRATION_SOCKET, VMSpec
+from vmctl.state import Inventory
+from vmctl.vm_parts import VMParts
+
+if TYPE_CHECKING:
+    from vmctl.vm import VM
+
+
+class MigrationMethods(VMParts):
+    def _as_vm(self) -> VM:
+        return cast("VM", self)  # this class is only ever mixed into VM
+
+    def migration_target_spec(
+        self, *, name: str | None = None, disk_paths: Mapping[str, str | os.PathLike[str]] | None = None
+    ) -> VMSpec:
+        """A spec for a migration target with this VM's devices as they are now, hotplugged ones
+        included, at the same PCI addresses and memory slots. NIC backends are the target's own
+        (user networking unless the caller sets taps). ``disk_paths`` gives the target its own
+        (flat, same-size) images for those disks, for ``migrate(copy_storage=True)``."""
+        inventory = self._inventory
+        disks = tuple(
+            attrs.evolve(d, path=os.fspath(disk_paths[d.id]), base_layer=0, overlays=())
+            if disk_paths and d.id in disk_paths
+            else d
+            for d in inventory.disks
+        )
+        unknown = set(disk_paths or ()) - {d.id for d in inventory.disks}
+        if unknown:
+            raise InvalidArgument(f"{self.name} has no disks {', '.join(sorted(unknown))}")
+        if inventory.chardevs:
+            raise InvalidArgument(f"{self.name}: migrating hotplugged chardevs is not supported yet")
+        if any(d.bus == "scsi" for d in inventory.disks) and not any(d.bus == "scsi" for d in self.spec.disks):
+            raise InvalidArgument(f"{self.name}: migrating SCSI disks hotplugged at run time is not supported yet")
+        extra = list(self.spec.extra_args)
+        for memory in inventory.memory:
+            backend = memory_ops.backend_id(memory.id)
+            dimm = f"pc-dimm,id={memory.id},memdev={backend}"
+            dimm += f",slot={memory.slot}" if memory.slot is not None else ""
+            dimm += f",addr={memory.addr}" if memory.addr is not None else ""
+            extra += ["-object", f"memory-backend-ram,id={backend},size={memory.size_mib}M", "-device", dimm]
+        for slot in cpu_ops.cpu_slots(self.qmp):
+            if slot.hotplugged_by_us:
+                props = ",".join(f"{key}={value}" for key, value in slot.props.items())
+                extra += ["-device", f"{slot.type},id={slot.device_id},{props}"]
+        return attrs.evolve(
+            self.spec,
+            name=name or self.spec.name,
+            disks=disks,
+            nics=tuple(attrs.evolve(n, tap=None) for n in inventory.nics),
+            extra_args=tuple(extra),
+        )
+
+    def migrate(
+        self,
+        target: VM | str,
+        *,
+        listen: tuple[str, int] | None = None,
+        postcopy: bool = False,
+        auto_converge: bool = False,
+        bandwidth: int | None = None,
+        downtime_limit: int | None = None,
+        pause_before_switchover: bool = False,
+        multifd_channels: int | None = None,
+        resume_target: bool = True,
+        stop_source: bool = True,
+        copy_storage: bool = False,
+        storage_timeout: float = 600.0,
+    ) -> migration_ops.Migration:
+        """Start migrating to ``target``: a VM from ``launch_incoming`` (it listens on a unix
+        socket in its run dir, or on ``listen`` = (host, port) over TCP) or a migration URI.
+
+        Capabilities (``events`` always) and parameters are set on both sides and restored on
+        the source if the migration fails. On success the target is resumed and this source
+        quits (unless told otherwise).
+
+        ``copy_storage`` copies the disks whose image differs on the target (see
+        ``migration_target_spec(disk_paths=...)``) first: each is mirrored into the target's NBD
+        export until in sync (``storage_timeout``), then RAM follows."""
+        options = migration_ops.MigrationOptions(
+            postcopy=postcopy,
+            auto_converge=auto_converge,
+            bandwidth=bandwidth,
+            downtime_limit=downtime_limit,
+            pause_before_switchover=pause_before_switchover,
+            multifd_channels=multifd_channels,
+            copy_storage=copy_storage,
+        )
+        if isinstance(target, MigrationMethods):
+            mismatch = _device_mismatch(self._inventory, target.inventory)
+            if mismatch:
+                raise InvalidArgument(
+                    f"{target.name} does not have {self.name}'s devices ({mismatch}); "
+                    "launch it from source.migration_target_spec() with inventory=source.inventory"
+                )
+        elif not isinstance(target, str) or not target:
+            raise InvalidArgument(f"migrate to a VM launched for incoming or a URI, not {target!r}")
+        elif copy_storage:
+            raise InvalidArgument("copy_storage needs a target VM (launched with launch_incoming)")
+        storage = (
+            self._copy_storage(target, listen, storage_timeout)
+            if isinstance(target, MigrationMethods) and copy_storage
+            else None
+        )
+        target_events = None
+        try:
+            if isinstance(target, MigrationMethods):
+                uri = f"tcp:{listen[0]}:{listen[1]}" if listen else f"unix:{target.run_dir / MIGRATION_SOCKET}"
+                migration_ops.set_capabilities(target.qmp, options.capabilities(source=False))
+                migration_ops.set_parameters(target.qmp, options.parameters(source=False))
+                target_events = target.qmp.events("MIGRATION")
+                target.qmp.execute("migrate-incoming", {"uri": uri})
+            else:
+                uri = target
+            previous_caps = migration_ops.set_capabilities(self.qmp, options.capabilities(source=True))
+            previous_params = migration_ops.set_parameters(self.qmp, options.parameters(source=True))
+        except BaseException:
+            if target_events is not None:
+                target_events.close()
+            if storage is not None:
+                storage.abort()
+            raise
+
+        def restore() -> None:
+            migration_ops.set_capabilities(self.qmp, previous_caps)
+            migration_ops.set_parameters(self.qmp, previous_params)
+
+        events = self.qmp.events("MIGRATION")
+        try:
+            self.qmp.execute("migrate", {"uri": uri})
+        except BaseException:
+            events.close()
+            if target_events is not None:
+                target_events.close()
+            restore()
+            if storage is not None:
+                storage.abort()
+            raise
+        self._log.info("vm.migration_started", uri=uri, postcopy=postcopy, copy_storage=copy_storage)
+        target_inventory = self._inventory
+        if isinstance(target, MigrationMethods):  # its own images and NIC backends, the source's everything else
+            target_inventory = attrs.evolve(self._inventory, disks=target.inventory.disks, nics=target.inventory.nics)
+        return migration_ops.Migration(
+            source=self._as_vm(),
+            target=target if isinstance(target, MigrationMethods) else None,
+            uri=uri,
+            options=options,
+            source_events=events,
+            target_events=target_events,
+            restore=restore,
+            resume_target=resume_target,
+            stop_source=stop_source,
+            target_inventory=target_inventory,
+            on_completed=storage.finish if storage is not None else None,
+            on_aborted=storage.abort if storage is not None else None,
+        )
+
+    def _copy_storage(self, target: VM, listen: tuple[str, int] | None, timeout: float) -> StorageCopy:
+        """Mirror the disks whose image differs on the target into its NBD exports, until in sync."""
+        theirs = {d.id: d for d in target.inventory.disks}
+        to_copy = [d for d in self._inventory.disks if theirs[d.id].path != d.path or theirs[d.id].overlays]
+        if not to_copy:
+            raise InvalidArgument("copy_storage: the target uses the same images (launch it with disk_paths)")
+        # Over TCP the NBD server listens next to the migration port; else on a socket in its run dir.
+        address = (listen[0], listen[1] + 1) if listen else None
+        return StorageCopy.start(self._as_vm(), target, to_copy, address=address, timeout=timeout, log=self._log)
+
+    def adopt_inventory(self, inventory: Inventory) -> None:
+        """Take over the device inventory of the VM this one was migrated from."""
+        with self._ops_lock:
+            self._inventory = inventory
+            self._save_state()
+
+    def finish_migrated_source(self, *, timeout: float = 10.0) -> None:
+        """The guest runs elsewhere now: quit this QEMU (an expected exit)."""
+        self._expected_exit = True
+        with contextlib.suppress(QMPError):
+            self.qmp.execute("quit", timeout=timeout)
+        if self.process.wait(timeout) is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout)
+        self._exited.wait(1.0)
+        self._log.info("vm.migrated_away")
+
+
+def _device_mismatch(source: Inventory, target: Inventory) -> str:
+    """What differs between two VMs' device sets, in words (empty when they match)."""
+    differences = []
+    for kind, mine, theirs in (
+        ("disks", {d.id for d in source.disks}, {d.id for d in target.disks}),
+        ("nics", {n.id for n in source.nics}, {n.id for n in target.nics}),
+        ("memory", {m.id for m in source.memory}, {m.id for m in target.memory}),
+        ("cpus", set(source.hotplugged_cpus), set(target.hotplugged_cpus)),
+    ):
+        if mine - theirs:
+            differences.append(f"{kind} missing on the target: {', '.join(sorted(mine - theirs))}")
+        if theirs - mine:
+            differences.append(f"{kind} only on the target: {', '.join(sorted(theirs - mine))}")
+    return "; ".join(differences)
