@@ -11,7 +11,7 @@ from typing import Any, Literal
 import attrs
 
 from vmctl.errors import CommandError, HotplugError, InvalidArgument, QMPError
-from vmctl.ops.devices import device_present, remove_device
+from vmctl.ops.devices import ensure_controller, remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
@@ -61,14 +61,7 @@ def hotplug_chardev(
                 lambda _: qmp.execute("chardev-remove", {"id": chardev_id}),
             )
             if port_name is not None:
-                if not device_present(qmp, SERIAL_CONTROLLER):
-                    steps.run(
-                        "virtio-serial controller",
-                        lambda: qmp.execute(
-                            "device_add", {"driver": "virtio-serial-pci", "id": SERIAL_CONTROLLER}, timeout=timeout
-                        ),
-                        lambda _: remove_device(qmp, SERIAL_CONTROLLER, timeout),
-                    )
+                ensure_controller(qmp, steps, "virtio-serial-pci", SERIAL_CONTROLLER, timeout)
                 port = {
                     "driver": "virtserialport",
                     "id": chardev.port_id,

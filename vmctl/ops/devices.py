@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vmctl.errors import CommandError, DeviceNotFound, EventTimeout, HotplugError
+from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 from vmctl.spec import pci_addr_from_devfn
 
@@ -44,3 +45,13 @@ def pci_address(qmp: Monitor, device_id: str) -> str:
     """The slot.function a PCI device got, as ``-device ...,addr=`` takes it."""
     devfn = qmp.execute("qom-get", {"path": f"/machine/peripheral/{device_id}", "property": "addr"})
     return pci_addr_from_devfn(int(devfn))
+
+
+def ensure_controller(qmp: Monitor, steps: Steps, driver: str, controller_id: str, timeout: float) -> None:
+    """Add a bus controller (virtio-scsi, virtio-serial) unless it is there, as an undoable step."""
+    if not device_present(qmp, controller_id):
+        steps.run(
+            f"{driver} controller",
+            lambda: qmp.execute("device_add", {"driver": driver, "id": controller_id}, timeout=timeout),
+            lambda _: remove_device(qmp, controller_id, timeout),
+        )

@@ -20,7 +20,7 @@ from vmctl.errors import (
     InvalidArgument,
     QMPError,
 )
-from vmctl.ops.devices import device_present, remove_device
+from vmctl.ops.devices import ensure_controller, remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 from vmctl.spec import SCSI_CONTROLLER, DiskBus, DiskSpec, disk_node_names
@@ -178,14 +178,7 @@ def hotplug_disk(
             }
             if bus == "scsi":
                 device.update(driver="scsi-hd", bus=f"{SCSI_CONTROLLER}.0")
-                if not device_present(qmp, SCSI_CONTROLLER):
-                    steps.run(
-                        "virtio-scsi controller",
-                        lambda: qmp.execute(
-                            "device_add", {"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER}, timeout=timeout
-                        ),
-                        lambda _: remove_device(qmp, SCSI_CONTROLLER, timeout),
-                    )
+                ensure_controller(qmp, steps, "virtio-scsi-pci", SCSI_CONTROLLER, timeout)
             steps.run(
                 "device_add",
                 lambda: qmp.execute("device_add", device, timeout=timeout),
