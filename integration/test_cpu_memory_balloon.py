@@ -85,3 +85,22 @@ def test_balloon_without_a_device_is_a_clear_error(vms: VMFactory) -> None:
         vm.balloon()
     with pytest.raises(BalloonUnavailable):
         vm.set_balloon(128 * MIB)
+
+
+def test_virtio_mem_grows_and_shrinks_the_guest(vms: VMFactory) -> None:
+    vm = vms.launch(vms.spec(memory_mib=256, max_memory_mib=1280, memory_slots=1))
+    with GuestShell(vm) as shell:
+
+        def mem_total_kib() -> int:
+            return int(shell.run("awk '/MemTotal/ {print $2}' /proc/meminfo").output)
+
+        before = mem_total_kib()
+        vm.add_virtio_mem("vmem0", max_size_mib=1024)
+        vm.resize_virtio_mem("vmem0", 512)
+        assert int(vm.qmp.execute("qom-get", {"path": "/machine/peripheral/vmem0", "property": "size"})) == 512 * MIB
+        assert wait_until(lambda: mem_total_kib() >= before + 500 * 1024)
+        vm.resize_virtio_mem("vmem0", 128)
+        assert wait_until(lambda: mem_total_kib() <= before + 130 * 1024)
+        assert vm.inventory.virtio_mem[0].size_mib == 128
+        with pytest.raises(InvalidArgument):
+            vm.resize_virtio_mem("vmem0", 2048)

@@ -12,7 +12,7 @@ import attrs
 
 from vmctl.errors import StaleState
 from vmctl.ops.chardevs import Chardev
-from vmctl.ops.memory import MemorySpec
+from vmctl.ops.memory import MemorySpec, VirtioMemSpec
 from vmctl.spec import DiskSpec, NicSpec, VMSpec
 
 STATE_FILE = "vm.json"
@@ -28,6 +28,7 @@ class Inventory:
     memory: tuple[MemorySpec, ...] = ()
     hotplugged_cpus: tuple[str, ...] = ()
     chardevs: tuple[Chardev, ...] = ()
+    virtio_mem: tuple[VirtioMemSpec, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -40,10 +41,12 @@ class Inventory:
             memory=tuple(MemorySpec(**m) for m in data.get("memory", ())),
             hotplugged_cpus=tuple(str(c) for c in data.get("hotplugged_cpus", ())),
             chardevs=tuple(Chardev(**c) for c in data.get("chardevs", ())),
+            virtio_mem=tuple(VirtioMemSpec(**v) for v in data.get("virtio_mem", ())),
         )
 
     def device_ids(self) -> set[str]:
         ids = {d.id for d in self.disks} | {n.id for n in self.nics} | {m.id for m in self.memory}
+        ids |= {v.id for v in self.virtio_mem}
         return ids | {c.id for c in self.chardevs} | {c.port_id for c in self.chardevs if c.port_name}
 
 

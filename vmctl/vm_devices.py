@@ -178,6 +178,31 @@ class DeviceMethods(VMParts):
             )
             self._save_state()
 
+    def add_virtio_mem(
+        self, id: str, *, max_size_mib: int, size_mib: int = 0, timeout: float = 30.0
+    ) -> memory_ops.VirtioMemSpec:
+        """Add a virtio-mem device the guest grows or shrinks in 2 MiB blocks (``resize_virtio_mem``)."""
+        with self._ops_lock:
+            self._refuse_duplicate(id)
+            device = memory_ops.add_virtio_mem(
+                self.qmp, self._log, memory_id=id, max_size_mib=max_size_mib, size_mib=size_mib, timeout=timeout
+            )
+            device = attrs.evolve(device, pci_addr=pci_address(self.qmp, id))
+            self._inventory = attrs.evolve(self._inventory, virtio_mem=(*self._inventory.virtio_mem, device))
+            self._save_state()
+            return device
+
+    def resize_virtio_mem(self, id: str, size_mib: int, *, wait: bool = True, timeout: float = 30.0) -> None:
+        """Have the guest plug or unplug memory until the device provides ``size_mib``."""
+        with self._ops_lock:
+            device = next((v for v in self._inventory.virtio_mem if v.id == id), None)
+            if device is None:
+                raise UnknownDevice(f"{self.name} has no virtio-mem device {id!r}")
+            resized = memory_ops.resize_virtio_mem(self.qmp, self._log, device, size_mib, wait=wait, timeout=timeout)
+            devices = tuple(resized if v.id == id else v for v in self._inventory.virtio_mem)
+            self._inventory = attrs.evolve(self._inventory, virtio_mem=devices)
+            self._save_state()
+
     def memory_devices(self) -> list[memory_ops.MemoryDevice]:
         return memory_ops.memory_devices(self.qmp)
 

@@ -55,6 +55,11 @@ class MigrationMethods(VMParts):
             dimm += f",slot={memory.slot}" if memory.slot is not None else ""
             dimm += f",addr={memory.addr}" if memory.addr is not None else ""
             extra += ["-object", f"memory-backend-ram,id={backend},size={memory.size_mib}M", "-device", dimm]
+        for device in inventory.virtio_mem:
+            backend = memory_ops.backend_id(device.id)
+            extra += ["-object", f"memory-backend-ram,id={backend},size={device.max_size_mib}M"]
+            mem = f"virtio-mem-pci,id={device.id},memdev={backend},requested-size={device.size_mib}M"
+            extra += ["-device", mem + (f",addr={device.pci_addr}" if device.pci_addr else "")]
         for slot in cpu_ops.cpu_slots(self.qmp):
             if slot.hotplugged_by_us:
                 props = ",".join(f"{key}={value}" for key, value in slot.props.items())

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import attrs
 
-from vmctl.errors import HotplugError, InvalidArgument, QMPError
+from vmctl.errors import EventTimeout, HotplugError, InvalidArgument, QMPError, WaitTimeout
 from vmctl.ops.devices import remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
@@ -95,3 +96,77 @@ def unplug_memory(qmp: Monitor, log: Any, *, memory_id: str, timeout: float = 30
 
 def memory_devices(qmp: Monitor) -> list[MemoryDevice]:
     return [MemoryDevice.from_qmp(e) for e in qmp.execute("query-memory-devices") if e.get("type") == "dimm"]
+
+
+@attrs.frozen(kw_only=True)
+class VirtioMemSpec:
+    """A virtio-mem device: up to ``max_size_mib`` the guest plugs in or out in small blocks."""
+
+    id: str
+    max_size_mib: int
+    size_mib: int
+    pci_addr: str | None = None
+
+
+def add_virtio_mem(
+    qmp: Monitor, log: Any, *, memory_id: str, max_size_mib: int, size_mib: int, timeout: float = 30.0
+) -> VirtioMemSpec:
+    """Add a virtio-mem device (it cannot be unplugged again: resize it to 0 instead)."""
+    if not isinstance(max_size_mib, int) or max_size_mib <= 0 or max_size_mib % 128:
+        raise InvalidArgument(f"virtio-mem {memory_id}: max size must be a positive multiple of 128 MiB")
+    _check_virtio_mem_size(memory_id, size_mib, max_size_mib)
+    backend = backend_id(memory_id)
+    try:
+        with Steps(log.bind(memory=memory_id)) as steps:
+            steps.run(
+                "object-add",
+                lambda: qmp.execute(
+                    "object-add", {"qom-type": "memory-backend-ram", "id": backend, "size": max_size_mib * MIB}
+                ),
+                lambda _: qmp.execute("object-del", {"id": backend}),
+            )
+            steps.run(
+                "device_add",
+                lambda: qmp.execute(
+                    "device_add",
+                    {"driver": "virtio-mem-pci", "id": memory_id, "memdev": backend, "requested-size": 0},
+                    timeout=timeout,
+                ),
+            )
+    except QMPError as exc:
+        raise HotplugError(
+            f"adding virtio-mem {memory_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
+        ) from exc
+    spec = VirtioMemSpec(id=memory_id, max_size_mib=max_size_mib, size_mib=0)
+    return resize_virtio_mem(qmp, log, spec, size_mib, timeout=timeout) if size_mib else spec
+
+
+def resize_virtio_mem(
+    qmp: Monitor, log: Any, device: VirtioMemSpec, size_mib: int, *, wait: bool = True, timeout: float = 30.0
+) -> VirtioMemSpec:
+    """Ask the guest to plug (or unplug) memory until the device provides ``size_mib``; with
+    ``wait``, return once the guest did (MEMORY_DEVICE_SIZE_CHANGE), else ``WaitTimeout``."""
+    _check_virtio_mem_size(device.id, size_mib, device.max_size_mib)
+    path = f"/machine/peripheral/{device.id}"
+    with qmp.events("MEMORY_DEVICE_SIZE_CHANGE", match={"id": device.id}) as changes:
+        qmp.execute("qom-set", {"path": path, "property": "requested-size", "value": size_mib * MIB})
+        if wait:
+            deadline = time.monotonic() + timeout
+            while int(qmp.execute("qom-get", {"path": path, "property": "size"})) != size_mib * MIB:
+                remaining = deadline - time.monotonic()
+                try:
+                    changes.get(max(0.0, remaining))
+                except EventTimeout:
+                    raise WaitTimeout(
+                        f"virtio-mem {device.id} did not reach {size_mib} MiB within {timeout:g}s "
+                        "(is the guest's virtio_mem driver loaded?)"
+                    ) from None
+    log.bind(memory=device.id).info("virtio_mem.resized", size_mib=size_mib)
+    return attrs.evolve(device, size_mib=size_mib)
+
+
+def _check_virtio_mem_size(memory_id: str, size_mib: int, max_size_mib: int) -> None:
+    if not isinstance(size_mib, int) or isinstance(size_mib, bool) or not 0 <= size_mib <= max_size_mib:
+        raise InvalidArgument(f"virtio-mem {memory_id}: size must be 0..{max_size_mib} MiB, not {size_mib!r}")
+    if size_mib % 2:
+        raise InvalidArgument(f"virtio-mem {memory_id}: size must be a multiple of the 2 MiB block size")

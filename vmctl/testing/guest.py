@@ -41,6 +41,7 @@ MODULES = (
     "virtio_net",
     "virtio_balloon",
     "virtio_console",
+    "virtio_mem",
     "scsi_common",
     "scsi_mod",
     "virtio_scsi",
