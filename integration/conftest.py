@@ -95,7 +95,9 @@ def guest() -> TestGuest:
     return TestGuest.ensure(REPO / ".cache")
 
 
-_RUN_DIR_MARK = "vmctl-it-"
+# In every run dir and namespace name this session creates, so that its leftover check (and
+# cleanup) only ever touches its own QEMUs, never another test session's.
+_RUN_DIR_MARK = f"vmctl-it{os.getpid()}-"
 
 
 class VMFactory:
@@ -149,7 +151,7 @@ def vms(guest: TestGuest, tmp_path: Path) -> Iterator[VMFactory]:
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A network namespace of this test's own (deleted afterwards)."""
-    name = f"{_RUN_DIR_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    name = f"{_RUN_DIR_MARK}{uuid.uuid4().hex[:6]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         yield name

@@ -157,14 +157,14 @@ def test_launch_refuses_a_run_dir_with_a_live_vm(vms: VMFactory) -> None:
 def test_missing_kernel_is_a_launch_error_with_qemus_message(vms: VMFactory, tmp_path: Path) -> None:
     spec = vms.spec(kernel=tmp_path / "no-such-kernel", initrd=None, append="")
     with pytest.raises(LaunchError, match="no-such-kernel") as info:
-        VM.launch(spec, run_dir=tmp_path / "vmctl-it-missing")
+        VM.launch(spec, run_dir=vms.run_dir("missing"))
     assert "could not open kernel file" in info.value.log
 
 
 def test_bad_qemu_argument_is_a_launch_error(vms: VMFactory, tmp_path: Path) -> None:
     spec = vms.spec(extra_args=("-device", "no-such-device"))
     with pytest.raises(LaunchError, match="no-such-device"):
-        VM.launch(spec, run_dir=tmp_path / "vmctl-it-bad-arg")
+        VM.launch(spec, run_dir=vms.run_dir("bad-arg"))
 
 
 def test_bad_specs_are_refused_before_anything_starts(vms: VMFactory) -> None:
