@@ -53,27 +53,8 @@ def hotplug_memory(qmp: Monitor, log: Any, *, memory_id: str, size_mib: int, tim
     # The guest onlines memory in 128 MiB blocks: a smaller DIMM would never be usable.
     if not isinstance(size_mib, int) or isinstance(size_mib, bool) or size_mib <= 0 or size_mib % 128:
         raise InvalidArgument(f"memory {memory_id}: size must be a positive multiple of 128 MiB, not {size_mib!r}")
+    _plug(qmp, log, memory_id=memory_id, backend_mib=size_mib, device={"driver": "pc-dimm"}, timeout=timeout)
     bound = log.bind(memory=memory_id)
-    backend = backend_id(memory_id)
-    try:
-        with Steps(bound) as steps:
-            steps.run(
-                "object-add",
-                lambda: qmp.execute(
-                    "object-add", {"qom-type": "memory-backend-ram", "id": backend, "size": size_mib * MIB}
-                ),
-                lambda _: qmp.execute("object-del", {"id": backend}),
-            )
-            steps.run(
-                "device_add",
-                lambda: qmp.execute(
-                    "device_add", {"driver": "pc-dimm", "id": memory_id, "memdev": backend}, timeout=timeout
-                ),
-            )
-    except QMPError as exc:
-        raise HotplugError(
-            f"hotplug of memory {memory_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
-        ) from exc
     placed = next((d for d in memory_devices(qmp) if d.id == memory_id), None)
     bound.info("memory.hotplugged", size_mib=size_mib)
     return MemorySpec(
@@ -92,6 +73,28 @@ def unplug_memory(qmp: Monitor, log: Any, *, memory_id: str, timeout: float = 30
     if backend_id(memory_id) in objects:
         qmp.execute("object-del", {"id": backend_id(memory_id)})
     bound.info("memory.unplugged")
+
+
+def _plug(qmp: Monitor, log: Any, *, memory_id: str, backend_mib: int, device: dict[str, Any], timeout: float) -> None:
+    """A RAM backend object, then a memory device on it; the backend goes again if the device fails."""
+    backend = backend_id(memory_id)
+    try:
+        with Steps(log.bind(memory=memory_id)) as steps:
+            steps.run(
+                "object-add",
+                lambda: qmp.execute(
+                    "object-add", {"qom-type": "memory-backend-ram", "id": backend, "size": backend_mib * MIB}
+                ),
+                lambda _: qmp.execute("object-del", {"id": backend}),
+            )
+            steps.run(
+                "device_add",
+                lambda: qmp.execute("device_add", {**device, "id": memory_id, "memdev": backend}, timeout=timeout),
+            )
+    except QMPError as exc:
+        raise HotplugError(
+            f"hotplug of memory {memory_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
+        ) from exc
 
 
 def memory_devices(qmp: Monitor) -> list[MemoryDevice]:
@@ -115,28 +118,8 @@ def add_virtio_mem(
     if not isinstance(max_size_mib, int) or max_size_mib <= 0 or max_size_mib % 128:
         raise InvalidArgument(f"virtio-mem {memory_id}: max size must be a positive multiple of 128 MiB")
     _check_virtio_mem_size(memory_id, size_mib, max_size_mib)
-    backend = backend_id(memory_id)
-    try:
-        with Steps(log.bind(memory=memory_id)) as steps:
-            steps.run(
-                "object-add",
-                lambda: qmp.execute(
-                    "object-add", {"qom-type": "memory-backend-ram", "id": backend, "size": max_size_mib * MIB}
-                ),
-                lambda _: qmp.execute("object-del", {"id": backend}),
-            )
-            steps.run(
-                "device_add",
-                lambda: qmp.execute(
-                    "device_add",
-                    {"driver": "virtio-mem-pci", "id": memory_id, "memdev": backend, "requested-size": 0},
-                    timeout=timeout,
-                ),
-            )
-    except QMPError as exc:
-        raise HotplugError(
-            f"adding virtio-mem {memory_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
-        ) from exc
+    device = {"driver": "virtio-mem-pci", "requested-size": 0}
+    _plug(qmp, log, memory_id=memory_id, backend_mib=max_size_mib, device=device, timeout=timeout)
     spec = VirtioMemSpec(id=memory_id, max_size_mib=max_size_mib, size_mib=0)
     return resize_virtio_mem(qmp, log, spec, size_mib, timeout=timeout) if size_mib else spec
 
