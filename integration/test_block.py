@@ -248,3 +248,26 @@ job.wait_ready(60)
     vm = VM.attach(run_dir)
     vms.vms.append(vm)
     assert [(j.id, j.type, j.status) for j in vm.leftover_jobs] == [("data0-mirror", "mirror", "ready")]
+
+
+def test_top_only_mirror_keeps_the_backing_chain(guest_vm: VM, tmp_path: Path) -> None:
+    vm = guest_vm
+    vm.hotplug_disk(make_image(tmp_path / "base.qcow2"), id="d1")
+    with GuestShell(vm) as shell:
+        device = shell.block_device("d1")
+        write_block(shell, device, 0, "in-the-base")
+        vm.snapshot_disks(["d1"], overlays={"d1": tmp_path / "top.qcow2"})
+        write_block(shell, device, 1, "in-the-top")
+        job = vm.mirror_disk("d1", tmp_path / "new-top.qcow2", sync="top")
+        job.wait_ready(60)
+        job.complete()
+        [disk] = vm.disks()
+        assert disk.path == str(tmp_path / "base.qcow2")
+        assert [(o.layer, o.path) for o in disk.overlays] == [(2, str(tmp_path / "new-top.qcow2"))]
+        assert read_block(shell, device, 0, 11) == "in-the-base"
+        assert read_block(shell, device, 1, 10) == "in-the-top"
+    vm.unplug_disk("d1")
+    info = qemu_img("info", str(tmp_path / "new-top.qcow2"))
+    assert f"backing file: {tmp_path / 'base.qcow2'}" in info
+    assert host_block(tmp_path / "new-top.qcow2", "qcow2", 0, 11, tmp_path) == b"in-the-base"
+    assert host_block(tmp_path / "new-top.qcow2", "qcow2", 1, 10, tmp_path) == b"in-the-top"

@@ -174,3 +174,20 @@ def test_bad_specs_are_refused_before_anything_starts(vms: VMFactory) -> None:
         vms.spec(disks=(DiskSpec(id="d0", path="/a"), DiskSpec(id="d0", path="/b")))
     with pytest.raises(SpecError, match="name"):
         VMSpec(name="bad name", kernel="/k")
+
+
+def test_guest_panic_is_reported(vms: VMFactory) -> None:
+    vm = vms.launch(vms.spec(extra_args=("-device", "pvpanic")))
+    panics: list[object] = []
+    panicked = threading.Event()
+
+    def on_panic(event: object) -> None:
+        panics.append(event)
+        panicked.set()
+
+    vm.on_panic(on_panic)
+    with GuestShell(vm) as shell:
+        shell.send("echo c > /proc/sysrq-trigger")
+        assert panicked.wait(30)
+    assert panics[0].name == "GUEST_PANICKED"  # type: ignore[attr-defined]
+    assert vm.qmp.recent_events("GUEST_PANICKED")

@@ -42,6 +42,8 @@ MODULES = (
     "virtio_balloon",
     "virtio_console",
     "virtio_mem",
+    "pvpanic",
+    "pvpanic-mmio",
     "scsi_common",
     "scsi_mod",
     "virtio_scsi",
