@@ -248,10 +248,11 @@ def delete_disk_nodes(qmp: Monitor, disk_id: str, *, only: set[str] | None = Non
 
 
 def remove_disk_fdsets(qmp: Monitor, disk_id: str, *, layers: set[int] | None = None) -> None:
+    """remove-fd the fdsets of this disk's layers (all of them, or just ``layers``)."""
+    wanted = {fdset_tag(disk_id, layer) for layer in layers} if layers is not None else None
     for fdset in qmp.execute("query-fdsets"):
         opaques = [fd.get("opaque") for fd in fdset.get("fds", ())]
-        wanted = [fdset_tag(disk_id, layer) for layer in layers] if layers is not None else None
-        if any(is_disk_fdset(o, disk_id) and (wanted is None or o in wanted) for o in opaques):
+        if any(o in wanted if wanted is not None else is_disk_fdset(o, disk_id) for o in opaques):
             qmp.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
 
 
