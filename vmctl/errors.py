@@ -109,6 +109,12 @@ class EventTimeout(QMPError, TimeoutError):
     """The awaited event did not arrive in time."""
 
 
+class EventMatchError(QMPError):
+    """A subscription's ``match`` predicate raised; its exception is the ``__cause__``.
+
+    The subscription is ended; the connection and every other subscriber carry on."""
+
+
 class SpecError(InvalidArgument):
     """A VM spec is invalid; nothing was started."""
 

@@ -1,9 +1,14 @@
-"""vmctl's QMP transport: a sans-I/O protocol core and a thread-safe synchronous monitor."""
+"""vmctl's QMP transport: a sans-I/O connection core and two faces on it.
+
+``vmctl.qmp.connect`` gives the threaded ``Monitor``; ``vmctl.qmp.aio.connect`` the asyncio
+``AsyncMonitor``. Both drive one ``QMPProtocol`` each, so they share every rule.
+"""
 
 from vmctl.qmp.events import EventFilter, Subscription, data_contains
 from vmctl.qmp.messages import Event, Greeting, QEMUVersion
-from vmctl.qmp.monitor import DEFAULT_QUIET_COMMANDS, DEFAULT_QUIET_EVENTS, Monitor, connect
-from vmctl.qmp.protocol import DEFAULT_MAX_MESSAGE_SIZE, QMPProtocol
+from vmctl.qmp.monitor import Monitor, connect
+from vmctl.qmp.protocol import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_QUIET_COMMANDS, DEFAULT_QUIET_EVENTS, QMPProtocol
+from vmctl.qmp.runstate import Runstate
 from vmctl.qmp.schema import QMPSchema
 from vmctl.qmp.timeouts import TimeoutPolicy
 
@@ -18,6 +23,7 @@ __all__ = [
     "QEMUVersion",
     "QMPProtocol",
     "QMPSchema",
+    "Runstate",
     "Subscription",
     "TimeoutPolicy",
     "connect",

@@ -85,14 +85,15 @@ class CallbackRunner:
                 return
             if isinstance(item, Event):
                 for event_filter, callback in self._event_callbacks:
-                    if event_filter.accepts(item):
-                        self._call(callback, item)
+                    self._call(callback, item, event_filter)
             elif isinstance(item, tuple):
                 for disconnect_callback in self._disconnect_callbacks:
                     self._call(disconnect_callback, item[1])
 
-    def _call(self, callback: Callable[[Any], Any], argument: Any) -> None:
+    def _call(self, callback: Callable[[Any], Any], argument: Any, event_filter: EventFilter | None = None) -> None:
+        # A user's match or callback that raises is logged; this thread and the others carry on.
         try:
-            callback(argument)
+            if event_filter is None or event_filter.accepts(argument):
+                callback(argument)
         except Exception:
             self._log.exception("qmp.callback_failed", callback=getattr(callback, "__qualname__", repr(callback)))

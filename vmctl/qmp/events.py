@@ -10,6 +10,11 @@ from typing import Any
 
 from vmctl.errors import EventTimeout, InvalidArgument, QMPError
 from vmctl.qmp.messages import Event
+from vmctl.qmp.timeouts import MAX_WAIT_SLICE, check_timeout
+
+#: ``reader(done, deadline)`` reads QMP on the calling thread until ``done()`` or the deadline,
+#: and returns False when another thread holds the read side.
+Reader = Callable[[Callable[[], bool], float], bool]
 
 #: A mapping that must be a subset of the event's data, or a predicate on the event.
 Match = Mapping[str, Any] | Callable[[Event], bool] | None
@@ -55,6 +60,8 @@ class Subscription:
     When the buffer is full, newer events are dropped and counted in ``dropped``. Once the
     connection is gone, ``get`` returns what is buffered and then raises the connection's error.
     Subscribe before sending the command whose event you need: QEMU may emit it before the reply.
+    A ``get`` that finds nobody reading QMP reads it itself, so an event is seen the moment it
+    arrives.
     """
 
     def __init__(
@@ -63,6 +70,7 @@ class Subscription:
         *,
         maxsize: int,
         on_close: Callable[[Subscription], None],
+        reader: Reader | None = None,
     ) -> None:
         if maxsize < 1:
             raise InvalidArgument(f"maxsize must be at least 1, not {maxsize}")
@@ -74,6 +82,9 @@ class Subscription:
         self._failure: QMPError | None = None
         self._closed = False
         self._on_close = on_close
+        self._reader = reader
+        self._getters = 0
+        self._poked = False
 
     def __enter__(self) -> Subscription:
         return self
@@ -94,11 +105,12 @@ class Subscription:
 
     def get(self, timeout: float) -> Event:
         """The next event; ``EventTimeout`` if none arrives within ``timeout`` seconds."""
-        if timeout is None or timeout < 0:
-            raise InvalidArgument(f"timeout must be a number of seconds >= 0, not {timeout!r}")
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not self._buffer:
+        timeout = check_timeout(timeout, allow_zero=True)
+        deadline = time.monotonic() + min(timeout, 1e9)
+        while True:
+            with self._cond:
+                if self._buffer:
+                    return self._buffer.popleft()
                 if self._failure is not None:
                     raise self._failure
                 if self._closed:
@@ -107,8 +119,28 @@ class Subscription:
                 if remaining <= 0:
                     names = ", ".join(sorted(self.filter.names)) or "any event"
                     raise EventTimeout(f"no matching event ({names}) within {timeout:g}s")
-                self._cond.wait(remaining)
-            return self._buffer.popleft()
+                # Counted before trying the read side, so that a poke in between is not lost.
+                self._getters += 1
+                self._poked = False
+            try:
+                if self._reader is not None and self._reader(self._has_news, deadline):
+                    continue
+                with self._cond:
+                    if not (self._has_news() or self._poked):
+                        self._cond.wait(min(remaining, MAX_WAIT_SLICE))
+            finally:
+                with self._cond:
+                    self._getters -= 1
+
+    def _has_news(self) -> bool:
+        return bool(self._buffer) or self._failure is not None or self._closed
+
+    def poke(self) -> None:
+        """The read side became free: a waiting ``get`` may take it."""
+        if self._getters:
+            with self._cond:
+                self._poked = True
+                self._cond.notify_all()
 
     def get_nowait(self) -> Event | None:
         with self._cond:

@@ -91,4 +91,13 @@ class OversizedMessage:
     size: int
 
 
-Message = Greeting | Negotiated | Reply | ErrorReply | Event | OversizedMessage
+@attrs.frozen(slots=True, kw_only=True)
+class UndecodableMessage:
+    """A well-framed message the codec could not decode; ``id`` names the command it answered, if found."""
+
+    id: str | None
+    why: str
+    size: int
+
+
+Message = Greeting | Negotiated | Reply | ErrorReply | Event | OversizedMessage | UndecodableMessage

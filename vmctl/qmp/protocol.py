@@ -1,22 +1,53 @@
-"""The QMP protocol core: a state machine fed bytes, asked for messages, and asked for bytes to send.
+"""The QMP connection core: every rule of a QMP client connection, and no I/O (like h11).
 
-It does no I/O (like h11), so every face (sync today, asyncio later) shares its rules. The receive
-side (``receive_data``/``next_event``) and the send side (``send_command``) touch disjoint state, so
-a face may drive them from different threads as long as each side has one driver at a time.
+A face feeds it what it reads (``receive_data``) and asks it what to write (``data_to_send``,
+then ``bytes_sent``); the core decides everything else, so the threaded face
+(``vmctl.qmp.monitor``) and the asyncio face (``vmctl.qmp.aio``) share every rule:
+
+- **correlation**: ids are allocated here; a reply completes the command with its id; the reply
+  of a command whose caller gave up is discarded (with a warning) and frees what it held.
+- **never sent late**: a command whose caller gives up before its bytes were handed out for
+  writing is dropped, never sent.
+- **fds**: a command's fds are duplicated when it is queued, so the caller may close its own the
+  moment it returns; the duplicates are closed when QEMU answered, when the command is dropped
+  unsent, or when the connection ends. The number sent is always the caller's file.
+- **the fd slot**: QEMU keeps the fds of its last read in one slot, replaced by the next read
+  carrying fds, so an fd-passing command is handed out only while no other is between its send
+  and its reply. A caller giving up does not free the slot; the reply (or the end) does.
+- **whole sends**: bytes handed out are written completely (a partial write is resumed by
+  whoever writes next) or, when a write was interrupted, the connection fails for everyone.
+- **errors**: QEMU's error classes map into the error tree; an oversized or undecodable reply
+  fails only its command; anything else unreadable fails the connection.
+- **events**: the history, subscriptions (a ``match`` that raises ends only its own
+  subscription), the callback hook; and logging, redaction and the transcript for all of it.
+
+It is not thread-safe: the threaded face holds one lock around every call into it.
 """
 
 from __future__ import annotations
 
-import enum
-import itertools
-import json
-import re
-from collections import deque
-from collections.abc import Mapping
-from typing import Any, Final
+import collections
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final, Protocol
 
-from vmctl.errors import InvalidArgument, ProtocolError, StateError
-from vmctl.qmp.framing import LineFramer, Oversized
+import structlog
+
+from vmctl.errors import (
+    ConnectError,
+    ConnectionLost,
+    EventMatchError,
+    InvalidArgument,
+    MessageTooLarge,
+    ProtocolError,
+    QMPError,
+    StateError,
+    command_error,
+)
+from vmctl.qmp.codec import DEFAULT_MAX_MESSAGE_SIZE, NEED_DATA, Phase, QMPCodec
+from vmctl.qmp.events import EventFilter, EventHistory
 from vmctl.qmp.messages import (
     ErrorReply,
     Event,
@@ -24,183 +55,562 @@ from vmctl.qmp.messages import (
     Message,
     Negotiated,
     OversizedMessage,
+    QEMUVersion,
     Reply,
+    UndecodableMessage,
 )
+from vmctl.qmp.redact import redact_arguments, redact_value
+from vmctl.qmp.runstate import Runstate, RunstateMachine
+from vmctl.qmp.timeouts import TimeoutPolicy, check_timeout
+from vmctl.qmp.transcript import Transcript
 
-DEFAULT_MAX_MESSAGE_SIZE: Final = 10 * 1024 * 1024
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "Command", "EventSink", "QMPProtocol", "Runstate", "Waker"]
 
-# One counter for the whole process: ids never repeat across monitors or reconnects.
-_id_counter = itertools.count(1)
-_ID_PREFIX: Final = "vmctl-"
-_ID_AT_END = re.compile(rb'"id"\s*:\s*"(' + _ID_PREFIX.encode() + rb'\d+)"\s*}\s*$')
-_ID_AT_START = re.compile(rb'^\s*{\s*"id"\s*:\s*"(' + _ID_PREFIX.encode() + rb'\d+)"')
-_EVENT_KEY = re.compile(rb'^\s*{\s*"event"\s*:|"event"\s*:\s*"[A-Z0-9_]+"\s*}\s*$')
+log = structlog.get_logger(__name__)
 
+DEFAULT_QUIET_COMMANDS: Final = frozenset({"ringbuf-read", "query-migrate"})
+DEFAULT_QUIET_EVENTS: Final = frozenset({"RTC_CHANGE"})
 
-class NeedData(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData.NEED_DATA
+_DEBUG: Final = 10
+_LATE_REPLY_MEMORY: Final = 1024
+# A deadline further than this is as good as never (and keeps clock arithmetic finite).
+_FOREVER: Final = 10.0**9
 
 
-class State(enum.Enum):
-    AWAITING_GREETING = "awaiting-greeting"
-    GREETED = "greeted"  # greeting seen; qmp_capabilities not yet sent
-    NEGOTIATING = "negotiating"
-    READY = "ready"
-    CLOSED = "closed"
-    ERROR = "error"
+class Waker(Protocol):
+    """How the core tells a face that a command is done (it is called exactly once)."""
+
+    def wake(self) -> None: ...
+
+
+class EventSink(Protocol):
+    """A subscriber: the core filters, then delivers (or fails it when the connection ends)."""
+
+    @property
+    def filter(self) -> EventFilter: ...
+
+    def deliver(self, event: Event) -> None: ...
+
+    def fail(self, error: QMPError) -> None: ...
+
+
+class Command:
+    """One command, from queueing to its outcome."""
+
+    __slots__ = (
+        "abandoned",
+        "arguments",
+        "data",
+        "deadline",
+        "done",
+        "failure",
+        "fds",
+        "id",
+        "name",
+        "sent",
+        "started",
+        "timeout",
+        "value",
+        "waker",
+    )
+
+    def __init__(
+        self,
+        *,
+        command_id: str,
+        name: str,
+        arguments: Mapping[str, Any] | None,
+        data: bytes,
+        fds: tuple[int, ...],
+        timeout: float,
+        waker: Waker,
+    ) -> None:
+        self.id = command_id
+        self.name = name
+        self.arguments = arguments
+        self.data = data
+        self.fds = fds  # our duplicates, owned until QEMU answered
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self.deadline = self.started + min(timeout, _FOREVER)
+        self.waker = waker
+        self.sent = False  # handed out for writing: from here on it reaches QEMU or the connection fails
+        self.done = False
+        self.abandoned = False
+        self.value: Any = None
+        self.failure: QMPError | None = None
+
+    def result(self) -> Any:
+        if self.failure is not None:
+            raise self.failure
+        return self.value
 
 
 class QMPProtocol:
-    """Sans-I/O QMP client connection."""
+    """One QMP client connection, sans I/O. Faces: ``vmctl.qmp.monitor`` and ``vmctl.qmp.aio``."""
 
-    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, oob: bool = True) -> None:
-        if max_message_size < 1024:
-            raise InvalidArgument(f"max_message_size={max_message_size} is too small (minimum 1024)")
-        self.max_message_size = max_message_size
-        self.state = State.AWAITING_GREETING
-        self.greeting: Greeting | None = None
-        self.capabilities: tuple[str, ...] = ()
-        self._want_oob = oob
-        self._framer = LineFramer(max_message_size)
-        self._ready: deque[Message] = deque()
-        self._negotiation_id: str | None = None
+    def __init__(
+        self,
+        *,
+        name: str,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        oob: bool = True,
+        timeouts: TimeoutPolicy | None = None,
+        quiet_commands: Iterable[str] = DEFAULT_QUIET_COMMANDS,
+        quiet_events: Iterable[str] = DEFAULT_QUIET_EVENTS,
+        event_history: int = 1000,
+        transcript: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.timeouts = timeouts or TimeoutPolicy()
+        self.quiet_commands = frozenset(quiet_commands)
+        self.quiet_events = frozenset(quiet_events)
+        self.history = EventHistory(event_history)
+        self._codec = QMPCodec(max_message_size=max_message_size, oob=oob)
+        self._runstate = RunstateMachine(name)
+        self._log = log.bind(monitor=name)
+        self._debug_enabled: Callable[[int], bool] = getattr(self._log, "is_enabled_for", lambda level: True)
+        self._transcript = Transcript(transcript) if transcript is not None else None
+        self._pending: dict[str, Command] = {}  # queued or sent; a caller waits for each
+        self._late: collections.OrderedDict[str, Command] = collections.OrderedDict()  # sent, caller gone
+        self._queue: collections.deque[Command] = collections.deque()  # not yet handed out
+        self._fd_slot: Command | None = None  # the fd-passing command between send and reply
+        self._handshake_out: bytes | None = None
+        self._out = b""  # the write in progress: bytes handed out, of which _out_offset are written
+        self._out_offset = 0
+        self._out_fds: tuple[int, ...] = ()
+        self._subscriptions: tuple[EventSink, ...] = ()
+        self.oversized_events = 0
+        #: Face hooks: every event (for callbacks), and the end of the connection (``None``: closed locally).
+        self.on_event: Callable[[Event], None] | None = None
+        self.on_disconnect: Callable[[QMPError | None], None] | None = None
 
-    # -- sending ---------------------------------------------------------------------------
+    # -- state -----------------------------------------------------------------------------
 
-    def start_negotiation(self) -> bytes:
-        """The ``qmp_capabilities`` command, enabling ``oob`` when QEMU offers it."""
-        if self.state is not State.GREETED:
-            raise StateError(f"cannot negotiate capabilities in state {self.state.value}")
-        assert self.greeting is not None
-        enable = ["oob"] if self._want_oob and "oob" in self.greeting.capabilities else []
-        self._negotiation_id = new_id()
-        self.state = State.NEGOTIATING
-        self.capabilities = tuple(enable)
-        message: dict[str, Any] = {"execute": "qmp_capabilities", "id": self._negotiation_id}
-        if enable:
-            message["arguments"] = {"enable": enable}
-        return _encode(message)
+    @property
+    def runstate(self) -> Runstate:
+        return self._runstate.state
 
-    def send_command(
-        self, command: str, arguments: Mapping[str, Any] | None = None, *, oob: bool = False
-    ) -> tuple[str, bytes]:
-        """Return ``(id, bytes)`` for a command; the reply will carry that id."""
-        if self.state is not State.READY:
-            raise StateError(f"cannot send {command!r}: the connection is {self.state.value}")
-        if not isinstance(command, str) or not command:
-            raise InvalidArgument(f"command must be a non-empty string, not {command!r}")
-        if oob and "oob" not in self.capabilities:
-            raise InvalidArgument("out-of-band execution was not negotiated with QEMU")
-        command_id = new_id()
-        # Hot path for argument-less queries: no json.dumps needed (the command is a QAPI name).
-        if not arguments and not oob and _PLAIN_NAME.fullmatch(command):
-            return command_id, f'{{"execute":"{command}","id":"{command_id}"}}\n'.encode()
-        message: dict[str, Any] = {("exec-oob" if oob else "execute"): command, "id": command_id}
-        if arguments:
-            if not isinstance(arguments, Mapping):
-                raise InvalidArgument(f"{command}: arguments must be a mapping, not {type(arguments).__name__}")
-            message["arguments"] = arguments
-        try:
-            return command_id, _encode(message)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"{command}: arguments are not JSON-serialisable: {exc}") from None
+    def guard(self, *allowed: Runstate) -> None:
+        """Raise what a call gets in this runstate unless it is one of ``allowed``."""
+        self._runstate.guard(*allowed)
+
+    @property
+    def greeting(self) -> Greeting:
+        greeting = self._codec.greeting
+        if greeting is None:
+            raise StateError(f"{self.name}: no QMP greeting yet")
+        return greeting
+
+    @property
+    def version(self) -> QEMUVersion:
+        return self.greeting.version
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        return self._codec.capabilities
+
+    @property
+    def max_message_size(self) -> int:
+        return self._codec.max_message_size
+
+    @property
+    def late_replies(self) -> int:
+        """Commands whose caller gave up after they were sent, whose reply will be discarded."""
+        return len(self._late)
+
+    @property
+    def fds_held(self) -> int:
+        """Duplicated fds held for queued or unanswered commands."""
+        return sum(len(c.fds) for c in (*self._pending.values(), *self._late.values()))
+
+    @property
+    def awaiting(self) -> str:
+        """What the handshake waits for (for error messages)."""
+        return "QMP greeting" if self._codec.phase is Phase.AWAITING_GREETING else "reply to qmp_capabilities"
+
+    def waiting(self) -> Iterable[Command]:
+        """The commands callers are waiting for (queued or sent)."""
+        return self._pending.values()
+
+    @property
+    def subscriptions(self) -> tuple[EventSink, ...]:
+        return self._subscriptions
+
+    def handshake_error(self) -> ConnectError:
+        """Why the handshake failed, as the ``ConnectError`` a face raises."""
+        why = self._runstate.failure[1] if self._runstate.failure else f"{self.name}: the handshake did not finish"
+        return ConnectError(why)
+
+    # -- commands --------------------------------------------------------------------------
+
+    def command(
+        self,
+        name: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        fds: Sequence[int] = (),
+        timeout: float | None = None,
+        oob: bool = False,
+        waker: Waker,
+    ) -> Command:
+        """Queue a command. Bad input raises ``InvalidArgument`` here, before anything is sent."""
+        self._runstate.guard(Runstate.RUNNING)
+        seconds = self.timeouts.for_command(name) if timeout is None else check_timeout(timeout)
+        command_id, data = self._codec.send_command(name, arguments, oob=oob)
+        command = Command(
+            command_id=command_id,
+            name=name,
+            arguments=arguments,
+            data=data,
+            fds=_duplicate(fds, name) if fds else (),
+            timeout=seconds,
+            waker=waker,
+        )
+        self._pending[command_id] = command
+        self._queue.append(command)
+        return command
+
+    @property
+    def wants_write(self) -> bool:
+        """Whether ``data_to_send`` has something now."""
+        if self._out or self._handshake_out is not None:
+            return True
+        if not self._queue:
+            return False
+        return self._fd_slot is None or any(not c.fds for c in self._queue)
+
+    def data_to_send(self) -> tuple[bytes, tuple[int, ...]] | None:
+        """The bytes to write next and the fds to pass with them; follow with ``bytes_sent``."""
+        if self._out:
+            if self._out_offset:
+                return self._out[self._out_offset :], ()
+            return self._out, self._out_fds
+        if self._handshake_out is not None:
+            self._out, self._handshake_out = self._handshake_out, None
+            return self._out, ()
+        queue = self._queue
+        if not queue:
+            return None
+        if len(queue) == 1 and not queue[0].fds:  # the common case: one command, no fds
+            command = queue.popleft()
+            self._hand_out(command)
+            self._out = command.data
+            return self._out, ()
+        pieces: list[bytes] = []
+        fds: tuple[int, ...] = ()
+        waiting: list[Command] = []
+        while queue:
+            command = queue[0]
+            if command.fds:
+                if self._fd_slot is not None:
+                    waiting.append(queue.popleft())  # keeps its place until the slot is free
+                    continue
+                if pieces:
+                    break  # fds travel with the first byte of a write: it starts the next one
+                self._fd_slot = command
+                fds = command.fds
+            queue.popleft()
+            self._hand_out(command)
+            pieces.append(command.data)
+        queue.extendleft(reversed(waiting))
+        if not pieces:
+            return None
+        self._out = b"".join(pieces)
+        self._out_fds = fds
+        return self._out, fds
+
+    def bytes_sent(self, count: int) -> None:
+        """``count`` bytes of what ``data_to_send`` returned were written (the fds with the first)."""
+        if count <= 0:
+            return
+        self._out_fds = ()
+        self._out_offset += count
+        if self._out_offset >= len(self._out):
+            self._out = b""
+            self._out_offset = 0
+
+    def send_interrupted(self) -> None:
+        """A write was interrupted (a signal handler raised): the stream may hold half a command."""
+        if self._out:
+            self.fail(ConnectionLost, f"{self.name}: a send to QEMU was interrupted; the stream cannot be trusted")
+
+    def abandon(self, command: Command) -> bool:
+        """The caller gives up (timeout, cancellation). False if the command is already done.
+
+        An unsent command is dropped and never sent; a sent one's reply will be discarded."""
+        if command.done or command.abandoned:
+            return False
+        command.abandoned = True
+        self._pending.pop(command.id, None)
+        if not command.sent:
+            self._queue.remove(command)
+            command.done = True
+            _close_all(command.fds)
+            command.fds = ()
+        else:
+            self._late[command.id] = command
+            while len(self._late) > _LATE_REPLY_MEMORY:
+                _, evicted = self._late.popitem(last=False)
+                self._release(evicted)
+        if command.name not in self.quiet_commands:
+            self._log.warning(
+                "qmp.command",
+                cmd=command.name,
+                id=command.id,
+                ms=_elapsed_ms(command),
+                outcome="timeout",
+                sent=command.sent,
+                arguments=redact_arguments(command.name, command.arguments),
+            )
+        return True
+
+    def _hand_out(self, command: Command) -> None:
+        command.sent = True
+        if self._transcript is not None and command.name not in self.quiet_commands:
+            record: dict[str, Any] = {"execute": command.name, "id": command.id}
+            if command.arguments:
+                record["arguments"] = redact_arguments(command.name, command.arguments)
+            self._transcript.write("send", record)
+
+    def _release(self, command: Command) -> None:
+        """Free what a command holds: its fd duplicates and the fd slot."""
+        if self._fd_slot is command:
+            self._fd_slot = None
+        if command.fds:
+            _close_all(command.fds)
+            command.fds = ()
 
     # -- receiving -------------------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        """Feed bytes from QEMU; empty bytes mean end of stream."""
-        if self.state in (State.CLOSED, State.ERROR):
-            raise StateError(f"cannot receive data: the connection is {self.state.value}")
-        if not data:
-            self._receive_eof()
+        """Feed bytes read from QEMU; ``b""`` is the end of the stream."""
+        if self._runstate.state not in (Runstate.CONNECTING, Runstate.RUNNING):
             return
-        for item in self._framer.feed(data):
-            if isinstance(item, Oversized):
-                self._ready.append(_oversized(item))
-            else:
-                self._receive_line(item)
-
-    def next_event(self) -> Message | NeedData:
-        """The next message decoded so far, or ``NEED_DATA``."""
-        if self._ready:
-            return self._ready.popleft()
-        return NEED_DATA
-
-    def _receive_eof(self) -> None:
-        pending = self._framer.buffered
-        self.state = State.CLOSED
-        if pending:
-            raise ProtocolError(f"the connection closed in the middle of a message ({pending} bytes received)")
-
-    def _receive_line(self, line: bytes) -> None:
-        if not line.strip():
-            return
+        error: ProtocolError | None = None
         try:
-            message = json.loads(line)
-        except ValueError as exc:
-            self._fail(f"QEMU sent a line that is not JSON ({exc}): {line[:120]!r}")
-        if not isinstance(message, dict):
-            self._fail(f"QEMU sent JSON that is not an object: {line[:120]!r}")
-        if "event" in message:
-            try:
-                self._ready.append(Event.from_qmp(message))
-            except (TypeError, ValueError, AttributeError) as exc:
-                self._fail(f"malformed event ({exc}): {line[:120]!r}")
-            return
-        if "return" in message or "error" in message:
-            self._receive_reply(message, line)
-            return
-        if "QMP" in message:
-            if self.state is not State.AWAITING_GREETING:
-                self._fail("QEMU sent a second greeting")
-            greeting = message["QMP"]
-            if not isinstance(greeting, dict):
-                self._fail(f"malformed greeting: {line[:120]!r}")
-            self.greeting = Greeting.from_qmp(greeting)
-            self.state = State.GREETED
-            self._ready.append(self.greeting)
-            return
-        self._fail(f"QEMU sent a message that is neither reply, error, event nor greeting: {line[:120]!r}")
+            self._codec.receive_data(data)
+        except ProtocolError as exc:
+            error = exc
+        while (message := self._codec.next_event()) is not NEED_DATA:
+            self._dispatch(message)
+        if error is not None:
+            self.fail(ProtocolError, self._describe_failure(f"invalid {self.awaiting}: {error}", str(error)))
+        elif not data:
+            self.fail(
+                ConnectionLost,
+                self._describe_failure(
+                    f"QEMU closed the connection while we waited for the {self.awaiting}", "QEMU closed the connection"
+                ),
+            )
 
-    def _receive_reply(self, message: dict[str, Any], line: bytes) -> None:
-        raw_id = message.get("id")
-        reply_id = raw_id if isinstance(raw_id, str) else None
-        if self.state is State.NEGOTIATING and reply_id == self._negotiation_id:
-            if "error" in message:
-                self._fail(f"QEMU refused capability negotiation: {message['error']}")
-            self.state = State.READY
-            self._ready.append(Negotiated(capabilities=self.capabilities))
+    def _describe_failure(self, during_handshake: str, running: str) -> str:
+        connecting = self._runstate.state is Runstate.CONNECTING
+        return f"{self.name}: {during_handshake if connecting else running}"
+
+    def _dispatch(self, message: Message) -> None:
+        kind = type(message)
+        if kind is Reply:
+            assert isinstance(message, Reply)
+            self._complete(message.id, message.value, None)
+        elif kind is Event:
+            assert isinstance(message, Event)
+            self._deliver_event(message)
+        elif kind is ErrorReply:
+            assert isinstance(message, ErrorReply)
+            if message.id is None:
+                self._log.warning("qmp.error_without_id", error=dict(message.error))
+            else:
+                self._complete(message.id, None, message.error)
+        elif kind is OversizedMessage:
+            assert isinstance(message, OversizedMessage)
+            self._oversized(message)
+        elif kind is UndecodableMessage:
+            assert isinstance(message, UndecodableMessage)
+            self._undecodable(message)
+        elif kind is Greeting:
+            self._handshake_out = self._codec.start_negotiation()
+        elif kind is Negotiated:
+            self._runstate.transition(Runstate.RUNNING)
+            self._log.info("qmp.connected", qemu=str(self.version), capabilities=list(self.capabilities))
+
+    def _complete(self, command_id: str, value: Any, error: Mapping[str, Any] | None) -> None:
+        command = self._pending.pop(command_id, None)
+        if command is None:
+            late = self._late.pop(command_id, None)
+            if late is not None:
+                self._release(late)
+                self._log.warning("qmp.late_reply_discarded", cmd=late.name, id=command_id, error=error is not None)
+            else:
+                self._log.warning("qmp.reply_for_unknown_id", id=command_id)
             return
-        if self.state is not State.READY:
-            self._fail(f"QEMU sent a reply before negotiation finished: {line[:120]!r}")
-        if "error" in message:
-            error = message["error"]
-            self._ready.append(ErrorReply(id=reply_id, error=error if isinstance(error, dict) else {}))
-        elif reply_id is None:
-            self._fail(f"QEMU sent a reply without an id: {line[:120]!r}")
+        if error is not None:
+            command.failure = command_error(command.name, error)
         else:
-            self._ready.append(Reply(id=reply_id, value=message["return"]))
+            command.value = value
+        quiet = command.name in self.quiet_commands
+        if self._transcript is not None and not quiet:
+            self._transcript.write("recv", _reply_record(command_id, value, error))
+        if (error is not None or not quiet) and self._debug_enabled(_DEBUG):
+            self._log_outcome(command, "ok" if error is None else type(command.failure).__name__)
+        self._finish(command)
 
-    def _fail(self, why: str) -> Any:
-        self.state = State.ERROR
-        raise ProtocolError(why)
+    def _finish(self, command: Command) -> None:
+        self._release(command)
+        command.done = True
+        command.waker.wake()
+
+    def _fail_command(self, command_id: str | None, failure: Callable[[Command], QMPError]) -> bool:
+        command = self._pending.pop(command_id, None) if command_id is not None else None
+        if command is None:
+            late = self._late.pop(command_id, None) if command_id is not None else None
+            if late is not None:
+                self._release(late)
+            return late is not None
+        command.failure = failure(command)
+        if self._debug_enabled(_DEBUG):
+            self._log_outcome(command, type(command.failure).__name__)
+        self._finish(command)
+        return True
+
+    def _oversized(self, message: OversizedMessage) -> None:
+        limit = self._codec.max_message_size
+
+        def too_large(command: Command) -> QMPError:
+            return MessageTooLarge(
+                f"{command.name}: the reply is {message.size} bytes, over the {limit}-byte limit; "
+                "the command ran but its reply was discarded",
+                command=command.name,
+                size=message.size,
+                limit=limit,
+            )
+
+        if not self._fail_command(message.id, too_large):
+            if message.id is None:
+                self.oversized_events += 1
+            self._log.warning(
+                "qmp.oversized_message_dropped", id=message.id, size=message.size, limit=limit, event=message.is_event
+            )
+
+    def _undecodable(self, message: UndecodableMessage) -> None:
+        def undecodable(command: Command) -> QMPError:
+            return ProtocolError(
+                f"{command.name}: QEMU's reply ({message.size} bytes) is {message.why}; "
+                "the command ran but its reply was discarded (the connection is fine)"
+            )
+
+        if not self._fail_command(message.id, undecodable):
+            self._log.warning("qmp.undecodable_message_dropped", id=message.id, size=message.size, why=message.why)
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def fail(self, error_type: type[QMPError], why: str, *, closing: bool = False) -> None:
+        """The connection is unusable: every waiter fails now, every later call at once."""
+        if not self._runstate.transition(Runstate.DISCONNECTED):
+            return
+        self._runstate.failure = (error_type, why)
+        pending = list(self._pending.values())
+        self._pending.clear()
+        for command in pending:
+            outcome = "its outcome is unknown" if command.sent else "it was not sent"
+            command.failure = error_type(f"{why} while {command.name} was pending; {outcome}")
+            self._finish(command)
+        for late in self._late.values():
+            self._release(late)
+        self._late.clear()
+        self._queue.clear()
+        self._out, self._out_offset, self._out_fds, self._handshake_out = b"", 0, (), None
+        subscriptions, self._subscriptions = self._subscriptions, ()
+        for subscription in subscriptions:
+            subscription.fail(StateError(why) if error_type is StateError else ConnectionLost(why))
+        if not closing:
+            self._log.info("qmp.connection_lost", reason=why, pending=[c.name for c in pending])
+        if self.on_disconnect is not None:
+            self.on_disconnect(None if closing else ConnectionLost(why))
+
+    def close(self) -> None:
+        """Closed locally: pending commands fail with ``ConnectionLost``; idempotent."""
+        if self._runstate.state is Runstate.CLOSED:
+            return
+        had_failed = self._runstate.state is Runstate.DISCONNECTED
+        self.fail(ConnectionLost, f"{self.name}: the monitor was closed locally", closing=True)
+        self._runstate.transition(Runstate.CLOSED)
+        if self._transcript is not None:
+            self._transcript.close()
+        if not had_failed:
+            self._log.info("qmp.closed")
+
+    # -- events ----------------------------------------------------------------------------
+
+    def subscribe(self, sink: EventSink) -> None:
+        self._runstate.guard(Runstate.CONNECTING, Runstate.RUNNING)
+        self._subscriptions = (*self._subscriptions, sink)
+
+    def unsubscribe(self, sink: EventSink) -> None:
+        self._subscriptions = tuple(s for s in self._subscriptions if s is not sink)
+
+    def _deliver_event(self, event: Event) -> None:
+        self.history.append(event)
+        for subscription in self._subscriptions:
+            try:
+                wanted = subscription.filter.accepts(event)
+            except Exception as exc:
+                # A user's predicate never takes down the reader: it ends its own subscription.
+                self._log.exception("qmp.match_failed", event=event.name)
+                error = EventMatchError(f"the subscription's match raised {exc!r} on a {event.name} event")
+                error.__cause__ = exc
+                self.unsubscribe(subscription)
+                subscription.fail(error)
+                continue
+            if wanted:
+                subscription.deliver(event)
+        if self.on_event is not None:
+            self.on_event(event)
+        if event.name not in self.quiet_events:
+            if self._debug_enabled(_DEBUG):
+                self._log.debug("qmp.event", name=event.name, data=redact_value(dict(event.data)))
+            if self._transcript is not None:
+                self._transcript.write(
+                    "recv", {"event": event.name, "data": redact_value(dict(event.data)), "timestamp": event.timestamp}
+                )
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def _log_outcome(self, command: Command, outcome: str) -> None:
+        fields: dict[str, Any] = {
+            "cmd": command.name,
+            "id": command.id,
+            "ms": _elapsed_ms(command),
+            "outcome": outcome,
+            "arguments": redact_arguments(command.name, command.arguments),
+        }
+        if command.failure is not None:
+            fields["error"] = str(command.failure)
+        self._log.debug("qmp.command", **fields)
 
 
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+def _duplicate(fds: Sequence[int], command: str) -> tuple[int, ...]:
+    dups: list[int] = []
+    try:
+        for fd in fds:
+            dups.append(os.dup(fd))
+    except OSError as exc:
+        _close_all(dups)
+        raise InvalidArgument(f"{command}: cannot pass fd {fd}: {exc.strerror}") from None
+    return tuple(dups)
 
 
-def new_id() -> str:
-    return f"{_ID_PREFIX}{next(_id_counter)}"
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
-def _encode(message: Mapping[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+def _elapsed_ms(command: Command) -> float:
+    return round((time.monotonic() - command.started) * 1000, 3)
 
 
-def _oversized(item: Oversized) -> OversizedMessage:
-    found = _ID_AT_END.search(item.tail) or _ID_AT_START.search(item.head)
-    is_event = found is None and bool(_EVENT_KEY.search(item.head) or _EVENT_KEY.search(item.tail))
-    return OversizedMessage(id=found.group(1).decode() if found else None, is_event=is_event, size=item.size)
+def _reply_record(command_id: str, value: Any, error: Mapping[str, Any] | None) -> dict[str, Any]:
+    if error is not None:
+        return {"id": command_id, "error": dict(error)}
+    return {"id": command_id, "return": redact_value(value)}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any, Final
 
 import attrs
 
@@ -39,9 +41,29 @@ def _frozen_rules(rules: Mapping[str, float]) -> Mapping[str, float]:
     return MappingProxyType(dict(rules))
 
 
+#: The longest single wait a face makes; a longer timeout is honoured by waiting again.
+MAX_WAIT_SLICE: Final = 3600.0
+
+
+def check_timeout(value: Any, what: str = "timeout", *, allow_zero: bool = False) -> float:
+    """``value`` as seconds if it is a finite number > 0 (or >= 0); else ``InvalidArgument``.
+
+    Checked before anything is sent: ``inf`` or ``nan`` would otherwise fail deep inside a wait,
+    after the command went out."""
+    valid = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    if not valid:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise InvalidArgument(f"{what} must be a finite number of seconds {bound}, not {value!r}")
+    return float(value)
+
+
 def _check_seconds(value: float, what: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise InvalidArgument(f"{what} must be a positive number of seconds, not {value!r}")
+    check_timeout(value, what)
 
 
 @attrs.frozen(kw_only=True)

@@ -8,23 +8,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmctl.errors import InvalidArgument, ProtocolError, StateError
-from vmctl.qmp.messages import ErrorReply, Event, Greeting, Negotiated, OversizedMessage, Reply
-from vmctl.qmp.protocol import NEED_DATA, QMPProtocol, State
+from vmctl.qmp.codec import NEED_DATA, Phase, QMPCodec
+from vmctl.qmp.messages import ErrorReply, Event, Greeting, Negotiated, OversizedMessage, Reply, UndecodableMessage
 
 GREETING = (
     b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}\r\n'
 )
 
 
-def drain(proto: QMPProtocol) -> list[Any]:
+def drain(proto: QMPCodec) -> list[Any]:
     out = []
     while (message := proto.next_event()) is not NEED_DATA:
         out.append(message)
     return out
 
 
-def ready_protocol(**kwargs: Any) -> QMPProtocol:
-    proto = QMPProtocol(**kwargs)
+def ready_protocol(**kwargs: Any) -> QMPCodec:
+    proto = QMPCodec(**kwargs)
     proto.receive_data(GREETING)
     [greeting] = drain(proto)
     assert isinstance(greeting, Greeting)
@@ -35,7 +35,7 @@ def ready_protocol(**kwargs: Any) -> QMPProtocol:
 
 
 def test_negotiation_enables_oob_when_offered() -> None:
-    proto = QMPProtocol()
+    proto = QMPCodec()
     assert proto.next_event() is NEED_DATA
     proto.receive_data(GREETING[:10])
     assert proto.next_event() is NEED_DATA
@@ -46,11 +46,11 @@ def test_negotiation_enables_oob_when_offered() -> None:
     message = json.loads(proto.start_negotiation())
     assert message["execute"] == "qmp_capabilities"
     assert message["arguments"] == {"enable": ["oob"]}
-    assert proto.state is State.NEGOTIATING
+    assert proto.phase is Phase.NEGOTIATING
 
 
 def test_negotiation_without_oob_when_not_wanted() -> None:
-    proto = QMPProtocol(oob=False)
+    proto = QMPCodec(oob=False)
     proto.receive_data(GREETING)
     drain(proto)
     message = json.loads(proto.start_negotiation())
@@ -59,7 +59,7 @@ def test_negotiation_without_oob_when_not_wanted() -> None:
 
 
 def test_commands_before_negotiation_are_refused() -> None:
-    proto = QMPProtocol()
+    proto = QMPCodec()
     with pytest.raises(StateError, match="awaiting-greeting"):
         proto.send_command("query-status")
     with pytest.raises(StateError):
@@ -91,7 +91,7 @@ def test_oob_commands_need_the_capability() -> None:
     proto = ready_protocol()
     _, data = proto.send_command("migrate-pause", oob=True)
     assert json.loads(data)["exec-oob"] == "migrate-pause"
-    plain = QMPProtocol(oob=False)
+    plain = QMPCodec(oob=False)
     plain.receive_data(GREETING)
     drain(plain)
     negotiation = json.loads(plain.start_negotiation())
@@ -120,13 +120,10 @@ def test_names_that_need_escaping_are_still_valid_json() -> None:
     "garbage",
     [b"not json\r\n", b"[1, 2]\r\n", b'{"what": 1}\r\n', b'{"return": {}}\r\n', GREETING],
 )
-def test_garbage_is_a_protocol_error_and_final(garbage: bytes) -> None:
+def test_garbage_is_a_protocol_error(garbage: bytes) -> None:
     proto = ready_protocol()
     with pytest.raises(ProtocolError):
         proto.receive_data(garbage)
-    assert proto.state is State.ERROR
-    with pytest.raises(StateError):
-        proto.receive_data(b"{}\n")
 
 
 def test_truncated_stream_is_a_protocol_error() -> None:
@@ -134,17 +131,28 @@ def test_truncated_stream_is_a_protocol_error() -> None:
     proto.receive_data(b'{"return": {}, "id": "vm')
     with pytest.raises(ProtocolError, match="middle of a message"):
         proto.receive_data(b"")
-    assert proto.state is State.CLOSED
 
 
-def test_clean_eof_closes() -> None:
+def test_clean_eof_is_no_error() -> None:
     proto = ready_protocol()
     proto.receive_data(b"")
-    assert proto.state is State.CLOSED
+    assert drain(proto) == []
+
+
+@pytest.mark.parametrize("id_first", [True, False])
+def test_too_deeply_nested_reply_is_undecodable_and_attributed(id_first: bool) -> None:
+    proto = ready_protocol()
+    command_id, _ = proto.send_command("qom-get")
+    deep = "[" * 200_000 + "]" * 200_000
+    line = f'{{"id": "{command_id}", "return": {deep}}}' if id_first else f'{{"return": {deep}, "id": "{command_id}"}}'
+    proto.receive_data(line.encode() + b"\r\n")
+    [message] = drain(proto)
+    assert isinstance(message, UndecodableMessage) and message.id == command_id
+    assert "nested too deeply" in message.why
 
 
 def test_refused_negotiation_is_a_protocol_error() -> None:
-    proto = QMPProtocol()
+    proto = QMPCodec()
     proto.receive_data(GREETING)
     drain(proto)
     negotiation = json.loads(proto.start_negotiation())
@@ -156,7 +164,7 @@ def test_refused_negotiation_is_a_protocol_error() -> None:
 
 def test_max_message_size_has_a_floor() -> None:
     with pytest.raises(InvalidArgument):
-        QMPProtocol(max_message_size=10)
+        QMPCodec(max_message_size=10)
 
 
 @given(

@@ -1,0 +1,214 @@
+"""QMP's wire format: bytes in, typed messages out; commands in, bytes out. No I/O, no policy.
+
+The codec knows the greeting and the capability negotiation (its ``phase``); everything about
+a connection's life (which command a reply belongs to, timeouts, fds, failures) is the
+connection core's (``vmctl.qmp.protocol``), which drives this codec.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import json
+import re
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, Final
+
+from vmctl.errors import InvalidArgument, ProtocolError, StateError
+from vmctl.qmp.framing import LineFramer, Oversized
+from vmctl.qmp.messages import (
+    ErrorReply,
+    Event,
+    Greeting,
+    Message,
+    Negotiated,
+    OversizedMessage,
+    Reply,
+    UndecodableMessage,
+)
+
+DEFAULT_MAX_MESSAGE_SIZE: Final = 10 * 1024 * 1024
+
+# One counter for the whole process: ids never repeat across monitors or reconnects.
+_id_counter = itertools.count(1)
+_ID_PREFIX: Final = "vmctl-"
+_ID_AT_END = re.compile(rb'"id"\s*:\s*"(' + _ID_PREFIX.encode() + rb'\d+)"\s*}\s*$')
+_ID_AT_START = re.compile(rb'^\s*{\s*"id"\s*:\s*"(' + _ID_PREFIX.encode() + rb'\d+)"')
+_EVENT_KEY = re.compile(rb'^\s*{\s*"event"\s*:|"event"\s*:\s*"[A-Z0-9_]+"\s*}\s*$')
+
+
+class NeedData(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+class Phase(enum.Enum):
+    """How far the handshake got; the connection's own runstate lives in ``vmctl.qmp.runstate``."""
+
+    AWAITING_GREETING = "awaiting-greeting"
+    GREETED = "greeted"  # greeting seen; qmp_capabilities not yet sent
+    NEGOTIATING = "negotiating"
+    READY = "ready"
+
+
+class QMPCodec:
+    """Decode QEMU's messages and encode commands. After a ``ProtocolError`` it must not be fed again."""
+
+    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, oob: bool = True) -> None:
+        if max_message_size < 1024:
+            raise InvalidArgument(f"max_message_size={max_message_size} is too small (minimum 1024)")
+        self.max_message_size = max_message_size
+        self.phase = Phase.AWAITING_GREETING
+        self.greeting: Greeting | None = None
+        self.capabilities: tuple[str, ...] = ()
+        self._want_oob = oob
+        self._framer = LineFramer(max_message_size)
+        self._ready: deque[Message] = deque()
+        self._negotiation_id: str | None = None
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def start_negotiation(self) -> bytes:
+        """The ``qmp_capabilities`` command, enabling ``oob`` when QEMU offers it."""
+        if self.phase is not Phase.GREETED:
+            raise StateError(f"cannot negotiate capabilities in phase {self.phase.value}")
+        assert self.greeting is not None
+        enable = ["oob"] if self._want_oob and "oob" in self.greeting.capabilities else []
+        self._negotiation_id = new_id()
+        self.phase = Phase.NEGOTIATING
+        self.capabilities = tuple(enable)
+        message: dict[str, Any] = {"execute": "qmp_capabilities", "id": self._negotiation_id}
+        if enable:
+            message["arguments"] = {"enable": enable}
+        return _encode(message)
+
+    def send_command(
+        self, command: str, arguments: Mapping[str, Any] | None = None, *, oob: bool = False
+    ) -> tuple[str, bytes]:
+        """Return ``(id, bytes)`` for a command; the reply will carry that id."""
+        if self.phase is not Phase.READY:
+            raise StateError(f"cannot send {command!r}: the handshake is at {self.phase.value}")
+        if not isinstance(command, str) or not command:
+            raise InvalidArgument(f"command must be a non-empty string, not {command!r}")
+        if oob and "oob" not in self.capabilities:
+            raise InvalidArgument("out-of-band execution was not negotiated with QEMU")
+        command_id = new_id()
+        # Hot path for argument-less queries: no json.dumps needed (the command is a QAPI name).
+        if not arguments and not oob and _PLAIN_NAME.fullmatch(command):
+            return command_id, f'{{"execute":"{command}","id":"{command_id}"}}\n'.encode()
+        message: dict[str, Any] = {("exec-oob" if oob else "execute"): command, "id": command_id}
+        if arguments:
+            if not isinstance(arguments, Mapping):
+                raise InvalidArgument(f"{command}: arguments must be a mapping, not {type(arguments).__name__}")
+            message["arguments"] = arguments
+        try:
+            return command_id, _encode(message)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"{command}: arguments are not JSON-serialisable: {exc}") from None
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from QEMU; empty bytes mean end of stream (``ProtocolError`` if mid-message)."""
+        if not data:
+            self._receive_eof()
+            return
+        for item in self._framer.feed(data):
+            if isinstance(item, Oversized):
+                self._ready.append(_oversized(item))
+            else:
+                self._receive_line(item)
+
+    def next_event(self) -> Message | NeedData:
+        """The next message decoded so far, or ``NEED_DATA``."""
+        if self._ready:
+            return self._ready.popleft()
+        return NEED_DATA
+
+    def _receive_eof(self) -> None:
+        pending = self._framer.buffered
+        if pending:
+            raise ProtocolError(f"the connection closed in the middle of a message ({pending} bytes received)")
+
+    def _receive_line(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            message = json.loads(line)
+        except RecursionError:
+            # Valid JSON nested deeper than Python's parser goes: the stream is still in step,
+            # so only the command it answers (if its id can be found) fails.
+            self._ready.append(_undecodable(line, "nested too deeply to decode"))
+            return
+        except ValueError as exc:
+            self._fail(f"QEMU sent a line that is not JSON ({exc}): {line[:120]!r}")
+        if not isinstance(message, dict):
+            self._fail(f"QEMU sent JSON that is not an object: {line[:120]!r}")
+        if "event" in message:
+            try:
+                self._ready.append(Event.from_qmp(message))
+            except (TypeError, ValueError, AttributeError) as exc:
+                self._fail(f"malformed event ({exc}): {line[:120]!r}")
+            return
+        if "return" in message or "error" in message:
+            self._receive_reply(message, line)
+            return
+        if "QMP" in message:
+            if self.phase is not Phase.AWAITING_GREETING:
+                self._fail("QEMU sent a second greeting")
+            greeting = message["QMP"]
+            if not isinstance(greeting, dict):
+                self._fail(f"malformed greeting: {line[:120]!r}")
+            self.greeting = Greeting.from_qmp(greeting)
+            self.phase = Phase.GREETED
+            self._ready.append(self.greeting)
+            return
+        self._fail(f"QEMU sent a message that is neither reply, error, event nor greeting: {line[:120]!r}")
+
+    def _receive_reply(self, message: dict[str, Any], line: bytes) -> None:
+        raw_id = message.get("id")
+        reply_id = raw_id if isinstance(raw_id, str) else None
+        if self.phase is Phase.NEGOTIATING and reply_id == self._negotiation_id:
+            if "error" in message:
+                self._fail(f"QEMU refused capability negotiation: {message['error']}")
+            self.phase = Phase.READY
+            self._ready.append(Negotiated(capabilities=self.capabilities))
+            return
+        if self.phase is not Phase.READY:
+            self._fail(f"QEMU sent a reply before negotiation finished: {line[:120]!r}")
+        if "error" in message:
+            error = message["error"]
+            self._ready.append(ErrorReply(id=reply_id, error=error if isinstance(error, dict) else {}))
+        elif reply_id is None:
+            self._fail(f"QEMU sent a reply without an id: {line[:120]!r}")
+        else:
+            self._ready.append(Reply(id=reply_id, value=message["return"]))
+
+    def _fail(self, why: str) -> Any:
+        raise ProtocolError(why)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+
+
+def new_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter)}"
+
+
+def _encode(message: Mapping[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def _oversized(item: Oversized) -> OversizedMessage:
+    found = _ID_AT_END.search(item.tail) or _ID_AT_START.search(item.head)
+    is_event = found is None and bool(_EVENT_KEY.search(item.head) or _EVENT_KEY.search(item.tail))
+    return OversizedMessage(id=found.group(1).decode() if found else None, is_event=is_event, size=item.size)
+
+
+def _undecodable(line: bytes, why: str) -> UndecodableMessage:
+    head, tail = line[:4096], line[-4096:]
+    found = _ID_AT_END.search(tail) or _ID_AT_START.search(head)
+    return UndecodableMessage(id=found.group(1).decode() if found else None, why=why, size=len(line))
