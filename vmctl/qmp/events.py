@@ -54,14 +54,83 @@ class EventFilter:
         return bool(match(event))
 
 
-class Subscription:
-    """Events delivered to one subscriber, in order, in a bounded buffer.
+class EventBuffer:
+    """What every subscription is: a filter and a bounded, ordered buffer of delivered events.
 
     When the buffer is full, newer events are dropped and counted in ``dropped``. Once the
-    connection is gone, ``get`` returns what is buffered and then raises the connection's error.
+    connection is gone, the buffered events are still returned, then the connection's error.
+    The core delivers under the face's lock; ``_notify`` wakes whoever waits (a face's detail).
+    """
+
+    def __init__(self, event_filter: EventFilter, *, maxsize: int, on_close: Callable[[Any], None]) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise InvalidArgument(f"maxsize must be an integer >= 1, not {maxsize!r}")
+        self.filter = event_filter
+        self.maxsize = maxsize
+        self.dropped = 0
+        self._buffer: deque[Event] = deque()
+        self._failure: QMPError | None = None
+        self._closed = False
+        self._on_close = on_close
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._notify()
+        self._on_close(self)
+
+    def get_nowait(self) -> Event | None:
+        return self._buffer.popleft() if self._buffer else None
+
+    def drain(self) -> list[Event]:
+        """Every event buffered now, without waiting."""
+        events = list(self._buffer)
+        self._buffer.clear()
+        return events
+
+    def deliver(self, event: Event) -> None:
+        if self._closed:
+            return
+        if len(self._buffer) >= self.maxsize:
+            self.dropped += 1
+            return
+        self._buffer.append(event)
+        self._notify()
+
+    def fail(self, error: QMPError) -> None:
+        self._failure = error
+        self._notify()
+
+    def _next(self, deadline: float, now: float, timeout: float) -> Event | None:
+        """The next event, or None to wait on; raises the failure, closure or timeout."""
+        if self._buffer:
+            return self._buffer.popleft()
+        if self._failure is not None:
+            raise self._failure
+        if self._closed:
+            raise QMPError("the subscription is closed")
+        if deadline <= now:
+            names = ", ".join(sorted(self.filter.names)) or "any event"
+            raise EventTimeout(f"no matching event ({names}) within {timeout:g}s")
+        return None
+
+    def _has_news(self) -> bool:
+        return bool(self._buffer) or self._failure is not None or self._closed
+
+    def _notify(self) -> None:
+        raise NotImplementedError
+
+
+class Subscription(EventBuffer):
+    """A subscription for threads; use it as a context manager.
+
     Subscribe before sending the command whose event you need: QEMU may emit it before the reply.
-    A ``get`` that finds nobody reading QMP reads it itself, so an event is seen the moment it
-    arrives.
+    A ``get`` that finds nobody reading QMP reads it itself (``reader``), so an event is seen
+    the moment it arrives.
     """
 
     def __init__(
@@ -72,16 +141,8 @@ class Subscription:
         on_close: Callable[[Subscription], None],
         reader: Reader | None = None,
     ) -> None:
-        if maxsize < 1:
-            raise InvalidArgument(f"maxsize must be at least 1, not {maxsize}")
-        self.filter = event_filter
-        self.maxsize = maxsize
-        self.dropped = 0
-        self._buffer: deque[Event] = deque()
         self._cond = threading.Condition(threading.Lock())
-        self._failure: QMPError | None = None
-        self._closed = False
-        self._on_close = on_close
+        super().__init__(event_filter, maxsize=maxsize, on_close=on_close)
         self._reader = reader
         self._getters = 0
         self._poked = False
@@ -91,9 +152,6 @@ class Subscription:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def __len__(self) -> int:
-        return len(self._buffer)
 
     def close(self) -> None:
         with self._cond:
@@ -109,16 +167,10 @@ class Subscription:
         deadline = time.monotonic() + min(timeout, 1e9)
         while True:
             with self._cond:
-                if self._buffer:
-                    return self._buffer.popleft()
-                if self._failure is not None:
-                    raise self._failure
-                if self._closed:
-                    raise QMPError("the subscription is closed")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    names = ", ".join(sorted(self.filter.names)) or "any event"
-                    raise EventTimeout(f"no matching event ({names}) within {timeout:g}s")
+                now = time.monotonic()
+                event = self._next(deadline, now, timeout)
+                if event is not None:
+                    return event
                 # Counted before trying the read side, so that a poke in between is not lost.
                 self._getters += 1
                 self._poked = False
@@ -127,13 +179,10 @@ class Subscription:
                     continue
                 with self._cond:
                     if not (self._has_news() or self._poked):
-                        self._cond.wait(min(remaining, MAX_WAIT_SLICE))
+                        self._cond.wait(min(deadline - now, MAX_WAIT_SLICE))
             finally:
                 with self._cond:
                     self._getters -= 1
-
-    def _has_news(self) -> bool:
-        return bool(self._buffer) or self._failure is not None or self._closed
 
     def poke(self) -> None:
         """The read side became free: a waiting ``get`` may take it."""
@@ -144,31 +193,23 @@ class Subscription:
 
     def get_nowait(self) -> Event | None:
         with self._cond:
-            return self._buffer.popleft() if self._buffer else None
+            return super().get_nowait()
 
     def drain(self) -> list[Event]:
-        """Every event buffered now, without waiting."""
         with self._cond:
-            events = list(self._buffer)
-            self._buffer.clear()
-            return events
-
-    # -- called by the monitor -------------------------------------------------------------
+            return super().drain()
 
     def deliver(self, event: Event) -> None:
         with self._cond:
-            if self._closed:
-                return
-            if len(self._buffer) >= self.maxsize:
-                self.dropped += 1
-                return
-            self._buffer.append(event)
-            self._cond.notify()
+            super().deliver(event)
 
     def fail(self, error: QMPError) -> None:
         with self._cond:
-            self._failure = error
-            self._cond.notify_all()
+            super().fail(error)
+
+    def _notify(self) -> None:
+        # Callers hold the condition's lock.
+        self._cond.notify_all()
 
 
 class EventHistory:

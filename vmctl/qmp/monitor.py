@@ -112,11 +112,11 @@ class Monitor:
         self._schema: QMPSchema | None = None
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._fileno = stream.fileno()
-        self._poll_sock = select.poll()
-        self._poll_sock.register(self._fileno, _POLL_IN)
-        self._poll_background = select.poll()
-        self._poll_background.register(self._fileno, _POLL_IN)
-        self._poll_background.register(self._wakefd, select.POLLIN)
+        # The pump holder's poll set: the stream, and the eventfd through which callers kick it
+        # (to take over the read side, or because a write was left for it to finish).
+        self._poller = select.poll()
+        self._poller.register(self._fileno, _POLL_IN)
+        self._poller.register(self._wakefd, select.POLLIN)
         self._background_wants_pump = False
         self._stop = threading.Event()
         self._background: threading.Thread | None = None
@@ -134,7 +134,7 @@ class Monitor:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ConnectError(f"{self.name}: no {core.awaiting} within the connect timeout")
-                self._read_once(self._poll_sock, remaining)
+                self._read_once(remaining)
         if core.runstate is not Runstate.RUNNING:
             raise core.handshake_error()
         self._background = threading.Thread(target=self._background_reader, name=f"vmctl-qmp-{self.name}", daemon=True)
@@ -293,7 +293,7 @@ class Monitor:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._read_once(self._poll_sock, remaining)
+                self._read_once(remaining)
         finally:
             self._release_pump()
         return True
@@ -357,30 +357,47 @@ class Monitor:
         finally:
             with self._lock:
                 self._writing = False
+                left_over = core.wants_write
+            if left_over:
+                self._kick()  # whoever holds the read side picks the write up
 
     # -- reading (only by the pump holder) --------------------------------------------------
 
-    def _read_once(self, poller: select.poll, timeout: float | None) -> None:
-        if not poller.poll(None if timeout is None else _poll_ms(timeout)):
-            return
+    def _read_once(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for QEMU, then read (and write, when bytes wait); True if kicked."""
+        core = self._core
+        wants_write = core.wants_write and not self._writing
+        poller = self._poller
+        if wants_write:
+            poller.modify(self._fileno, _POLL_IN | select.POLLOUT)
+        ready = poller.poll(_poll_ms(timeout))
+        if wants_write:
+            poller.modify(self._fileno, _POLL_IN)
+        kicked = readable = False
+        for fd, mask in ready:
+            if fd == self._wakefd:
+                with contextlib.suppress(OSError):
+                    os.eventfd_read(self._wakefd)
+                kicked = True
+            else:
+                if mask & select.POLLOUT:
+                    self._flush(time.monotonic() + _FOLLOWER_SLICE)
+                readable = bool(mask & _POLL_IN)
+        if not readable:
+            return kicked
         try:
             data = self._stream.recv(RECV_SIZE)
         except BlockingIOError:
-            return
+            return kicked
         except OSError as exc:
             with self._lock:
-                self._core.fail(ConnectionLost, f"{self.name}: reading from QEMU failed: {exc}")
-            return
-        try:
-            with self._lock:
-                self._core.receive_data(data)
-        except BaseException:
-            # Bytes were consumed but perhaps not processed: a reply may be lost for good.
-            with self._lock:
-                self._core.fail(ConnectionLost, f"{self.name}: reading from QEMU was interrupted")
-            raise
-        if self._core.wants_write and not self._writing:
+                core.fail(ConnectionLost, f"{self.name}: reading from QEMU failed: {exc}")
+            return kicked
+        with self._lock:
+            core.receive_data(data)
+        if core.wants_write and not self._writing:
             self._flush(time.monotonic() + _FOLLOWER_SLICE)  # e.g. a command that waited for the fd slot
+        return kicked
 
     def _on_disconnect(self, error: QMPError | None) -> None:
         # Called by the core (under the lock) when the connection ends.
@@ -411,24 +428,9 @@ class Monitor:
                 self._background_wants_pump = False
 
     def _background_read(self) -> None:
-        """Read while idle (and finish any write left over); step down when a caller wants the pump."""
-        core = self._core
-        while not self._stop.is_set() and core.runstate is Runstate.RUNNING:
-            wants_write = core.wants_write and not self._writing
-            if wants_write:
-                self._poll_background.modify(self._fileno, _POLL_IN | select.POLLOUT)
-            ready = self._poll_background.poll(_poll_ms(MAX_WAIT_SLICE))
-            if wants_write:
-                self._poll_background.modify(self._fileno, _POLL_IN)
-            for fd, mask in ready:
-                if fd == self._wakefd:
-                    with contextlib.suppress(OSError):
-                        os.eventfd_read(self._wakefd)
-                    return
-                if mask & select.POLLOUT:
-                    self._flush(time.monotonic())
-            self._read_once(self._poll_sock, 0)
-            if self._active:
+        """Read (and finish any write left over) while idle; step down when kicked by a caller."""
+        while not self._stop.is_set() and self._core.runstate is Runstate.RUNNING:
+            if self._read_once(MAX_WAIT_SLICE) or self._active:
                 return
 
     # -- events -----------------------------------------------------------------------------
@@ -483,7 +485,7 @@ class Monitor:
         with self._lock:
             self._core.guard(Runstate.RUNNING)
             if self._callbacks is None:
-                self._callbacks = CallbackRunner(name=self.name, log=self._core._log)
+                self._callbacks = CallbackRunner(name=self.name, log=self._core.log)
                 self._core.on_event = self._callbacks.offer_event
             return self._callbacks
 

@@ -225,6 +225,11 @@ class QMPProtocol:
         return sum(len(c.fds) for c in (*self._pending.values(), *self._late.values()))
 
     @property
+    def log(self) -> Any:
+        """The connection's logger (bound to its name), for the faces' own lines."""
+        return self._log
+
+    @property
     def awaiting(self) -> str:
         """What the handshake waits for (for error messages)."""
         return "QMP greeting" if self._codec.phase is Phase.AWAITING_GREETING else "reply to qmp_capabilities"
@@ -389,11 +394,17 @@ class QMPProtocol:
             return
         error: ProtocolError | None = None
         try:
-            self._codec.receive_data(data)
-        except ProtocolError as exc:
-            error = exc
-        while (message := self._codec.next_event()) is not NEED_DATA:
-            self._dispatch(message)
+            try:
+                self._codec.receive_data(data)
+            except ProtocolError as exc:
+                error = exc
+            while (message := self._codec.next_event()) is not NEED_DATA:
+                self._dispatch(message)
+        except BaseException:
+            # Interrupted (a signal handler raised): bytes were taken but perhaps not all handled,
+            # so a reply may be lost for good; nobody is left waiting for it.
+            self.fail(ConnectionLost, f"{self.name}: reading from QEMU was interrupted")
+            raise
         if error is not None:
             self.fail(ProtocolError, self._describe_failure(f"invalid {self.awaiting}: {error}", str(error)))
         elif not data:
@@ -556,7 +567,7 @@ class QMPProtocol:
                 wanted = subscription.filter.accepts(event)
             except Exception as exc:
                 # A user's predicate never takes down the reader: it ends its own subscription.
-                self._log.exception("qmp.match_failed", event=event.name)
+                self._log.exception("qmp.match_failed", name=event.name)
                 error = EventMatchError(f"the subscription's match raised {exc!r} on a {event.name} event")
                 error.__cause__ = exc
                 self.unsubscribe(subscription)

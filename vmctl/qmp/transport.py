@@ -1,10 +1,9 @@
-"""Socket plumbing for the sync monitor: open with retry, send with fds, all bounded by a deadline."""
+"""Socket plumbing for both faces: addresses, connecting with retry, fd numbers and SCM_RIGHTS."""
 
 from __future__ import annotations
 
 import array
 import os
-import select
 import socket
 import time
 from collections.abc import Sequence
@@ -35,26 +34,38 @@ def describe(address: Address) -> str:
     return os.fspath(address)
 
 
-def open_socket(address: Address, *, timeout: float) -> socket.socket:
-    """A connected, non-blocking socket to ``address``, retrying while QEMU is still starting."""
-    if isinstance(address, socket.socket):
-        if address.type != socket.SOCK_STREAM:
-            raise InvalidArgument("the monitor socket must be a stream socket")
-        address.setblocking(False)
-        return address
+def socket_target(address: Address) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
+    """The socket family and connect target for a path or ``(host, port)``; ``InvalidArgument`` otherwise."""
     if isinstance(address, tuple):
         if len(address) != 2 or not isinstance(address[0], str) or not isinstance(address[1], int):
             raise InvalidArgument(f"a TCP address is (host, port), not {address!r}")
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        target: str | tuple[str, int] = address
-    elif isinstance(address, (str, os.PathLike)):
+        return (socket.AF_INET6 if ":" in address[0] else socket.AF_INET), address
+    if isinstance(address, (str, os.PathLike)):
         path = os.fspath(address)
         if len(os.fsencode(path)) >= 108:
             raise InvalidArgument(f"unix socket path is too long for the kernel (max 107 bytes): {path}")
-        family, target = socket.AF_UNIX, path
-    else:
-        raise InvalidArgument(f"cannot connect to a {type(address).__name__}; give a path, (host, port) or socket")
+        return socket.AF_UNIX, path
+    raise InvalidArgument(f"cannot connect to a {type(address).__name__}; give a path, (host, port) or socket")
 
+
+def connected_socket(sock: socket.socket) -> socket.socket:
+    """A socket the caller connected, checked and made non-blocking."""
+    if sock.type != socket.SOCK_STREAM:
+        raise InvalidArgument("the monitor socket must be a stream socket")
+    sock.setblocking(False)
+    return sock
+
+
+#: How connecting is retried while QEMU is not listening yet (both faces).
+RETRY_WAIT = tenacity.wait_exponential(multiplier=0.005, max=0.2)
+RETRY_IF_NOT_YET = tenacity.retry_if_exception_type(_NOT_YET)
+
+
+def open_socket(address: Address, *, timeout: float) -> socket.socket:
+    """A connected, non-blocking socket to ``address``, retrying while QEMU is still starting."""
+    if isinstance(address, socket.socket):
+        return connected_socket(address)
+    family, target = socket_target(address)
     deadline = time.monotonic() + timeout
 
     def attempt() -> socket.socket:
@@ -69,15 +80,16 @@ def open_socket(address: Address, *, timeout: float) -> socket.socket:
         return sock
 
     retrying = tenacity.Retrying(
-        stop=tenacity.stop_before_delay(timeout),
-        wait=tenacity.wait_exponential(multiplier=0.005, max=0.2),
-        retry=tenacity.retry_if_exception_type(_NOT_YET),
-        reraise=True,
+        stop=tenacity.stop_before_delay(timeout), wait=RETRY_WAIT, retry=RETRY_IF_NOT_YET, reraise=True
     )
     try:
         return retrying(attempt)
     except OSError as exc:
-        raise ConnectError(f"cannot connect to the QMP monitor at {describe(address)}: {exc}") from exc
+        raise connect_error(address, exc) from exc
+
+
+def connect_error(address: Address, exc: BaseException) -> ConnectError:
+    return ConnectError(f"cannot connect to the QMP monitor at {describe(address)}: {exc}")
 
 
 def fd_numbers(fds: Sequence[FileDescriptor]) -> list[int]:
@@ -92,9 +104,3 @@ def fd_numbers(fds: Sequence[FileDescriptor]) -> list[int]:
 
 def scm_rights(fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-
-
-def wait_writable(sock: socket.socket, timeout: float) -> bool:
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    return bool(poller.poll(max(0, int(timeout * 1000) + 1)))

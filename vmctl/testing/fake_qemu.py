@@ -21,7 +21,10 @@ from typing import Any, Literal
 
 import attrs
 
-Fault = Literal["close_mid_reply", "close", "garbage", "no_reply", "oversized"]
+Fault = Literal["close_mid_reply", "close", "garbage", "no_reply", "oversized", "deeply_nested"]
+
+#: How deep the "deeply_nested" fault nests its reply: valid JSON, deeper than a parser recurses.
+DEEPLY_NESTED_DEPTH = 200_000
 
 
 @attrs.frozen(kw_only=True)
@@ -334,6 +337,9 @@ class FakeQEMU:
         elif script.fault == "oversized":
             reply = {"return": {"blob": "x" * script.oversized_bytes}, **reply}
             self._write(reply)
+        elif script.fault == "deeply_nested":
+            nested = b"[" * DEEPLY_NESTED_DEPTH + b"]" * DEEPLY_NESTED_DEPTH
+            self.send_raw(b'{"return": ' + nested + b", " + json.dumps(reply)[1:].encode() + b"\r\n")
         # "no_reply": say nothing at all
 
     def _run(self, call: FakeCall, script: _Script | None) -> Any:
