@@ -54,21 +54,31 @@ _POLL_IN: Final = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
 class _Waiter:
-    """Wakes the thread waiting for one command (a binary semaphore)."""
+    """Wakes the thread waiting for one command: a binary semaphore, made only if it has to wait
+    (a caller that reads its own reply never does)."""
 
     __slots__ = ("_lock", "woken")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()
+        self._lock: threading.Lock | None = None
         self.woken = False
 
     def wake(self) -> None:
+        # Called under the monitor's lock.
         if not self.woken:
             self.woken = True
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, monitor_lock: threading.Lock, timeout: float) -> None:
+        """Sleep until woken or ``timeout``; spurious returns are fine (the caller re-checks)."""
+        with monitor_lock:
+            if self.woken:
+                self.woken = False
+                return
+            if self._lock is None:
+                self._lock = threading.Lock()
+                self._lock.acquire()
         if self._lock.acquire(True, timeout):
             self.woken = False
 
@@ -238,11 +248,17 @@ class Monitor:
         if fd_list and not self._stream.passes_fds:
             raise InvalidArgument(f"{command}: file descriptors can only be passed over a unix socket")
         waiter = _Waiter()
+        core = self._core
         with self._lock:
-            cmd = self._core.command(command, arguments, fds=fd_list, timeout=timeout, oob=oob, waker=waiter)
+            cmd = core.command(command, arguments, fds=fd_list, timeout=timeout, oob=oob, waker=waiter)
             self._active += 1
+            out = None
+            if not self._writing:
+                out = core.data_to_send()
+                self._writing = out is not None
         try:
-            self._flush(cmd.deadline)
+            if out is not None:
+                self._write(out, cmd.deadline)
             self._await(cmd, waiter)
             if not cmd.done:
                 with self._lock:
@@ -282,7 +298,7 @@ class Monitor:
                 continue
             if self._background_wants_pump:
                 self._kick()
-            waiter.wait(min(remaining, _FOLLOWER_SLICE))
+            waiter.wait(self._lock, min(remaining, _FOLLOWER_SLICE))
 
     def _read_for(self, done: Callable[[], bool], deadline: float) -> bool:
         """Read on this thread until ``done()`` or the deadline, if the read side is free (else False)."""
@@ -301,6 +317,9 @@ class Monitor:
     def _release_pump(self) -> None:
         """Give up the read side and wake one waiter, so that someone keeps reading."""
         self._pump.release()
+        core = self._core
+        if not (core.has_waiters or core.subscriptions):
+            return  # nobody to hand over to; whoever comes next finds the pump free
         with self._lock:
             for cmd in self._core.waiting():
                 waiter = cmd.waker
@@ -320,23 +339,26 @@ class Monitor:
     # -- writing (by whoever finds bytes to write) -----------------------------------------
 
     def _flush(self, deadline: float) -> None:
-        """Write what the core has to send, until it is all out or ``deadline``.
+        """Write what the core has to send, unless another thread is writing."""
+        with self._lock:
+            if self._writing:
+                return
+            out = self._core.data_to_send()
+            if out is None:
+                return
+            self._writing = True
+        self._write(out, deadline)
+
+    def _write(self, out: tuple[bytes, tuple[int, ...]] | None, deadline: float) -> None:
+        """Write ``out`` and whatever the core has next, holding the writer role, until done or ``deadline``.
 
         A writer whose deadline passes steps down and leaves the rest to the next writer (a
         waiting caller or the background reader): one caller's deadline never cuts another's
         bytes short. An exception in the middle of a write fails the connection, because the
         stream may then hold half a command."""
         core = self._core
-        with self._lock:
-            if self._writing or not core.wants_write:
-                return
-            self._writing = True
         try:
-            while True:
-                with self._lock:
-                    out = core.data_to_send()
-                if out is None:
-                    return
+            while out is not None:
                 try:
                     sent = self._stream.send(*out)
                 except BlockingIOError:
@@ -350,16 +372,20 @@ class Monitor:
                     return
                 with self._lock:
                     core.bytes_sent(sent)
+                    out = core.data_to_send()
+                    if out is None:
+                        self._writing = False
         except BaseException:
             with self._lock:
                 core.send_interrupted()
             raise
         finally:
-            with self._lock:
-                self._writing = False
-                left_over = core.wants_write
-            if left_over:
-                self._kick()  # whoever holds the read side picks the write up
+            if out is not None:  # stepped down, failed or interrupted: give up the role
+                with self._lock:
+                    self._writing = False
+                    left_over = core.wants_write
+                if left_over:
+                    self._kick()  # whoever holds the read side picks the write up
 
     # -- reading (only by the pump holder) --------------------------------------------------
 

@@ -46,7 +46,7 @@ from vmctl.errors import (
     StateError,
     command_error,
 )
-from vmctl.qmp.codec import DEFAULT_MAX_MESSAGE_SIZE, NEED_DATA, Phase, QMPCodec
+from vmctl.qmp.codec import DEFAULT_MAX_MESSAGE_SIZE, Phase, QMPCodec
 from vmctl.qmp.events import EventFilter, EventHistory
 from vmctl.qmp.messages import (
     ErrorReply,
@@ -169,7 +169,8 @@ class QMPProtocol:
         self._codec = QMPCodec(max_message_size=max_message_size, oob=oob)
         self._runstate = RunstateMachine(name)
         self._log = log.bind(monitor=name)
-        self._debug_enabled: Callable[[int], bool] = getattr(self._log, "is_enabled_for", lambda level: True)
+        # A filtering bound logger's level is fixed when it is bound: ask once, not per command.
+        self._debug = bool(getattr(self._log, "is_enabled_for", lambda level: True)(_DEBUG))
         self._transcript = Transcript(transcript) if transcript is not None else None
         self._pending: dict[str, Command] = {}  # queued or sent; a caller waits for each
         self._late: collections.OrderedDict[str, Command] = collections.OrderedDict()  # sent, caller gone
@@ -234,6 +235,10 @@ class QMPProtocol:
         """What the handshake waits for (for error messages)."""
         return "QMP greeting" if self._codec.phase is Phase.AWAITING_GREETING else "reply to qmp_capabilities"
 
+    @property
+    def has_waiters(self) -> bool:
+        return bool(self._pending)
+
     def waiting(self) -> Iterable[Command]:
         """The commands callers are waiting for (queued or sent)."""
         return self._pending.values()
@@ -260,7 +265,8 @@ class QMPProtocol:
         waker: Waker,
     ) -> Command:
         """Queue a command. Bad input raises ``InvalidArgument`` here, before anything is sent."""
-        self._runstate.guard(Runstate.RUNNING)
+        if self._runstate.state is not Runstate.RUNNING:
+            self._runstate.guard(Runstate.RUNNING)
         seconds = self.timeouts.for_command(name) if timeout is None else check_timeout(timeout)
         command_id, data = self._codec.send_command(name, arguments, oob=oob)
         command = Command(
@@ -398,7 +404,7 @@ class QMPProtocol:
                 self._codec.receive_data(data)
             except ProtocolError as exc:
                 error = exc
-            while (message := self._codec.next_event()) is not NEED_DATA:
+            for message in self._codec.take_messages():
                 self._dispatch(message)
         except BaseException:
             # Interrupted (a signal handler raised): bytes were taken but perhaps not all handled,
@@ -462,7 +468,7 @@ class QMPProtocol:
         quiet = command.name in self.quiet_commands
         if self._transcript is not None and not quiet:
             self._transcript.write("recv", _reply_record(command_id, value, error))
-        if (error is not None or not quiet) and self._debug_enabled(_DEBUG):
+        if (error is not None or not quiet) and self._debug:
             self._log_outcome(command, "ok" if error is None else type(command.failure).__name__)
         self._finish(command)
 
@@ -479,7 +485,7 @@ class QMPProtocol:
                 self._release(late)
             return late is not None
         command.failure = failure(command)
-        if self._debug_enabled(_DEBUG):
+        if self._debug:
             self._log_outcome(command, type(command.failure).__name__)
         self._finish(command)
         return True
@@ -578,7 +584,7 @@ class QMPProtocol:
         if self.on_event is not None:
             self.on_event(event)
         if event.name not in self.quiet_events:
-            if self._debug_enabled(_DEBUG):
+            if self._debug:
                 self._log.debug("qmp.event", name=event.name, data=redact_value(dict(event.data)))
             if self._transcript is not None:
                 self._transcript.write(
