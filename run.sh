@@ -76,6 +76,8 @@ test)
 bench)
     setup
     .venv/bin/python bench/qmp_throughput.py
+    .venv/bin/python bench/event_latency.py
+    .venv/bin/python bench/qmp_scale.py
     .venv/bin/python bench/hotplug.py
     exec .venv/bin/python bench/migration.py
     ;;
