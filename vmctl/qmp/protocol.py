@@ -21,13 +21,13 @@ then ``bytes_sent``); the core decides everything else, so the threaded face
 - **events**: the history, subscriptions (a ``match`` that raises ends only its own
   subscription), the callback hook; and logging, redaction and the transcript for all of it.
 
-It is not thread-safe: the threaded face holds one lock around every call into it.
+The send side (the queue, the fd slot, the write in progress) is ``vmctl.qmp.outbox``. The core
+is not thread-safe: the threaded face holds one lock around every call into it.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,7 +39,6 @@ from vmctl.errors import (
     ConnectError,
     ConnectionLost,
     EventMatchError,
-    InvalidArgument,
     MessageTooLarge,
     ProtocolError,
     QMPError,
@@ -59,6 +58,7 @@ from vmctl.qmp.messages import (
     Reply,
     UndecodableMessage,
 )
+from vmctl.qmp.outbox import Command, Outbox, Waker, duplicate
 from vmctl.qmp.redact import redact_arguments, redact_value
 from vmctl.qmp.runstate import Runstate, RunstateMachine
 from vmctl.qmp.timeouts import TimeoutPolicy, check_timeout
@@ -73,14 +73,6 @@ DEFAULT_QUIET_EVENTS: Final = frozenset({"RTC_CHANGE"})
 
 _DEBUG: Final = 10
 _LATE_REPLY_MEMORY: Final = 1024
-# A deadline further than this is as good as never (and keeps clock arithmetic finite).
-_FOREVER: Final = 10.0**9
-
-
-class Waker(Protocol):
-    """How the core tells a face that a command is done (it is called exactly once)."""
-
-    def wake(self) -> None: ...
 
 
 class EventSink(Protocol):
@@ -92,58 +84,6 @@ class EventSink(Protocol):
     def deliver(self, event: Event) -> None: ...
 
     def fail(self, error: QMPError) -> None: ...
-
-
-class Command:
-    """One command, from queueing to its outcome."""
-
-    __slots__ = (
-        "abandoned",
-        "arguments",
-        "data",
-        "deadline",
-        "done",
-        "failure",
-        "fds",
-        "id",
-        "name",
-        "sent",
-        "started",
-        "timeout",
-        "value",
-        "waker",
-    )
-
-    def __init__(
-        self,
-        *,
-        command_id: str,
-        name: str,
-        arguments: Mapping[str, Any] | None,
-        data: bytes,
-        fds: tuple[int, ...],
-        timeout: float,
-        waker: Waker,
-    ) -> None:
-        self.id = command_id
-        self.name = name
-        self.arguments = arguments
-        self.data = data
-        self.fds = fds  # our duplicates, owned until QEMU answered
-        self.timeout = timeout
-        self.started = time.monotonic()
-        self.deadline = self.started + min(timeout, _FOREVER)
-        self.waker = waker
-        self.sent = False  # handed out for writing: from here on it reaches QEMU or the connection fails
-        self.done = False
-        self.abandoned = False
-        self.value: Any = None
-        self.failure: QMPError | None = None
-
-    def result(self) -> Any:
-        if self.failure is not None:
-            raise self.failure
-        return self.value
 
 
 class QMPProtocol:
@@ -174,12 +114,7 @@ class QMPProtocol:
         self._transcript = Transcript(transcript) if transcript is not None else None
         self._pending: dict[str, Command] = {}  # queued or sent; a caller waits for each
         self._late: collections.OrderedDict[str, Command] = collections.OrderedDict()  # sent, caller gone
-        self._queue: collections.deque[Command] = collections.deque()  # not yet handed out
-        self._fd_slot: Command | None = None  # the fd-passing command between send and reply
-        self._handshake_out: bytes | None = None
-        self._out = b""  # the write in progress: bytes handed out, of which _out_offset are written
-        self._out_offset = 0
-        self._out_fds: tuple[int, ...] = ()
+        self._outbox = Outbox(self._transcribe_sent)
         self._subscriptions: tuple[EventSink, ...] = ()
         self.oversized_events = 0
         #: Face hooks: every event (for callbacks), and the end of the connection (``None``: closed locally).
@@ -274,76 +209,30 @@ class QMPProtocol:
             name=name,
             arguments=arguments,
             data=data,
-            fds=_duplicate(fds, name) if fds else (),
+            fds=duplicate(fds, name) if fds else (),
             timeout=seconds,
             waker=waker,
         )
         self._pending[command_id] = command
-        self._queue.append(command)
+        self._outbox.push(command)
         return command
 
     @property
     def wants_write(self) -> bool:
         """Whether ``data_to_send`` has something now."""
-        if self._out or self._handshake_out is not None:
-            return True
-        if not self._queue:
-            return False
-        return self._fd_slot is None or any(not c.fds for c in self._queue)
+        return self._outbox.wants_write
 
     def data_to_send(self) -> tuple[bytes, tuple[int, ...]] | None:
         """The bytes to write next and the fds to pass with them; follow with ``bytes_sent``."""
-        if self._out:
-            if self._out_offset:
-                return self._out[self._out_offset :], ()
-            return self._out, self._out_fds
-        if self._handshake_out is not None:
-            self._out, self._handshake_out = self._handshake_out, None
-            return self._out, ()
-        queue = self._queue
-        if not queue:
-            return None
-        if len(queue) == 1 and not queue[0].fds:  # the common case: one command, no fds
-            command = queue.popleft()
-            self._hand_out(command)
-            self._out = command.data
-            return self._out, ()
-        pieces: list[bytes] = []
-        fds: tuple[int, ...] = ()
-        waiting: list[Command] = []
-        while queue:
-            command = queue[0]
-            if command.fds:
-                if self._fd_slot is not None:
-                    waiting.append(queue.popleft())  # keeps its place until the slot is free
-                    continue
-                if pieces:
-                    break  # fds travel with the first byte of a write: it starts the next one
-                self._fd_slot = command
-                fds = command.fds
-            queue.popleft()
-            self._hand_out(command)
-            pieces.append(command.data)
-        queue.extendleft(reversed(waiting))
-        if not pieces:
-            return None
-        self._out = b"".join(pieces)
-        self._out_fds = fds
-        return self._out, fds
+        return self._outbox.data_to_send()
 
     def bytes_sent(self, count: int) -> None:
-        """``count`` bytes of what ``data_to_send`` returned were written (the fds with the first)."""
-        if count <= 0:
-            return
-        self._out_fds = ()
-        self._out_offset += count
-        if self._out_offset >= len(self._out):
-            self._out = b""
-            self._out_offset = 0
+        """``count`` bytes of what ``data_to_send`` returned were written."""
+        self._outbox.bytes_sent(count)
 
     def send_interrupted(self) -> None:
         """A write was interrupted (a signal handler raised): the stream may hold half a command."""
-        if self._out:
+        if self._outbox.writing:
             self.fail(ConnectionLost, f"{self.name}: a send to QEMU was interrupted; the stream cannot be trusted")
 
     def abandon(self, command: Command) -> bool:
@@ -355,15 +244,14 @@ class QMPProtocol:
         command.abandoned = True
         self._pending.pop(command.id, None)
         if not command.sent:
-            self._queue.remove(command)
+            self._outbox.drop(command)
+            self._outbox.release(command)
             command.done = True
-            _close_all(command.fds)
-            command.fds = ()
         else:
             self._late[command.id] = command
             while len(self._late) > _LATE_REPLY_MEMORY:
                 _, evicted = self._late.popitem(last=False)
-                self._release(evicted)
+                self._outbox.release(evicted)
         if command.name not in self.quiet_commands:
             self._log.warning(
                 "qmp.command",
@@ -376,21 +264,12 @@ class QMPProtocol:
             )
         return True
 
-    def _hand_out(self, command: Command) -> None:
-        command.sent = True
+    def _transcribe_sent(self, command: Command) -> None:
         if self._transcript is not None and command.name not in self.quiet_commands:
             record: dict[str, Any] = {"execute": command.name, "id": command.id}
             if command.arguments:
                 record["arguments"] = redact_arguments(command.name, command.arguments)
             self._transcript.write("send", record)
-
-    def _release(self, command: Command) -> None:
-        """Free what a command holds: its fd duplicates and the fd slot."""
-        if self._fd_slot is command:
-            self._fd_slot = None
-        if command.fds:
-            _close_all(command.fds)
-            command.fds = ()
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -446,7 +325,7 @@ class QMPProtocol:
             assert isinstance(message, UndecodableMessage)
             self._undecodable(message)
         elif kind is Greeting:
-            self._handshake_out = self._codec.start_negotiation()
+            self._outbox.push_raw(self._codec.start_negotiation())
         elif kind is Negotiated:
             self._runstate.transition(Runstate.RUNNING)
             self._log.info("qmp.connected", qemu=str(self.version), capabilities=list(self.capabilities))
@@ -456,7 +335,7 @@ class QMPProtocol:
         if command is None:
             late = self._late.pop(command_id, None)
             if late is not None:
-                self._release(late)
+                self._outbox.release(late)
                 self._log.warning("qmp.late_reply_discarded", cmd=late.name, id=command_id, error=error is not None)
             else:
                 self._log.warning("qmp.reply_for_unknown_id", id=command_id)
@@ -473,7 +352,7 @@ class QMPProtocol:
         self._finish(command)
 
     def _finish(self, command: Command) -> None:
-        self._release(command)
+        self._outbox.release(command)
         command.done = True
         command.waker.wake()
 
@@ -482,7 +361,7 @@ class QMPProtocol:
         if command is None:
             late = self._late.pop(command_id, None) if command_id is not None else None
             if late is not None:
-                self._release(late)
+                self._outbox.release(late)
             return late is not None
         command.failure = failure(command)
         if self._debug:
@@ -533,10 +412,9 @@ class QMPProtocol:
             command.failure = error_type(f"{why} while {command.name} was pending; {outcome}")
             self._finish(command)
         for late in self._late.values():
-            self._release(late)
+            self._outbox.release(late)
         self._late.clear()
-        self._queue.clear()
-        self._out, self._out_offset, self._out_fds, self._handshake_out = b"", 0, (), None
+        self._outbox.clear()
         subscriptions, self._subscriptions = self._subscriptions, ()
         for subscription in subscriptions:
             subscription.fail(StateError(why) if error_type is StateError else ConnectionLost(why))
@@ -604,23 +482,6 @@ class QMPProtocol:
         if command.failure is not None:
             fields["error"] = str(command.failure)
         self._log.debug("qmp.command", **fields)
-
-
-def _duplicate(fds: Sequence[int], command: str) -> tuple[int, ...]:
-    dups: list[int] = []
-    try:
-        for fd in fds:
-            dups.append(os.dup(fd))
-    except OSError as exc:
-        _close_all(dups)
-        raise InvalidArgument(f"{command}: cannot pass fd {fd}: {exc.strerror}") from None
-    return tuple(dups)
-
-
-def _close_all(fds: Iterable[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def _elapsed_ms(command: Command) -> float:
