@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 
 from integration.conftest import VMFactory
 from vmctl import VM
-from vmctl.errors import DeviceExists, HotplugError, InvalidArgument, UnknownDevice
+from vmctl.errors import CommandError, DeviceExists, HotplugError, InvalidArgument, UnknownDevice
+from vmctl.model import DiskFormat, DiskSpec, Throttle
+from vmctl.model.names import fdset_tag
 from vmctl.ops import disks as disk_ops
 from vmctl.testing import GuestShell
 
@@ -30,18 +34,19 @@ def leftovers(vm: VM, disk_id: str) -> list[str]:
     fdsets = [fd.get("opaque") for s in vm.qmp.execute("query-fdsets") for fd in s["fds"]]
     devices = [c["name"] for c in vm.qmp.execute("qom-list", {"path": "/machine/peripheral"})]
     found = [n for n in nodes if n.startswith(f"{disk_id}-")]
-    found += [f for f in fdsets if f == disk_ops.fdset_tag(disk_id)]
+    found += [f for f in fdsets if f == fdset_tag(disk_id)]
     found += [d for d in devices if d == disk_id]
     return found
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
-def test_hotplug_write_read_back_and_unplug(vms: VMFactory, tmp_path: Path, fmt: str) -> None:
+def test_hotplug_write_read_back_and_unplug(vms: VMFactory, tmp_path: Path, fmt: DiskFormat) -> None:
     vm = vms.launch()
     image = make_image(tmp_path / f"data.{fmt}", fmt)
     with GuestShell(vm) as shell:
         disk = vm.hotplug_disk(image, id="data1", format=fmt)
-        assert disk.fdset_id is not None
+        assert disk.pci_addr is not None and vm.inventory.disks == (disk,)
+        assert fdset_tag("data1") in leftovers(vm, "data1")
         name = shell.block_device("data1")
         assert shell.run(f"cat /sys/block/{name}/size").output.strip() == str(64 * 1024 * 1024 // 512)
         shell.run(f"echo vmctl-pattern-1234 | dd of=/dev/{name} bs=512 conv=sync,fsync 2>/dev/null", check=True)
@@ -68,8 +73,8 @@ def test_failed_hotplugs_leave_nothing_behind(vms: VMFactory, tmp_path: Path) ->
     # device_add fails (the id is taken in QEMU, bypassing vmctl's own check): both nodes and the fdset go.
     vm.hotplug_disk(make_image(tmp_path / "ok.qcow2", "qcow2"), id="dup1")
     with pytest.raises(HotplugError):
-        disk_ops.hotplug_disk(vm.qmp, vm._log, path=raw_image, disk_id="dup1", format="raw")
-    assert sorted(leftovers(vm, "dup1")) == ["dup1", "dup1-file", "dup1-fmt", disk_ops.fdset_tag("dup1")]
+        disk_ops.hotplug_disk(vm.qmp, vm._log, DiskSpec(id="dup1", path=raw_image, format="raw"))
+    assert sorted(leftovers(vm, "dup1")) == ["dup1", "dup1-file", "dup1-fmt", fdset_tag("dup1")]
     fdsets = [fd for s in vm.qmp.execute("query-fdsets") for fd in s["fds"]]
     assert len(fdsets) == 1  # only the working disk's
     # Bad input is refused before QEMU sees anything.
@@ -98,7 +103,7 @@ def test_unplug_of_an_already_removed_device_is_idempotent(vms: VMFactory, tmp_p
 def test_resize_and_throttle(vms: VMFactory, tmp_path: Path) -> None:
     vm = vms.launch()
     image = make_image(tmp_path / "grow.qcow2", "qcow2", "64M")
-    throttle = disk_ops.Throttle(bps=4 * 1024 * 1024, iops=100)
+    throttle = Throttle(bps=4 * 1024 * 1024, iops=100)
     vm.hotplug_disk(image, id="grow1", throttle=throttle)
     [info] = [b for b in vm.qmp.execute("query-block") if b.get("inserted", {}).get("node-name") == "grow1-fmt"]
     assert info["inserted"]["bps"] == 4 * 1024 * 1024 and info["inserted"]["iops"] == 100
@@ -108,13 +113,13 @@ def test_resize_and_throttle(vms: VMFactory, tmp_path: Path) -> None:
         assert shell.run(f"cat /sys/block/{name}/size").output.strip() == str(128 * 1024 * 1024 // 512)
         with pytest.raises(InvalidArgument, match="shrink"):
             vm.resize_disk("grow1", 32 * 1024 * 1024)
-        vm.set_disk_throttle("grow1", disk_ops.Throttle())
+        vm.set_disk_throttle("grow1", Throttle())
         [info] = [b for b in vm.qmp.execute("query-block") if b.get("inserted", {}).get("node-name") == "grow1-fmt"]
         assert info["inserted"]["bps"] == 0
     out = subprocess.run(["qemu-img", "info", "--force-share", "--output=json", str(image)], capture_output=True)
     assert '"virtual-size": 134217728' in out.stdout.decode()
     with pytest.raises(InvalidArgument):
-        disk_ops.Throttle(bps=-1)
+        Throttle(bps=-1)
     with pytest.raises(UnknownDevice):
         vm.resize_disk("nope", 1024 * 1024)
     vm.unplug_disk("grow1")
@@ -128,8 +133,57 @@ def test_scsi_disk_hotplug(vms: VMFactory, tmp_path: Path) -> None:
         vm.hotplug_disk(image, id="scsi1", format="raw", bus="scsi")
         assert shell.block_device("scsi1") == "sda"
         shell.run("echo scsi-data | dd of=/dev/sda conv=sync,fsync 2>/dev/null", check=True)
-        vm.set_disk_throttle("scsi1", disk_ops.Throttle(iops=50))
+        vm.set_disk_throttle("scsi1", Throttle(iops=50))
         vm.unplug_disk("scsi1")
         assert shell.run("ls /sys/block | grep ^sd").output.strip() == ""
     assert leftovers(vm, "scsi1") == []
     assert image.read_bytes()[:10] == b"scsi-data\n"
+
+
+def _device_properties(vm: VM, device_id: str) -> dict[str, object]:
+    """Every readable property of a device, through qom-get."""
+    path = f"/machine/peripheral/{device_id}"
+    values: dict[str, object] = {}
+    for prop in vm.qmp.execute("qom-list", {"path": path}):
+        if prop["type"].startswith(("child<", "link<")):
+            continue
+        try:
+            values[prop["name"]] = vm.qmp.execute("qom-get", {"path": path, "property": prop["name"]})
+        except CommandError:
+            values[prop["name"]] = "<unreadable>"
+    return values
+
+
+def _block_settings(vm: VM, device_id: str) -> dict[str, Any]:
+    """What query-block says of the device's image, less what names the file itself."""
+    [block] = [
+        b for b in vm.qmp.execute("query-block") if b.get("qdev", "").startswith(f"/machine/peripheral/{device_id}")
+    ]
+    inserted = dict(block["inserted"])
+    for key in ("file", "image", "backing_file", "backing_file_depth"):
+        inserted.pop(key, None)
+    return inserted
+
+
+def test_a_disk_at_boot_and_the_same_disk_hotplugged_get_identical_properties(vms: VMFactory, tmp_path: Path) -> None:
+    disk = DiskSpec(
+        id="same1",
+        path=make_image(tmp_path / "boot.qcow2", "qcow2"),
+        cache="none",
+        aio="native",
+        pci_addr="0x9.0",
+        throttle=Throttle(iops=123, bps_wr=1048576),
+    )
+    # Paused, so that no guest driver changes what QEMU reports (the properties are QEMU's).
+    booted = vms.launch(vms.spec("boot", disks=[disk]), wait_ready=False, paused=True)
+    other = vms.launch(vms.spec("hot"), wait_ready=False, paused=True)
+    plugged = other.hotplug_disk(attrs.evolve(disk, path=make_image(tmp_path / "hot.qcow2", "qcow2")))
+    assert plugged.pci_addr == "0x9.0" and plugged.throttle == disk.throttle
+    at_boot, hotplugged = _device_properties(booted, "same1"), _device_properties(other, "same1")
+    # QEMU's own record of how the device arrived is the one property that must differ.
+    assert (at_boot.pop("hotplugged"), hotplugged.pop("hotplugged")) == (False, True)
+    assert at_boot == hotplugged and at_boot["write-cache"] == "on"
+    settings = _block_settings(booted, "same1")
+    assert settings == _block_settings(other, "same1")
+    assert settings["cache"]["direct"] is True and settings["cache"]["no-flush"] is False
+    assert settings["iops"] == 123 and settings["bps_wr"] == 1048576

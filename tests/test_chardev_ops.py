@@ -6,6 +6,7 @@ import pytest
 import structlog
 
 from vmctl.errors import HotplugError, InvalidArgument
+from vmctl.model.names import SERIAL_CONTROLLER
 from vmctl.ops import chardevs
 from vmctl.qmp import Monitor
 from vmctl.testing import FakeCall, FakeQEMU
@@ -27,7 +28,7 @@ def test_port_failure_removes_the_chardev(monitor: Monitor, fake: FakeQEMU) -> N
 
     fake.on("chardev-add", chardev_add)
     fake.on("chardev-remove", chardev_remove)
-    fake.on("qom-list", returns=[{"name": chardevs.SERIAL_CONTROLLER, "type": "child<virtio-serial-pci>"}])
+    fake.on("qom-list", returns=[{"name": SERIAL_CONTROLLER, "type": "child<virtio-serial-pci>"}])
     fake.on("device_add", error=("GenericError", "port name taken"))
     with pytest.raises(HotplugError, match="port name taken"):
         chardevs.hotplug_chardev(monitor, log, chardev_id="c0", kind="ringbuf", size=1024, port_name="p")

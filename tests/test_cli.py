@@ -11,9 +11,10 @@ import structlog
 from vmctl import VMSpec
 from vmctl.cli import main
 from vmctl.errors import InvalidArgument
+from vmctl.model import Inventory
 from vmctl.qmp import Monitor
 from vmctl.qmpshell import parse_input, run_one
-from vmctl.state import Inventory, VMState, write_state
+from vmctl.state import VMState, write_state
 from vmctl.testing import FakeQEMU
 
 

@@ -10,6 +10,7 @@ import pytest
 import structlog
 
 from vmctl.errors import HotplugError, InvalidArgument
+from vmctl.model import DiskSpec
 from vmctl.ops import disks as disk_ops
 from vmctl.qmp import Monitor
 from vmctl.testing import FakeCall, FakeCommandError, FakeQEMU
@@ -65,10 +66,11 @@ def image(tmp_path: Path) -> Path:
 
 def test_hotplug_runs_the_steps_in_order(monitor: Monitor, fake: FakeQEMU, image: Path) -> None:
     state = BlockState(fake)
-    disk = disk_ops.hotplug_disk(monitor, log, path=image, disk_id="d1")
+    disk = disk_ops.hotplug_disk(monitor, log, DiskSpec(id="d1", path=image))
     assert [c.command for c in fake.calls[1:]] == ["add-fd", "blockdev-add", "blockdev-add", "device_add"]
     file_args, format_args = (c.arguments for c in fake.calls_of("blockdev-add"))
-    assert file_args["filename"] == f"/dev/fdset/{disk.fdset_id}"
+    assert file_args["filename"] == f"/dev/fdset/{next(iter(fake.fdsets))}"
+    assert file_args == disk.layer_nodes(0, file_args["filename"])[0]
     assert format_args == {
         "driver": "qcow2",
         "node-name": "d1-fmt",
@@ -95,7 +97,7 @@ def test_a_failure_at_each_step_is_rolled_back(
 ) -> None:
     state = BlockState(fake, fail=fail)
     with pytest.raises(HotplugError, match="injected") as info:
-        disk_ops.hotplug_disk(monitor, log, path=image, disk_id="d1")
+        disk_ops.hotplug_disk(monitor, log, DiskSpec(id="d1", path=image))
     assert info.value.remaining == ()
     commands = [c.command for c in fake.calls[1:]]
     first_failed = commands.index("device_add" if fail == "device_add" else "blockdev-add") + (
@@ -109,7 +111,7 @@ def test_add_fd_failure_leaves_nothing(monitor: Monitor, fake: FakeQEMU, image: 
     BlockState(fake)
     fake.on("add-fd", error=("GenericError", "no fd"))
     with pytest.raises(HotplugError):
-        disk_ops.hotplug_disk(monitor, log, path=image, disk_id="d1")
+        disk_ops.hotplug_disk(monitor, log, DiskSpec(id="d1", path=image))
     assert [c.command for c in fake.calls[1:]] == ["add-fd"]
 
 
@@ -117,7 +119,7 @@ def test_a_failing_undo_is_reported_as_remaining(monitor: Monitor, fake: FakeQEM
     BlockState(fake, fail="device_add")
     fake.on("remove-fd", error=("GenericError", "busy"))
     with pytest.raises(HotplugError, match="still present: add-fd") as info:
-        disk_ops.hotplug_disk(monitor, log, path=image, disk_id="d1")
+        disk_ops.hotplug_disk(monitor, log, DiskSpec(id="d1", path=image))
     assert info.value.remaining == ("add-fd",)
 
 
@@ -125,13 +127,13 @@ def test_our_fd_is_closed_whatever_happens(monitor: Monitor, fake: FakeQEMU, ima
     BlockState(fake, fail="device_add")
     before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(HotplugError):
-        disk_ops.hotplug_disk(monitor, log, path=image, disk_id="d1")
+        disk_ops.hotplug_disk(monitor, log, DiskSpec(id="d1", path=image))
     assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_guest_that_never_releases_the_device(monitor: Monitor, fake: FakeQEMU, image: Path) -> None:
     state = BlockState(fake)
-    disk_ops.hotplug_disk(monitor, log, path=image, disk_id="d1")
+    disk_ops.hotplug_disk(monitor, log, DiskSpec(id="d1", path=image))
     fake.on("device_del", returns={})  # accepted, but the guest never ejects
     with pytest.raises(HotplugError, match="did not release") as info:
         disk_ops.unplug_disk(monitor, log, disk_id="d1", timeout=0.2)
@@ -150,14 +152,14 @@ def test_guest_that_never_releases_the_device(monitor: Monitor, fake: FakeQEMU, 
         ({"aio": "native"}, "O_DIRECT"),
         ({"bus": "ide"}, "bus"),
         ({"format": "vmdk"}, "format"),
-        ({"disk_id": "9bad"}, "id"),
+        ({"id": "9bad"}, "id"),
     ],
 )
 def test_bad_input_is_refused_before_qemu_sees_anything(
     monitor: Monitor, fake: FakeQEMU, image: Path, kwargs: dict[str, Any], message: str
 ) -> None:
-    arguments: dict[str, Any] = {"path": image, "disk_id": "d1"}
+    arguments: dict[str, Any] = {"path": image, "id": "d1"}
     arguments.update(kwargs)
     with pytest.raises(InvalidArgument, match=message):
-        disk_ops.hotplug_disk(monitor, log, **arguments)
+        disk_ops.hotplug_disk(monitor, log, DiskSpec(**arguments))
     assert [c.command for c in fake.calls] == ["qmp_capabilities"]

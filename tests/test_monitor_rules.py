@@ -237,3 +237,19 @@ def _raised(fn: Any) -> BaseException | None:
     except BaseException as exc:
         return exc
     return None
+
+
+def test_the_waiter_consumes_every_wake_up_so_a_later_one_never_double_releases() -> None:
+    from vmctl.qmp.monitor import _Waiter
+
+    monitor_lock = threading.Lock()
+    waiter = _Waiter()
+    waiter.wake()
+    waiter.wait(monitor_lock, 0.001)  # woken before it had a semaphore: returns at once
+    waiter.wait(monitor_lock, 0.001)  # arms its semaphore, times out
+    waiter.wake()
+    waiter.wait(monitor_lock, 1.0)  # consumes the wake-up
+    waiter.wake()  # once raised "release unlocked lock": the previous wake-up was never consumed
+    started = time.monotonic()
+    waiter.wait(monitor_lock, 1.0)
+    assert time.monotonic() - started < 0.5

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vmctl import DiskSpec, NicSpec, VMSpec
-from vmctl.errors import SpecError
+from vmctl import DiskSpec, Inventory, NicSpec, Throttle, VMSpec
+from vmctl.errors import InvalidArgument, SpecError
 
 RUN = Path("/run/vms/vm1")
 
@@ -52,17 +54,68 @@ def test_disks_nics_and_shell_render() -> None:
         no_shutdown=True,
         extra_args=["-device", "pvpanic"],
     )
-    blockdevs = option(argv, "-blockdev")
-    assert blockdevs[0] == "driver=file,node-name=root-file,filename=/img/a,,b.qcow2,read-only=off"
-    assert blockdevs[1] == "driver=qcow2,node-name=root-fmt,file=root-file,read-only=off"
-    assert blockdevs[3] == "driver=raw,node-name=data-fmt,file=data-file,read-only=on"
+    blockdevs = [json.loads(b) for b in option(argv, "-blockdev")]
+    assert blockdevs[0] == {
+        "driver": "file",
+        "node-name": "root-file",
+        "filename": "/img/a,b.qcow2",  # JSON needs no comma escaping
+        "read-only": False,
+        "aio": "threads",
+        "cache": {"direct": False, "no-flush": False},
+    }
+    assert blockdevs[1]["driver"] == "qcow2" and blockdevs[1]["file"] == "root-file"
+    assert blockdevs[3]["driver"] == "raw" and blockdevs[3]["read-only"] is True
     devices = option(argv, "-device")
-    assert "virtio-blk-pci,drive=root-fmt,id=root,serial=root" in devices
+    assert {"driver": "virtio-blk-pci", "id": "root", "drive": "root-fmt", "serial": "root", "write-cache": "on"} in [
+        json.loads(d) for d in devices if d.startswith("{")
+    ]
     assert "virtio-net-pci,netdev=net0-net,id=net0,mac=52:54:00:12:34:56" in devices
     assert option(argv, "-netdev") == ["tap,id=net0-net,ifname=tap0,script=no,downscript=no", "user,id=net1-net"]
     assert option(argv, "-serial") == ["chardev:vmctl-console", "chardev:vmctl-shell"]
     assert "-no-shutdown" in argv
     assert argv[-2:] == ["-device", "pvpanic"]
+
+
+def test_a_disk_renders_the_same_nodes_and_device_for_boot_and_hotplug() -> None:
+    disk = DiskSpec(
+        id="d1", path="/img/d.qcow2", cache="none", aio="native", pci_addr="0x7.0", throttle=Throttle(iops=123)
+    )
+    argv = disk.arguments()
+    assert [json.loads(v) for v in option(argv, "-blockdev")] == disk.layer_nodes(0, "/img/d.qcow2")
+    assert [json.loads(v) for v in option(argv, "-device")] == [disk.device_properties()]
+    assert disk.device_properties()["write-cache"] == "on" and disk.device_properties()["addr"] == "0x7.0"
+    assert disk.layer_nodes(0, "/dev/fdset/3")[0]["cache"] == {"direct": True, "no-flush": False}
+    assert disk.open_flags() & os.O_DIRECT
+
+
+def test_a_disk_chain_renders_each_layer_on_its_backing() -> None:
+    disk = DiskSpec(id="d1", path="/img/base.qcow2", overlays=[{"layer": 1, "path": "/img/s1.qcow2"}])
+    nodes = [json.loads(v) for v in option(disk.arguments(), "-blockdev")]
+    assert [n["node-name"] for n in nodes] == ["d1-file", "d1-fmt", "d1-o1-file", "d1-o1-fmt"]
+    assert nodes[3]["backing"] == "d1-fmt" and "backing" not in nodes[1]
+    assert disk.device_properties()["drive"] == "d1-o1-fmt"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"cache": "bogus"}, "cache"),
+        ({"aio": "native"}, "O_DIRECT"),
+        ({"aio": "posix"}, "aio"),
+        ({"bus": "ide"}, "bus"),
+        ({"throttle": {"bps": -1}}, "throttle"),
+    ],
+)
+def test_bad_disk_settings_are_refused(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        DiskSpec(id="d1", path="/img/d.qcow2", **fields)
+
+
+def test_an_unlimited_throttle_is_no_throttle_and_settings_survive_the_state_file() -> None:
+    assert DiskSpec(id="d1", path="/x", throttle=Throttle()).throttle is None
+    disk = DiskSpec(id="d1", path="/x", cache="none", throttle=Throttle(bps=1048576))
+    again = Inventory.from_dict(Inventory(disks=(disk,)).to_dict())
+    assert again.disks == (disk,)
 
 
 def test_shell_is_always_the_second_serial_port() -> None:
@@ -127,4 +180,11 @@ def test_scsi_disks_get_a_controller() -> None:
     argv = render(disks=[DiskSpec(id="s0", path="/s0", bus="scsi")])
     devices = option(argv, "-device")
     assert devices[0] == "virtio-scsi-pci,id=vmctl-scsi"
-    assert devices[1] == "scsi-hd,drive=s0-fmt,id=s0,serial=s0,bus=vmctl-scsi.0"
+    assert json.loads(devices[1]) == {
+        "driver": "scsi-hd",
+        "id": "s0",
+        "drive": "s0-fmt",
+        "serial": "s0",
+        "write-cache": "on",
+        "bus": "vmctl-scsi.0",
+    }

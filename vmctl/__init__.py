@@ -2,9 +2,8 @@
 
 from vmctl import errors
 from vmctl.errors import VmctlError
+from vmctl.model import DiskSpec, Inventory, NicSpec, Throttle, VMSpec
 from vmctl.process import ExitStatus
-from vmctl.spec import DiskSpec, NicSpec, VMSpec
-from vmctl.state import Inventory
 from vmctl.vm import VM, ResetEvent, RunState, ShutdownEvent, ShutdownMethod, ShutdownResult, VMStatus
 
 __all__ = [
@@ -18,6 +17,7 @@ __all__ = [
     "ShutdownEvent",
     "ShutdownMethod",
     "ShutdownResult",
+    "Throttle",
     "VMSpec",
     "VMStatus",
     "VmctlError",

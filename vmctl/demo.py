@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TextIO
 
 from vmctl.errors import VmctlError
+from vmctl.model import VMSpec
 from vmctl.ops.migration import MigrationProgress
 from vmctl.qmp import Event
-from vmctl.spec import VMSpec
 from vmctl.testing import READY_MARKER, GuestShell, TestGuest
 from vmctl.vm import VM
 
@@ -101,7 +101,8 @@ def _disk_round_trip(printer: _Printer, vm: VM, work: Path) -> None:
     with GuestShell(vm) as shell:
         with printer.step(f"hotplugging {image.name} into {vm.name} (fd passed with add-fd, no path access needed)"):
             disk = vm.hotplug_disk(image, id="data1")
-            printer.say(f"    fdset {disk.fdset_id}, nodes {disk.file_node} + {disk.format_node}, device {disk.id}")
+            fdsets = [f["fdset-id"] for f in vm.qmp.execute("query-fdsets")]
+            printer.say(f"    fdsets {fdsets}, node {disk.active_node}, device {disk.id} at PCI {disk.pci_addr}")
             device = shell.block_device("data1")
             printer.say(f"    the guest sees /dev/{device}")
         with printer.step("writing in the guest, reading back in the guest"):

@@ -11,43 +11,10 @@ from typing import Any
 import attrs
 
 from vmctl.errors import StaleState
-from vmctl.ops.chardevs import Chardev
-from vmctl.ops.memory import MemorySpec, VirtioMemSpec
-from vmctl.spec import DiskSpec, NicSpec, VMSpec
+from vmctl.model import Inventory, VMSpec
 
 STATE_FILE = "vm.json"
 FORMAT_VERSION = 1
-
-
-@attrs.frozen(kw_only=True)
-class Inventory:
-    """The devices a VM has now: those it was launched with and those hotplugged since."""
-
-    disks: tuple[DiskSpec, ...] = ()
-    nics: tuple[NicSpec, ...] = ()
-    memory: tuple[MemorySpec, ...] = ()
-    hotplugged_cpus: tuple[str, ...] = ()
-    chardevs: tuple[Chardev, ...] = ()
-    virtio_mem: tuple[VirtioMemSpec, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Inventory:
-        return cls(
-            disks=tuple(DiskSpec(**d) for d in data.get("disks", ())),
-            nics=tuple(NicSpec(**n) for n in data.get("nics", ())),
-            memory=tuple(MemorySpec(**m) for m in data.get("memory", ())),
-            hotplugged_cpus=tuple(str(c) for c in data.get("hotplugged_cpus", ())),
-            chardevs=tuple(Chardev(**c) for c in data.get("chardevs", ())),
-            virtio_mem=tuple(VirtioMemSpec(**v) for v in data.get("virtio_mem", ())),
-        )
-
-    def device_ids(self) -> set[str]:
-        ids = {d.id for d in self.disks} | {n.id for n in self.nics} | {m.id for m in self.memory}
-        ids |= {v.id for v in self.virtio_mem}
-        return ids | {c.id for c in self.chardevs} | {c.port_id for c in self.chardevs if c.port_name}
 
 
 @attrs.frozen(kw_only=True)

@@ -30,20 +30,15 @@ from vmctl.errors import (
     StateError,
     WaitTimeout,
 )
+from vmctl.model import Accelerator, Inventory, VMSpec
+from vmctl.model.names import CONSOLE_CHARDEV, LOG_FILE, QMP_SOCKET, SHELL_SOCKET
+from vmctl.ops import disks as disk_ops
 from vmctl.ops import nbd as nbd_ops
 from vmctl.ops.blockjobs import JobProgress, query_jobs
 from vmctl.ops.devices import pci_address
 from vmctl.process import ExitStatus, QemuProcess
 from vmctl.qmp import Event, Monitor, connect
-from vmctl.spec import (
-    CONSOLE_CHARDEV,
-    LOG_FILE,
-    QMP_SOCKET,
-    SHELL_SOCKET,
-    Accelerator,
-    VMSpec,
-)
-from vmctl.state import STATE_FILE, Inventory, VMState, read_state, write_state
+from vmctl.state import STATE_FILE, VMState, read_state, write_state
 from vmctl.vm_blocks import BlockMethods
 from vmctl.vm_devices import DeviceMethods
 from vmctl.vm_migration import MigrationMethods
@@ -231,6 +226,9 @@ class VM(DeviceMethods, BlockMethods, MigrationMethods):
             raise
         try:
             vm._pin_pci_addresses()
+            for disk in vm._inventory.disks:  # I/O limits are not -device properties: set them now
+                if disk.throttle is not None:
+                    disk_ops.set_throttle(vm.qmp, disk_id=disk.id, throttle=disk.throttle, bus=disk.bus)
             vm._save_state()
             if not paused and not incoming:
                 vm.qmp.execute("cont")

@@ -6,11 +6,11 @@ import os
 from typing import Literal
 
 from vmctl.errors import DeviceExists, InvalidArgument, UnknownDevice
+from vmctl.model import DiskSpec
 from vmctl.ops import bitmaps as bitmap_ops
 from vmctl.ops import chains as chain_ops
 from vmctl.ops import nbd as nbd_ops
 from vmctl.ops.blockjobs import Job, JobProgress, query_jobs
-from vmctl.spec import DiskSpec
 from vmctl.vm_parts import VMParts
 
 

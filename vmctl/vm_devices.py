@@ -6,7 +6,20 @@ import os
 
 import attrs
 
-from vmctl.errors import UnknownDevice
+from vmctl.errors import InvalidArgument, UnknownDevice
+from vmctl.model import (
+    Aio,
+    CacheMode,
+    Chardev,
+    ChardevKind,
+    DiskBus,
+    DiskFormat,
+    DiskSpec,
+    MemorySpec,
+    NicSpec,
+    Throttle,
+    VirtioMemSpec,
+)
 from vmctl.ops import balloon as balloon_ops
 from vmctl.ops import chardevs as chardev_ops
 from vmctl.ops import cpus as cpu_ops
@@ -14,7 +27,6 @@ from vmctl.ops import disks as disk_ops
 from vmctl.ops import memory as memory_ops
 from vmctl.ops import nics as nic_ops
 from vmctl.ops.devices import pci_address
-from vmctl.spec import DiskSpec, NicSpec
 from vmctl.vm_parts import VMParts
 
 
@@ -24,37 +36,36 @@ class DeviceMethods(VMParts):
 
     def hotplug_disk(
         self,
-        path: str | os.PathLike[str],
+        disk: DiskSpec | str | os.PathLike[str],
         *,
-        id: str,
-        format: str = "qcow2",
+        id: str | None = None,
+        format: DiskFormat = "qcow2",
         read_only: bool = False,
-        bus: disk_ops.Bus = "virtio-blk",
-        cache: disk_ops.CacheMode = "writeback",
-        aio: disk_ops.Aio = "threads",
-        throttle: disk_ops.Throttle | None = None,
+        bus: DiskBus = "virtio-blk",
+        cache: CacheMode = "writeback",
+        aio: Aio = "threads",
+        throttle: Throttle | None = None,
         timeout: float = 30.0,
-    ) -> disk_ops.Disk:
-        """Attach an image as a new disk; on any failure every step is undone (``HotplugError``)."""
-        with self._ops_lock:
-            self._refuse_duplicate(id)
-            disk = disk_ops.hotplug_disk(
-                self.qmp,
-                self._log,
-                path=path,
-                disk_id=id,
-                format=format,
-                read_only=read_only,
-                bus=bus,
-                cache=cache,
-                aio=aio,
-                throttle=throttle,
-                timeout=timeout,
+    ) -> DiskSpec:
+        """Attach a disk: a ``DiskSpec`` (the same value a VM can be launched with), or an image
+        path with the disk's options. On any failure every step is undone (``HotplugError``).
+        Returns the disk as the inventory records it (its PCI address pinned)."""
+        if not isinstance(disk, DiskSpec):
+            if id is None:
+                raise InvalidArgument("hotplug_disk(path) needs an id=")
+            disk = DiskSpec(
+                id=id, path=disk, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio, throttle=throttle
             )
-            pinned = attrs.evolve(disk.spec(), pci_addr=pci_address(self.qmp, id) if bus == "virtio-blk" else None)
-            self._inventory = attrs.evolve(self._inventory, disks=(*self._inventory.disks, pinned))
+        elif id is not None and id != disk.id:
+            raise InvalidArgument(f"id={id!r} contradicts the DiskSpec's id {disk.id!r}")
+        with self._ops_lock:
+            self._refuse_duplicate(disk.id)
+            plugged = disk_ops.hotplug_disk(self.qmp, self._log, disk, timeout=timeout)
+            if plugged.bus == "virtio-blk":
+                plugged = attrs.evolve(plugged, pci_addr=pci_address(self.qmp, plugged.id))
+            self._inventory = self._inventory.with_disk(plugged)
             self._save_state()
-            return disk
+            return plugged
 
     def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None:
         """Detach a disk: the guest releases it, then its nodes and fdset go. Safe to retry."""
@@ -103,23 +114,24 @@ class DeviceMethods(VMParts):
             disk = self._require_disk(id)
             disk_ops.resize_disk(self.qmp, self._log, disk=disk, size=size, allow_shrink=allow_shrink)
 
-    def set_disk_throttle(self, id: str, throttle: disk_ops.Throttle) -> None:
-        """Set (or, with ``Throttle()``, clear) a disk's I/O limits."""
+    def set_disk_throttle(self, id: str, throttle: Throttle) -> None:
+        """Set (or, with ``Throttle()``, clear) a disk's I/O limits; the inventory keeps them."""
         with self._ops_lock:
-            bus = self._require_disk(id).bus
-            disk_ops.set_throttle(self.qmp, disk_id=id, throttle=throttle, bus=bus)
+            disk = self._require_disk(id)
+            disk_ops.set_throttle(self.qmp, disk_id=id, throttle=throttle, bus=disk.bus)
+            self._replace_disk(attrs.evolve(disk, throttle=throttle))
             self._log.info("disk.throttled", disk=id, **throttle.arguments())
 
     def hotplug_chardev(
         self,
         id: str,
         *,
-        kind: chardev_ops.Kind,
+        kind: ChardevKind,
         path: str | os.PathLike[str] | None = None,
         size: int = 65536,
         port_name: str | None = None,
         timeout: float = 30.0,
-    ) -> chardev_ops.Chardev:
+    ) -> Chardev:
         """Add a chardev (a unix socket QEMU listens on, or a ring buffer); with ``port_name`` the
         guest sees it as that virtio-serial port."""
         with self._ops_lock:
@@ -159,7 +171,7 @@ class DeviceMethods(VMParts):
             self._save_state()
             return removed
 
-    def hotplug_memory(self, size_mib: int, *, id: str, timeout: float = 30.0) -> memory_ops.MemorySpec:
+    def hotplug_memory(self, size_mib: int, *, id: str, timeout: float = 30.0) -> MemorySpec:
         """Add a DIMM of ``size_mib`` (a multiple of 128); needs ``max_memory_mib`` and ``memory_slots``."""
         with self._ops_lock:
             self._refuse_duplicate(id)
@@ -178,9 +190,7 @@ class DeviceMethods(VMParts):
             )
             self._save_state()
 
-    def add_virtio_mem(
-        self, id: str, *, max_size_mib: int, size_mib: int = 0, timeout: float = 30.0
-    ) -> memory_ops.VirtioMemSpec:
+    def add_virtio_mem(self, id: str, *, max_size_mib: int, size_mib: int = 0, timeout: float = 30.0) -> VirtioMemSpec:
         """Add a virtio-mem device the guest grows or shrinks in 2 MiB blocks (``resize_virtio_mem``)."""
         with self._ops_lock:
             self._refuse_duplicate(id)

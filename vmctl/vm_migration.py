@@ -11,12 +11,11 @@ from typing import TYPE_CHECKING, cast
 import attrs
 
 from vmctl.errors import InvalidArgument, QMPError
+from vmctl.model import Inventory, VMSpec
+from vmctl.model.names import MIGRATION_SOCKET, memory_backend_id
 from vmctl.ops import cpus as cpu_ops
-from vmctl.ops import memory as memory_ops
 from vmctl.ops import migration as migration_ops
 from vmctl.ops.storage_copy import StorageCopy
-from vmctl.spec import MIGRATION_SOCKET, VMSpec
-from vmctl.state import Inventory
 from vmctl.vm_parts import VMParts
 
 if TYPE_CHECKING:
@@ -50,13 +49,13 @@ class MigrationMethods(VMParts):
             raise InvalidArgument(f"{self.name}: migrating SCSI disks hotplugged at run time is not supported yet")
         extra = list(self.spec.extra_args)
         for memory in inventory.memory:
-            backend = memory_ops.backend_id(memory.id)
+            backend = memory_backend_id(memory.id)
             dimm = f"pc-dimm,id={memory.id},memdev={backend}"
             dimm += f",slot={memory.slot}" if memory.slot is not None else ""
             dimm += f",addr={memory.addr}" if memory.addr is not None else ""
             extra += ["-object", f"memory-backend-ram,id={backend},size={memory.size_mib}M", "-device", dimm]
         for device in inventory.virtio_mem:
-            backend = memory_ops.backend_id(device.id)
+            backend = memory_backend_id(device.id)
             extra += ["-object", f"memory-backend-ram,id={backend},size={device.max_size_mib}M"]
             mem = f"virtio-mem-pci,id={device.id},memdev={backend},requested-size={device.size_mib}M"
             extra += ["-device", mem + (f",addr={device.pci_addr}" if device.pci_addr else "")]

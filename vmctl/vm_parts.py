@@ -10,11 +10,10 @@ from typing import Any
 import attrs
 
 from vmctl.errors import DeviceExists, UnknownDevice
+from vmctl.model import DiskSpec, Inventory, VMSpec
 from vmctl.ops.devices import device_present
 from vmctl.process import QemuProcess
 from vmctl.qmp import Monitor
-from vmctl.spec import DiskSpec, VMSpec
-from vmctl.state import Inventory
 
 
 class VMParts:

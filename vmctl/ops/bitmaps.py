@@ -9,8 +9,8 @@ from typing import Any
 import attrs
 
 from vmctl.errors import InvalidArgument
+from vmctl.model import DiskSpec
 from vmctl.qmp import Monitor
-from vmctl.spec import DiskSpec
 
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 

@@ -3,7 +3,7 @@
 Every layer the control plane adds is a file it creates and opens itself, passed to QEMU by fd
 (add-fd, /dev/fdset/N) like a hotplugged disk. Jobs write the real paths of backing files into
 image headers (``backing-file``), never /dev/fdset names. Each operation returns the disk's new
-:class:`~vmctl.spec.DiskSpec` for the inventory.
+:class:`~vmctl.model.DiskSpec` for the inventory.
 """
 
 from __future__ import annotations
@@ -18,30 +18,18 @@ from typing import Any, Literal
 import attrs
 
 from vmctl.errors import HotplugError, InvalidArgument, QMPError, VmctlError
+from vmctl.model import DiskSpec, Overlay
+from vmctl.model.names import disk_node_names, fdset_tag
 from vmctl.ops.blockjobs import Job
-from vmctl.ops.disks import delete_disk_nodes, fdset_tag, remove_disk_fdsets
+from vmctl.ops.disks import delete_disk_nodes, remove_disk_fdsets
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
-from vmctl.spec import DiskSpec, Overlay, disk_node_names
 
 MirrorSync = Literal["full", "top"]
 
 
 class SnapshotError(VmctlError):
     """The snapshot transaction failed; no disk changed and nothing was left behind."""
-
-
-def layer_path(disk: DiskSpec, layer: int) -> str:
-    if layer == disk.base_layer:
-        return disk.path
-    for overlay in disk.overlays:
-        if overlay.layer == layer:
-            return overlay.path
-    raise InvalidArgument(f"disk {disk.id} has no layer {layer} (its layers are {disk.layers})")
-
-
-def layer_format(disk: DiskSpec, layer: int) -> str:
-    return disk.format if layer == disk.base_layer else "qcow2"
 
 
 def virtual_size(qmp: Monitor, node: str) -> int:
@@ -127,7 +115,7 @@ def snapshot_disks(
                 if not path.exists():
                     top = disk.layers[-1]
                     size = virtual_size(qmp, disk.active_node)
-                    _create_image(path, size, backing=layer_path(disk, top), backing_fmt=layer_format(disk, top))
+                    _create_image(path, size, backing=disk.layer_path(top), backing_fmt=disk.layer_format(top))
                     created.append(path)
                 overlay_node = _add_layer(qmp, steps, disk, layer, path, "qcow2", backing=None)
                 actions.append(
@@ -176,7 +164,7 @@ def start_commit(
     if top_layer != layers[-1]:
         # The layer above ``top`` gets a new backing file: write its real path, not /dev/fdset/N.
         arguments["top-node"] = disk_node_names(disk.id, top_layer)[1]
-        arguments["backing-file"] = layer_path(disk, base_layer)
+        arguments["backing-file"] = disk.layer_path(base_layer)
     job = Job.start(qmp, log, "block-commit", arguments, job_type="commit")
     job.on_success(lambda: _drop_layers(qmp, disk, dropped))
     return job, result
@@ -193,11 +181,11 @@ def start_stream(qmp: Monitor, log: Any, disk: DiskSpec, *, base: int | None = N
     arguments: dict[str, Any] = {"job-id": f"{disk.id}-stream", "device": disk.active_node}
     if base is None:
         dropped = layers[:-1]
-        result = attrs.evolve(disk, path=layer_path(disk, top), format="qcow2", base_layer=top, overlays=())
+        result = attrs.evolve(disk, path=disk.layer_path(top), format="qcow2", base_layer=top, overlays=())
     else:
         dropped = layers[layers.index(base) + 1 : -1]
         arguments["base-node"] = disk_node_names(disk.id, base)[1]
-        arguments["backing-file"] = layer_path(disk, base)
+        arguments["backing-file"] = disk.layer_path(base)
         result = attrs.evolve(disk, overlays=tuple(o for o in disk.overlays if o.layer not in dropped))
     job = Job.start(qmp, log, "block-stream", arguments, job_type="stream")
     job.on_success(lambda: _drop_layers(qmp, disk, dropped))
@@ -233,7 +221,7 @@ def start_mirror(
     below = disk.layers[-2] if top_only else None
     size = virtual_size(qmp, disk.active_node)
     if below is not None:
-        _create_image(path, size, backing=layer_path(disk, below), backing_fmt=layer_format(disk, below))
+        _create_image(path, size, backing=disk.layer_path(below), backing_fmt=disk.layer_format(below))
     else:
         _create_image(path, size, fmt=fmt)
     try:

@@ -6,32 +6,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import Any, Literal
-
-import attrs
+from typing import Any
 
 from vmctl.errors import CommandError, HotplugError, InvalidArgument, QMPError
+from vmctl.model import Chardev, ChardevKind
+from vmctl.model.names import SERIAL_CONTROLLER
 from vmctl.ops.devices import ensure_controller, remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
-Kind = Literal["socket", "ringbuf"]
-SERIAL_CONTROLLER = "vmctl-vserial"
+Kind = ChardevKind
 _PORT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
-
-
-@attrs.frozen(kw_only=True)
-class Chardev:
-    id: str
-    kind: Kind
-    path: str | None = None  # the unix socket QEMU listens on (kind "socket")
-    size: int | None = None  # the ring buffer's size (kind "ringbuf")
-    port_name: str | None = None  # the virtio-serial port the guest sees, if any
-
-    @property
-    def port_id(self) -> str:
-        return f"{self.id}-port"
 
 
 def hotplug_chardev(

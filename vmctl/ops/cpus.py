@@ -7,10 +7,11 @@ from typing import Any
 import attrs
 
 from vmctl.errors import HotplugError, InvalidArgument, QMPError
+from vmctl.model.names import CPU_ID_PREFIX
 from vmctl.ops.devices import remove_device
 from vmctl.qmp import Monitor
 
-_ID_PREFIX = "vmctl-cpu"
+_ID_PREFIX = CPU_ID_PREFIX
 
 
 @attrs.frozen(kw_only=True)

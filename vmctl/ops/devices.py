@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vmctl.errors import CommandError, DeviceNotFound, EventTimeout, HotplugError
+from vmctl.model.names import pci_addr_from_devfn
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
-from vmctl.spec import pci_addr_from_devfn
 
 
 def device_present(qmp: Monitor, device_id: str) -> bool:

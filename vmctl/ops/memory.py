@@ -8,21 +8,13 @@ from typing import Any
 import attrs
 
 from vmctl.errors import EventTimeout, HotplugError, InvalidArgument, QMPError, WaitTimeout
+from vmctl.model import MemorySpec, VirtioMemSpec
+from vmctl.model.names import memory_backend_id as backend_id
 from vmctl.ops.devices import remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
 MIB = 1024 * 1024
-
-
-@attrs.frozen(kw_only=True)
-class MemorySpec:
-    """Hotplugged memory: a pc-dimm ``id`` of ``size_mib``."""
-
-    id: str
-    size_mib: int
-    slot: int | None = None  # where QEMU put it: a migration target must put it there too
-    addr: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -43,10 +35,6 @@ class MemoryDevice:
             slot=int(data["slot"]),
             hotplugged=bool(data.get("hotplugged", False)),
         )
-
-
-def backend_id(memory_id: str) -> str:
-    return f"{memory_id}-ram"
 
 
 def hotplug_memory(qmp: Monitor, log: Any, *, memory_id: str, size_mib: int, timeout: float = 30.0) -> MemorySpec:
@@ -99,16 +87,6 @@ def _plug(qmp: Monitor, log: Any, *, memory_id: str, backend_mib: int, device: d
 
 def memory_devices(qmp: Monitor) -> list[MemoryDevice]:
     return [MemoryDevice.from_qmp(e) for e in qmp.execute("query-memory-devices") if e.get("type") == "dimm"]
-
-
-@attrs.frozen(kw_only=True)
-class VirtioMemSpec:
-    """A virtio-mem device: up to ``max_size_mib`` the guest plugs in or out in small blocks."""
-
-    id: str
-    max_size_mib: int
-    size_mib: int
-    pci_addr: str | None = None
 
 
 def add_virtio_mem(

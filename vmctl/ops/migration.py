@@ -14,7 +14,7 @@ from vmctl.errors import EventTimeout, InvalidArgument, QMPError, VmctlError, Wa
 from vmctl.qmp import Monitor, Subscription
 
 if TYPE_CHECKING:
-    from vmctl.state import Inventory
+    from vmctl.model import Inventory
     from vmctl.vm import VM
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})

@@ -9,8 +9,9 @@ from typing import Any
 import attrs
 
 from vmctl.errors import CommandError, DeviceError, EventTimeout, InvalidArgument
+from vmctl.model import DiskSpec
+from vmctl.model.names import export_id
 from vmctl.qmp import Monitor
-from vmctl.spec import DiskSpec
 
 NbdAddress = str | tuple[str, int]
 
@@ -22,10 +23,6 @@ class Export:
     disk: str
     writable: bool
     uri: str  # how an NBD client (qemu-img, another QEMU) reaches it
-
-
-def export_id(disk_id: str) -> str:
-    return f"nbd-{disk_id}"
 
 
 def socket_address(address: NbdAddress) -> dict[str, Any]:

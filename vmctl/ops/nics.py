@@ -26,20 +26,17 @@ from vmctl.errors import (
     InvalidArgument,
     QMPError,
 )
+from vmctl.model import NicSpec
+from vmctl.model.names import netdev_id
 from vmctl.ops.devices import remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
-from vmctl.spec import NicSpec
 
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
 _IFF_MULTI_QUEUE = 0x0100
 _MAX_QUEUES = 16
-
-
-def netdev_id(nic_id: str) -> str:
-    return f"{nic_id}-net"
 
 
 def random_mac() -> str:

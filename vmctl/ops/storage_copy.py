@@ -12,16 +12,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vmctl.errors import QMPError
+from vmctl.model import DiskSpec
+from vmctl.model.names import nbd_client_node as client_node
 from vmctl.ops import nbd as nbd_ops
 from vmctl.ops.blockjobs import Job
-from vmctl.spec import DiskSpec
 
 if TYPE_CHECKING:
     from vmctl.vm import VM
-
-
-def client_node(disk_id: str) -> str:
-    return f"{disk_id}-nbd"
 
 
 class StorageCopy:

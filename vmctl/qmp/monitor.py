@@ -55,7 +55,8 @@ _POLL_IN: Final = select.POLLIN | select.POLLHUP | select.POLLERR
 
 class _Waiter:
     """Wakes the thread waiting for one command: a binary semaphore, made only if it has to wait
-    (a caller that reads its own reply never does)."""
+    (a caller that reads its own reply never does). Once made, its lock is released (a wake-up
+    is pending) exactly while ``woken`` is true."""
 
     __slots__ = ("_lock", "woken")
 
@@ -73,10 +74,10 @@ class _Waiter:
     def wait(self, monitor_lock: threading.Lock, timeout: float) -> None:
         """Sleep until woken or ``timeout``; spurious returns are fine (the caller re-checks)."""
         with monitor_lock:
-            if self.woken:
-                self.woken = False
-                return
             if self._lock is None:
+                if self.woken:  # woken before it had a lock: nothing to consume
+                    self.woken = False
+                    return
                 self._lock = threading.Lock()
                 self._lock.acquire()
         if self._lock.acquire(True, timeout):

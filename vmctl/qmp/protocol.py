@@ -288,6 +288,7 @@ class QMPProtocol:
         except BaseException:
             # Interrupted (a signal handler raised): bytes were taken but perhaps not all handled,
             # so a reply may be lost for good; nobody is left waiting for it.
+            self._log.exception("qmp.receive_interrupted")
             self.fail(ConnectionLost, f"{self.name}: reading from QEMU was interrupted")
             raise
         if error is not None:

@@ -11,8 +11,8 @@ import time
 import attrs
 
 from vmctl.errors import InvalidArgument, VmctlError, WaitTimeout
+from vmctl.model.names import SHELL_SOCKET
 from vmctl.qmp.transport import open_socket
-from vmctl.spec import SHELL_SOCKET
 from vmctl.vm import VM
 
 _END = re.compile(rb"VMCTL-END (\d+) (\d+)\r?$")

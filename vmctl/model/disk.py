@@ -1,0 +1,217 @@
+"""A disk: one value from launch through hotplug, attach and migration, and the arguments it renders.
+
+Its block nodes and its device are rendered here, once, as QMP dictionaries: the command line
+passes them as JSON (``-blockdev {...}``, ``-device {...}``) and hotplug passes the same
+dictionaries to ``blockdev-add`` and ``device_add``, so a disk plugged at boot and the same disk
+hotplugged get identical properties. Only the image's filename differs: a path at boot, the
+fdset vmctl passed its image in (``/dev/fdset/N``) when hotplugged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, Final, Literal
+
+import attrs
+
+from vmctl.errors import InvalidArgument, SpecError
+from vmctl.model.names import SCSI_CONTROLLER, disk_node_names
+from vmctl.model.validate import check_id, check_pci_addr, path_text
+
+DiskFormat = Literal["qcow2", "raw"]
+DiskBus = Literal["virtio-blk", "scsi"]
+CacheMode = Literal["writeback", "none", "writethrough", "directsync", "unsafe"]
+Aio = Literal["threads", "native", "io_uring"]
+
+#: mode -> (cache.direct, cache.no-flush, the device's write-cache), as QEMU's -drive cache= means it.
+CACHE_MODES: Final[Mapping[str, tuple[bool, bool, bool]]] = MappingProxyType(
+    {
+        "writeback": (False, False, True),
+        "none": (True, False, True),
+        "writethrough": (False, False, False),
+        "directsync": (True, False, False),
+        "unsafe": (False, True, True),
+    }
+)
+AIO_MODES: Final = ("threads", "native", "io_uring")
+
+
+@attrs.frozen(kw_only=True)
+class Throttle:
+    """I/O limits for a disk (``block_set_io_throttle``); 0 means unlimited."""
+
+    bps: int = 0
+    bps_rd: int = 0
+    bps_wr: int = 0
+    iops: int = 0
+    iops_rd: int = 0
+    iops_wr: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        for name, value in attrs.asdict(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidArgument(f"throttle {name} must be a whole number >= 0, not {value!r}")
+        if (self.bps and (self.bps_rd or self.bps_wr)) or (self.iops and (self.iops_rd or self.iops_wr)):
+            raise InvalidArgument("a total limit cannot be combined with read/write limits of the same kind")
+
+    @property
+    def unlimited(self) -> bool:
+        return not any(attrs.astuple(self))
+
+    def arguments(self) -> dict[str, int]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_qmp(cls, info: Mapping[str, Any]) -> Throttle:
+        """From a ``query-block`` inserted-image entry."""
+        return cls(**{name: int(info.get(name, 0)) for name in attrs.fields_dict(cls)})
+
+
+@attrs.frozen(kw_only=True)
+class Overlay:
+    """A qcow2 layer on top of a disk's base image (an external snapshot)."""
+
+    layer: int
+    path: str = attrs.field(converter=path_text)
+
+
+def _overlays(value: Iterable[Overlay | Mapping[str, Any]]) -> tuple[Overlay, ...]:
+    return tuple(o if isinstance(o, Overlay) else Overlay(**o) for o in value)
+
+
+def _throttle(value: Throttle | Mapping[str, Any] | None) -> Throttle | None:
+    if value is None or isinstance(value, Throttle):
+        return None if value is None or value.unlimited else value
+    throttle = Throttle(**value)
+    return None if throttle.unlimited else throttle
+
+
+@attrs.frozen(kw_only=True)
+class DiskSpec:
+    """A disk. ``cache``, ``aio`` and ``throttle`` hold from boot (or hotplug) on, are kept in the
+    inventory when changed at run time, and go with the disk to a migration target."""
+
+    id: str
+    path: str = attrs.field(converter=path_text)
+    format: DiskFormat = "qcow2"
+    read_only: bool = False
+    bus: DiskBus = "virtio-blk"
+    cache: CacheMode = "writeback"
+    aio: Aio = "threads"
+    throttle: Throttle | None = attrs.field(default=None, converter=_throttle)
+    pci_addr: str | None = None  # pinned so that a migration target lays out its PCI bus alike
+    base_layer: int = 0  # the layer number of ``path`` (not 0 once a stream or mirror replaced it)
+    overlays: tuple[Overlay, ...] = attrs.field(default=(), converter=_overlays)  # bottom to top
+
+    def __attrs_post_init__(self) -> None:
+        check_id("disk", self.id, max_length=20)  # node names derived from it must fit QEMU's 31
+        if re.search(r"-o\d+$", self.id):
+            raise SpecError(f"disk id {self.id!r} must not end in -o<number> (that names snapshot layers)")
+        check_pci_addr(self.id, self.pci_addr)
+        if self.format not in ("qcow2", "raw"):
+            raise SpecError(f"disk {self.id}: format must be qcow2 or raw, not {self.format!r}")
+        if self.bus not in ("virtio-blk", "scsi"):
+            raise SpecError(f"disk {self.id}: bus must be virtio-blk or scsi, not {self.bus!r}")
+        if not self.path:
+            raise SpecError(f"disk {self.id}: the image path is empty")
+        if self.cache not in CACHE_MODES:
+            raise SpecError(f"disk {self.id}: cache must be one of {', '.join(CACHE_MODES)}, not {self.cache!r}")
+        if self.aio not in AIO_MODES:
+            raise SpecError(f"disk {self.id}: aio must be threads, native or io_uring, not {self.aio!r}")
+        if self.aio == "native" and not self.direct:
+            raise SpecError(f"disk {self.id}: aio=native needs an O_DIRECT cache mode (none or directsync)")
+
+    # -- the chain -------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[int]:
+        """Layer numbers from the base image up to the active (top) one."""
+        return [self.base_layer, *(o.layer for o in self.overlays)]
+
+    @property
+    def active_node(self) -> str:
+        """The format node the guest's device reads and writes."""
+        return disk_node_names(self.id, self.layers[-1])[1]
+
+    def next_layer(self) -> int:
+        return max(self.layers) + 1
+
+    def layer_path(self, layer: int) -> str:
+        if layer == self.base_layer:
+            return self.path
+        for overlay in self.overlays:
+            if overlay.layer == layer:
+                return overlay.path
+        raise InvalidArgument(f"disk {self.id} has no layer {layer} (layers: {self.layers})")
+
+    def layer_format(self, layer: int) -> str:
+        return self.format if layer == self.base_layer else "qcow2"
+
+    # -- what it renders -------------------------------------------------------------------
+
+    @property
+    def direct(self) -> bool:
+        """Whether the image is opened with O_DIRECT (cache none or directsync)."""
+        return CACHE_MODES[self.cache][0]
+
+    def open_flags(self) -> int:
+        """How vmctl opens an image of this disk to pass it by fd (QEMU matches the access mode)."""
+        access = os.O_RDONLY if self.read_only else os.O_RDWR
+        return access | os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
+
+    def layer_nodes(self, layer: int, filename: str, *, backing: str | None = None) -> list[dict[str, Any]]:
+        """The protocol and format nodes of one layer, as ``blockdev-add`` arguments.
+
+        ``backing`` names the format node below an overlay (``None`` for the base image, which
+        opens its own backing, or for an overlay whose backing is attached later)."""
+        direct, no_flush, _ = CACHE_MODES[self.cache]
+        cache = {"direct": direct, "no-flush": no_flush}
+        file_node, format_node = disk_node_names(self.id, layer)
+        protocol: dict[str, Any] = {
+            "driver": "file",
+            "node-name": file_node,
+            "filename": filename,
+            "read-only": self.read_only,
+            "aio": self.aio,
+            "cache": cache,
+        }
+        fmt: dict[str, Any] = {
+            "driver": self.layer_format(layer),
+            "node-name": format_node,
+            "file": file_node,
+            "read-only": self.read_only,
+            "cache": cache,
+        }
+        if layer != self.base_layer:
+            fmt["backing"] = backing
+        return [protocol, fmt]
+
+    def device_properties(self) -> dict[str, Any]:
+        """The guest's device, as ``device_add`` arguments (the same for ``-device``)."""
+        write_cache = CACHE_MODES[self.cache][2]
+        device: dict[str, Any] = {
+            "driver": "virtio-blk-pci",
+            "id": self.id,
+            "drive": self.active_node,
+            "serial": self.id,
+            "write-cache": "on" if write_cache else "off",
+        }
+        if self.bus == "scsi":
+            device.update(driver="scsi-hd", bus=f"{SCSI_CONTROLLER}.0")
+        elif self.pci_addr:
+            device["addr"] = self.pci_addr
+        return device
+
+    def arguments(self) -> list[str]:
+        """The command-line arguments of the whole chain and the device (QEMU's JSON syntax)."""
+        argv: list[str] = []
+        below: str | None = None
+        for layer in self.layers:
+            for node in self.layer_nodes(layer, self.layer_path(layer), backing=below):
+                argv += ["-blockdev", json.dumps(node, separators=(",", ":"))]
+            below = disk_node_names(self.id, layer)[1]
+        return [*argv, "-device", json.dumps(self.device_properties(), separators=(",", ":"))]

@@ -1,0 +1,80 @@
+"""Every name vmctl derives, built and parsed here and nowhere else.
+
+QEMU objects that belong to a device are named from its id, so that a restarted control plane
+(or a migration target) finds them again without storing anything: a disk's block nodes and
+fdsets, a NIC's netdev, a memory device's backend, an export, a chardev's port.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+# Files in a VM's run directory.
+QMP_SOCKET: Final = "qmp.sock"
+SHELL_SOCKET: Final = "shell.sock"
+MIGRATION_SOCKET: Final = "migrate.sock"
+NBD_SOCKET: Final = "nbd.sock"
+LOG_FILE: Final = "qemu.log"
+PID_FILE: Final = "qemu.pid"
+
+# QEMU ids vmctl gives to what it adds on its own.
+CONSOLE_CHARDEV: Final = "vmctl-console"
+SHELL_CHARDEV: Final = "vmctl-shell"
+MONITOR_CHARDEV: Final = "vmctl-qmp"
+BALLOON_DEVICE: Final = "vmctl-balloon"
+SCSI_CONTROLLER: Final = "vmctl-scsi"
+SERIAL_CONTROLLER: Final = "vmctl-vserial"
+CPU_ID_PREFIX: Final = "vmctl-cpu"
+
+_FDSET_PREFIX: Final = "vmctl:disk:"
+
+
+def disk_node_names(disk_id: str, layer: int = 0) -> tuple[str, str]:
+    """The protocol and format node names of one layer of a disk (0: the image it was created with)."""
+    if layer == 0:
+        return f"{disk_id}-file", f"{disk_id}-fmt"
+    return f"{disk_id}-o{layer}-file", f"{disk_id}-o{layer}-fmt"
+
+
+def is_disk_node(node_name: str, disk_id: str) -> bool:
+    """Whether a block node is one of this disk's layers (the inverse of ``disk_node_names``)."""
+    return re.fullmatch(re.escape(disk_id) + r"-(o\d+-)?(file|fmt)", node_name) is not None
+
+
+def fdset_tag(disk_id: str, layer: int = 0) -> str:
+    """The opaque tag of the fdset that holds a disk layer's image."""
+    return f"{_FDSET_PREFIX}{disk_id}" + (f":{layer}" if layer else "")
+
+
+def is_disk_fdset(opaque: object, disk_id: str) -> bool:
+    """Whether an fd's opaque tag belongs to this disk (any of its layers)."""
+    tag = fdset_tag(disk_id)
+    return opaque == tag or (isinstance(opaque, str) and re.fullmatch(re.escape(tag) + r":\d+", opaque) is not None)
+
+
+def netdev_id(nic_id: str) -> str:
+    return f"{nic_id}-net"
+
+
+def memory_backend_id(memory_id: str) -> str:
+    return f"{memory_id}-ram"
+
+
+def export_id(disk_id: str) -> str:
+    """The NBD export (and its name) of a disk."""
+    return f"nbd-{disk_id}"
+
+
+def nbd_client_node(disk_id: str) -> str:
+    """The NBD client node a storage-copy migration mirrors a disk into."""
+    return f"{disk_id}-nbd"
+
+
+def chardev_port_id(chardev_id: str) -> str:
+    """The virtio-serial port device of a chardev."""
+    return f"{chardev_id}-port"
+
+
+def pci_addr_from_devfn(devfn: int) -> str:
+    return f"0x{devfn >> 3:x}.{devfn & 7}"
