@@ -16,10 +16,8 @@ import pytest
 
 from integration.conftest import VMFactory
 from vmctl import VM, DiskSpec
-from vmctl.errors import InvalidArgument
+from vmctl.errors import BlockJobError, InvalidArgument, SnapshotError
 from vmctl.ops import chains
-from vmctl.ops.blockjobs import BlockJobError
-from vmctl.ops.chains import SnapshotError
 from vmctl.testing import GuestShell
 
 MIB = 1024 * 1024
@@ -168,7 +166,7 @@ def test_failed_snapshot_transaction_changes_nothing(guest_vm: VM, tmp_path: Pat
     # A failure inside the transaction itself (a bad bitmap granularity) rolls back too.
     with pytest.raises(SnapshotError):
         chains.snapshot_disks(
-            vm.qmp, vm._log, list(vm.disks()), {"a1": tmp_path / "a2.qcow2", "b1": tmp_path / "b2.qcow2"},
+            vm.qmp, vm.log, list(vm.disks()), {"a1": tmp_path / "a2.qcow2", "b1": tmp_path / "b2.qcow2"},
             bitmap="x", bitmap_granularity=3,
         )  # fmt: skip
     assert sorted(n["node-name"] for n in vm.qmp.execute("query-named-block-nodes", {"flat": True})) == nodes_before

@@ -7,8 +7,7 @@ import time
 import pytest
 
 from integration.conftest import VMFactory
-from vmctl.errors import HotplugError, InvalidArgument
-from vmctl.ops.balloon import BalloonUnavailable
+from vmctl.errors import BalloonUnavailable, HotplugError, InvalidArgument
 from vmctl.testing import GuestShell
 
 MIB = 1024 * 1024

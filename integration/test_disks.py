@@ -73,7 +73,7 @@ def test_failed_hotplugs_leave_nothing_behind(vms: VMFactory, tmp_path: Path) ->
     # device_add fails (the id is taken in QEMU, bypassing vmctl's own check): both nodes and the fdset go.
     vm.hotplug_disk(make_image(tmp_path / "ok.qcow2", "qcow2"), id="dup1")
     with pytest.raises(HotplugError):
-        disk_ops.hotplug_disk(vm.qmp, vm._log, DiskSpec(id="dup1", path=raw_image, format="raw"))
+        disk_ops.hotplug_disk(vm.qmp, vm.log, DiskSpec(id="dup1", path=raw_image, format="raw"))
     assert sorted(leftovers(vm, "dup1")) == ["dup1", "dup1-file", "dup1-fmt", fdset_tag("dup1")]
     fdsets = [fd for s in vm.qmp.execute("query-fdsets") for fd in s["fds"]]
     assert len(fdsets) == 1  # only the working disk's

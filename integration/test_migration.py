@@ -11,8 +11,7 @@ import pytest
 
 from integration.conftest import TwoHosts, VMFactory
 from vmctl import VM, RunState
-from vmctl.errors import AbnormalExit, InvalidArgument
-from vmctl.ops.migration import MigrationError
+from vmctl.errors import AbnormalExit, InvalidArgument, MigrationError
 from vmctl.testing import GuestShell
 
 MIB = 1024 * 1024

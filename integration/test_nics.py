@@ -52,6 +52,6 @@ def test_failed_nic_hotplug_is_rolled_back(vms: VMFactory) -> None:
     vm = vms.launch(wait_ready=False)
     vm.hotplug_nic(id="net1")
     with pytest.raises(HotplugError, match="rolled back"):
-        nic_ops.hotplug_nic(vm.qmp, vm._log, nic_id="net1")  # the device id is taken in QEMU
+        nic_ops.hotplug_nic(vm.qmp, vm.log, nic_id="net1")  # the device id is taken in QEMU
     network = vm.qmp.human("info network")
     assert network.count("net1-net") == 1  # only the working NIC's backend

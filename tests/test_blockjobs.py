@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import structlog
 
-from vmctl.errors import WaitTimeout
-from vmctl.ops.blockjobs import BlockJobError, Job
+from vmctl.errors import BlockJobError, WaitTimeout
+from vmctl.ops.blockjobs import Job
 from vmctl.qmp import Monitor
 from vmctl.testing import FakeCall, FakeQEMU
 

@@ -14,8 +14,8 @@ from vmctl.errors import InvalidArgument
 from vmctl.model import Inventory
 from vmctl.qmp import Monitor
 from vmctl.qmpshell import parse_input, run_one
-from vmctl.state import VMState, write_state
 from vmctl.testing import FakeQEMU
+from vmctl.vm.statefile import VMRecord, write_record
 
 
 @pytest.fixture(autouse=True)
@@ -64,9 +64,9 @@ def test_one_shot_qmp_command(fake: FakeQEMU, capsys: pytest.CaptureFixture[str]
 
 def test_status_of_a_gone_vm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = VMSpec(name="gone", kernel="/k")
-    write_state(
+    write_record(
         tmp_path,
-        VMState(pid=2**22 + 7, start_time=1, qmp_socket="/nowhere", spec=spec, inventory=Inventory()),
+        VMRecord(pid=2**22 + 7, start_time=1, qmp_socket="/nowhere", spec=spec, inventory=Inventory()),
     )
     assert main(["status", str(tmp_path)]) == 3
     report = json.loads(capsys.readouterr().out)

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from vmctl.console import Console
 from vmctl.errors import WaitTimeout
 from vmctl.qmp import Monitor
 from vmctl.testing import FakeCall, FakeQEMU
+from vmctl.vm.console import Console
 
 
 def test_console_reads_and_waits_for_text(monitor: Monitor, fake: FakeQEMU) -> None:

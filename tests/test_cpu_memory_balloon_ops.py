@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import structlog
 
-from vmctl.errors import HotplugError, InvalidArgument, WaitTimeout
+from vmctl.errors import BalloonUnavailable, HotplugError, InvalidArgument, WaitTimeout
 from vmctl.ops import balloon as balloon_ops
 from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import memory as memory_ops
@@ -144,9 +144,9 @@ def test_balloon_without_a_guest_driver_says_so(monitor: Monitor, fake: FakeQEMU
 
 def test_balloon_without_a_device(monitor: Monitor, fake: FakeQEMU) -> None:
     Balloon(fake, device=False)
-    with pytest.raises(balloon_ops.BalloonUnavailable):
+    with pytest.raises(BalloonUnavailable):
         balloon_ops.balloon_bytes(monitor)
-    with pytest.raises(balloon_ops.BalloonUnavailable):
+    with pytest.raises(BalloonUnavailable):
         balloon_ops.set_balloon(monitor, log, 256 * MIB)
 
 

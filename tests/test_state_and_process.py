@@ -11,25 +11,26 @@ import pytest
 
 from vmctl import DiskSpec, Inventory, VMSpec
 from vmctl.errors import StaleState
-from vmctl.process import ExitStatus, QemuProcess, start_time
-from vmctl.state import STATE_FILE, VMState, read_state, write_state
+from vmctl.model.status import ExitStatus
+from vmctl.vm.process import QemuProcess, start_time
+from vmctl.vm.statefile import STATE_FILE, VMRecord, read_record, write_record
 
 
-def make_state() -> VMState:
+def make_record() -> VMRecord:
     spec = VMSpec(name="vm1", kernel="/k", disks=[DiskSpec(id="d0", path="/d0")])
-    return VMState(pid=123, start_time=456, qmp_socket="/run/q.sock", spec=spec, inventory=Inventory(disks=spec.disks))
+    return VMRecord(pid=123, start_time=456, qmp_socket="/run/q.sock", spec=spec, inventory=Inventory(disks=spec.disks))
 
 
 def test_state_round_trips_and_replaces_atomically(tmp_path: Path) -> None:
-    state = make_state()
-    write_state(tmp_path, state)
-    assert read_state(tmp_path) == state
+    state = make_record()
+    write_record(tmp_path, state)
+    assert read_record(tmp_path) == state
     assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # no temporary left behind
-    changed = VMState(
+    changed = VMRecord(
         pid=state.pid, start_time=state.start_time, qmp_socket=state.qmp_socket, spec=state.spec, inventory=Inventory()
     )
-    write_state(tmp_path, changed)
-    assert read_state(tmp_path).inventory == Inventory()
+    write_record(tmp_path, changed)
+    assert read_record(tmp_path).inventory == Inventory()
 
 
 @pytest.mark.parametrize("content", [None, "not json", json.dumps({"format": 99}), json.dumps({"format": 1})])
@@ -37,7 +38,7 @@ def test_bad_state_files_are_stale(tmp_path: Path, content: str | None) -> None:
     if content is not None:
         (tmp_path / STATE_FILE).write_text(content)
     with pytest.raises(StaleState):
-        read_state(tmp_path)
+        read_record(tmp_path)
 
 
 def test_process_start_wait_and_exit_status(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 from vmctl import errors
 from vmctl.errors import VmctlError
 from vmctl.model import DiskSpec, Inventory, NicSpec, Throttle, VMSpec
-from vmctl.process import ExitStatus
+from vmctl.model.status import ExitStatus
 from vmctl.vm import VM, ResetEvent, RunState, ShutdownEvent, ShutdownMethod, ShutdownResult, VMStatus
 
 __all__ = [

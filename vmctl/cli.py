@@ -79,10 +79,10 @@ def _events(socket_path: str) -> int:
 
 
 def _status(run_dir: Path, *, query: bool) -> int:
-    from vmctl.process import QemuProcess
-    from vmctl.state import read_state
+    from vmctl.vm.process import QemuProcess
+    from vmctl.vm.statefile import read_record
 
-    state = read_state(run_dir)
+    state = read_record(run_dir)
     try:
         QemuProcess.adopt(state.pid, state.start_time).close()
         alive = True

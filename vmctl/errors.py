@@ -1,4 +1,33 @@
-"""The one error tree of vmctl: everything it raises on purpose is a ``VmctlError``."""
+"""The one error tree of vmctl: everything it raises on purpose is a ``VmctlError``.
+
+::
+
+    VmctlError
+    +-- InvalidArgument (also a ValueError)   bad input; nothing was sent or changed
+    |   +-- SpecError                          a VM spec or one of its values is invalid
+    |   +-- DeviceExists, UnknownDevice        (also DeviceErrors)
+    +-- QMPError                               talking QMP
+    |   +-- ConnectError                       the monitor could not be reached, or the handshake failed
+    |   +-- ConnectionLost                     QEMU went away (or the monitor was closed)
+    |   +-- ProtocolError                      QEMU sent something that is not QMP
+    |   +-- StateError                         the call is not allowed in the monitor's runstate
+    |   +-- MessageTooLarge                    a reply over the size limit (the command ran)
+    |   +-- CommandTimeout (also TimeoutError) no reply in time; the outcome is unknown
+    |   +-- EventTimeout (also TimeoutError)   no matching event in time
+    |   +-- EventMatchError                    a subscription's match predicate raised
+    |   +-- CommandError                       QEMU's own error reply, by class:
+    |       +-- GenericError, CommandNotFound, DeviceNotActive, DeviceNotFound, KVMMissingCap
+    +-- LaunchError                            QEMU did not start (with its log)
+    +-- StaleState                             a run directory describes a VM that is gone
+    +-- WaitTimeout (also TimeoutError)        the VM did not reach a state in time
+    +-- AbnormalExit                           QEMU crashed, was killed from outside, or lost its monitor
+    +-- DeviceError                            a device operation failed
+    |   +-- HotplugError                       did not complete; ``remaining`` says what is left
+    |   +-- BalloonUnavailable                 the VM has no balloon device
+    +-- BlockJobError                          a block job failed (QEMU's message)
+    +-- SnapshotError                          a snapshot transaction failed; nothing changed
+    +-- MigrationError                         a migration failed or was cancelled; the source runs on
+"""
 
 from __future__ import annotations
 
@@ -172,3 +201,29 @@ class HotplugError(DeviceError):
             message += f"; still present: {', '.join(remaining)}"
         super().__init__(message)
         self.remaining = remaining
+
+
+class BalloonUnavailable(DeviceError):
+    """The VM has no balloon device (``VMSpec(balloon=True)``)."""
+
+
+class BlockJobError(VmctlError):
+    """A block job failed; ``qemu_error`` is QEMU's message."""
+
+    def __init__(self, message: str, *, job_id: str, qemu_error: str) -> None:
+        super().__init__(f"{message}: {qemu_error}" if qemu_error else message)
+        self.job_id = job_id
+        self.qemu_error = qemu_error
+
+
+class SnapshotError(VmctlError):
+    """The snapshot transaction failed; no disk changed and nothing was left behind."""
+
+
+class MigrationError(VmctlError):
+    """The migration failed or was cancelled; the source keeps running with its devices and data."""
+
+    def __init__(self, message: str, *, status: str, error_desc: str = "") -> None:
+        super().__init__(f"{message}: {error_desc}" if error_desc else message)
+        self.status = status
+        self.error_desc = error_desc

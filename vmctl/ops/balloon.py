@@ -5,14 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from vmctl.errors import DeviceError, DeviceNotActive, EventTimeout, InvalidArgument, WaitTimeout
+from vmctl.errors import BalloonUnavailable, DeviceNotActive, EventTimeout, InvalidArgument, WaitTimeout
 from vmctl.qmp import Monitor
 
 PAGE = 4096
-
-
-class BalloonUnavailable(DeviceError):
-    """The VM has no balloon device (``VMSpec(balloon=True)``)."""
 
 
 def balloon_bytes(qmp: Monitor) -> int:

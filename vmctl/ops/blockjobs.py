@@ -10,17 +10,8 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import CommandError, EventTimeout, VmctlError, WaitTimeout
+from vmctl.errors import BlockJobError, CommandError, EventTimeout, WaitTimeout
 from vmctl.qmp import Monitor, Subscription
-
-
-class BlockJobError(VmctlError):
-    """A block job failed; ``qemu_error`` is QEMU's message."""
-
-    def __init__(self, message: str, *, job_id: str, qemu_error: str) -> None:
-        super().__init__(f"{message}: {qemu_error}" if qemu_error else message)
-        self.job_id = job_id
-        self.qemu_error = qemu_error
 
 
 @attrs.frozen(kw_only=True)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import attrs
 
-from vmctl.errors import HotplugError, InvalidArgument, QMPError, VmctlError
+from vmctl.errors import HotplugError, InvalidArgument, QMPError, SnapshotError
 from vmctl.model import DiskSpec, Overlay
 from vmctl.model.names import disk_node_names, fdset_tag
 from vmctl.ops.blockjobs import Job
@@ -26,10 +26,6 @@ from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
 MirrorSync = Literal["full", "top"]
-
-
-class SnapshotError(VmctlError):
-    """The snapshot transaction failed; no disk changed and nothing was left behind."""
 
 
 def virtual_size(qmp: Monitor, node: str) -> int:

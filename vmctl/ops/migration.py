@@ -6,28 +6,15 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
-from vmctl.errors import EventTimeout, InvalidArgument, QMPError, VmctlError, WaitTimeout
+from vmctl.errors import EventTimeout, InvalidArgument, MigrationError, QMPError, WaitTimeout
 from vmctl.qmp import Monitor, Subscription
-
-if TYPE_CHECKING:
-    from vmctl.model import Inventory
-    from vmctl.vm import VM
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 POSTCOPY = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
-
-
-class MigrationError(VmctlError):
-    """The migration failed or was cancelled; the source keeps running with its devices and data."""
-
-    def __init__(self, message: str, *, status: str, error_desc: str = "") -> None:
-        super().__init__(f"{message}: {error_desc}" if error_desc else message)
-        self.status = status
-        self.error_desc = error_desc
 
 
 @attrs.frozen(kw_only=True)
@@ -159,13 +146,16 @@ def set_parameters(qmp: Monitor, wanted: Mapping[str, int]) -> dict[str, Any]:
 
 
 class Migration:
-    """A migration under way. ``wait`` follows it through QEMU's MIGRATION events."""
+    """A migration under way, between two monitors (the target's is None for a URI target).
+    ``wait`` follows it through QEMU's MIGRATION events. At the end the target side is handed
+    over (``on_target_ready``, then ``cont``) and the source is finished (``finish_source``)."""
 
     def __init__(
         self,
         *,
-        source: VM,
-        target: VM | None,
+        source: Monitor,
+        target: Monitor | None,
+        log: Any,
         uri: str,
         options: MigrationOptions,
         source_events: Subscription,
@@ -173,12 +163,14 @@ class Migration:
         restore: Callable[[], None],
         resume_target: bool,
         stop_source: bool,
-        target_inventory: Inventory,
+        on_target_ready: Callable[[], Any] | None,
+        finish_source: Callable[[], Any],
         on_completed: Callable[[], Any] | None = None,
         on_aborted: Callable[[], Any] | None = None,
     ) -> None:
         self.source = source
         self.target = target
+        self._log = log
         self.uri = uri
         self.options = options
         self._events = source_events
@@ -186,7 +178,8 @@ class Migration:
         self._restore = restore
         self._resume_target = resume_target
         self._stop_source = stop_source
-        self._target_inventory = target_inventory
+        self._on_target_ready = on_target_ready
+        self._finish_source = finish_source
         self._on_completed = on_completed
         self._on_aborted = on_aborted
         self._status = "setup"
@@ -199,12 +192,12 @@ class Migration:
         return self._status
 
     def progress(self) -> MigrationProgress:
-        return MigrationProgress.from_qmp(self.source.qmp.execute("query-migrate"))
+        return MigrationProgress.from_qmp(self.source.execute("query-migrate"))
 
     def start_postcopy(self) -> None:
         if not self.options.postcopy:
             raise InvalidArgument("this migration was not started with postcopy=True")
-        self.source.qmp.execute("migrate-start-postcopy")
+        self.source.execute("migrate-start-postcopy")
         self._postcopy_started = True
 
     def pause(self, *, timeout: float = 30.0) -> None:
@@ -229,23 +222,23 @@ class Migration:
                 raise InvalidArgument("recover needs the address the target should listen on")
             uri = f"tcp:{listen[0]}:{listen[1]}"
         if self.target is not None:
-            self.target.qmp.execute("migrate-recover", {"uri": uri}, oob=True)
-        self.source.qmp.execute("migrate", {"uri": uri, "resume": True})
+            self.target.execute("migrate-recover", {"uri": uri}, oob=True)
+        self.source.execute("migrate", {"uri": uri, "resume": True})
         self.uri = uri
-        self.source._log.info("vm.migration_recovering", uri=uri)
+        self._log.info("vm.migration_recovering", uri=uri)
 
     def _monitors(self) -> list[Monitor]:
-        return [self.source.qmp] + ([self.target.qmp] if self.target is not None else [])
+        return [self.source] + ([self.target] if self.target is not None else [])
 
     def continue_(self) -> None:
         """Let a migration paused before switchover (``pause_before_switchover=True``) finish."""
-        self.source.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        self.source.execute("migrate-continue", {"state": "pre-switchover"})
 
     def cancel(self, *, timeout: float = 30.0) -> None:
         """Stop the migration; the source goes on running."""
         if self._status in TERMINAL:
             return
-        self.source.qmp.execute("migrate_cancel")
+        self.source.execute("migrate_cancel")
         try:
             self.wait(timeout)
         except MigrationError as exc:
@@ -309,7 +302,7 @@ class Migration:
                     status="postcopy-paused",
                 )
             elif time.monotonic() - last_moved > stall_timeout and snapshot.status != "pre-switchover":
-                self.source.qmp.execute("migrate_cancel")
+                self.source.execute("migrate_cancel")
                 self._end("cancelled")
                 raise MigrationError(
                     f"the migration made no progress for {stall_timeout:g}s and was cancelled (is the link down?)",
@@ -318,7 +311,7 @@ class Migration:
         return self._finish()
 
     def _finish(self) -> MigrationResult:
-        info = self.source.qmp.execute("query-migrate")
+        info = self.source.execute("query-migrate")
         if self._status != "completed":
             self._end(self._status)
             raise MigrationError(
@@ -332,11 +325,12 @@ class Migration:
         if target is not None:
             if self._target_events is not None:
                 self._wait_target_completed(self._target_events)
-            target.adopt_inventory(self._target_inventory)
+            if self._on_target_ready is not None:
+                self._on_target_ready()
             if self._resume_target:
-                target.qmp.execute("cont")
+                target.execute("cont")
         if self._stop_source:
-            self.source.finish_migrated_source()
+            self._finish_source()
         return self._result
 
     def _wait_target_completed(self, events: Subscription) -> None:

@@ -15,30 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import attrs
-
 from vmctl.errors import StaleState
-
-
-@attrs.frozen(kw_only=True)
-class ExitStatus:
-    """How QEMU ended; both fields are None for an adopted process (only its parent can know)."""
-
-    code: int | None
-    signal: int | None
-
-    @classmethod
-    def from_returncode(cls, returncode: int) -> ExitStatus:
-        if returncode < 0:
-            return cls(code=None, signal=-returncode)
-        return cls(code=returncode, signal=None)
-
-    def __str__(self) -> str:
-        if self.signal is not None:
-            return f"killed by signal {self.signal} ({signal.Signals(self.signal).name})"
-        if self.code is not None:
-            return f"exit code {self.code}"
-        return "exited (status unknown: not our child)"
+from vmctl.model.status import ExitStatus
 
 
 def start_time(pid: int) -> int:
@@ -109,7 +87,7 @@ class QemuProcess:
             return self._exit
         # The pidfd says whether the process has exited, without reaping it; only then is the
         # child reaped (Popen.wait, which is safe from several threads, unlike a racing poll()).
-        if self._pidfd < 0 or not select.select([self._pidfd], [], [], 0)[0]:
+        if self._pidfd < 0 or not _readable(self._pidfd, 0):
             return None
         if self._popen is not None:
             self._exit = ExitStatus.from_returncode(self._popen.wait())
@@ -129,7 +107,7 @@ class QemuProcess:
                 return None
             if self._pidfd < 0:
                 return None
-            select.select([self._pidfd], [], [], remaining)
+            _readable(self._pidfd, remaining)
 
     def send_signal(self, signum: int) -> bool:
         """Signal the process unless it has exited; never a process that reused its pid."""
@@ -146,3 +124,10 @@ class QemuProcess:
             with contextlib.suppress(OSError):
                 os.close(self._pidfd)
             self._pidfd = -1
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` polls readable within ``timeout`` seconds (poll: any fd number works)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(min(timeout, 3600.0) * 1000) + (1 if timeout > 0 else 0))))

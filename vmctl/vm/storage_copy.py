@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vmctl.errors import QMPError
 from vmctl.model import DiskSpec
 from vmctl.model.names import nbd_client_node as client_node
 from vmctl.ops import nbd as nbd_ops
 from vmctl.ops.blockjobs import Job
-
-if TYPE_CHECKING:
-    from vmctl.vm import VM
+from vmctl.qmp import Monitor
+from vmctl.vm.blocks import Blocks
 
 
 class StorageCopy:
-    def __init__(self, source: VM, target: VM, jobs: list[Job], disk_ids: list[str], log: Any) -> None:
+    def __init__(self, source: Monitor, target: Blocks, jobs: list[Job], disk_ids: list[str], log: Any) -> None:
         self.source = source
         self.target = target
         self.jobs = jobs
@@ -32,8 +31,8 @@ class StorageCopy:
     @classmethod
     def start(
         cls,
-        source: VM,
-        target: VM,
+        source: Monitor,
+        target: Blocks,
         disks: Sequence[DiskSpec],
         *,
         address: nbd_ops.NbdAddress | None,
@@ -45,7 +44,7 @@ class StorageCopy:
             for disk in disks:
                 export = target.export_disk(disk.id, address=address, writable=True)
                 assert target.nbd_address is not None
-                source.qmp.execute(
+                source.execute(
                     "blockdev-add",
                     {
                         "driver": "nbd",
@@ -60,7 +59,7 @@ class StorageCopy:
                     "target": client_node(disk.id),
                     "sync": "full",
                 }
-                copy.jobs.append(Job.start(source.qmp, log, "blockdev-mirror", arguments, job_type="mirror"))
+                copy.jobs.append(Job.start(source, log, "blockdev-mirror", arguments, job_type="mirror"))
             for job in copy.jobs:
                 job.wait_ready(timeout)
         except BaseException:
@@ -82,10 +81,10 @@ class StorageCopy:
         self._drop()
 
     def _drop(self) -> None:
-        nodes = {str(n.get("node-name")) for n in self.source.qmp.execute("query-named-block-nodes", {"flat": True})}
+        nodes = {str(n.get("node-name")) for n in self.source.execute("query-named-block-nodes", {"flat": True})}
         for disk_id in self.disk_ids:
             if client_node(disk_id) in nodes:
                 with contextlib.suppress(QMPError):
-                    self.source.qmp.execute("blockdev-del", {"node-name": client_node(disk_id)})
+                    self.source.execute("blockdev-del", {"node-name": client_node(disk_id)})
             with contextlib.suppress(QMPError):
                 self.target.unexport_disk(disk_id)

@@ -1,30 +1,48 @@
-"""Migration methods of the VM: the target's spec, migrate (with storage copy), the hand-over."""
+"""A VM's migrations: the target's spec, ``migrate`` (with storage copy), the hand-over.
+
+Work that spans two VMs lives here: the source's part drives the target's part (its monitor,
+its inventory, its NBD exports) and hands the inventory over when the guest has moved."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, cast
+from pathlib import Path
+from typing import Any
 
 import attrs
 
-from vmctl.errors import InvalidArgument, QMPError
+from vmctl.errors import InvalidArgument
 from vmctl.model import Inventory, VMSpec
 from vmctl.model.names import MIGRATION_SOCKET, memory_backend_id
+from vmctl.model.status import ShutdownMethod
 from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import migration as migration_ops
-from vmctl.ops.storage_copy import StorageCopy
-from vmctl.vm_parts import VMParts
+from vmctl.qmp import Monitor
+from vmctl.vm.blocks import Blocks
+from vmctl.vm.lifecycle import Lifecycle
+from vmctl.vm.storage_copy import StorageCopy
+from vmctl.vm.store import StateStore
 
-if TYPE_CHECKING:
-    from vmctl.vm import VM
 
+class Migrations:
+    def __init__(
+        self, *, name: str, qmp: Monitor, store: StateStore, blocks: Blocks, lifecycle: Lifecycle, log: Any
+    ) -> None:
+        self.name = name
+        self.qmp = qmp
+        self.blocks = blocks
+        self._store = store
+        self._lifecycle = lifecycle
+        self._log = log
 
-class MigrationMethods(VMParts):
-    def _as_vm(self) -> VM:
-        return cast("VM", self)  # this class is only ever mixed into VM
+    @property
+    def inventory(self) -> Inventory:
+        return self._store.inventory
+
+    @property
+    def run_dir(self) -> Path:
+        return self._store.run_dir
 
     def migration_target_spec(
         self, *, name: str | None = None, disk_paths: Mapping[str, str | os.PathLike[str]] | None = None
@@ -33,7 +51,8 @@ class MigrationMethods(VMParts):
         included, at the same PCI addresses and memory slots. NIC backends are the target's own
         (user networking unless the caller sets taps). ``disk_paths`` gives the target its own
         (flat, same-size) images for those disks, for ``migrate(copy_storage=True)``."""
-        inventory = self._inventory
+        inventory = self._store.inventory
+        spec = self._store.spec
         disks = tuple(
             attrs.evolve(d, path=os.fspath(disk_paths[d.id]), base_layer=0, overlays=())
             if disk_paths and d.id in disk_paths
@@ -45,9 +64,9 @@ class MigrationMethods(VMParts):
             raise InvalidArgument(f"{self.name} has no disks {', '.join(sorted(unknown))}")
         if inventory.chardevs:
             raise InvalidArgument(f"{self.name}: migrating hotplugged chardevs is not supported yet")
-        if any(d.bus == "scsi" for d in inventory.disks) and not any(d.bus == "scsi" for d in self.spec.disks):
+        if any(d.bus == "scsi" for d in inventory.disks) and not any(d.bus == "scsi" for d in spec.disks):
             raise InvalidArgument(f"{self.name}: migrating SCSI disks hotplugged at run time is not supported yet")
-        extra = list(self.spec.extra_args)
+        extra = list(spec.extra_args)
         for memory in inventory.memory:
             backend = memory_backend_id(memory.id)
             dimm = f"pc-dimm,id={memory.id},memdev={backend}"
@@ -64,8 +83,8 @@ class MigrationMethods(VMParts):
                 props = ",".join(f"{key}={value}" for key, value in slot.props.items())
                 extra += ["-device", f"{slot.type},id={slot.device_id},{props}"]
         return attrs.evolve(
-            self.spec,
-            name=name or self.spec.name,
+            spec,
+            name=name or spec.name,
             disks=disks,
             nics=tuple(attrs.evolve(n, tap=None) for n in inventory.nics),
             extra_args=tuple(extra),
@@ -73,7 +92,7 @@ class MigrationMethods(VMParts):
 
     def migrate(
         self,
-        target: VM | str,
+        target: Migrations | str,
         *,
         listen: tuple[str, int] | None = None,
         postcopy: bool = False,
@@ -106,8 +125,8 @@ class MigrationMethods(VMParts):
             multifd_channels=multifd_channels,
             copy_storage=copy_storage,
         )
-        if isinstance(target, MigrationMethods):
-            mismatch = _device_mismatch(self._inventory, target.inventory)
+        if isinstance(target, Migrations):
+            mismatch = _device_mismatch(self._store.inventory, target.inventory)
             if mismatch:
                 raise InvalidArgument(
                     f"{target.name} does not have {self.name}'s devices ({mismatch}); "
@@ -119,12 +138,12 @@ class MigrationMethods(VMParts):
             raise InvalidArgument("copy_storage needs a target VM (launched with launch_incoming)")
         storage = (
             self._copy_storage(target, listen, storage_timeout)
-            if isinstance(target, MigrationMethods) and copy_storage
+            if isinstance(target, Migrations) and copy_storage
             else None
         )
         target_events = None
         try:
-            if isinstance(target, MigrationMethods):
+            if isinstance(target, Migrations):
                 uri = f"tcp:{listen[0]}:{listen[1]}" if listen else f"unix:{target.run_dir / MIGRATION_SOCKET}"
                 migration_ops.set_capabilities(target.qmp, options.capabilities(source=False))
                 migration_ops.set_parameters(target.qmp, options.parameters(source=False))
@@ -157,12 +176,17 @@ class MigrationMethods(VMParts):
                 storage.abort()
             raise
         self._log.info("vm.migration_started", uri=uri, postcopy=postcopy, copy_storage=copy_storage)
-        target_inventory = self._inventory
-        if isinstance(target, MigrationMethods):  # its own images and NIC backends, the source's everything else
-            target_inventory = attrs.evolve(self._inventory, disks=target.inventory.disks, nics=target.inventory.nics)
+        on_target_ready = None
+        if isinstance(target, Migrations):  # its own images and NIC backends, the source's everything else
+            handed_over = attrs.evolve(self._store.inventory, disks=target.inventory.disks, nics=target.inventory.nics)
+
+            def on_target_ready() -> None:
+                target.adopt_inventory(handed_over)
+
         return migration_ops.Migration(
-            source=self._as_vm(),
-            target=target if isinstance(target, MigrationMethods) else None,
+            source=self.qmp,
+            target=target.qmp if isinstance(target, Migrations) else None,
+            log=self._log,
             uri=uri,
             options=options,
             source_events=events,
@@ -170,36 +194,29 @@ class MigrationMethods(VMParts):
             restore=restore,
             resume_target=resume_target,
             stop_source=stop_source,
-            target_inventory=target_inventory,
+            on_target_ready=on_target_ready,
+            finish_source=self.finish_migrated_source,
             on_completed=storage.finish if storage is not None else None,
             on_aborted=storage.abort if storage is not None else None,
         )
 
-    def _copy_storage(self, target: VM, listen: tuple[str, int] | None, timeout: float) -> StorageCopy:
+    def _copy_storage(self, target: Migrations, listen: tuple[str, int] | None, timeout: float) -> StorageCopy:
         """Mirror the disks whose image differs on the target into its NBD exports, until in sync."""
         theirs = {d.id: d for d in target.inventory.disks}
-        to_copy = [d for d in self._inventory.disks if theirs[d.id].path != d.path or theirs[d.id].overlays]
+        to_copy = [d for d in self._store.inventory.disks if theirs[d.id].path != d.path or theirs[d.id].overlays]
         if not to_copy:
             raise InvalidArgument("copy_storage: the target uses the same images (launch it with disk_paths)")
         # Over TCP the NBD server listens next to the migration port; else on a socket in its run dir.
         address = (listen[0], listen[1] + 1) if listen else None
-        return StorageCopy.start(self._as_vm(), target, to_copy, address=address, timeout=timeout, log=self._log)
+        return StorageCopy.start(self.qmp, target.blocks, to_copy, address=address, timeout=timeout, log=self._log)
 
     def adopt_inventory(self, inventory: Inventory) -> None:
         """Take over the device inventory of the VM this one was migrated from."""
-        with self._ops_lock:
-            self._inventory = inventory
-            self._save_state()
+        self._store.update(lambda _: inventory)
 
     def finish_migrated_source(self, *, timeout: float = 10.0) -> None:
         """The guest runs elsewhere now: quit this QEMU (an expected exit)."""
-        self._expected_exit = True
-        with contextlib.suppress(QMPError):
-            self.qmp.execute("quit", timeout=timeout)
-        if self.process.wait(timeout) is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout)
-        self._exited.wait(1.0)
+        self._lifecycle.escalate((ShutdownMethod.QUIT, ShutdownMethod.KILL), step_timeout=timeout)
         self._log.info("vm.migrated_away")
 
 

@@ -18,7 +18,9 @@ FORMAT_VERSION = 1
 
 
 @attrs.frozen(kw_only=True)
-class VMState:
+class VMRecord:
+    """What the state file records of a VM: which process, which monitor, its spec and inventory."""
+
     pid: int
     start_time: int
     qmp_socket: str
@@ -36,7 +38,7 @@ class VMState:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> VMState:
+    def from_dict(cls, data: Mapping[str, Any]) -> VMRecord:
         if data.get("format") != FORMAT_VERSION:
             raise StaleState(f"unknown state file format {data.get('format')!r}")
         return cls(
@@ -48,7 +50,7 @@ class VMState:
         )
 
 
-def write_state(run_dir: Path, state: VMState) -> None:
+def write_record(run_dir: Path, state: VMRecord) -> None:
     """Replace the state file atomically: write a temporary file, fsync, rename, fsync the directory."""
     path = run_dir / STATE_FILE
     temporary = run_dir / f".{STATE_FILE}.tmp"
@@ -64,7 +66,7 @@ def write_state(run_dir: Path, state: VMState) -> None:
         os.close(directory)
 
 
-def read_state(run_dir: Path) -> VMState:
+def read_record(run_dir: Path) -> VMRecord:
     path = run_dir / STATE_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -73,6 +75,6 @@ def read_state(run_dir: Path) -> VMState:
     except ValueError as exc:
         raise StaleState(f"{path} is not valid JSON: {exc}") from None
     try:
-        return VMState.from_dict(data)
+        return VMRecord.from_dict(data)
     except (KeyError, TypeError, ValueError) as exc:
         raise StaleState(f"{path} is not a vmctl state file: {exc}") from None

@@ -1,22 +1,35 @@
-"""Block methods of the VM: snapshots, commit, stream, mirror, dirty bitmaps, NBD exports."""
+"""A VM's block operations: snapshots, commit, stream, mirror, dirty bitmaps, NBD exports.
+
+Block jobs run in QEMU; when one succeeds, the disk's new chain (``DiskSpec.layers``) replaces
+the old one in the inventory. The part owns the VM's NBD server and its exports."""
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from vmctl.errors import DeviceExists, InvalidArgument, UnknownDevice
 from vmctl.model import DiskSpec
+from vmctl.model.names import NBD_SOCKET
 from vmctl.ops import bitmaps as bitmap_ops
 from vmctl.ops import chains as chain_ops
 from vmctl.ops import nbd as nbd_ops
 from vmctl.ops.blockjobs import Job, JobProgress, query_jobs
-from vmctl.vm_parts import VMParts
+from vmctl.qmp import Monitor
+from vmctl.vm.store import StateStore
 
 
-class BlockMethods(VMParts):
-    _nbd_address: nbd_ops.NbdAddress | None
-    _exports: dict[str, nbd_ops.Export]
+class Blocks:
+    def __init__(self, *, name: str, qmp: Monitor, store: StateStore, log: Any) -> None:
+        self.name = name
+        self._qmp = qmp
+        self._store = store
+        self._log = log
+        self._nbd_address: nbd_ops.NbdAddress | None = None
+        self._exports: dict[str, nbd_ops.Export] = {}
+
+    def _replace_disk(self, disk: DiskSpec) -> None:
+        self._store.update(lambda inventory: inventory.with_disk(disk))
 
     def snapshot_disks(
         self,
@@ -27,9 +40,9 @@ class BlockMethods(VMParts):
     ) -> list[DiskSpec]:
         """External snapshots of these disks, switched atomically (one transaction); ``overlays``
         maps each id to its new qcow2 file. On failure nothing changes (``SnapshotError``)."""
-        with self._ops_lock:
-            disks = [self._require_disk(i) for i in ids]
-            updated = chain_ops.snapshot_disks(self.qmp, self._log, disks, overlays, bitmap=bitmap)
+        with self._store.lock:
+            disks = [self._store.require_disk(i) for i in ids]
+            updated = chain_ops.snapshot_disks(self._qmp, self._log, disks, overlays, bitmap=bitmap)
             for disk in updated:
                 self._replace_disk(disk)
             return updated
@@ -37,9 +50,9 @@ class BlockMethods(VMParts):
     def commit_disk(self, id: str, *, top: int | None = None, base: int | None = None, timeout: float = 300) -> None:
         """Commit layers down (``top``/``base`` are layer numbers, see ``DiskSpec.layers``): an
         active commit pivots the guest back onto the base; the chain in the inventory follows."""
-        with self._ops_lock:
-            disk = self._require_disk(id)
-            job, result = chain_ops.start_commit(self.qmp, self._log, disk, top=top, base=base)
+        with self._store.lock:
+            disk = self._store.require_disk(id)
+            job, result = chain_ops.start_commit(self._qmp, self._log, disk, top=top, base=base)
             job.on_success(lambda: self._replace_disk(result))
             if top is None or top == disk.layers[-1]:
                 job.wait_ready(timeout)
@@ -49,9 +62,9 @@ class BlockMethods(VMParts):
 
     def stream_disk(self, id: str, *, base: int | None = None, timeout: float = 300) -> None:
         """Pull the backing layers' data into the active layer (all of them: a standalone image)."""
-        with self._ops_lock:
-            disk = self._require_disk(id)
-            job, result = chain_ops.start_stream(self.qmp, self._log, disk, base=base)
+        with self._store.lock:
+            disk = self._store.require_disk(id)
+            job, result = chain_ops.start_stream(self._qmp, self._log, disk, base=base)
             job.on_success(lambda: self._replace_disk(result))
             job.wait(timeout)
 
@@ -65,46 +78,48 @@ class BlockMethods(VMParts):
     ) -> Job:
         """Start mirroring a disk to a new image; ``job.wait_ready()`` then ``job.complete()``
         pivots the guest onto it (the inventory follows) or ``job.cancel()`` keeps the source."""
-        with self._ops_lock:
-            disk = self._require_disk(id)
-            job, result = chain_ops.start_mirror(self.qmp, self._log, disk, target_path, sync=sync, fmt=format)
+        with self._store.lock:
+            disk = self._store.require_disk(id)
+            job, result = chain_ops.start_mirror(self._qmp, self._log, disk, target_path, sync=sync, fmt=format)
             job.on_success(lambda: self._replace_disk(result))
             return job
 
     def block_jobs(self) -> list[JobProgress]:
-        return query_jobs(self.qmp)
+        return query_jobs(self._qmp)
 
     def bitmaps(self, id: str) -> list[bitmap_ops.Bitmap]:
-        return bitmap_ops.bitmaps(self.qmp, self._require_disk(id))
+        return bitmap_ops.bitmaps(self._qmp, self._store.require_disk(id))
 
     def add_bitmap(self, id: str, name: str, *, persistent: bool = True, granularity: int | None = None) -> None:
-        bitmap_ops.add_bitmap(self.qmp, self._require_disk(id), name, persistent=persistent, granularity=granularity)
+        bitmap_ops.add_bitmap(
+            self._qmp, self._store.require_disk(id), name, persistent=persistent, granularity=granularity
+        )
 
     def remove_bitmap(self, id: str, name: str) -> None:
-        bitmap_ops.remove_bitmap(self.qmp, self._require_disk(id), name)
+        bitmap_ops.remove_bitmap(self._qmp, self._store.require_disk(id), name)
 
     def clear_bitmap(self, id: str, name: str) -> None:
-        bitmap_ops.clear_bitmap(self.qmp, self._require_disk(id), name)
+        bitmap_ops.clear_bitmap(self._qmp, self._store.require_disk(id), name)
 
     def merge_bitmaps(self, id: str, target: str, sources: list[str]) -> None:
-        bitmap_ops.merge_bitmaps(self.qmp, self._require_disk(id), target, sources)
+        bitmap_ops.merge_bitmaps(self._qmp, self._store.require_disk(id), target, sources)
 
     def export_disk(
         self, id: str, *, address: nbd_ops.NbdAddress | None = None, writable: bool = False, name: str | None = None
     ) -> nbd_ops.Export:
         """Export a disk over NBD (the VM's NBD server starts on first use: ``address`` is a unix
         socket path or (host, port); default: nbd.sock in the run dir)."""
-        with self._ops_lock:
-            disk = self._require_disk(id)
+        with self._store.lock:
+            disk = self._store.require_disk(id)
             if id in self._exports:
                 raise DeviceExists(f"disk {id} is exported already")
             if self._nbd_address is None:
-                wanted = address if address is not None else str(self.run_dir / "nbd.sock")
-                nbd_ops.start_server(self.qmp, wanted)
+                wanted = address if address is not None else str(self._store.run_dir / NBD_SOCKET)
+                nbd_ops.start_server(self._qmp, wanted)
                 self._nbd_address = wanted
             elif address is not None and address != self._nbd_address:
                 raise InvalidArgument(f"the NBD server already listens on {self._nbd_address}")
-            export = nbd_ops.add_export(self.qmp, disk, self._nbd_address, writable=writable, name=name)
+            export = nbd_ops.add_export(self._qmp, disk, self._nbd_address, writable=writable, name=name)
             self._exports[id] = export
             self._log.info("disk.exported", disk=id, uri=export.uri, writable=writable)
             return export
@@ -115,11 +130,11 @@ class BlockMethods(VMParts):
         return self._nbd_address
 
     def unexport_disk(self, id: str) -> None:
-        with self._ops_lock:
+        with self._store.lock:
             if id not in self._exports:
                 raise UnknownDevice(f"disk {id} is not exported")
-            nbd_ops.remove_export(self.qmp, id)
+            nbd_ops.remove_export(self._qmp, id)
             del self._exports[id]
             if not self._exports:
-                nbd_ops.stop_server(self.qmp)
+                nbd_ops.stop_server(self._qmp)
                 self._nbd_address = None

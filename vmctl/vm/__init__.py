@@ -1,0 +1,32 @@
+"""The VM a control plane holds, composed of parts that own their state.
+
+``machine`` (the ``VM``: launch, attach, close), ``store`` (the inventory and the state file),
+``lifecycle`` (alive, exited or crashed; resets; stopping), ``devices``, ``blocks``,
+``migration`` (and ``storage_copy``: work that spans two VMs), ``process``, ``console``,
+``statefile``.
+"""
+
+from vmctl.model.status import (
+    ExitStatus,
+    ResetEvent,
+    RunState,
+    ShutdownEvent,
+    ShutdownMethod,
+    ShutdownResult,
+    VMStatus,
+)
+from vmctl.vm.lifecycle import Life
+from vmctl.vm.machine import VM, default_accelerator
+
+__all__ = [
+    "VM",
+    "ExitStatus",
+    "Life",
+    "ResetEvent",
+    "RunState",
+    "ShutdownEvent",
+    "ShutdownMethod",
+    "ShutdownResult",
+    "VMStatus",
+    "default_accelerator",
+]

@@ -1,0 +1,243 @@
+"""A VM's devices: disks, NICs, CPUs, memory, balloon, chardevs. Each call runs its ``ops``
+procedure under the store's lock and records the result in the inventory."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+
+from vmctl.errors import InvalidArgument, UnknownDevice
+from vmctl.model import (
+    Aio,
+    CacheMode,
+    Chardev,
+    ChardevKind,
+    DiskBus,
+    DiskFormat,
+    DiskSpec,
+    Inventory,
+    MemorySpec,
+    NicSpec,
+    Throttle,
+    VirtioMemSpec,
+)
+from vmctl.ops import balloon as balloon_ops
+from vmctl.ops import chardevs as chardev_ops
+from vmctl.ops import cpus as cpu_ops
+from vmctl.ops import disks as disk_ops
+from vmctl.ops import memory as memory_ops
+from vmctl.ops import nics as nic_ops
+from vmctl.ops.devices import pci_address
+from vmctl.qmp import Monitor
+from vmctl.vm.store import StateStore
+
+
+class Devices:
+    def __init__(self, *, name: str, qmp: Monitor, store: StateStore, log: Any) -> None:
+        self.name = name
+        self._qmp = qmp
+        self._store = store
+        self._log = log
+
+    # -- disks -------------------------------------------------------------------------------
+
+    def disks(self) -> tuple[DiskSpec, ...]:
+        return self._store.inventory.disks
+
+    def hotplug_disk(
+        self,
+        disk: DiskSpec | str | os.PathLike[str],
+        *,
+        id: str | None = None,
+        format: DiskFormat = "qcow2",
+        read_only: bool = False,
+        bus: DiskBus = "virtio-blk",
+        cache: CacheMode = "writeback",
+        aio: Aio = "threads",
+        throttle: Throttle | None = None,
+        timeout: float = 30.0,
+    ) -> DiskSpec:
+        """Attach a disk: a ``DiskSpec`` (the same value a VM can be launched with), or an image
+        path with the disk's options. On any failure every step is undone (``HotplugError``).
+        Returns the disk as the inventory records it (its PCI address pinned)."""
+        if not isinstance(disk, DiskSpec):
+            if id is None:
+                raise InvalidArgument("hotplug_disk(path) needs an id=")
+            disk = DiskSpec(
+                id=id, path=disk, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio, throttle=throttle
+            )
+        elif id is not None and id != disk.id:
+            raise InvalidArgument(f"id={id!r} contradicts the DiskSpec's id {disk.id!r}")
+        with self._store.lock:
+            self._store.refuse_duplicate(disk.id)
+            plugged = disk_ops.hotplug_disk(self._qmp, self._log, disk, timeout=timeout)
+            if plugged.bus == "virtio-blk":
+                plugged = attrs.evolve(plugged, pci_addr=pci_address(self._qmp, plugged.id))
+            self._store.update(lambda inventory: inventory.with_disk(plugged))
+            return plugged
+
+    def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None:
+        """Detach a disk: the guest releases it, then its nodes and fdset go. Safe to retry."""
+        with self._store.lock:
+            self._store.require_disk(id)
+            disk_ops.unplug_disk(self._qmp, self._log, disk_id=id, timeout=timeout)
+            self._store.update(lambda inventory: inventory.without_disk(id))
+
+    def resize_disk(self, id: str, size: int, *, allow_shrink: bool = False) -> None:
+        """Grow a disk to ``size`` bytes; the guest sees the new size at once."""
+        with self._store.lock:
+            disk = self._store.require_disk(id)
+            disk_ops.resize_disk(self._qmp, self._log, disk=disk, size=size, allow_shrink=allow_shrink)
+
+    def set_disk_throttle(self, id: str, throttle: Throttle) -> None:
+        """Set (or, with ``Throttle()``, clear) a disk's I/O limits; the inventory keeps them."""
+        with self._store.lock:
+            disk = self._store.require_disk(id)
+            disk_ops.set_throttle(self._qmp, disk_id=id, throttle=throttle, bus=disk.bus)
+            self._store.update(lambda inventory: inventory.with_disk(attrs.evolve(disk, throttle=throttle)))
+            self._log.info("disk.throttled", disk=id, **throttle.arguments())
+
+    # -- NICs --------------------------------------------------------------------------------
+
+    def nics(self) -> tuple[NicSpec, ...]:
+        return self._store.inventory.nics
+
+    def hotplug_nic(
+        self,
+        *,
+        id: str,
+        tap: str | None = None,
+        mac: str | None = None,
+        model: str = "virtio-net-pci",
+        queues: int = 1,
+        timeout: float = 30.0,
+    ) -> nic_ops.Nic:
+        """Add a NIC on a tap device that vmctl opens (``tap`` names it; else the kernel does).
+        A MAC is generated when none is given, so it survives migration and re-attach."""
+        with self._store.lock:
+            self._store.refuse_duplicate(id)
+            nic = nic_ops.hotplug_nic(
+                self._qmp, self._log, nic_id=id, tap=tap, mac=mac, model=model, queues=queues, timeout=timeout
+            )
+            pinned = attrs.evolve(nic.spec(), pci_addr=pci_address(self._qmp, id))
+            self._store.update(lambda inventory: attrs.evolve(inventory, nics=(*inventory.nics, pinned)))
+            return nic
+
+    def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
+        with self._store.lock:
+            if not any(n.id == id for n in self._store.inventory.nics):
+                raise UnknownDevice(f"{self.name} has no nic {id!r}")
+            nic_ops.unplug_nic(self._qmp, self._log, nic_id=id, timeout=timeout)
+            self._store.update(
+                lambda inventory: attrs.evolve(inventory, nics=tuple(n for n in inventory.nics if n.id != id))
+            )
+
+    # -- chardevs ----------------------------------------------------------------------------
+
+    def hotplug_chardev(
+        self,
+        id: str,
+        *,
+        kind: ChardevKind,
+        path: str | os.PathLike[str] | None = None,
+        size: int = 65536,
+        port_name: str | None = None,
+        timeout: float = 30.0,
+    ) -> Chardev:
+        """Add a chardev (a unix socket QEMU listens on, or a ring buffer); with ``port_name`` the
+        guest sees it as that virtio-serial port."""
+        with self._store.lock:
+            self._store.refuse_duplicate(id)
+            chardev = chardev_ops.hotplug_chardev(
+                self._qmp, self._log, chardev_id=id, kind=kind, path=path, size=size, port_name=port_name,
+                timeout=timeout,
+            )  # fmt: skip
+            self._store.update(lambda inventory: attrs.evolve(inventory, chardevs=(*inventory.chardevs, chardev)))
+            return chardev
+
+    def unplug_chardev(self, id: str, *, timeout: float = 30.0) -> None:
+        with self._store.lock:
+            chardev = next((c for c in self._store.inventory.chardevs if c.id == id), None)
+            if chardev is None:
+                raise UnknownDevice(f"{self.name} has no chardev {id!r}")
+            chardev_ops.unplug_chardev(self._qmp, self._log, chardev=chardev, timeout=timeout)
+            self._store.update(
+                lambda inventory: attrs.evolve(inventory, chardevs=tuple(c for c in inventory.chardevs if c.id != id))
+            )
+
+    # -- CPUs and memory -----------------------------------------------------------------------
+
+    def hotplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
+        """Add ``count`` vCPUs (up to the spec's ``max_cpus``); the guest may need to online them."""
+        with self._store.lock:
+            added = cpu_ops.hotplug_cpus(self._qmp, self._log, count, timeout=timeout)
+            self._store.update(
+                lambda inventory: attrs.evolve(inventory, hotplugged_cpus=(*inventory.hotplugged_cpus, *added))
+            )
+            return added
+
+    def unplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
+        """Remove the ``count`` most recently hotplugged vCPUs (the guest must release them)."""
+        with self._store.lock:
+            removed = cpu_ops.unplug_cpus(self._qmp, self._log, count, timeout=timeout)
+
+            def without_removed(inventory: Inventory) -> Inventory:
+                remaining = tuple(c for c in inventory.hotplugged_cpus if c not in removed)
+                return attrs.evolve(inventory, hotplugged_cpus=remaining)
+
+            self._store.update(without_removed)
+            return removed
+
+    def hotplug_memory(self, size_mib: int, *, id: str, timeout: float = 30.0) -> MemorySpec:
+        """Add a DIMM of ``size_mib`` (a multiple of 128); needs ``max_memory_mib`` and ``memory_slots``."""
+        with self._store.lock:
+            self._store.refuse_duplicate(id)
+            memory = memory_ops.hotplug_memory(self._qmp, self._log, memory_id=id, size_mib=size_mib, timeout=timeout)
+            self._store.update(lambda inventory: attrs.evolve(inventory, memory=(*inventory.memory, memory)))
+            return memory
+
+    def unplug_memory(self, id: str, *, timeout: float = 30.0) -> None:
+        with self._store.lock:
+            if not any(m.id == id for m in self._store.inventory.memory):
+                raise UnknownDevice(f"{self.name} has no hotplugged memory {id!r}")
+            memory_ops.unplug_memory(self._qmp, self._log, memory_id=id, timeout=timeout)
+            self._store.update(
+                lambda inventory: attrs.evolve(inventory, memory=tuple(m for m in inventory.memory if m.id != id))
+            )
+
+    def add_virtio_mem(self, id: str, *, max_size_mib: int, size_mib: int = 0, timeout: float = 30.0) -> VirtioMemSpec:
+        """Add a virtio-mem device the guest grows or shrinks in 2 MiB blocks (``resize_virtio_mem``)."""
+        with self._store.lock:
+            self._store.refuse_duplicate(id)
+            device = memory_ops.add_virtio_mem(
+                self._qmp, self._log, memory_id=id, max_size_mib=max_size_mib, size_mib=size_mib, timeout=timeout
+            )
+            device = attrs.evolve(device, pci_addr=pci_address(self._qmp, id))
+            self._store.update(lambda inventory: attrs.evolve(inventory, virtio_mem=(*inventory.virtio_mem, device)))
+            return device
+
+    def resize_virtio_mem(self, id: str, size_mib: int, *, wait: bool = True, timeout: float = 30.0) -> None:
+        """Have the guest plug or unplug memory until the device provides ``size_mib``."""
+        with self._store.lock:
+            device = next((v for v in self._store.inventory.virtio_mem if v.id == id), None)
+            if device is None:
+                raise UnknownDevice(f"{self.name} has no virtio-mem device {id!r}")
+            resized = memory_ops.resize_virtio_mem(self._qmp, self._log, device, size_mib, wait=wait, timeout=timeout)
+            self._store.update(
+                lambda inventory: attrs.evolve(
+                    inventory, virtio_mem=tuple(resized if v.id == id else v for v in inventory.virtio_mem)
+                )
+            )
+
+    def memory_devices(self) -> list[memory_ops.MemoryDevice]:
+        return memory_ops.memory_devices(self._qmp)
+
+    def balloon(self) -> int:
+        """The guest memory in bytes as the balloon reports it."""
+        return balloon_ops.balloon_bytes(self._qmp)
+
+    def set_balloon(self, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int:
+        """Inflate or deflate the balloon to leave the guest ``target_bytes``; waits for the guest by default."""
+        return balloon_ops.set_balloon(self._qmp, self._log, target_bytes, wait=wait, timeout=timeout)

@@ -1,0 +1,410 @@
+"""The VM a control plane holds: launch or attach, then everything through its parts.
+
+A VM is composed of parts that own their state: the ``StateStore`` (inventory and state file),
+the ``Lifecycle`` (alive, exited, crashed; resets; stopping), ``Devices``, ``Blocks`` and
+``Migrations``. Its public methods are the parts' methods, bound here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import structlog
+import tenacity
+
+from vmctl.errors import AbnormalExit, ConnectError, LaunchError, StaleState, StateError
+from vmctl.model import Accelerator, Inventory, VMSpec
+from vmctl.model.names import CONSOLE_CHARDEV, LOG_FILE, QMP_SOCKET, SHELL_SOCKET
+from vmctl.model.status import ExitStatus, ResetEvent, ShutdownEvent, ShutdownMethod, ShutdownResult, VMStatus
+from vmctl.ops import disks as disk_ops
+from vmctl.ops.blockjobs import JobProgress, query_jobs
+from vmctl.ops.devices import pci_address
+from vmctl.ops.migration import Migration
+from vmctl.ops.nbd import NbdAddress
+from vmctl.qmp import Event, Monitor, connect
+from vmctl.vm.blocks import Blocks
+from vmctl.vm.console import Console
+from vmctl.vm.devices import Devices
+from vmctl.vm.lifecycle import STEPS, Life, Lifecycle
+from vmctl.vm.logtail import tail
+from vmctl.vm.migration import Migrations
+from vmctl.vm.process import QemuProcess
+from vmctl.vm.statefile import STATE_FILE, VMRecord, read_record
+from vmctl.vm.store import StateStore
+
+log = structlog.get_logger(__name__)
+
+
+def default_accelerator() -> Accelerator:
+    """KVM when /dev/kvm is usable, else TCG."""
+    return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+
+
+class VM:
+    """A running QEMU. Get one with :meth:`launch` or :meth:`attach`; ``close()`` detaches."""
+
+    def __init__(self, *, run_dir: Path, record: VMRecord, process: QemuProcess, qmp: Monitor) -> None:
+        self.run_dir = run_dir
+        self.spec = record.spec
+        self.name = record.spec.name
+        self.process = process
+        self.qmp = qmp
+        self.log = log.bind(vm=self.name)
+        self.store = StateStore(
+            run_dir=run_dir,
+            spec=record.spec,
+            inventory=record.inventory,
+            pid=process.pid,
+            start_time=process.start_time,
+            qmp=qmp,
+        )
+        self.lifecycle = Lifecycle(name=self.name, process=process, qmp=qmp, log_path=run_dir / LOG_FILE, log=self.log)
+        self.devices = Devices(name=self.name, qmp=qmp, store=self.store, log=self.log)
+        self.blocks = Blocks(name=self.name, qmp=qmp, store=self.store, log=self.log)
+        self.migrations = Migrations(
+            name=self.name, qmp=qmp, store=self.store, blocks=self.blocks, lifecycle=self.lifecycle, log=self.log
+        )
+        self._console = Console(qmp, CONSOLE_CHARDEV) if record.spec.serial_console else None
+        self.leftover_jobs: list[JobProgress] = []
+
+        # The public API is the parts' own methods.
+        devices, blocks, migrations = self.devices, self.blocks, self.migrations
+        self.disks = devices.disks
+        self.hotplug_disk = devices.hotplug_disk
+        self.unplug_disk = devices.unplug_disk
+        self.resize_disk = devices.resize_disk
+        self.set_disk_throttle = devices.set_disk_throttle
+        self.nics = devices.nics
+        self.hotplug_nic = devices.hotplug_nic
+        self.unplug_nic = devices.unplug_nic
+        self.hotplug_chardev = devices.hotplug_chardev
+        self.unplug_chardev = devices.unplug_chardev
+        self.hotplug_cpus = devices.hotplug_cpus
+        self.unplug_cpus = devices.unplug_cpus
+        self.hotplug_memory = devices.hotplug_memory
+        self.unplug_memory = devices.unplug_memory
+        self.add_virtio_mem = devices.add_virtio_mem
+        self.resize_virtio_mem = devices.resize_virtio_mem
+        self.memory_devices = devices.memory_devices
+        self.balloon = devices.balloon
+        self.set_balloon = devices.set_balloon
+        self.snapshot_disks = blocks.snapshot_disks
+        self.commit_disk = blocks.commit_disk
+        self.stream_disk = blocks.stream_disk
+        self.mirror_disk = blocks.mirror_disk
+        self.block_jobs = blocks.block_jobs
+        self.bitmaps = blocks.bitmaps
+        self.add_bitmap = blocks.add_bitmap
+        self.remove_bitmap = blocks.remove_bitmap
+        self.clear_bitmap = blocks.clear_bitmap
+        self.merge_bitmaps = blocks.merge_bitmaps
+        self.export_disk = blocks.export_disk
+        self.unexport_disk = blocks.unexport_disk
+        self.migration_target_spec = migrations.migration_target_spec
+        self.adopt_inventory = migrations.adopt_inventory
+        self.finish_migrated_source = migrations.finish_migrated_source
+
+    # -- launch and attach ----------------------------------------------------------------
+
+    @classmethod
+    def launch(
+        cls,
+        spec: VMSpec,
+        *,
+        run_dir: str | os.PathLike[str],
+        qemu_binary: str | None = None,
+        timeout: float = 30.0,
+        paused: bool = False,
+        incoming: bool = False,
+        netns: str | None = None,
+        inventory: Inventory | None = None,
+    ) -> VM:
+        """Start QEMU for ``spec`` with its monitor, log, pidfile and state file in ``run_dir``.
+
+        QEMU starts with ``-S``; once the monitor is connected and vmctl listens for its events,
+        the guest is started (unless ``paused``). A QEMU that fails to start raises ``LaunchError``
+        with QEMU's own message. ``incoming`` waits for a migration (see ``launch_incoming``);
+        ``netns`` runs QEMU in that network namespace (``ip netns exec``), as on another host.
+        """
+        directory = Path(run_dir).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        _refuse_live_vm(directory)
+        binary = qemu_binary or shutil.which("qemu-system-x86_64")
+        if binary is None:
+            raise LaunchError("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+        for leftover in (QMP_SOCKET, SHELL_SOCKET, STATE_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                (directory / leftover).unlink()
+        accel = spec.accel or default_accelerator()
+        argv = spec.command_line(qemu_binary=binary, run_dir=directory, accel=accel)
+        if incoming:
+            argv += ["-incoming", "defer"]
+        if netns is not None:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        log_path = directory / LOG_FILE
+        log_path.write_bytes(b"")
+        deadline = time.monotonic() + timeout
+        try:
+            process = QemuProcess.start(argv, log_path=log_path)
+        except OSError as exc:
+            raise LaunchError(f"cannot run {binary}: {exc}") from exc
+        bound = log.bind(vm=spec.name)
+        try:
+            socket_path = _wait_for_socket(process, directory / QMP_SOCKET, deadline, log_path)
+            try:
+                qmp = connect(str(socket_path), name=spec.name, timeout=max(0.1, deadline - time.monotonic()))
+            except ConnectError as exc:
+                _raise_if_exited(process, log_path)
+                raise LaunchError(f"cannot connect to QEMU's monitor: {exc}", log=tail(log_path)) from exc
+            record = VMRecord(
+                pid=process.pid,
+                start_time=process.start_time,
+                qmp_socket=str(socket_path),
+                spec=spec,
+                # The spec says which disks and NICs this QEMU has; an inventory passed in (from a
+                # migration source) brings what was hotplugged besides them.
+                inventory=attrs.evolve(inventory or Inventory(), disks=spec.disks, nics=spec.nics),
+            )
+            vm = cls(run_dir=directory, record=record, process=process, qmp=qmp)
+        except BaseException:
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
+            process.close()
+            raise
+        try:
+            vm._pin_pci_addresses()
+            for disk in vm.store.inventory.disks:  # I/O limits are not -device properties: set them now
+                if disk.throttle is not None:
+                    disk_ops.set_throttle(vm.qmp, disk_id=disk.id, throttle=disk.throttle, bus=disk.bus)
+            vm.store.save()
+            if not paused and not incoming:
+                vm.qmp.execute("cont")
+        except BaseException:
+            vm.kill()
+            vm.close()
+            raise
+        bound.info("vm.launched", pid=process.pid, accel=accel, run_dir=str(directory))
+        return vm
+
+    @classmethod
+    def launch_incoming(
+        cls,
+        spec: VMSpec,
+        *,
+        run_dir: str | os.PathLike[str],
+        netns: str | None = None,
+        inventory: Inventory | None = None,
+        qemu_binary: str | None = None,
+        timeout: float = 30.0,
+    ) -> VM:
+        """Start QEMU waiting for an incoming migration (``-incoming defer``); ``vm.migrate(this)``
+        then tells it where to listen. Build ``spec`` with ``source.migration_target_spec()``."""
+        return cls.launch(
+            spec,
+            run_dir=run_dir,
+            qemu_binary=qemu_binary,
+            timeout=timeout,
+            incoming=True,
+            netns=netns,
+            inventory=inventory,
+        )
+
+    @classmethod
+    def attach(cls, run_dir: str | os.PathLike[str], *, timeout: float = 10.0) -> VM:
+        """Reconnect to the VM described by ``run_dir`` (after a control-plane restart).
+
+        Raises ``StaleState`` when that VM is gone or its pid now names another process.
+        """
+        directory = Path(run_dir).resolve()
+        record = read_record(directory)
+        process = QemuProcess.adopt(record.pid, record.start_time)
+        try:
+            qmp = connect(record.qmp_socket, name=record.spec.name, timeout=timeout)
+        except ConnectError as exc:
+            process.close()
+            raise ConnectError(
+                f"{exc} (is another control plane still connected? QEMU serves one monitor client at a time)"
+            ) from exc
+        vm = cls(run_dir=directory, record=record, process=process, qmp=qmp)
+        vm.log.info("vm.attached", pid=process.pid, run_dir=str(directory))
+        # Block jobs a crashed control plane left behind are QEMU's still: report them.
+        vm.leftover_jobs = query_jobs(qmp)
+        for job in vm.leftover_jobs:
+            vm.log.warning("vm.leftover_block_job", job=job.id, type=job.type, status=job.status, error=job.error)
+        return vm
+
+    def close(self) -> None:
+        """Detach: stop watching and close the monitor. The VM keeps running (see ``attach``)."""
+        if self.lifecycle.state is Life.DETACHED:
+            return
+        self.lifecycle.detach()
+        self.qmp.close()
+        self.process.close()
+
+    def _pin_pci_addresses(self) -> None:
+        """Record where QEMU put the spec's PCI devices, so a migration target can match it."""
+
+        def pinned(inventory: Inventory) -> Inventory:
+            disks = tuple(
+                d if d.pci_addr or d.bus != "virtio-blk" else attrs.evolve(d, pci_addr=pci_address(self.qmp, d.id))
+                for d in inventory.disks
+            )
+            nics = tuple(
+                n if n.pci_addr else attrs.evolve(n, pci_addr=pci_address(self.qmp, n.id)) for n in inventory.nics
+            )
+            return attrs.evolve(inventory, disks=disks, nics=nics)
+
+        self.store.update(pinned)
+
+    # -- what it is ---------------------------------------------------------------------------
+
+    @property
+    def inventory(self) -> Inventory:
+        return self.store.inventory
+
+    def status(self) -> VMStatus:
+        return VMStatus.from_qmp(self.qmp.execute("query-status"))
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            raise StateError(f"{self.name} has no serial console (spec.serial_console is off)")
+        return self._console
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def resets(self) -> list[ResetEvent]:
+        return list(self.lifecycle.resets)
+
+    @property
+    def nbd_address(self) -> NbdAddress | None:
+        """Where this VM's NBD server listens, while it has exports."""
+        return self.blocks.nbd_address
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        self.qmp.execute("stop")
+        self.log.info("vm.paused")
+
+    def resume(self) -> None:
+        self.qmp.execute("cont")
+        self.log.info("vm.resumed")
+
+    def reset(self) -> None:
+        """A hard reset; its RESET event is classified as expected."""
+        with self.lifecycle.expected_reset():
+            self.qmp.execute("system_reset")
+        self.log.info("vm.reset")
+
+    def kill(self, *, timeout: float = 10.0) -> ExitStatus:
+        """SIGKILL QEMU and wait for it to go (an expected exit, not a crash)."""
+        result = self.lifecycle.escalate((ShutdownMethod.KILL,), step_timeout=timeout)
+        return result.exit
+
+    def shutdown(self, timeout: float = 30.0, *, step_timeout: float = 5.0) -> ShutdownResult:
+        """Shut down, escalating: ACPI powerdown (``timeout``), then quit, SIGTERM, SIGKILL
+        (``step_timeout`` each). Returns how it ended."""
+        return self.lifecycle.escalate(STEPS, powerdown_timeout=timeout, step_timeout=step_timeout)
+
+    def wait(self, timeout: float) -> ExitStatus:
+        """Wait for QEMU to exit. Raises ``AbnormalExit`` if it crashed, ``WaitTimeout`` if it still runs."""
+        return self.lifecycle.wait(timeout)
+
+    @property
+    def has_exited(self) -> bool:
+        return self.lifecycle.has_exited
+
+    def on_unexpected_reset(self, callback: Callable[[ResetEvent], Any]) -> Callable[[], None]:
+        return self.lifecycle.register("unexpected_reset", callback)
+
+    def on_shutdown(self, callback: Callable[[ShutdownEvent], Any]) -> Callable[[], None]:
+        return self.lifecycle.register("shutdown", callback)
+
+    def on_panic(self, callback: Callable[[Event], Any]) -> Callable[[], None]:
+        return self.lifecycle.register("panic", callback)
+
+    def on_crash(self, callback: Callable[[AbnormalExit], Any]) -> Callable[[], None]:
+        """Called (off the QMP reader thread) when QEMU exits abnormally or its monitor is lost."""
+        return self.lifecycle.register("crash", callback)
+
+    # -- migration ----------------------------------------------------------------------------
+
+    def migrate(
+        self,
+        target: VM | str,
+        *,
+        listen: tuple[str, int] | None = None,
+        postcopy: bool = False,
+        auto_converge: bool = False,
+        bandwidth: int | None = None,
+        downtime_limit: int | None = None,
+        pause_before_switchover: bool = False,
+        multifd_channels: int | None = None,
+        resume_target: bool = True,
+        stop_source: bool = True,
+        copy_storage: bool = False,
+        storage_timeout: float = 600.0,
+    ) -> Migration:
+        """Start migrating to ``target``: a VM from ``launch_incoming`` or a migration URI (see
+        :meth:`vmctl.vm.migration.Migrations.migrate`)."""
+        return self.migrations.migrate(
+            target.migrations if isinstance(target, VM) else target,
+            listen=listen,
+            postcopy=postcopy,
+            auto_converge=auto_converge,
+            bandwidth=bandwidth,
+            downtime_limit=downtime_limit,
+            pause_before_switchover=pause_before_switchover,
+            multifd_channels=multifd_channels,
+            resume_target=resume_target,
+            stop_source=stop_source,
+            copy_storage=copy_storage,
+            storage_timeout=storage_timeout,
+        )
+
+
+def _refuse_live_vm(run_dir: Path) -> None:
+    try:
+        record = read_record(run_dir)
+    except StaleState:
+        return
+    try:
+        QemuProcess.adopt(record.pid, record.start_time).close()
+    except StaleState:
+        return
+    raise LaunchError(f"{run_dir} belongs to a running VM (pid {record.pid}); attach to it or choose another run_dir")
+
+
+def _wait_for_socket(process: QemuProcess, path: Path, deadline: float, log_path: Path) -> Path:
+    def ready() -> bool:
+        _raise_if_exited(process, log_path)
+        return path.exists()
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_before_delay(max(0.0, deadline - time.monotonic())),
+        wait=tenacity.wait_exponential(multiplier=0.002, max=0.05),
+        retry=tenacity.retry_if_result(lambda found: not found),
+    )
+    try:
+        retrying(ready)
+        return path
+    except tenacity.RetryError:
+        raise LaunchError("QEMU did not create its monitor socket in time", log=tail(log_path)) from None
+
+
+def _raise_if_exited(process: QemuProcess, log_path: Path) -> None:
+    status = process.poll()
+    if status is not None:
+        raise LaunchError(f"QEMU exited during start-up ({status})", log=tail(log_path))

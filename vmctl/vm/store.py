@@ -1,0 +1,65 @@
+"""A VM's inventory and the state file that records it: the one place both change.
+
+Every device or block operation runs under ``lock`` (one at a time keeps the inventory true)
+and ends with ``update``, which writes the state file before it returns, so a control plane that
+restarts (``VM.attach``) finds what the VM really has.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from vmctl.errors import DeviceExists, UnknownDevice
+from vmctl.model import DiskSpec, Inventory, VMSpec
+from vmctl.model.names import QMP_SOCKET
+from vmctl.ops.devices import device_present
+from vmctl.qmp import Monitor
+from vmctl.vm.statefile import VMRecord, write_record
+
+
+class StateStore:
+    def __init__(
+        self, *, run_dir: Path, spec: VMSpec, inventory: Inventory, pid: int, start_time: int, qmp: Monitor
+    ) -> None:
+        self.run_dir = run_dir
+        self.spec = spec
+        self._inventory = inventory
+        self._pid = pid
+        self._start_time = start_time
+        self._qmp = qmp
+        self.lock = threading.RLock()
+
+    @property
+    def inventory(self) -> Inventory:
+        return self._inventory
+
+    def update(self, change: Callable[[Inventory], Inventory]) -> Inventory:
+        """Apply ``change`` to the inventory and write the state file; returns the new inventory."""
+        with self.lock:
+            self._inventory = change(self._inventory)
+            self.save()
+            return self._inventory
+
+    def save(self) -> None:
+        write_record(
+            self.run_dir,
+            VMRecord(
+                pid=self._pid,
+                start_time=self._start_time,
+                qmp_socket=str(self.run_dir / QMP_SOCKET),
+                spec=self.spec,
+                inventory=self._inventory,
+            ),
+        )
+
+    def require_disk(self, disk_id: str) -> DiskSpec:
+        disk = self._inventory.disk(disk_id)
+        if disk is None:
+            raise UnknownDevice(f"{self.spec.name} has no disk {disk_id!r}")
+        return disk
+
+    def refuse_duplicate(self, device_id: str) -> None:
+        if device_id in self._inventory.device_ids() or device_present(self._qmp, device_id):
+            raise DeviceExists(f"{self.spec.name} already has a device {device_id!r}")
