@@ -24,7 +24,7 @@ from vmctl.errors import (
     ProtocolError,
     StateError,
 )
-from vmctl.qmp import Runstate, aio
+from vmctl.qmp import ConnectionState, aio
 from vmctl.qmp.messages import Event
 from vmctl.testing import FakeQEMU
 
@@ -208,7 +208,7 @@ def test_connection_loss_fails_pending_calls_and_later_ones_at_once() -> None:
         assert all(isinstance(r, ConnectionLost) for r in results)
         with pytest.raises(ConnectionLost):
             await qmp.execute("query-status")
-        assert qmp.runstate is Runstate.DISCONNECTED
+        assert qmp.connection_state is ConnectionState.DISCONNECTED
         await asyncio.sleep(0)
         assert len(lost) == 1 and isinstance(lost[0], ConnectionLost)
 

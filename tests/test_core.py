@@ -22,7 +22,7 @@ from vmctl.errors import (
 )
 from vmctl.qmp.events import EventBuffer, EventFilter
 from vmctl.qmp.messages import Event
-from vmctl.qmp.protocol import Command, QMPProtocol, Runstate
+from vmctl.qmp.protocol import Command, ConnectionState, QMPProtocol
 
 GREETING = (
     b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}\r\n'
@@ -57,17 +57,17 @@ def messages(chunks: list[tuple[bytes, tuple[int, ...]]]) -> list[dict[str, Any]
 
 def running_core(**kwargs: Any) -> QMPProtocol:
     core = QMPProtocol(name="core", **kwargs)
-    assert runstate(core) is Runstate.CONNECTING
+    assert connection_state(core) is ConnectionState.CONNECTING
     core.receive_data(GREETING)
     [negotiation] = messages(written(core))
     assert negotiation["execute"] == "qmp_capabilities"
     core.receive_data(json.dumps({"return": {}, "id": negotiation["id"]}).encode() + b"\r\n")
-    assert runstate(core) is Runstate.RUNNING
+    assert connection_state(core) is ConnectionState.RUNNING
     return core
 
 
-def runstate(core: QMPProtocol) -> Runstate:
-    return core.runstate  # read through a call: each read is fresh for the type checker
+def connection_state(core: QMPProtocol) -> ConnectionState:
+    return core.connection_state  # read through a call: each read is fresh for the type checker
 
 
 def reply(command: Command, value: Any = None) -> bytes:
@@ -202,7 +202,7 @@ def test_an_interrupted_send_fails_every_caller_with_connection_lost() -> None:
     core.data_to_send()
     core.bytes_sent(5)
     core.send_interrupted()
-    assert core.runstate is Runstate.DISCONNECTED
+    assert core.connection_state is ConnectionState.DISCONNECTED
     for cmd in (a, b):
         with pytest.raises(ConnectionLost, match="interrupted"):
             cmd.result()
@@ -213,7 +213,7 @@ def test_an_interrupted_send_fails_every_caller_with_connection_lost() -> None:
 def test_an_interruption_with_nothing_in_flight_changes_nothing() -> None:
     core = running_core()
     core.send_interrupted()
-    assert core.runstate is Runstate.RUNNING
+    assert core.connection_state is ConnectionState.RUNNING
 
 
 def test_a_too_deeply_nested_reply_fails_only_its_command() -> None:
@@ -225,7 +225,7 @@ def test_a_too_deeply_nested_reply_fails_only_its_command() -> None:
     core.receive_data(b'{"return": ' + deep + b', "id": "' + cmd.id.encode() + b'"}\r\n' + reply(other))
     with pytest.raises(ProtocolError, match="nested too deeply"):
         cmd.result()
-    assert other.result() == {} and core.runstate is Runstate.RUNNING
+    assert other.result() == {} and core.connection_state is ConnectionState.RUNNING
 
 
 def test_an_oversized_reply_fails_only_its_command() -> None:
@@ -235,7 +235,7 @@ def test_an_oversized_reply_fails_only_its_command() -> None:
     core.receive_data(reply(cmd, ["x" * 5000]))
     with pytest.raises(MessageTooLarge):
         cmd.result()
-    assert core.runstate is Runstate.RUNNING
+    assert core.connection_state is ConnectionState.RUNNING
 
 
 def test_garbage_fails_the_connection_and_every_waiter() -> None:
@@ -243,21 +243,21 @@ def test_garbage_fails_the_connection_and_every_waiter() -> None:
     cmd = core.command("query-status", waker=Woken())
     written(core)
     core.receive_data(b"garbage\r\n")
-    assert core.runstate is Runstate.DISCONNECTED
+    assert core.connection_state is ConnectionState.DISCONNECTED
     with pytest.raises(ProtocolError, match="not JSON"):
         cmd.result()
     with pytest.raises(ConnectionLost, match="not JSON"):
         core.command("query-status", waker=Woken())
 
 
-def test_the_runstate_only_moves_forward() -> None:
+def test_the_connection_state_only_moves_forward() -> None:
     core = running_core()
     core.receive_data(b"")
-    assert runstate(core) is Runstate.DISCONNECTED
+    assert connection_state(core) is ConnectionState.DISCONNECTED
     core.close()
-    assert runstate(core) is Runstate.CLOSED
+    assert connection_state(core) is ConnectionState.CLOSED
     core.fail(ConnectionLost, "again")
-    assert core.runstate is Runstate.CLOSED
+    assert core.connection_state is ConnectionState.CLOSED
     with pytest.raises(StateError, match="closed"):
         core.command("query-status", waker=Woken())
 
@@ -274,7 +274,7 @@ def test_a_match_that_raises_ends_only_its_own_subscription() -> None:
     core.subscribe(good)
     stop = b'{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 0}}\r\n'
     core.receive_data(stop + stop)
-    assert len(good) == 2 and core.runstate is Runstate.RUNNING
+    assert len(good) == 2 and core.connection_state is ConnectionState.RUNNING
     with pytest.raises(EventMatchError) as info:
         bad._next(0, 1, 0)
     assert isinstance(info.value.__cause__, ZeroDivisionError)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from vmctl.errors import CommandTimeout, ConnectionLost, EventMatchError, InvalidArgument, ProtocolError
-from vmctl.qmp import Monitor, Runstate, connect
+from vmctl.qmp import ConnectionState, Monitor, connect
 from vmctl.qmp.messages import Event
 from vmctl.qmp.monitor import Monitor as MonitorClass
 from vmctl.qmp.stream import MemoryStream
@@ -222,7 +222,7 @@ def test_the_memory_stream_pair_drives_the_threaded_face() -> None:
     monitor = MonitorClass(ours, name="memory")
     try:
         monitor._handshake(5)
-        assert monitor.runstate is Runstate.RUNNING and str(monitor.version) == "10.0.0"
+        assert monitor.connection_state is ConnectionState.RUNNING and str(monitor.version) == "10.0.0"
         assert monitor.execute("query-status") == {"ok": True}
     finally:
         served.set()

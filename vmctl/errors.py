@@ -10,7 +10,7 @@
     |   +-- ConnectError                       the monitor could not be reached, or the handshake failed
     |   +-- ConnectionLost                     QEMU went away (or the monitor was closed)
     |   +-- ProtocolError                      QEMU sent something that is not QMP
-    |   +-- StateError                         the call is not allowed in the monitor's runstate
+    |   +-- StateError                         the call is not allowed in the monitor's connection state
     |   +-- MessageTooLarge                    a reply over the size limit (the command ran)
     |   +-- CommandTimeout (also TimeoutError) no reply in time; the outcome is unknown
     |   +-- EventTimeout (also TimeoutError)   no matching event in time

@@ -4,11 +4,11 @@
 ``AsyncMonitor``. Both drive one ``QMPProtocol`` each, so they share every rule.
 """
 
+from vmctl.qmp.connstate import ConnectionState
 from vmctl.qmp.events import EventFilter, Subscription, data_contains
 from vmctl.qmp.messages import Event, Greeting, QEMUVersion
 from vmctl.qmp.monitor import Monitor, connect
 from vmctl.qmp.protocol import DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_QUIET_COMMANDS, DEFAULT_QUIET_EVENTS, QMPProtocol
-from vmctl.qmp.runstate import Runstate
 from vmctl.qmp.schema import QMPSchema
 from vmctl.qmp.timeouts import TimeoutPolicy
 
@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_QUIET_COMMANDS",
     "DEFAULT_QUIET_EVENTS",
+    "ConnectionState",
     "Event",
     "EventFilter",
     "Greeting",
@@ -23,7 +24,6 @@ __all__ = [
     "QEMUVersion",
     "QMPProtocol",
     "QMPSchema",
-    "Runstate",
     "Subscription",
     "TimeoutPolicy",
     "connect",

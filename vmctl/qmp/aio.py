@@ -33,8 +33,8 @@ from vmctl.qmp.protocol import (
     DEFAULT_QUIET_COMMANDS,
     DEFAULT_QUIET_EVENTS,
     Command,
+    ConnectionState,
     QMPProtocol,
-    Runstate,
 )
 from vmctl.qmp.schema import QMPSchema
 from vmctl.qmp.stream import SocketStream, Stream
@@ -164,12 +164,12 @@ class AsyncMonitor:
                 await self._connected
         except TimeoutError:
             raise ConnectError(f"{self.name}: no {self._core.awaiting} within the connect timeout") from None
-        if self._core.runstate is not Runstate.RUNNING:
+        if self._core.connection_state is not ConnectionState.RUNNING:
             raise self._core.handshake_error()
 
     async def close(self) -> None:
         """Close the connection. Pending commands fail with ``ConnectionLost``; idempotent."""
-        if self._core.runstate is Runstate.CLOSED:
+        if self._core.connection_state is ConnectionState.CLOSED:
             return
         self._core.close()
         self._stop_io()
@@ -183,8 +183,8 @@ class AsyncMonitor:
         await self.close()
 
     @property
-    def runstate(self) -> Runstate:
-        return self._core.runstate
+    def connection_state(self) -> ConnectionState:
+        return self._core.connection_state
 
     @property
     def greeting(self) -> Greeting:
@@ -204,7 +204,7 @@ class AsyncMonitor:
 
     @property
     def is_connected(self) -> bool:
-        return self._core.runstate is Runstate.RUNNING
+        return self._core.connection_state is ConnectionState.RUNNING
 
     @property
     def late_replies(self) -> int:
@@ -270,7 +270,7 @@ class AsyncMonitor:
         core.receive_data(data)
         if core.wants_write and not self._writer_on:
             self._flush()
-        if self._connected is not None and core.runstate is not Runstate.CONNECTING:
+        if self._connected is not None and core.connection_state is not ConnectionState.CONNECTING:
             _resolve(self._connected)
 
     def _flush(self) -> None:
@@ -281,7 +281,7 @@ class AsyncMonitor:
                 try:
                     sent = self._stream.send(*out)
                 except BlockingIOError:
-                    if not self._writer_on and core.runstate is Runstate.RUNNING:
+                    if not self._writer_on and core.connection_state is ConnectionState.RUNNING:
                         self._loop.add_writer(self._fileno, self._flush)
                         self._writer_on = True
                     return
@@ -337,7 +337,7 @@ class AsyncMonitor:
     def on_event(self, callback: EventCallback, *names: str, match: Match = None) -> Callable[[], None]:
         """Call ``callback(event)`` (a function or a coroutine function) for matching events,
         soon after they arrive, on the loop; returns an unregister function."""
-        self._core.guard(Runstate.RUNNING)
+        self._core.guard(ConnectionState.RUNNING)
         entry = (EventFilter(names, match), callback)
         self._event_callbacks = (*self._event_callbacks, entry)
         self._core.on_event = self._on_event
@@ -349,7 +349,7 @@ class AsyncMonitor:
 
     def on_disconnect(self, callback: DisconnectCallback) -> Callable[[], None]:
         """Call ``callback(error)`` once when the connection ends (``None`` for a local close)."""
-        self._core.guard(Runstate.RUNNING)
+        self._core.guard(ConnectionState.RUNNING)
         self._disconnect_callbacks = (*self._disconnect_callbacks, callback)
 
         def remove() -> None:

@@ -46,7 +46,7 @@ NEED_DATA: Final = NeedData.NEED_DATA
 
 
 class Phase(enum.Enum):
-    """How far the handshake got; the connection's own runstate lives in ``vmctl.qmp.runstate``."""
+    """How far the handshake got; the connection's own state lives in ``vmctl.qmp.connstate``."""
 
     AWAITING_GREETING = "awaiting-greeting"
     GREETED = "greeted"  # greeting seen; qmp_capabilities not yet sent

@@ -32,8 +32,8 @@ from vmctl.qmp.protocol import (
     DEFAULT_QUIET_COMMANDS,
     DEFAULT_QUIET_EVENTS,
     Command,
+    ConnectionState,
     QMPProtocol,
-    Runstate,
 )
 from vmctl.qmp.schema import QMPSchema
 from vmctl.qmp.stream import SocketStream, Stream
@@ -139,14 +139,14 @@ class Monitor:
         deadline = time.monotonic() + timeout
         core = self._core
         with self._pump:
-            while core.runstate is Runstate.CONNECTING:
+            while core.connection_state is ConnectionState.CONNECTING:
                 if core.wants_write:
                     self._flush(deadline)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ConnectError(f"{self.name}: no {core.awaiting} within the connect timeout")
                 self._read_once(remaining)
-        if core.runstate is not Runstate.RUNNING:
+        if core.connection_state is not ConnectionState.RUNNING:
             raise core.handshake_error()
         self._background = threading.Thread(target=self._background_reader, name=f"vmctl-qmp-{self.name}", daemon=True)
         self._background.start()
@@ -154,7 +154,7 @@ class Monitor:
     def close(self) -> None:
         """Close the connection. Pending commands fail with ``ConnectionLost``; idempotent."""
         with self._lock:
-            if self._core.runstate is Runstate.CLOSED:
+            if self._core.connection_state is ConnectionState.CLOSED:
                 return
             self._core.close()
         self._stop.set()
@@ -180,8 +180,8 @@ class Monitor:
         self.close()
 
     @property
-    def runstate(self) -> Runstate:
-        return self._core.runstate
+    def connection_state(self) -> ConnectionState:
+        return self._core.connection_state
 
     @property
     def greeting(self) -> Greeting:
@@ -206,7 +206,7 @@ class Monitor:
 
     @property
     def is_connected(self) -> bool:
-        return self._core.runstate is Runstate.RUNNING
+        return self._core.connection_state is ConnectionState.RUNNING
 
     @property
     def late_replies(self) -> int:
@@ -306,7 +306,7 @@ class Monitor:
         if not self._pump.acquire(False):
             return False
         try:
-            while not done() and self._core.runstate is Runstate.RUNNING:
+            while not done() and self._core.connection_state is ConnectionState.RUNNING:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -456,7 +456,7 @@ class Monitor:
 
     def _background_read(self) -> None:
         """Read (and finish any write left over) while idle; step down when kicked by a caller."""
-        while not self._stop.is_set() and self._core.runstate is Runstate.RUNNING:
+        while not self._stop.is_set() and self._core.connection_state is ConnectionState.RUNNING:
             if self._read_once(MAX_WAIT_SLICE) or self._active:
                 return
 
@@ -510,7 +510,7 @@ class Monitor:
 
     def _callback_runner(self) -> CallbackRunner:
         with self._lock:
-            self._core.guard(Runstate.RUNNING)
+            self._core.guard(ConnectionState.RUNNING)
             if self._callbacks is None:
                 self._callbacks = CallbackRunner(name=self.name, log=self._core.log)
                 self._core.on_event = self._callbacks.offer_event

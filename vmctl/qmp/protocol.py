@@ -46,6 +46,7 @@ from vmctl.errors import (
     command_error,
 )
 from vmctl.qmp.codec import DEFAULT_MAX_MESSAGE_SIZE, Phase, QMPCodec
+from vmctl.qmp.connstate import ConnectionState, ConnectionStateMachine
 from vmctl.qmp.events import EventFilter, EventHistory
 from vmctl.qmp.messages import (
     ErrorReply,
@@ -60,11 +61,10 @@ from vmctl.qmp.messages import (
 )
 from vmctl.qmp.outbox import Command, Outbox, Waker, duplicate
 from vmctl.qmp.redact import redact_arguments, redact_value
-from vmctl.qmp.runstate import Runstate, RunstateMachine
 from vmctl.qmp.timeouts import TimeoutPolicy, check_timeout
 from vmctl.qmp.transcript import Transcript
 
-__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "Command", "EventSink", "QMPProtocol", "Runstate", "Waker"]
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "Command", "ConnectionState", "EventSink", "QMPProtocol", "Waker"]
 
 log = structlog.get_logger(__name__)
 
@@ -107,7 +107,7 @@ class QMPProtocol:
         self.quiet_events = frozenset(quiet_events)
         self.history = EventHistory(event_history)
         self._codec = QMPCodec(max_message_size=max_message_size, oob=oob)
-        self._runstate = RunstateMachine(name)
+        self._connection = ConnectionStateMachine(name)
         self._log = log.bind(monitor=name)
         # A filtering bound logger's level is fixed when it is bound: ask once, not per command.
         self._debug = bool(getattr(self._log, "is_enabled_for", lambda level: True)(_DEBUG))
@@ -124,12 +124,12 @@ class QMPProtocol:
     # -- state -----------------------------------------------------------------------------
 
     @property
-    def runstate(self) -> Runstate:
-        return self._runstate.state
+    def connection_state(self) -> ConnectionState:
+        return self._connection.state
 
-    def guard(self, *allowed: Runstate) -> None:
-        """Raise what a call gets in this runstate unless it is one of ``allowed``."""
-        self._runstate.guard(*allowed)
+    def guard(self, *allowed: ConnectionState) -> None:
+        """Raise what a call gets in this connection state unless it is one of ``allowed``."""
+        self._connection.guard(*allowed)
 
     @property
     def greeting(self) -> Greeting:
@@ -184,7 +184,7 @@ class QMPProtocol:
 
     def handshake_error(self) -> ConnectError:
         """Why the handshake failed, as the ``ConnectError`` a face raises."""
-        why = self._runstate.failure[1] if self._runstate.failure else f"{self.name}: the handshake did not finish"
+        why = self._connection.failure[1] if self._connection.failure else f"{self.name}: the handshake did not finish"
         return ConnectError(why)
 
     # -- commands --------------------------------------------------------------------------
@@ -200,8 +200,8 @@ class QMPProtocol:
         waker: Waker,
     ) -> Command:
         """Queue a command. Bad input raises ``InvalidArgument`` here, before anything is sent."""
-        if self._runstate.state is not Runstate.RUNNING:
-            self._runstate.guard(Runstate.RUNNING)
+        if self._connection.state is not ConnectionState.RUNNING:
+            self._connection.guard(ConnectionState.RUNNING)
         seconds = self.timeouts.for_command(name) if timeout is None else check_timeout(timeout)
         command_id, data = self._codec.send_command(name, arguments, oob=oob)
         command = Command(
@@ -275,7 +275,7 @@ class QMPProtocol:
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from QEMU; ``b""`` is the end of the stream."""
-        if self._runstate.state not in (Runstate.CONNECTING, Runstate.RUNNING):
+        if self._connection.state not in (ConnectionState.CONNECTING, ConnectionState.RUNNING):
             return
         error: ProtocolError | None = None
         try:
@@ -302,7 +302,7 @@ class QMPProtocol:
             )
 
     def _describe_failure(self, during_handshake: str, running: str) -> str:
-        connecting = self._runstate.state is Runstate.CONNECTING
+        connecting = self._connection.state is ConnectionState.CONNECTING
         return f"{self.name}: {during_handshake if connecting else running}"
 
     def _dispatch(self, message: Message) -> None:
@@ -328,7 +328,7 @@ class QMPProtocol:
         elif kind is Greeting:
             self._outbox.push_raw(self._codec.start_negotiation())
         elif kind is Negotiated:
-            self._runstate.transition(Runstate.RUNNING)
+            self._connection.transition(ConnectionState.RUNNING)
             self._log.info("qmp.connected", qemu=str(self.version), capabilities=list(self.capabilities))
 
     def _complete(self, command_id: str, value: Any, error: Mapping[str, Any] | None) -> None:
@@ -403,9 +403,9 @@ class QMPProtocol:
 
     def fail(self, error_type: type[QMPError], why: str, *, closing: bool = False) -> None:
         """The connection is unusable: every waiter fails now, every later call at once."""
-        if not self._runstate.transition(Runstate.DISCONNECTED):
+        if not self._connection.transition(ConnectionState.DISCONNECTED):
             return
-        self._runstate.failure = (error_type, why)
+        self._connection.failure = (error_type, why)
         pending = list(self._pending.values())
         self._pending.clear()
         for command in pending:
@@ -426,11 +426,11 @@ class QMPProtocol:
 
     def close(self) -> None:
         """Closed locally: pending commands fail with ``ConnectionLost``; idempotent."""
-        if self._runstate.state is Runstate.CLOSED:
+        if self._connection.state is ConnectionState.CLOSED:
             return
-        had_failed = self._runstate.state is Runstate.DISCONNECTED
+        had_failed = self._connection.state is ConnectionState.DISCONNECTED
         self.fail(ConnectionLost, f"{self.name}: the monitor was closed locally", closing=True)
-        self._runstate.transition(Runstate.CLOSED)
+        self._connection.transition(ConnectionState.CLOSED)
         if self._transcript is not None:
             self._transcript.close()
         if not had_failed:
@@ -439,7 +439,7 @@ class QMPProtocol:
     # -- events ----------------------------------------------------------------------------
 
     def subscribe(self, sink: EventSink) -> None:
-        self._runstate.guard(Runstate.CONNECTING, Runstate.RUNNING)
+        self._connection.guard(ConnectionState.CONNECTING, ConnectionState.RUNNING)
         self._subscriptions = (*self._subscriptions, sink)
 
     def unsubscribe(self, sink: EventSink) -> None:
