@@ -187,3 +187,24 @@ def test_a_disk_at_boot_and_the_same_disk_hotplugged_get_identical_properties(vm
     assert settings == _block_settings(other, "same1")
     assert settings["cache"]["direct"] is True and settings["cache"]["no-flush"] is False
     assert settings["iops"] == 123 and settings["bps_wr"] == 1048576
+
+
+def test_cache_and_io_limits_survive_attach_and_reach_a_migration_target(vms: VMFactory, tmp_path: Path) -> None:
+    vm = vms.launch(vms.spec("src"), wait_ready=False, paused=True)
+    vm.hotplug_disk(make_image(tmp_path / "a.qcow2", "qcow2"), id="qa", cache="none", throttle=Throttle(iops=123))
+    vm.hotplug_disk(make_image(tmp_path / "b.qcow2", "qcow2"), id="qb")
+    vm.set_disk_throttle("qb", Throttle(bps=1048576))
+    vm.close()
+    again = VM.attach(vm.run_dir)
+    vms.vms[vms.vms.index(vm)] = again  # the fixture ends the VM through its attached object
+    assert {d.id: (d.cache, d.throttle) for d in again.inventory.disks} == {
+        "qa": ("none", Throttle(iops=123)),
+        "qb": ("writeback", Throttle(bps=1048576)),
+    }
+    target = VM.launch_incoming(
+        again.migration_target_spec(name="dst"), run_dir=vms.run_dir("dst"), inventory=again.inventory
+    )
+    vms.vms.append(target)
+    qa, qb = _block_settings(target, "qa"), _block_settings(target, "qb")
+    assert qa["cache"]["direct"] is True and qa["iops"] == 123 and qa["bps"] == 0
+    assert qb["cache"]["direct"] is False and qb["bps"] == 1048576 and qb["iops"] == 0

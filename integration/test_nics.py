@@ -26,6 +26,7 @@ def guest_interface(shell: GuestShell, mac: str) -> str | None:
 def test_hotplugged_nic_carries_traffic_then_unplugs(vms: VMFactory, netns: str) -> None:
     vm = vms.launch(vms.spec(cpus=2))
     nic = vm.hotplug_nic(id="net1", queues=2)
+    assert nic.mac is not None and nic.tap is not None and nic.queues == 2  # hotplug fills them in
     assert nic.mac.startswith("52:54:00:")
     assert [n.id for n in vm.nics()] == ["net1"] and vm.nics()[0].mac == nic.mac
     subprocess.run(["ip", "link", "set", nic.tap, "netns", netns], check=True)

@@ -49,7 +49,8 @@ def test_nic_hotplug_steps_and_multiqueue(monitor: Monitor, fake: FakeQEMU) -> N
     assert fake.calls_of("netdev_add")[0].arguments == {"type": "tap", "id": "net1-net", "fds": "net1-tap0:net1-tap1"}
     device = fake.calls_of("device_add")[0].arguments
     assert device["mq"] is True and device["vectors"] == 6 and device["mac"] == "52:54:00:aa:bb:cc"
-    assert nic.tap.startswith("tap") and state.netdevs == {"net1-net"}
+    assert nic.tap is not None and nic.tap.startswith("tap") and state.netdevs == {"net1-net"}
+    assert device == nic.device_properties()  # the same rendering as on the command line
     assert set(fake.named_fds) == {"net1-tap0", "net1-tap1"}
 
 

@@ -69,7 +69,9 @@ def test_disks_nics_and_shell_render() -> None:
     assert {"driver": "virtio-blk-pci", "id": "root", "drive": "root-fmt", "serial": "root", "write-cache": "on"} in [
         json.loads(d) for d in devices if d.startswith("{")
     ]
-    assert "virtio-net-pci,netdev=net0-net,id=net0,mac=52:54:00:12:34:56" in devices
+    assert {"driver": "virtio-net-pci", "id": "net0", "netdev": "net0-net", "mac": "52:54:00:12:34:56"} in [
+        json.loads(d) for d in devices if d.startswith("{")
+    ]
     assert option(argv, "-netdev") == ["tap,id=net0-net,ifname=tap0,script=no,downscript=no", "user,id=net1-net"]
     assert option(argv, "-serial") == ["chardev:vmctl-console", "chardev:vmctl-shell"]
     assert "-no-shutdown" in argv

@@ -77,3 +77,13 @@ def test_start_time_of_a_missing_process() -> None:
     with pytest.raises(StaleState):
         start_time(2**22 + 12345)
     assert start_time(os.getpid()) > 0
+
+
+def test_the_lifecycle_only_moves_forward() -> None:
+    from vmctl.vm.lifecycle import TRANSITIONS, Life
+
+    assert TRANSITIONS[Life.DETACHED] == frozenset()
+    for ended in (Life.EXITED, Life.CRASHED):
+        assert TRANSITIONS[ended] == {Life.DETACHED}  # an ended VM can only be let go
+    assert Life.RUNNING not in {s for targets in TRANSITIONS.values() for s in targets}
+    assert TRANSITIONS[Life.STOPPING] == {Life.EXITED, Life.DETACHED}  # an asked-for exit is no crash

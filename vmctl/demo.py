@@ -16,6 +16,7 @@ from typing import TextIO
 from vmctl.errors import VmctlError
 from vmctl.model import VMSpec
 from vmctl.ops.migration import MigrationProgress
+from vmctl.ops.nodes import block_nodes
 from vmctl.qmp import Event
 from vmctl.testing import READY_MARKER, GuestShell, TestGuest
 from vmctl.vm import VM
@@ -111,7 +112,7 @@ def _disk_round_trip(printer: _Printer, vm: VM, work: Path) -> None:
             printer.say(f"    read back: {text!r}")
         with printer.step("unplugging data1 (waits for the guest to release it, then removes nodes and fdset)"):
             vm.unplug_disk("data1")
-            left = [n["node-name"] for n in vm.qmp.execute("query-named-block-nodes", {"flat": True})]
+            left = list(block_nodes(vm.qmp))
             printer.say(
                 f"    block nodes left: {left or 'none'}; fdsets left: {vm.qmp.execute('query-fdsets') or 'none'}"
             )

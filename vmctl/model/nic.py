@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 import attrs
 
@@ -13,14 +15,23 @@ from vmctl.model.validate import check_id, check_pci_addr
 _MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 
 
+#: The most queues a multiqueue tap NIC may have.
+MAX_QUEUES = 16
+
+
 @attrs.frozen(kw_only=True)
 class NicSpec:
-    """A NIC; ``tap`` names an existing host tap interface, else QEMU's user networking is used."""
+    """A NIC; ``tap`` names a host tap interface, else QEMU's user networking is used.
+
+    Its device is rendered once (``device_properties``), for ``-device`` and ``device_add``
+    alike; only the backend differs: a tap QEMU opens by name at boot, the fds vmctl passes
+    it on hotplug."""
 
     id: str
     mac: str | None = None
     model: str = "virtio-net-pci"
     tap: str | None = None
+    queues: int = 1
     pci_addr: str | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -30,16 +41,31 @@ class NicSpec:
             raise SpecError(f"nic {self.id}: MAC {self.mac!r} is not of the form 52:54:00:12:34:56")
         if self.tap is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", self.tap):
             raise SpecError(f"nic {self.id}: tap interface name {self.tap!r} is not valid")
+        if not isinstance(self.queues, int) or isinstance(self.queues, bool) or not 1 <= self.queues <= MAX_QUEUES:
+            raise SpecError(f"nic {self.id}: queues must be 1..{MAX_QUEUES}, not {self.queues!r}")
+        if self.queues > 1 and self.model != "virtio-net-pci":
+            raise SpecError(f"nic {self.id}: multiqueue needs virtio-net-pci, not {self.model}")
 
     @property
     def netdev(self) -> str:
         return netdev_id(self.id)
 
-    def arguments(self) -> list[str]:
-        backend = (
-            f"tap,id={self.netdev},ifname={self.tap},script=no,downscript=no" if self.tap else f"user,id={self.netdev}"
-        )
-        device = f"{self.model},netdev={self.netdev},id={self.id}" + (f",addr={self.pci_addr}" if self.pci_addr else "")
+    def device_properties(self) -> dict[str, Any]:
+        """The guest's NIC, as ``device_add`` arguments (the same for ``-device``)."""
+        device: dict[str, Any] = {"driver": self.model, "id": self.id, "netdev": self.netdev}
         if self.mac:
-            device += f",mac={self.mac}"
-        return ["-netdev", backend, "-device", device]
+            device["mac"] = self.mac
+        if self.queues > 1:
+            device.update({"mq": True, "vectors": 2 * self.queues + 2})
+        if self.pci_addr:
+            device["addr"] = self.pci_addr
+        return device
+
+    def arguments(self) -> list[str]:
+        netdev = self.netdev
+        if self.tap:
+            backend = f"tap,id={netdev},ifname={self.tap},script=no,downscript=no"
+            backend += f",queues={self.queues}" if self.queues > 1 else ""
+        else:
+            backend = f"user,id={netdev}"
+        return ["-netdev", backend, "-device", json.dumps(self.device_properties(), separators=(",", ":"))]

@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import SpecError
+from vmctl.errors import InvalidArgument, SpecError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _DEVICE_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
@@ -30,10 +30,11 @@ def check_pci_addr(device_id: str, value: str | None) -> None:
 
 
 def check_unix_path(what: str, path: str | os.PathLike[str]) -> str:
-    """``path`` as text if it fits a unix socket address; ``SpecError`` (an ``InvalidArgument``) if not."""
+    """``path`` as text if it fits a unix socket address; ``InvalidArgument`` if not."""
     text = os.fspath(path)
     if len(os.fsencode(text)) >= UNIX_PATH_MAX:
-        raise SpecError(f"{what}: unix socket path is too long for the kernel (max {UNIX_PATH_MAX - 1} bytes): {text}")
+        limit = UNIX_PATH_MAX - 1
+        raise InvalidArgument(f"{what}: unix socket path is too long for the kernel (max {limit} bytes): {text}")
     return text
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from vmctl.errors import BalloonUnavailable, DeviceNotActive, EventTimeout, InvalidArgument, WaitTimeout
+from vmctl.errors import BalloonUnavailable, DeviceNotActive, InvalidArgument, WaitTimeout
+from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor
 
 PAGE = 4096
@@ -37,15 +37,16 @@ def set_balloon(qmp: Monitor, log: Any, target_bytes: int, *, wait: bool = True,
         if not wait:
             return before
         actual = before
-        deadline = time.monotonic() + timeout
-        while abs(actual - target_bytes) >= PAGE:
-            try:
-                actual = int(changes.get(max(0.0, deadline - time.monotonic())).data["actual"])
-            except EventTimeout:
+        if abs(actual - target_bytes) >= PAGE:
+            for event in events_until(changes, timeout):
+                actual = int(event.data["actual"])
+                if abs(actual - target_bytes) < PAGE:
+                    break
+            else:
                 moved = "moved" if actual != before else "did not move"
                 raise WaitTimeout(
                     f"the balloon {moved} but reached {actual} bytes, not {target_bytes}, within {timeout:g}s"
                     + ("" if actual != before else " (is the guest's virtio_balloon driver loaded?)")
-                ) from None
+                )
     log.info("balloon.reached", actual=actual)
     return actual

@@ -10,6 +10,7 @@ import attrs
 
 from vmctl.errors import InvalidArgument
 from vmctl.model import DiskSpec
+from vmctl.ops.nodes import block_nodes
 from vmctl.qmp import Monitor
 
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -40,10 +41,8 @@ def _check_name(name: str) -> None:
 
 
 def bitmaps(qmp: Monitor, disk: DiskSpec) -> list[Bitmap]:
-    for node in qmp.execute("query-named-block-nodes", {"flat": True}):
-        if node.get("node-name") == disk.active_node:
-            return [Bitmap.from_qmp(b) for b in node.get("dirty-bitmaps", ())]
-    return []
+    node = block_nodes(qmp).get(disk.active_node)
+    return [Bitmap.from_qmp(b) for b in node.get("dirty-bitmaps", ())] if node is not None else []
 
 
 def add_bitmap(

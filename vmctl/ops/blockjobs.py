@@ -4,13 +4,13 @@ followed through JOB_STATUS_CHANGE events subscribed before the start command, a
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 
-from vmctl.errors import BlockJobError, CommandError, EventTimeout, WaitTimeout
+from vmctl.errors import BlockJobError, CommandError, WaitTimeout
+from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor, Subscription
 
 
@@ -109,17 +109,16 @@ class Job:
         self._conclude(cancelled=False)
 
     def _wait_for(self, statuses: set[str], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.status not in statuses:
-            if self.status == "concluded" or self.status == "null":
-                return  # it ended before reaching what we wanted: _conclude reports why
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WaitTimeout(f"block job {self.id} is still {self.status} after {timeout:g}s")
-            try:
-                self.status = str(self._events.get(remaining).data["status"])
-            except EventTimeout:
-                self.status = self.progress().status
+        ended = {"concluded", "null"}  # before reaching what we wanted: _conclude reports why
+        if self.status in statuses | ended:
+            return
+        for event in events_until(self._events, timeout):
+            self.status = str(event.data["status"])
+            if self.status in statuses | ended:
+                return
+        self.status = self.progress().status  # an event may be late: ask once more
+        if self.status not in statuses | ended:
+            raise WaitTimeout(f"block job {self.id} is still {self.status} after {timeout:g}s")
 
     def _conclude(self, *, cancelled: bool) -> None:
         """Read the outcome, dismiss the job, run the follow-ups; raise if it failed."""

@@ -22,6 +22,7 @@ from vmctl.model import DiskSpec, Overlay
 from vmctl.model.names import disk_node_names, fdset_tag
 from vmctl.ops.blockjobs import Job
 from vmctl.ops.disks import delete_disk_nodes, remove_disk_fdsets
+from vmctl.ops.nodes import block_nodes
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
@@ -29,10 +30,10 @@ MirrorSync = Literal["full", "top"]
 
 
 def virtual_size(qmp: Monitor, node: str) -> int:
-    for entry in qmp.execute("query-named-block-nodes", {"flat": True}):
-        if entry.get("node-name") == node:
-            return int(entry["image"]["virtual-size"])
-    raise InvalidArgument(f"no block node {node}")
+    entry = block_nodes(qmp).get(node)
+    if entry is None:
+        raise InvalidArgument(f"no block node {node}")
+    return int(entry["image"]["virtual-size"])
 
 
 def _create_image(

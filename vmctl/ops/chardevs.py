@@ -11,6 +11,7 @@ from typing import Any
 from vmctl.errors import CommandError, HotplugError, InvalidArgument, QMPError
 from vmctl.model import Chardev, ChardevKind
 from vmctl.model.names import SERIAL_CONTROLLER
+from vmctl.model.validate import check_unix_path
 from vmctl.ops.devices import ensure_controller, remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
@@ -83,9 +84,7 @@ def _validated(
     if kind == "socket":
         if path is None:
             raise InvalidArgument(f"chardev {chardev_id}: a socket chardev needs a path")
-        text = os.fspath(path)
-        if len(os.fsencode(text)) >= 108:
-            raise InvalidArgument(f"chardev {chardev_id}: socket path too long for the kernel: {text}")
+        text = check_unix_path(f"chardev {chardev_id}", path)
         return Chardev(id=chardev_id, kind=kind, path=text, port_name=port)
     if kind == "ringbuf":
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size & (size - 1):

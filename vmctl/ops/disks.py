@@ -16,6 +16,7 @@ from vmctl.errors import CommandError, HotplugError, InvalidArgument, QMPError
 from vmctl.model import DiskBus, DiskSpec, Throttle
 from vmctl.model.names import SCSI_CONTROLLER, fdset_tag, is_disk_fdset, is_disk_node
 from vmctl.ops.devices import ensure_controller, remove_device
+from vmctl.ops.nodes import block_nodes
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
@@ -91,8 +92,7 @@ def unplug_disk(qmp: Monitor, log: Any, *, disk_id: str, timeout: float = 30.0) 
 
 
 def disk_nodes(qmp: Monitor, disk_id: str) -> list[str]:
-    names = (str(n.get("node-name")) for n in qmp.execute("query-named-block-nodes", {"flat": True}))
-    return [name for name in names if is_disk_node(name, disk_id)]
+    return [name for name in block_nodes(qmp) if is_disk_node(name, disk_id)]
 
 
 def delete_disk_nodes(qmp: Monitor, disk_id: str, *, only: set[str] | None = None) -> None:
@@ -135,7 +135,7 @@ def resize_disk(qmp: Monitor, log: Any, *, disk: DiskSpec, size: int, allow_shri
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 512:
         raise InvalidArgument(f"disk {disk_id}: size must be a positive multiple of 512 bytes, not {size!r}")
     format_node = disk.active_node
-    nodes = {n["node-name"]: n for n in qmp.execute("query-named-block-nodes", {"flat": True})}
+    nodes = block_nodes(qmp)
     if format_node not in nodes:
         raise InvalidArgument(f"disk {disk_id} has no block node {format_node} (was it hotplugged by vmctl?)")
     current = int(nodes[format_node]["image"]["virtual-size"])

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import attrs
 
-from vmctl.errors import EventTimeout, HotplugError, InvalidArgument, QMPError, WaitTimeout
+from vmctl.errors import HotplugError, InvalidArgument, QMPError, WaitTimeout
 from vmctl.model import MemorySpec, VirtioMemSpec
 from vmctl.model.names import memory_backend_id as backend_id
 from vmctl.ops.devices import remove_device
 from vmctl.ops.rollback import Steps
+from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor
 
 MIB = 1024 * 1024
@@ -111,17 +111,15 @@ def resize_virtio_mem(
     path = f"/machine/peripheral/{device.id}"
     with qmp.events("MEMORY_DEVICE_SIZE_CHANGE", match={"id": device.id}) as changes:
         qmp.execute("qom-set", {"path": path, "property": "requested-size", "value": size_mib * MIB})
-        if wait:
-            deadline = time.monotonic() + timeout
-            while int(qmp.execute("qom-get", {"path": path, "property": "size"})) != size_mib * MIB:
-                remaining = deadline - time.monotonic()
-                try:
-                    changes.get(max(0.0, remaining))
-                except EventTimeout:
-                    raise WaitTimeout(
-                        f"virtio-mem {device.id} did not reach {size_mib} MiB within {timeout:g}s "
-                        "(is the guest's virtio_mem driver loaded?)"
-                    ) from None
+
+        def reached() -> bool:
+            return int(qmp.execute("qom-get", {"path": path, "property": "size"})) == size_mib * MIB
+
+        if wait and not reached() and not any(reached() for _ in events_until(changes, timeout)):
+            raise WaitTimeout(
+                f"virtio-mem {device.id} did not reach {size_mib} MiB within {timeout:g}s "
+                "(is the guest's virtio_mem driver loaded?)"
+            )
     log.bind(memory=device.id).info("virtio_mem.resized", size_mib=size_mib)
     return attrs.evolve(device, size_mib=size_mib)
 

@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 
 from vmctl.errors import EventTimeout, InvalidArgument, MigrationError, QMPError, WaitTimeout
+from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor, Subscription
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
@@ -114,16 +115,13 @@ class MigrationResult:
 
 def _wait_status(events: Subscription, status: str, timeout: float, what: str) -> None:
     """Read MIGRATION events until ``status``; a terminal status on the way is an error."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            seen = str(events.get(max(0.0, deadline - time.monotonic())).data.get("status"))
-        except EventTimeout:
-            raise WaitTimeout(f"{what} did not reach {status} within {timeout:g}s") from None
+    for event in events_until(events, timeout):
+        seen = str(event.data.get("status"))
         if seen == status:
             return
         if seen in TERMINAL:
             raise MigrationError(f"{what} ended ({seen}) before reaching {status}", status=seen)
+    raise WaitTimeout(f"{what} did not reach {status} within {timeout:g}s")
 
 
 def set_capabilities(qmp: Monitor, wanted: Mapping[str, bool]) -> dict[str, bool]:

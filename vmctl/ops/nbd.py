@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import attrs
 
-from vmctl.errors import CommandError, DeviceError, EventTimeout, InvalidArgument
+from vmctl.errors import CommandError, DeviceError, EventTimeout
 from vmctl.model import DiskSpec
 from vmctl.model.names import export_id
+from vmctl.model.validate import check_unix_path
 from vmctl.qmp import Monitor
 
 NbdAddress = str | tuple[str, int]
@@ -30,9 +30,7 @@ def socket_address(address: NbdAddress) -> dict[str, Any]:
     if isinstance(address, tuple):
         host, port = address
         return {"type": "inet", "host": host, "port": str(port)}
-    if len(os.fsencode(address)) >= 108:
-        raise InvalidArgument(f"NBD socket path too long for the kernel: {address}")
-    return {"type": "unix", "path": address}
+    return {"type": "unix", "path": check_unix_path("NBD socket", address)}
 
 
 def server_address(address: NbdAddress) -> dict[str, Any]:

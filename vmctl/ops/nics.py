@@ -23,7 +23,6 @@ from vmctl.errors import (
     DeviceError,
     DeviceNotFound,
     HotplugError,
-    InvalidArgument,
     QMPError,
 )
 from vmctl.model import NicSpec
@@ -36,24 +35,11 @@ _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
 _IFF_MULTI_QUEUE = 0x0100
-_MAX_QUEUES = 16
 
 
 def random_mac() -> str:
     """A MAC in QEMU's locally administered 52:54:00 range."""
     return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
-
-
-@attrs.frozen(kw_only=True)
-class Nic:
-    id: str
-    tap: str
-    mac: str
-    model: str
-    queues: int
-
-    def spec(self) -> NicSpec:
-        return NicSpec(id=self.id, mac=self.mac, model=self.model, tap=self.tap)
 
 
 def open_tap(name: str | None, queues: int) -> tuple[str, list[int]]:
@@ -86,14 +72,12 @@ def hotplug_nic(
     model: str = "virtio-net-pci",
     queues: int = 1,
     timeout: float = 30.0,
-) -> Nic:
-    if not isinstance(queues, int) or isinstance(queues, bool) or not 1 <= queues <= _MAX_QUEUES:
-        raise InvalidArgument(f"nic {nic_id}: queues must be 1..{_MAX_QUEUES}, not {queues!r}")
-    if queues > 1 and model != "virtio-net-pci":
-        raise InvalidArgument(f"nic {nic_id}: multiqueue needs virtio-net-pci, not {model}")
-    mac = mac or random_mac()
-    NicSpec(id=nic_id, mac=mac, model=model, tap=tap)  # validates id, MAC and tap name
+) -> NicSpec:
+    """Open a tap (named ``tap``, or a new one), pass its fds, add the netdev and the device.
+    Returns the NIC as plugged (its tap's name, its MAC: generated when not given)."""
+    wanted = NicSpec(id=nic_id, mac=mac or random_mac(), model=model, tap=tap, queues=queues)  # validates
     tap_name, fds = open_tap(tap, queues)
+    nic = attrs.evolve(wanted, tap=tap_name)
     bound = log.bind(nic=nic_id, tap=tap_name)
     netdev = netdev_id(nic_id)
     fd_names = [f"{nic_id}-tap{i}" for i in range(queues)]
@@ -111,10 +95,7 @@ def hotplug_nic(
                 lambda: qmp.execute("netdev_add", netdev_arguments, timeout=timeout),
                 lambda _: qmp.execute("netdev_del", {"id": netdev}),
             )
-            device: dict[str, Any] = {"driver": model, "id": nic_id, "netdev": netdev, "mac": mac}
-            if queues > 1:
-                device.update({"mq": True, "vectors": 2 * queues + 2})
-            steps.run("device_add", lambda: qmp.execute("device_add", device, timeout=timeout))
+            steps.run("device_add", lambda: qmp.execute("device_add", nic.device_properties(), timeout=timeout))
     except QMPError as exc:
         raise HotplugError(
             f"hotplug of nic {nic_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
@@ -123,7 +104,7 @@ def hotplug_nic(
         for fd in fds:
             os.close(fd)  # QEMU holds its own copies
     bound.info("nic.hotplugged", mac=mac, queues=queues)
-    return Nic(id=nic_id, tap=tap_name, mac=mac, model=model, queues=queues)
+    return nic
 
 
 def _getfd(qmp: Monitor, fd: int, fd_name: str) -> Callable[[], str]:

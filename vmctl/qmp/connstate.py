@@ -1,8 +1,9 @@
 """The one state of a QMP connection, its legal transitions, and the guard that refuses calls.
 
-Like qemu.qmp's ``Runstate`` (named apart from QEMU's own RunState): a connection is CONNECTING until capabilities are negotiated,
-RUNNING while commands may be sent, DISCONNECTED once it failed (QEMU went away or spoke
-garbage: the failure is kept and raised to every later call), and CLOSED once closed locally.
+Like qemu.qmp's ``Runstate`` (named apart from QEMU's own RunState): a connection is CONNECTING
+until capabilities are negotiated, RUNNING while commands may be sent, DISCONNECTED once it
+failed (QEMU went away or spoke garbage: the failure is kept and raised to every later call),
+and CLOSED once closed locally.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import IO, Protocol
 import tenacity
 
 from vmctl.errors import ConnectError, InvalidArgument
+from vmctl.model.validate import check_unix_path
 
 
 class HasFileno(Protocol):
@@ -41,10 +42,7 @@ def socket_target(address: Address) -> tuple[socket.AddressFamily, str | tuple[s
             raise InvalidArgument(f"a TCP address is (host, port), not {address!r}")
         return (socket.AF_INET6 if ":" in address[0] else socket.AF_INET), address
     if isinstance(address, (str, os.PathLike)):
-        path = os.fspath(address)
-        if len(os.fsencode(path)) >= 108:
-            raise InvalidArgument(f"unix socket path is too long for the kernel (max 107 bytes): {path}")
-        return socket.AF_UNIX, path
+        return socket.AF_UNIX, check_unix_path("the monitor", address)
     raise InvalidArgument(f"cannot connect to a {type(address).__name__}; give a path, (host, port) or socket")
 
 

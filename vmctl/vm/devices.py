@@ -113,7 +113,7 @@ class Devices:
         model: str = "virtio-net-pci",
         queues: int = 1,
         timeout: float = 30.0,
-    ) -> nic_ops.Nic:
+    ) -> NicSpec:
         """Add a NIC on a tap device that vmctl opens (``tap`` names it; else the kernel does).
         A MAC is generated when none is given, so it survives migration and re-attach."""
         with self._store.lock:
@@ -121,9 +121,9 @@ class Devices:
             nic = nic_ops.hotplug_nic(
                 self._qmp, self._log, nic_id=id, tap=tap, mac=mac, model=model, queues=queues, timeout=timeout
             )
-            pinned = attrs.evolve(nic.spec(), pci_addr=pci_address(self._qmp, id))
+            pinned = attrs.evolve(nic, pci_addr=pci_address(self._qmp, id))
             self._store.update(lambda inventory: attrs.evolve(inventory, nics=(*inventory.nics, pinned)))
-            return nic
+            return pinned
 
     def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
         with self._store.lock:

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from vmctl.errors import AbnormalExit, CommandError, QMPError, WaitTimeout
+from vmctl.errors import AbnormalExit, CommandError, QMPError, StateError, WaitTimeout
 from vmctl.model.status import ExitStatus, ResetEvent, ShutdownEvent, ShutdownMethod, ShutdownResult
 from vmctl.qmp import Event, Monitor
 from vmctl.vm.logtail import tail
@@ -133,6 +133,8 @@ class Lifecycle:
 
         POWERDOWN presses the ACPI button and waits ``powerdown_timeout`` for the guest; QUIT asks
         QEMU; TERMINATE and KILL send SIGTERM and SIGKILL. Every step's exit is expected."""
+        if self._state is Life.DETACHED:
+            raise StateError(f"{self.name}: this VM object is detached (closed); VM.attach() it again")
         started = time.monotonic()
         if self._process.poll() is not None:
             return self._ended_by(ShutdownMethod.ALREADY_EXITED, started)

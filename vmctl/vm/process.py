@@ -45,6 +45,7 @@ class QemuProcess:
 
     @classmethod
     def start(cls, argv: Sequence[str], *, log_path: Path) -> QemuProcess:
+        _reap_detached()
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
                 list(argv),
@@ -120,10 +121,25 @@ class QemuProcess:
         return True
 
     def close(self) -> None:
+        """Stop tracking the process (it runs on). A child of ours is kept for reaping when it ends."""
         if self._pidfd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._pidfd)
             self._pidfd = -1
+        if self._popen is not None:
+            if self._exit is None:
+                _detached_children.append(self._popen)
+            self._popen = None
+        _reap_detached()
+
+
+# Children whose VM was detached (closed) while they ran: reaped here once they end (a detached
+# VM's QEMU would otherwise stay a zombie for as long as this process lives).
+_detached_children: list[subprocess.Popen[bytes]] = []
+
+
+def _reap_detached() -> None:
+    _detached_children[:] = [p for p in _detached_children if p.poll() is None]
 
 
 def _readable(fd: int, timeout: float) -> bool:

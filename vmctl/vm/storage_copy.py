@@ -16,6 +16,7 @@ from vmctl.model import DiskSpec
 from vmctl.model.names import nbd_client_node as client_node
 from vmctl.ops import nbd as nbd_ops
 from vmctl.ops.blockjobs import Job
+from vmctl.ops.nodes import block_nodes
 from vmctl.qmp import Monitor
 from vmctl.vm.blocks import Blocks
 
@@ -81,7 +82,7 @@ class StorageCopy:
         self._drop()
 
     def _drop(self) -> None:
-        nodes = {str(n.get("node-name")) for n in self.source.execute("query-named-block-nodes", {"flat": True})}
+        nodes = block_nodes(self.source)
         for disk_id in self.disk_ids:
             if client_node(disk_id) in nodes:
                 with contextlib.suppress(QMPError):
