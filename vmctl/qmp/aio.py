@@ -27,7 +27,8 @@ import tenacity
 from vmctl.errors import CommandTimeout, ConnectError, ConnectionLost, InvalidArgument, QMPError
 from vmctl.qmp.callbacks import DisconnectCallback, EventCallback
 from vmctl.qmp.events import EventBuffer, EventFilter, Match
-from vmctl.qmp.messages import Event, Greeting, QEMUVersion
+from vmctl.qmp.face import Face
+from vmctl.qmp.messages import Event
 from vmctl.qmp.protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_QUIET_COMMANDS,
@@ -114,7 +115,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class AsyncMonitor:
+class AsyncMonitor(Face):
     """A QMP connection for asyncio. Create it with :func:`vmctl.qmp.aio.connect`."""
 
     def __init__(
@@ -130,11 +131,10 @@ class AsyncMonitor:
         event_history: int = 1000,
         transcript: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.name = name
         self._loop = asyncio.get_running_loop()
         self._stream = stream
         self._fileno = stream.fileno()
-        self._core = QMPProtocol(
+        core = QMPProtocol(
             name=name,
             max_message_size=max_message_size,
             oob=oob,
@@ -144,6 +144,7 @@ class AsyncMonitor:
             event_history=event_history,
             transcript=transcript,
         )
+        super().__init__(core)
         self._core.on_disconnect = self._on_disconnect
         self._event_callbacks: tuple[tuple[EventFilter, EventCallback], ...] = ()
         self._disconnect_callbacks: tuple[DisconnectCallback, ...] = ()
@@ -181,34 +182,6 @@ class AsyncMonitor:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-    @property
-    def connection_state(self) -> ConnectionState:
-        return self._core.connection_state
-
-    @property
-    def greeting(self) -> Greeting:
-        return self._core.greeting
-
-    @property
-    def version(self) -> QEMUVersion:
-        return self._core.version
-
-    @property
-    def capabilities(self) -> tuple[str, ...]:
-        return self._core.capabilities
-
-    @property
-    def timeouts(self) -> TimeoutPolicy:
-        return self._core.timeouts
-
-    @property
-    def is_connected(self) -> bool:
-        return self._core.connection_state is ConnectionState.RUNNING
-
-    @property
-    def late_replies(self) -> int:
-        return self._core.late_replies
 
     @property
     def fds_held(self) -> int:
@@ -329,10 +302,6 @@ class AsyncMonitor:
         check_timeout(timeout, allow_zero=True)
         with self.events(name, match=match, maxsize=1) as subscription:
             return await subscription.get(timeout)
-
-    def recent_events(self, *names: str, since: float | None = None, match: Match = None) -> list[Event]:
-        """Events from the bounded history, oldest first; ``since`` is QEMU wall-clock seconds."""
-        return self._core.history.query(names, since=since, match=match)
 
     def on_event(self, callback: EventCallback, *names: str, match: Match = None) -> Callable[[], None]:
         """Call ``callback(event)`` (a function or a coroutine function) for matching events,

@@ -26,7 +26,8 @@ from typing import Any, Final
 from vmctl.errors import CommandTimeout, ConnectError, ConnectionLost, InvalidArgument, QMPError
 from vmctl.qmp.callbacks import CallbackRunner, DisconnectCallback, EventCallback
 from vmctl.qmp.events import EventFilter, Match, Subscription
-from vmctl.qmp.messages import Event, Greeting, QEMUVersion
+from vmctl.qmp.face import Face
+from vmctl.qmp.messages import Event
 from vmctl.qmp.protocol import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_QUIET_COMMANDS,
@@ -84,7 +85,7 @@ class _Waiter:
             self.woken = False
 
 
-class Monitor:
+class Monitor(Face):
     """A QMP connection for threads. Create it with :func:`vmctl.qmp.connect`."""
 
     def __init__(
@@ -100,9 +101,8 @@ class Monitor:
         event_history: int = 1000,
         transcript: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.name = name
         self._stream = stream
-        self._core = QMPProtocol(
+        core = QMPProtocol(
             name=name,
             max_message_size=max_message_size,
             oob=oob,
@@ -112,6 +112,7 @@ class Monitor:
             event_history=event_history,
             transcript=transcript,
         )
+        super().__init__(core)
         self._core.on_disconnect = self._on_disconnect
         self._lock = threading.Lock()  # around every call into the core
         self._pump = threading.Lock()  # the read side
@@ -180,48 +181,10 @@ class Monitor:
         self.close()
 
     @property
-    def connection_state(self) -> ConnectionState:
-        return self._core.connection_state
-
-    @property
-    def greeting(self) -> Greeting:
-        return self._core.greeting
-
-    @property
-    def version(self) -> QEMUVersion:
-        return self._core.version
-
-    @property
-    def capabilities(self) -> tuple[str, ...]:
-        """The capabilities negotiated with QEMU (``oob`` when offered)."""
-        return self._core.capabilities
-
-    @property
-    def timeouts(self) -> TimeoutPolicy:
-        return self._core.timeouts
-
-    @property
-    def quiet_commands(self) -> frozenset[str]:
-        return self._core.quiet_commands
-
-    @property
-    def is_connected(self) -> bool:
-        return self._core.connection_state is ConnectionState.RUNNING
-
-    @property
-    def late_replies(self) -> int:
-        """How many commands timed out and still await a reply that will be discarded."""
-        return self._core.late_replies
-
-    @property
     def fds_held(self) -> int:
         """Duplicated fds vmctl holds for commands QEMU has not answered yet."""
         with self._lock:
             return self._core.fds_held
-
-    @property
-    def oversized_events(self) -> int:
-        return self._core.oversized_events
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -486,15 +449,6 @@ class Monitor:
         check_timeout(timeout, allow_zero=True)
         with self.events(name, match=match, maxsize=1) as subscription:
             return subscription.get(timeout)
-
-    def recent_events(self, *names: str, since: float | None = None, match: Match = None) -> list[Event]:
-        """Events from the bounded history, oldest first; ``since`` is QEMU wall-clock seconds."""
-        return self._core.history.query(names, since=since, match=match)
-
-    @property
-    def history_evicted(self) -> int:
-        """Events that fell out of the bounded history."""
-        return self._core.history.evicted
 
     def on_event(self, callback: EventCallback, *names: str, match: Match = None) -> Callable[[], None]:
         """Call ``callback(event)`` for matching events, on a callback thread; returns an unregister function."""
