@@ -1,11 +1,12 @@
-"""Scale: many idle asyncio monitors on one event loop: threads, memory per monitor, idle CPU.
+"""Scale: many idle monitors in one process: threads, memory per monitor, idle CPU, both faces.
 
     .venv/bin/python bench/qmp_scale.py [--qemus 20] [--per-qemu 50] [--idle 10]
 
-Starts ``--qemus`` QEMUs (``-machine none``), each with ``--per-qemu`` QMP sockets, connects one
-``vmctl.qmp.aio`` monitor to every socket from one loop, then measures the process's threads, its
-RSS growth per monitor, and its CPU while all monitors sit idle; finally every monitor answers a
-``query-status`` (they are alive) and all close.
+Starts ``--qemus`` QEMUs (``-machine none``), each with ``--per-qemu`` QMP sockets, and connects one
+monitor to every socket: first ``vmctl.qmp.aio`` monitors from one event loop, then threaded
+``vmctl.qmp.Monitor``s (served while idle by the process's one reactor thread). For each it
+measures the process's threads, its RSS growth per monitor, and its CPU while all monitors sit
+idle; finally every monitor answers a ``query-status`` (they are alive) and all close.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import structlog
 
-from vmctl.qmp import aio
+from vmctl.qmp import aio, connect
 
 
 def status_field(name: str) -> int:
@@ -52,6 +53,32 @@ async def run(paths: list[str], idle: float) -> dict[str, float]:
     round_trip = time.perf_counter() - started
     assert all("status" in r for r in replies)
     await asyncio.gather(*(m.close() for m in monitors))
+    return {
+        "monitors": len(monitors),
+        "threads": threads,
+        "python_threads": threading.active_count(),
+        "rss_per_monitor_kib": (rss_after - rss_before) / len(monitors),
+        "idle_cpu_percent": idle_cpu * 100,
+        "query_all_ms": round_trip * 1000,
+    }
+
+
+def run_threaded(paths: list[str], idle: float) -> dict[str, float]:
+    gc.collect()
+    rss_before = status_field("VmRSS")
+    monitors = [connect(p, timeout=30) for p in paths]
+    gc.collect()
+    rss_after = status_field("VmRSS")
+    threads = status_field("Threads")
+    cpu_before, wall_before = time.process_time(), time.monotonic()
+    time.sleep(idle)
+    idle_cpu = (time.process_time() - cpu_before) / (time.monotonic() - wall_before)
+    started = time.perf_counter()
+    replies = [m.execute("query-status") for m in monitors]
+    round_trip = time.perf_counter() - started
+    assert all("status" in r for r in replies)
+    for m in monitors:
+        m.close()
     return {
         "monitors": len(monitors),
         "threads": threads,
@@ -89,6 +116,7 @@ def main() -> int:
                 command += ["-qmp", f"unix:{path},server=on,wait=off"]
             processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))
         figures = asyncio.run(run(paths, args.idle))
+        threaded = run_threaded(paths, args.idle)
     finally:
         for process in processes:
             process.kill()
@@ -100,6 +128,11 @@ def main() -> int:
     print(f"RSS per monitor               {figures['rss_per_monitor_kib']:.1f} KiB   (goal: <= 32 KiB)")
     print(f"CPU while idle ({args.idle:g} s)        {figures['idle_cpu_percent']:.2f} % of a core   (goal: < 1 %)")
     print(f"query-status on all, at once  {figures['query_all_ms']:.0f} ms")
+    print(f"\n{threaded['monitors']:.0f} idle threaded vmctl.qmp.Monitor monitors (the same QEMUs)\n")
+    print(f"threads in the process        {threaded['threads']:.0f}   (goal: <= 4)")
+    print(f"RSS per monitor               {threaded['rss_per_monitor_kib']:.1f} KiB")
+    print(f"CPU while idle ({args.idle:g} s)        {threaded['idle_cpu_percent']:.2f} % of a core")
+    print(f"query-status on each in turn  {threaded['query_all_ms']:.0f} ms")
     return 0
 
 

@@ -191,3 +191,28 @@ def test_guest_panic_is_reported(vms: VMFactory) -> None:
         assert panicked.wait(30)
     assert panics[0].name == "GUEST_PANICKED"  # type: ignore[attr-defined]
     assert vm.qmp.recent_events("GUEST_PANICKED")
+
+
+def test_many_vms_share_two_vmctl_threads_and_a_crash_is_still_reported(vms: VMFactory) -> None:
+    # Paused: the guests need not boot for QEMU to be watched.
+    machines = [vms.launch(vms.spec(f"many{i}"), wait_ready=False, paused=True) for i in range(8)]
+    for vm in machines:
+        vm.qmp.on_event(lambda event: None, "STOP")  # every monitor with a callback, too
+    names = sorted(t.name for t in threading.enumerate() if t.name.startswith("vmctl-"))
+    assert names == ["vmctl-callbacks", "vmctl-io"]
+    crashes: list[AbnormalExit] = []
+    crashed = threading.Event()
+    victim = machines[3]
+
+    def record(crash: AbnormalExit) -> None:
+        crashes.append(crash)
+        crashed.set()
+
+    victim.on_crash(record)
+    os.kill(victim.pid, signal.SIGKILL)  # from outside: not asked for by vmctl
+    assert crashed.wait(10)
+    assert crashes[0].signal == signal.SIGKILL
+    with pytest.raises(AbnormalExit):
+        victim.wait(1)
+    survivors = [vm for vm in machines if vm is not victim]
+    assert all(not vm.has_exited and vm.status().run_state is RunState.PRELAUNCH for vm in survivors)

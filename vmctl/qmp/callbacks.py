@@ -1,15 +1,20 @@
-"""Runs event and disconnect callbacks on their own thread, never on the thread reading QMP.
+"""Runs event and disconnect callbacks on one shared thread, never on a thread reading QMP.
 
-A callback may therefore call the monitor (even wait for a reply) without deadlocking it. The
-queue is bounded: when callbacks fall behind, further events are dropped and counted.
+A callback may therefore call the monitor (even wait for a reply) without deadlocking it. Every
+monitor (and every VM's lifecycle) of the process hands its callbacks to the same thread, in
+order. Each monitor's share is bounded: when its callbacks fall behind, its further events are
+dropped and counted; a disconnect notice is never dropped.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
+
+import structlog
 
 from vmctl.errors import QMPError
 from vmctl.qmp.events import EventFilter
@@ -18,19 +23,62 @@ from vmctl.qmp.messages import Event
 EventCallback = Callable[[Event], Any]
 DisconnectCallback = Callable[[QMPError | None], Any]
 
-_STOP = object()
+log = structlog.get_logger(__name__)
+
+_DEFAULT_BACKLOG: Final = 1024
+
+
+class CallbackThread:
+    """The process's one thread for user callbacks (and other work that may wait)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], Any]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="vmctl-callbacks", daemon=True)
+        self._thread.start()
+
+    def submit(self, work: Callable[[], Any]) -> None:
+        self._queue.put(work)
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def _run(self) -> None:
+        while True:
+            work = self._queue.get()
+            try:
+                work()
+            except Exception:
+                log.exception("qmp.callback_work_failed")
+
+
+_shared: CallbackThread | None = None
+_shared_pid = -1
+_shared_lock = threading.Lock()
+
+
+def callback_thread() -> CallbackThread:
+    """The process's callback thread (a new one in a forked child)."""
+    global _shared, _shared_pid
+    with _shared_lock:
+        if _shared is None or _shared_pid != os.getpid():
+            _shared, _shared_pid = CallbackThread(), os.getpid()
+        return _shared
 
 
 class CallbackRunner:
-    def __init__(self, *, name: str, log: Any, maxsize: int = 1024) -> None:
+    """One monitor's callbacks, run in order on the shared callback thread."""
+
+    def __init__(self, *, name: str, log: Any, maxsize: int = _DEFAULT_BACKLOG) -> None:
         self._log = log
-        self._queue: queue.Queue[object] = queue.Queue(maxsize)
+        self._maxsize = maxsize
         self._event_callbacks: tuple[tuple[EventFilter, EventCallback], ...] = ()
         self._disconnect_callbacks: tuple[DisconnectCallback, ...] = ()
         self._lock = threading.Lock()
+        self._backlog = 0
+        self._stopped = False
         self.dropped = 0
-        self._thread = threading.Thread(target=self._run, name=f"vmctl-callbacks-{name}", daemon=True)
-        self._thread.start()
+        self._thread = callback_thread()
 
     @property
     def wants_events(self) -> bool:
@@ -58,37 +106,39 @@ class CallbackRunner:
         return remove
 
     def offer_event(self, event: Event) -> None:
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
-            self.dropped += 1
+        with self._lock:
+            if not self._event_callbacks:
+                return
+            if self._backlog >= self._maxsize:
+                self.dropped += 1
+                return
+            self._backlog += 1
+        self._thread.submit(lambda: self._run_event(event))
 
     def offer_disconnect(self, error: QMPError | None) -> None:
-        # Never dropped: block briefly rather than lose the one notice that the VM is gone.
-        try:
-            self._queue.put(("disconnect", error), timeout=1.0)
-        except queue.Full:
-            self._log.error("qmp.disconnect_callback_dropped", reason=str(error))
+        # Never dropped: the one notice that the VM is gone.
+        self._thread.submit(lambda: self._run_disconnect(error))
 
-    def stop(self, timeout: float = 2.0) -> None:
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
+    def stop(self) -> None:
+        """No callbacks after what is queued now (in order: a queued disconnect notice still runs)."""
+        self._thread.submit(self._stop)
+
+    def _stop(self) -> None:
+        self._stopped = True
+
+    def _run_event(self, event: Event) -> None:
+        with self._lock:
+            self._backlog -= 1
+        if self._stopped:
             return
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        for event_filter, callback in self._event_callbacks:
+            self._call(callback, event, event_filter)
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            if isinstance(item, Event):
-                for event_filter, callback in self._event_callbacks:
-                    self._call(callback, item, event_filter)
-            elif isinstance(item, tuple):
-                for disconnect_callback in self._disconnect_callbacks:
-                    self._call(disconnect_callback, item[1])
+    def _run_disconnect(self, error: QMPError | None) -> None:
+        if self._stopped:
+            return
+        for callback in self._disconnect_callbacks:
+            self._call(callback, error)
 
     def _call(self, callback: Callable[[Any], Any], argument: Any, event_filter: EventFilter | None = None) -> None:
         # A user's match or callback that raises is logged; this thread and the others carry on.

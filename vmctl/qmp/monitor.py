@@ -6,11 +6,12 @@ does the reading, writing and waiting. Reading is done by whichever thread needs
 takes the read side (the *pump*) if it is free and reads until it has what it waits for,
 handing replies and events for others to them on the way. A sequential caller therefore reads
 its own reply with no thread switch, and an event that arrives just after a command is read by
-the thread waiting for it. While nobody waits, a background thread holds the pump, so that
-callbacks and a dying QEMU are noticed at once; a caller that finds it reading kicks it off
-through an eventfd. Whoever finds bytes to write writes them (commands from several threads go
-out in one system call); a write that cannot finish before its writer's deadline is left to
-the next writer, never cut short.
+the thread waiting for it. While nobody holds the pump, the process's one reactor thread
+(``vmctl.qmp.reactor``) watches the socket for every monitor, so that callbacks and a dying
+QEMU are noticed at once; it only ever takes a free pump, for one read. Whoever finds bytes to
+write writes them (commands from several threads go out in one system call); a write that
+cannot finish before its writer's deadline is left to the next writer (or the reactor), never
+cut short.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from vmctl.qmp.protocol import (
     ConnectionState,
     QMPProtocol,
 )
+from vmctl.qmp.reactor import READABLE, WRITABLE, reactor
 from vmctl.qmp.schema import QMPSchema
 from vmctl.qmp.stream import SocketStream, Stream
 from vmctl.qmp.timeouts import MAX_WAIT_SLICE, TimeoutPolicy, check_timeout
@@ -48,9 +50,6 @@ RECV_SIZE: Final = 64 * 1024
 # A follower re-checks whether it should read or write at least this often, so progress never
 # depends on a single wake-up being delivered.
 _FOLLOWER_SLICE: Final = 0.01
-# The background reader takes over only after commands have been idle this long, so it never
-# competes with a caller issuing commands back to back.
-_BACKGROUND_IDLE: Final = 0.005
 _POLL_IN: Final = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
@@ -117,8 +116,6 @@ class Monitor(Face):
         self._lock = threading.Lock()  # around every call into the core
         self._pump = threading.Lock()  # the read side
         self._writing = False
-        self._active = 0
-        self._last_activity = time.monotonic()
         self._callbacks: CallbackRunner | None = None
         self._commands: frozenset[str] | None = None
         self._schema: QMPSchema | None = None
@@ -129,14 +126,13 @@ class Monitor(Face):
         self._poller = select.poll()
         self._poller.register(self._fileno, _POLL_IN)
         self._poller.register(self._wakefd, select.POLLIN)
-        self._background_wants_pump = False
-        self._stop = threading.Event()
-        self._background: threading.Thread | None = None
+        self._reactor = reactor()
+        self._registered = False
 
     # -- connection lifecycle --------------------------------------------------------------
 
     def _handshake(self, timeout: float) -> None:
-        """Read the greeting and negotiate capabilities; then start the background reader."""
+        """Read the greeting and negotiate capabilities; then let the reactor watch while idle."""
         deadline = time.monotonic() + timeout
         core = self._core
         with self._pump:
@@ -149,8 +145,8 @@ class Monitor(Face):
                 self._read_once(remaining)
         if core.connection_state is not ConnectionState.RUNNING:
             raise core.handshake_error()
-        self._background = threading.Thread(target=self._background_reader, name=f"vmctl-qmp-{self.name}", daemon=True)
-        self._background.start()
+        self._reactor.register(self._fileno, self._on_ready, self._idle_events())
+        self._registered = True
 
     def close(self) -> None:
         """Close the connection. Pending commands fail with ``ConnectionLost``; idempotent."""
@@ -158,11 +154,9 @@ class Monitor(Face):
             if self._core.connection_state is ConnectionState.CLOSED:
                 return
             self._core.close()
-        self._stop.set()
+        self._unregister()
         self._kick()
         self._stream.shutdown()
-        if self._background is not None and self._background is not threading.current_thread():
-            self._background.join(2.0)
         # Close the fds only once no reader can be inside poll() on them.
         got_pump = self._pump.acquire(timeout=2.0)
         try:
@@ -215,7 +209,6 @@ class Monitor(Face):
         core = self._core
         with self._lock:
             cmd = core.command(command, arguments, fds=fd_list, timeout=timeout, oob=oob, waker=waiter)
-            self._active += 1
             out = None
             if not self._writing:
                 out = core.data_to_send()
@@ -235,10 +228,6 @@ class Monitor(Face):
             with self._lock:
                 self._core.abandon(cmd)
             raise
-        finally:
-            with self._lock:
-                self._active -= 1
-                self._last_activity = time.monotonic()
         return cmd.result()
 
     def human(self, command_line: str, *, timeout: float | None = None) -> str:
@@ -260,8 +249,6 @@ class Monitor(Face):
                 self._flush(cmd.deadline)
             if self._read_for(done, cmd.deadline):
                 continue
-            if self._background_wants_pump:
-                self._kick()
             waiter.wait(self._lock, min(remaining, _FOLLOWER_SLICE))
 
     def _read_for(self, done: Callable[[], bool], deadline: float) -> bool:
@@ -269,6 +256,7 @@ class Monitor(Face):
         if not self._pump.acquire(False):
             return False
         try:
+            self._disarm()  # this thread reads now: the reactor need not wake for it
             while not done() and self._core.connection_state is ConnectionState.RUNNING:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -279,8 +267,9 @@ class Monitor(Face):
         return True
 
     def _release_pump(self) -> None:
-        """Give up the read side and wake one waiter, so that someone keeps reading."""
+        """Give up the read side: the reactor watches again, and one waiter is woken to read."""
         self._pump.release()
+        self._arm()
         core = self._core
         if not (core.has_waiters or core.subscriptions):
             return  # nobody to hand over to; whoever comes next finds the pump free
@@ -349,7 +338,9 @@ class Monitor(Face):
                     self._writing = False
                     left_over = core.wants_write
                 if left_over:
-                    self._kick()  # whoever holds the read side picks the write up
+                    self._kick()  # a thread holding the read side picks the write up ...
+                    if self._pump.acquire(False):
+                        self._release_pump()  # ... or, if none, the reactor (armed for writing)
 
     # -- reading (only by the pump holder) --------------------------------------------------
 
@@ -373,55 +364,65 @@ class Monitor(Face):
                 if mask & select.POLLOUT:
                     self._flush(time.monotonic() + _FOLLOWER_SLICE)
                 readable = bool(mask & _POLL_IN)
-        if not readable:
-            return kicked
+        if readable:
+            self._receive()
+        return kicked
+
+    def _receive(self) -> None:
+        """Read what QEMU sent (the caller holds the read side) and hand it to the core."""
+        core = self._core
         try:
             data = self._stream.recv(RECV_SIZE)
         except BlockingIOError:
-            return kicked
+            return
         except OSError as exc:
             with self._lock:
                 core.fail(ConnectionLost, f"{self.name}: reading from QEMU failed: {exc}")
-            return kicked
+            return
         with self._lock:
             core.receive_data(data)
         if core.wants_write and not self._writing:
             self._flush(time.monotonic() + _FOLLOWER_SLICE)  # e.g. a command that waited for the fd slot
-        return kicked
+
+    # -- the reactor (while nobody else reads) ----------------------------------------------
+
+    def _on_ready(self, events: int) -> None:
+        """On the reactor thread: QEMU sent something, or the socket takes the bytes left to write."""
+        if not self._pump.acquire(False):
+            return  # a thread reads already; it re-arms the reactor when it lets go
+        try:
+            if self._core.connection_state is not ConnectionState.RUNNING:
+                return
+            if events & WRITABLE:
+                self._flush(time.monotonic())  # never blocks the reactor
+            if events & ~WRITABLE:
+                self._receive()
+        finally:
+            self._release_pump()
+
+    def _idle_events(self) -> int:
+        return READABLE | (WRITABLE if self._core.wants_write and not self._writing else 0)
+
+    def _arm(self) -> None:
+        if self._registered and self._core.connection_state is ConnectionState.RUNNING:
+            self._reactor.arm(self._fileno, self._idle_events())
+
+    def _disarm(self) -> None:
+        if self._registered:
+            self._reactor.arm(self._fileno, 0)
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self._reactor.unregister(self._fileno)
 
     def _on_disconnect(self, error: QMPError | None) -> None:
         # Called by the core (under the lock) when the connection ends.
-        self._stop.set()
+        self._unregister()
         if error is not None:
             self._stream.shutdown()
         if self._callbacks is not None:
             self._callbacks.offer_disconnect(error)
-
-    def _background_reader(self) -> None:
-        stop = self._stop
-        while not stop.is_set():
-            with self._lock:
-                busy = self._active > 0 or time.monotonic() - self._last_activity < _BACKGROUND_IDLE
-            if busy:
-                stop.wait(_BACKGROUND_IDLE)
-                continue
-            self._background_wants_pump = True
-            try:
-                if not self._pump.acquire(False):
-                    stop.wait(_BACKGROUND_IDLE)
-                    continue
-                try:
-                    self._background_read()
-                finally:
-                    self._release_pump()
-            finally:
-                self._background_wants_pump = False
-
-    def _background_read(self) -> None:
-        """Read (and finish any write left over) while idle; step down when kicked by a caller."""
-        while not self._stop.is_set() and self._core.connection_state is ConnectionState.RUNNING:
-            if self._read_once(MAX_WAIT_SLICE) or self._active:
-                return
 
     # -- events -----------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Whether a VM's QEMU is alive, and everything that changes it: one state, one transition function,
-one escalation routine, and the watcher that notices an exit (pidfd) or a lost monitor.
+one escalation routine, and the watch that notices an exit (the pidfd, on the process's one
+reactor thread) or a lost monitor, classified on the shared callback thread.
 
 ``Life`` moves only forward: RUNNING, then STOPPING once vmctl asked QEMU to go (its exit is then
 expected), then EXITED or CRASHED; DETACHED when vmctl stops watching and QEMU runs on.
@@ -10,8 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
-import os
-import select
 import signal
 import threading
 import time
@@ -23,6 +22,8 @@ from typing import Any, Final
 from vmctl.errors import AbnormalExit, CommandError, QMPError, StateError, WaitTimeout
 from vmctl.model.status import ExitStatus, ResetEvent, ShutdownEvent, ShutdownMethod, ShutdownResult
 from vmctl.qmp import Event, Monitor
+from vmctl.qmp.callbacks import callback_thread
+from vmctl.qmp.reactor import reactor
 from vmctl.vm.logtail import tail
 from vmctl.vm.process import QemuProcess
 
@@ -66,7 +67,6 @@ class Lifecycle:
         self._lock = threading.Lock()
         self._state = Life.RUNNING
         self._ended = threading.Event()  # EXITED or CRASHED reached
-        self._monitor_gone = threading.Event()
         self.exit_status: ExitStatus | None = None
         self.crash: AbnormalExit | None = None
         self._expected_resets = 0
@@ -77,13 +77,13 @@ class Lifecycle:
             "panic": (),
             "crash": (),
         }
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._callbacks_thread = callback_thread()
+        self._reactor = reactor()
         qmp.on_event(self._on_reset, "RESET")
         qmp.on_event(self._on_shutdown, "SHUTDOWN")
         qmp.on_event(self._on_panic, "GUEST_PANICKED")
         qmp.on_disconnect(self._on_monitor_gone)
-        self._watcher = threading.Thread(target=self._watch, name=f"vmctl-watch-{name}", daemon=True)
-        self._watcher.start()
+        self._reactor.register(process.fileno(), self._on_pidfd)
 
     # -- the state -----------------------------------------------------------------------
 
@@ -118,11 +118,7 @@ class Lifecycle:
         """Stop watching (QEMU is left as it is); idempotent."""
         if not self.transition(Life.DETACHED):
             return
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake, 1)
-        if self._watcher is not threading.current_thread():
-            self._watcher.join(2.0)
-        os.close(self._wake)
+        self._reactor.unregister(self._process.fileno())
 
     # -- ending it, escalating -----------------------------------------------------------
 
@@ -249,10 +245,14 @@ class Lifecycle:
         self._notify("panic", event)
 
     def _on_monitor_gone(self, error: QMPError | None) -> None:
-        if error is not None:
-            self._monitor_gone.set()
-            with contextlib.suppress(OSError):
-                os.eventfd_write(self._wake, 1)
+        # On the callback thread: the monitor is gone, but is QEMU? (It may take a moment to exit.)
+        if error is None:
+            return
+        if self._state is Life.DETACHED or self._ended.is_set():
+            return
+        if self._process.wait(0.1) is None and not self._expected():
+            self._crashed("QEMU's monitor connection was lost while QEMU still runs", None)
+            self._ended.set()
 
     # -- the watcher ---------------------------------------------------------------------
 
@@ -264,34 +264,30 @@ class Lifecycle:
         lifecycle = self._qmp.recent_events("SHUTDOWN", "RESUME")
         return bool(lifecycle) and lifecycle[-1].name == "SHUTDOWN"
 
-    def _watch(self) -> None:
-        """Notice QEMU's exit (its pidfd) or the loss of its monitor, and classify it."""
-        poller = select.poll()
-        poller.register(self._process.fileno(), select.POLLIN)
-        poller.register(self._wake, select.POLLIN)
-        while True:
-            ready = {fd for fd, _ in poller.poll()}
-            if self._process.fileno() in ready:
-                status = self._process.poll()
-                assert status is not None
-                self._monitor_gone.wait(_LAST_WORDS)
-                self.exit_status = status
-                if self._expected():
-                    self.transition(Life.EXITED)
-                    self._log.info("vm.exited", exit=str(status))
-                else:
-                    self._crashed(f"QEMU exited unexpectedly: {status}", status)
-                self._ended.set()
-                return
-            with contextlib.suppress(OSError):
-                os.eventfd_read(self._wake)
-            if self._state is Life.DETACHED:
-                return
-            lost = self._monitor_gone.is_set() and self._process.wait(0.1) is None
-            if lost and not self._expected():
-                self._crashed("QEMU's monitor connection was lost while QEMU still runs", None)
-                self._ended.set()
-                return
+    def _on_pidfd(self, events: int) -> None:
+        # On the reactor thread: QEMU exited. Classifying may wait a little: not here.
+        self._reactor.unregister(self._process.fileno())
+        self._callbacks_thread.submit(self._on_exit)
+
+    def _on_exit(self) -> None:
+        """QEMU exited: an expected exit, or a crash (on the callback thread)."""
+        if self._state is Life.DETACHED or self._ended.is_set():
+            return
+        status = self._process.poll()
+        if status is None:
+            return
+        # Let the reader take in what QEMU said before it died (a SHUTDOWN event): it is done
+        # once it has seen the connection close.
+        deadline = time.monotonic() + _LAST_WORDS
+        while self._qmp.is_connected and time.monotonic() < deadline:
+            time.sleep(0.002)
+        self.exit_status = status
+        if self._expected():
+            self.transition(Life.EXITED)
+            self._log.info("vm.exited", exit=str(status))
+        else:
+            self._crashed(f"QEMU exited unexpectedly: {status}", status)
+        self._ended.set()
 
     def _crashed(self, message: str, status: ExitStatus | None) -> None:
         crash = AbnormalExit(
