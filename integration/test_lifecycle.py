@@ -216,3 +216,28 @@ def test_many_vms_share_two_vmctl_threads_and_a_crash_is_still_reported(vms: VMF
         victim.wait(1)
     survivors = [vm for vm in machines if vm is not victim]
     assert all(not vm.has_exited and vm.status().run_state is RunState.PRELAUNCH for vm in survivors)
+
+
+def test_with_2000_fds_open_vms_launch_attach_crash_and_shut_down(vms: VMFactory, tmp_path: Path) -> None:
+    # A control plane with hundreds of VMs holds thousands of fds: nothing may use select().
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(2000)]
+    try:
+        assert min(held) < 1024 < max(held)
+        first = vms.launch(vms.spec("fds1"), wait_ready=False, paused=True)
+        first.close()
+        again = VM.attach(first.run_dir)
+        vms.vms[vms.vms.index(first)] = again
+        assert again.status().run_state is RunState.PRELAUNCH
+        assert again.qmp.execute("query-status")["status"] == "prelaunch"
+        killed = again.kill()
+        assert killed.signal is None and killed.code is None  # attached: not our child any more
+        second = vms.launch(vms.spec("fds2"))
+        result = second.shutdown(timeout=30)
+        assert result.method is ShutdownMethod.POWERDOWN and result.exit.code == 0
+        third = vms.launch(vms.spec("fds3"), wait_ready=False, paused=True)
+        os.kill(third.pid, signal.SIGKILL)
+        with pytest.raises(AbnormalExit):
+            third.wait(10)
+    finally:
+        for fd in held:
+            os.close(fd)
