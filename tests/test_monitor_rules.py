@@ -17,6 +17,7 @@ from vmctl.errors import CommandTimeout, ConnectionLost, EventMatchError, Invali
 from vmctl.qmp import ConnectionState, Monitor, connect
 from vmctl.qmp.messages import Event
 from vmctl.qmp.monitor import Monitor as MonitorClass
+from vmctl.qmp.protocol import QMPProtocol
 from vmctl.qmp.stream import MemoryStream
 from vmctl.testing import FakeQEMU
 
@@ -219,7 +220,7 @@ def test_the_memory_stream_pair_drives_the_threaded_face() -> None:
 
     server = threading.Thread(target=qemu, daemon=True)
     server.start()
-    monitor = MonitorClass(ours, name="memory")
+    monitor = MonitorClass(ours, QMPProtocol(name="memory"))
     try:
         monitor._handshake(5)
         assert monitor.connection_state is ConnectionState.RUNNING and str(monitor.version) == "10.0.0"

@@ -118,32 +118,11 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class AsyncMonitor(Face):
     """A QMP connection for asyncio. Create it with :func:`vmctl.qmp.aio.connect`."""
 
-    def __init__(
-        self,
-        stream: Stream,
-        *,
-        name: str,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        oob: bool = True,
-        timeouts: TimeoutPolicy | None = None,
-        quiet_commands: Iterable[str] = DEFAULT_QUIET_COMMANDS,
-        quiet_events: Iterable[str] = DEFAULT_QUIET_EVENTS,
-        event_history: int = 1000,
-        transcript: str | os.PathLike[str] | None = None,
-    ) -> None:
+    def __init__(self, stream: Stream, core: QMPProtocol) -> None:
+        """Drive ``core`` (a fresh ``QMPProtocol``) over ``stream``; :func:`connect` makes both."""
         self._loop = asyncio.get_running_loop()
         self._stream = stream
         self._fileno = stream.fileno()
-        core = QMPProtocol(
-            name=name,
-            max_message_size=max_message_size,
-            oob=oob,
-            timeouts=timeouts,
-            quiet_commands=quiet_commands,
-            quiet_events=quiet_events,
-            event_history=event_history,
-            transcript=transcript,
-        )
         super().__init__(core)
         self._core.on_disconnect = self._on_disconnect
         self._event_callbacks: tuple[tuple[EventFilter, EventCallback], ...] = ()
@@ -410,8 +389,7 @@ async def connect(
     started = time.monotonic()
     sock = await open_socket(address, timeout=timeout)
     try:
-        monitor = AsyncMonitor(
-            SocketStream(sock),
+        core = QMPProtocol(
             name=name or describe(address),
             max_message_size=max_message_size,
             oob=oob,
@@ -421,6 +399,7 @@ async def connect(
             event_history=event_history,
             transcript=transcript,
         )
+        monitor = AsyncMonitor(SocketStream(sock), core)
     except BaseException:
         sock.close()
         raise

@@ -87,30 +87,9 @@ class _Waiter:
 class Monitor(Face):
     """A QMP connection for threads. Create it with :func:`vmctl.qmp.connect`."""
 
-    def __init__(
-        self,
-        stream: Stream,
-        *,
-        name: str,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        oob: bool = True,
-        timeouts: TimeoutPolicy | None = None,
-        quiet_commands: Iterable[str] = DEFAULT_QUIET_COMMANDS,
-        quiet_events: Iterable[str] = DEFAULT_QUIET_EVENTS,
-        event_history: int = 1000,
-        transcript: str | os.PathLike[str] | None = None,
-    ) -> None:
+    def __init__(self, stream: Stream, core: QMPProtocol) -> None:
+        """Drive ``core`` (a fresh ``QMPProtocol``) over ``stream``; :func:`connect` makes both."""
         self._stream = stream
-        core = QMPProtocol(
-            name=name,
-            max_message_size=max_message_size,
-            oob=oob,
-            timeouts=timeouts,
-            quiet_commands=quiet_commands,
-            quiet_events=quiet_events,
-            event_history=event_history,
-            transcript=transcript,
-        )
         super().__init__(core)
         self._core.on_disconnect = self._on_disconnect
         self._lock = threading.Lock()  # around every call into the core
@@ -121,8 +100,8 @@ class Monitor(Face):
         self._schema: QMPSchema | None = None
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._fileno = stream.fileno()
-        # The pump holder's poll set: the stream, and the eventfd through which callers kick it
-        # (to take over the read side, or because a write was left for it to finish).
+        # The pump holder's poll set: the stream, and the eventfd through which a writer that
+        # stepped down kicks it (a write was left for it to finish).
         self._poller = select.poll()
         self._poller.register(self._fileno, _POLL_IN)
         self._poller.register(self._wakefd, select.POLLIN)
@@ -520,8 +499,7 @@ def connect(
     started = time.monotonic()
     sock = open_socket(address, timeout=timeout)
     try:
-        monitor = Monitor(
-            SocketStream(sock),
+        core = QMPProtocol(
             name=name or describe(address),
             max_message_size=max_message_size,
             oob=oob,
@@ -531,6 +509,7 @@ def connect(
             event_history=event_history,
             transcript=transcript,
         )
+        monitor = Monitor(SocketStream(sock), core)
     except BaseException:
         sock.close()
         raise
