@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # vmctl's one entry point for people and CI:
 #   ./run.sh demo          the demo (installs what it needs first)
-#   ./run.sh test [ARGS]   lint, type-check, unit and integration tests (ARGS go to pytest)
+#   ./run.sh test [ARGS]   lint, type-check, unit and integration tests (on QEMU 7.2, then 10.0;
+#                          ARGS go to one pytest run instead)
 #   ./run.sh bench         the benchmarks under bench/
 #   ./run.sh setup         only install: Debian packages, the virtualenv at .venv/, the test guest
 set -euo pipefail
@@ -41,6 +42,54 @@ ensure_venv() {
     fi
 }
 
+# QEMU 10.0 from Debian's bookworm-backports, unpacked into .cache/ (the system keeps its QEMU):
+# apt's own Debian entry, copied with that suite into a private apt configuration.
+QEMU10_DIR="$PWD/.cache/qemu-10.0"
+QEMU10="$QEMU10_DIR/qemu-system-x86_64"
+
+ensure_qemu10() {
+    [ -x "$QEMU10" ] && [ -x "$QEMU10_DIR/usr/bin/qemu-system-x86_64" ] && return
+    echo "==> QEMU 10.0 (Debian bookworm-backports) into .cache/qemu-10.0/"
+    local apt_dir="$PWD/.cache/apt-backports"
+    rm -rf "$apt_dir" "$QEMU10_DIR"
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/debs" "$QEMU10_DIR"
+    local sources
+    sources=$(python3 - "$apt_dir" <<'PY'
+import pathlib, re, sys
+out = pathlib.Path(sys.argv[1])
+deb822 = pathlib.Path("/etc/apt/sources.list.d/debian.sources")
+if deb822.exists():
+    for stanza in deb822.read_text().split("\n\n"):
+        if re.search(r"^Suites:.*\bbookworm\b", stanza, re.M) and "security" not in stanza:
+            (out / "backports.sources").write_text(re.sub(r"^Suites:.*$", "Suites: bookworm-backports", stanza, flags=re.M).strip() + "\n")
+            print(out / "backports.sources")
+            sys.exit(0)
+for line in pathlib.Path("/etc/apt/sources.list").read_text().splitlines():
+    fields = line.split()
+    if len(fields) >= 3 and fields[0] == "deb" and fields[2] == "bookworm":
+        (out / "backports.list").write_text(" ".join([*fields[:2], "bookworm-backports", *fields[3:]]) + "\n")
+        print(out / "backports.list")
+        sys.exit(0)
+sys.exit("no Debian bookworm entry in apt's sources to take the backports suite from")
+PY
+    )
+    local opts=(-o Dir::Etc::SourceList=/dev/null -o Dir::Etc::SourceParts=/dev/null -o "Dir::Etc::sourcelist=$sources"
+        -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o APT::Sandbox::User=root)
+    apt-get "${opts[@]}" -qq update
+    (cd "$apt_dir/debs" && apt-get "${opts[@]}" -qq download \
+        qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports qemu-system-data/bookworm-backports)
+    for deb in "$apt_dir"/debs/*.deb; do dpkg-deb -x "$deb" "$QEMU10_DIR"; done
+    cat >"$QEMU10" <<'SH'
+#!/bin/sh
+# QEMU 10.0 unpacked by run.sh: its own firmware and data first, then the system's.
+here=$(dirname "$(readlink -f "$0")")
+exec "$here/usr/bin/qemu-system-x86_64" -L "$here/usr/share/qemu" -L /usr/share/qemu "$@"
+SH
+    chmod +x "$QEMU10"
+    rm -rf "$apt_dir"
+    "$QEMU10" --version | head -n 1 | sed 's/^/    /'
+}
+
 ensure_guest() {
     echo "==> test guest (built once into .cache/)"
     .venv/bin/python -c 'from vmctl.testing import TestGuest; print("   ", TestGuest.ensure().kernel.parent)'
@@ -50,6 +99,7 @@ setup() {
     ensure_system
     ensure_venv
     ensure_guest
+    ensure_qemu10
 }
 
 lint() {
@@ -69,9 +119,17 @@ demo)
 test)
     setup
     lint
-    echo "==> pytest"
     shift
-    exec .venv/bin/python -m pytest "$@"
+    if (($#)); then
+        exec .venv/bin/python -m pytest "$@" # a developer's own selection, on the system's QEMU
+    fi
+    echo "==> pytest: unit tests, and integration tests on QEMU $(qemu-system-x86_64 --version | head -n 1 | awk '{print $4}')"
+    first=0 second=0
+    .venv/bin/python -m pytest || first=$?
+    echo "==> pytest: integration tests again, on QEMU 10.0 (VMCTL_QEMU=.cache/qemu-10.0/qemu-system-x86_64)"
+    VMCTL_QEMU="$QEMU10" .venv/bin/python -m pytest integration || second=$?
+    if [ "$first" != 0 ]; then exit "$first"; fi
+    exit "$second"
     ;;
 bench)
     setup
@@ -82,7 +140,7 @@ bench)
     exec .venv/bin/python bench/migration.py
     ;;
 *)
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

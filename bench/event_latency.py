@@ -28,6 +28,7 @@ from pathlib import Path
 import structlog
 
 from vmctl.qmp import aio, connect
+from vmctl.vm.process import qemu_binary
 
 
 class Trigger:
@@ -93,7 +94,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=500)
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
-    qemu = shutil.which("qemu-system-x86_64")
+    qemu = qemu_binary()
     if qemu is None:
         print("qemu-system-x86_64 is required", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from pathlib import Path
 import structlog
 
 from vmctl.qmp import aio, connect
+from vmctl.vm.process import qemu_binary
 
 
 def status_field(name: str) -> int:
@@ -102,7 +103,7 @@ def main() -> int:
             subprocess.run([sys.executable, __file__, *common, "--face", face], check=True)
         return 0
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
-    qemu = shutil.which("qemu-system-x86_64")
+    qemu = qemu_binary()
     if qemu is None:
         print("qemu-system-x86_64 is required", file=sys.stderr)
         return 2

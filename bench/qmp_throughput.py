@@ -31,6 +31,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vmctl.qmp import aio, connect
+from vmctl.vm.process import qemu_binary
 
 CONCURRENCY = 8
 
@@ -154,7 +155,7 @@ def main() -> int:
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     logging.getLogger("qemu").setLevel(logging.WARNING)
-    qemu = shutil.which("qemu-system-x86_64")
+    qemu = qemu_binary()
     if qemu is None:
         print("qemu-system-x86_64 is required", file=sys.stderr)
         return 2

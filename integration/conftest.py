@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,11 +14,12 @@ import pytest
 from vmctl import VM, VMSpec
 from vmctl.qmp import Monitor, connect
 from vmctl.testing import READY_MARKER, TestGuest
+from vmctl.vm.process import qemu_binary
 
 REPO = Path(__file__).resolve().parent.parent
 BOOT_TIMEOUT = 60.0
 
-QEMU = shutil.which("qemu-system-x86_64")
+QEMU = qemu_binary()  # $VMCTL_QEMU selects another QEMU for the whole suite
 _started: list[subprocess.Popen[bytes]] = []
 
 

@@ -20,6 +20,7 @@ from vmctl.ops.nodes import block_nodes
 from vmctl.qmp import Event
 from vmctl.testing import READY_MARKER, GuestShell, TestGuest
 from vmctl.vm import VM
+from vmctl.vm.process import qemu_binary
 
 
 class _Printer:
@@ -41,7 +42,7 @@ class _Printer:
 
 def run_demo(out: TextIO, *, cache_dir: Path | None = None) -> int:
     printer = _Printer(out)
-    if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None:
+    if qemu_binary() is None or shutil.which("qemu-img") is None:
         printer.say("QEMU is missing: apt-get install qemu-system-x86 qemu-utils (./run.sh demo does it)")
         return 2
     work = Path(tempfile.mkdtemp(prefix="vmctl-demo-"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from vmctl.vm.lifecycle import STEPS, Life, Lifecycle
 from vmctl.vm.logtail import tail
 from vmctl.vm.migration import Migrations
 from vmctl.vm.process import QemuProcess
+from vmctl.vm.process import qemu_binary as default_qemu
 from vmctl.vm.statefile import STATE_FILE, VMRecord, read_record
 from vmctl.vm.store import StateStore
 
@@ -137,9 +137,11 @@ class VM:
         directory = Path(run_dir).resolve()
         directory.mkdir(parents=True, exist_ok=True)
         _refuse_live_vm(directory)
-        binary = qemu_binary or shutil.which("qemu-system-x86_64")
+        binary = qemu_binary or default_qemu()
         if binary is None:
-            raise LaunchError("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+            raise LaunchError(
+                "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86, or set VMCTL_QEMU)"
+            )
         for leftover in (QMP_SOCKET, SHELL_SOCKET, STATE_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (directory / leftover).unlink()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -17,6 +18,12 @@ from pathlib import Path
 
 from vmctl.errors import StaleState
 from vmctl.model.status import ExitStatus
+
+
+def qemu_binary() -> str | None:
+    """The QEMU to run: ``$VMCTL_QEMU`` if set (for everything: library, tests, demo, bench), else
+    ``qemu-system-x86_64`` from the PATH; None if there is none."""
+    return os.environ.get("VMCTL_QEMU") or shutil.which("qemu-system-x86_64")
 
 
 def start_time(pid: int) -> int:
