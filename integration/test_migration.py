@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import threading
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.conftest import TwoHosts, VMFactory
+from integration.conftest import REPO, TwoHosts, VMFactory
 from vmctl import VM, RunState
 from vmctl.errors import AbnormalExit, InvalidArgument, MigrationError
 from vmctl.testing import GuestShell
@@ -234,3 +235,22 @@ def test_copy_storage_migration_carries_the_disk(vms: VMFactory, tmp_path: Path)
     target.unplug_disk("data1")
     compare = subprocess.run(["qemu-img", "compare", str(image), str(copy)], capture_output=True, text=True)
     assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def test_a_guest_moves_from_qemu_7_2_to_10_0_on_a_pinned_machine_type_with_its_data(vms: VMFactory) -> None:
+    # A control plane upgrades QEMU under running guests: the machine type pins what the guest sees.
+    old = shutil.which("qemu-system-x86_64")
+    new = REPO / ".cache" / "qemu-10.0" / "qemu-system-x86_64"
+    if old is None or not new.exists():
+        pytest.fail("needs the system's QEMU 7.2 and .cache/qemu-10.0 (./run.sh setup installs both)")
+    source = vms.launch(vms.spec("old", machine="pc-i440fx-7.2"), qemu_binary=old)
+    assert (source.qmp.version.major, source.qmp.version.minor) == (7, 2)
+    write_pattern(source)
+    target = incoming(vms, source, "new", qemu_binary=str(new))
+    assert target.qmp.version.major == 10
+    result = source.migrate(target).wait(120)
+    assert result.status == "completed"
+    assert target.status().run_state is RunState.RUNNING
+    running = target.qmp.execute("qom-get", {"path": "/machine", "property": "type"})
+    assert running == "pc-i440fx-7.2-machine"  # QEMU 10.0 emulates the 7.2 machine, not its own
+    assert pattern_intact(target)  # the guest's memory arrived whole, and its shell answers
