@@ -206,9 +206,7 @@ class Migration:
         for monitor in self._monitors():
             with contextlib.suppress(QMPError):  # a side may already have paused by itself
                 monitor.execute("migrate-pause", oob=True)
-        self.wait_for_status("postcopy-paused", timeout=timeout)
-        if self._target_events is not None:
-            _wait_status(self._target_events, "postcopy-paused", timeout, "the incoming side")
+        self.wait_for_status("postcopy-paused", timeout=timeout)  # on both sides
 
     def recover(self, *, listen: tuple[str, int] | None = None, uri: str | None = None) -> None:
         """Resume a paused postcopy migration over a new connection: the target listens again
@@ -244,8 +242,17 @@ class Migration:
                 raise
 
     def wait_for_status(self, status: str, *, timeout: float) -> None:
-        """Wait until the migration reaches ``status`` (e.g. ``pre-switchover``, ``postcopy-active``)."""
+        """Wait until the migration reaches ``status`` (e.g. ``pre-switchover``, ``postcopy-active``).
+
+        A postcopy status is reached when both sides are in it: the target switches to postcopy
+        a moment after the source, and until then it cannot be paused (a link that breaks in
+        between leaves it waiting on a dead socket)."""
         deadline = time.monotonic() + timeout
+        self._wait_source_status(status, deadline, timeout)
+        if status in POSTCOPY and self._target_events is not None:
+            _wait_status(self._target_events, status, max(0.0, deadline - time.monotonic()), "the incoming side")
+
+    def _wait_source_status(self, status: str, deadline: float, timeout: float) -> None:
         while self._status != status:
             if self._status in TERMINAL:
                 raise MigrationError(
