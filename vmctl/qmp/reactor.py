@@ -57,10 +57,6 @@ class Reactor:
                 with contextlib.suppress(OSError, ValueError):
                     self._epoll.unregister(fd)
 
-    @property
-    def watched(self) -> int:
-        return len(self._handlers)
-
     def _run(self) -> None:
         while True:
             try:

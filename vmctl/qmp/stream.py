@@ -82,7 +82,6 @@ class MemoryStream:
         self._closed = False
         self._ready = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.peer: MemoryStream | None = None
-        self.sent_chunks: list[bytes] = []  # every write, as the sender made it (for tests)
 
     @classmethod
     def pair(cls) -> tuple[MemoryStream, MemoryStream]:
@@ -104,7 +103,6 @@ class MemoryStream:
             if fds:
                 peer._inbox_fds.append((peer._read_offset + len(peer._inbox), [os.dup(fd) for fd in fds]))
             peer._inbox += data
-            self.sent_chunks.append(bytes(data))
             peer._signal()
         return len(data)
 
