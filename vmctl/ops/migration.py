@@ -15,6 +15,8 @@ from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor, Subscription
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
+# How long a completed migration's final figures may take to appear in query-migrate.
+_RESULT_SETTLE = 2.0
 POSTCOPY = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
 
 
@@ -317,6 +319,12 @@ class Migration:
 
     def _finish(self) -> MigrationResult:
         info = self.source.execute("query-migrate")
+        # QEMU enters (and announces) "completed" a moment before it computes the final times:
+        # a query in between reads 0. Ask again, briefly, until the figures are in.
+        settle = time.monotonic() + _RESULT_SETTLE
+        while self._status == "completed" and not info.get("total-time") and time.monotonic() < settle:
+            time.sleep(0.005)
+            info = self.source.execute("query-migrate")
         if self._status != "completed":
             self._end(self._status)
             raise MigrationError(
