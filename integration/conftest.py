@@ -103,6 +103,11 @@ def guest() -> TestGuest:
 _RUN_DIR_MARK = f"vmctl-it{os.getpid()}-"
 
 
+def make_image(path: Path, fmt: str, size: str = "64M") -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), size], check=True)
+    return path
+
+
 class VMFactory:
     """Launches test-guest VMs and makes sure every one of them is gone after the test."""
 

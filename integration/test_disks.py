@@ -9,18 +9,13 @@ from typing import Any
 import attrs
 import pytest
 
-from integration.conftest import VMFactory
+from integration.conftest import VMFactory, make_image
 from vmctl import VM
 from vmctl.errors import CommandError, DeviceExists, HotplugError, InvalidArgument, UnknownDevice
 from vmctl.model import DiskFormat, DiskSpec, Throttle
 from vmctl.model.names import fdset_tag
 from vmctl.ops import disks as disk_ops
 from vmctl.testing import GuestShell
-
-
-def make_image(path: Path, fmt: str, size: str = "64M") -> Path:
-    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), size], check=True)
-    return path
 
 
 def guest_disk(shell: GuestShell, serial: str) -> str | None:
@@ -39,13 +34,15 @@ def leftovers(vm: VM, disk_id: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
-def test_hotplug_write_read_back_and_unplug(vms: VMFactory, tmp_path: Path, fmt: DiskFormat) -> None:
-    vm = vms.launch()
+@pytest.mark.parametrize(("fmt", "machine"), [("qcow2", "q35"), ("raw", "pc")])
+def test_hotplug_write_read_back_and_unplug(vms: VMFactory, tmp_path: Path, fmt: DiskFormat, machine: str) -> None:
+    vm = vms.launch(vms.spec(machine=machine))
     image = make_image(tmp_path / f"data.{fmt}", fmt)
     with GuestShell(vm) as shell:
         disk = vm.hotplug_disk(image, id="data1", format=fmt)
-        assert disk.pci_addr is not None and vm.inventory.disks == (disk,)
+        # q35: behind the first free root port; pc: at the PCI slot QEMU chose, pinned.
+        assert (disk.port, disk.pci_addr is None) == ((0, True) if machine == "q35" else (None, False))
+        assert vm.inventory.disks == (disk,)
         assert fdset_tag("data1") in leftovers(vm, "data1")
         name = shell.block_device("data1")
         assert shell.run(f"cat /sys/block/{name}/size").output.strip() == str(64 * 1024 * 1024 // 512)
@@ -171,14 +168,14 @@ def test_a_disk_at_boot_and_the_same_disk_hotplugged_get_identical_properties(vm
         path=make_image(tmp_path / "boot.qcow2", "qcow2"),
         cache="none",
         aio="native",
-        pci_addr="0x9.0",
+        port=3,
         throttle=Throttle(iops=123, bps_wr=1048576),
     )
     # Paused, so that no guest driver changes what QEMU reports (the properties are QEMU's).
     booted = vms.launch(vms.spec("boot", disks=[disk]), wait_ready=False, paused=True)
     other = vms.launch(vms.spec("hot"), wait_ready=False, paused=True)
     plugged = other.hotplug_disk(attrs.evolve(disk, path=make_image(tmp_path / "hot.qcow2", "qcow2")))
-    assert plugged.pci_addr == "0x9.0" and plugged.throttle == disk.throttle
+    assert plugged.port == 3 and plugged.throttle == disk.throttle
     at_boot, hotplugged = _device_properties(booted, "same1"), _device_properties(other, "same1")
     # QEMU's own record of how the device arrived is the one property that must differ.
     assert (at_boot.pop("hotplugged"), hotplugged.pop("hotplugged")) == (False, True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.conftest import REPO, TwoHosts, VMFactory
+from integration.conftest import REPO, TwoHosts, VMFactory, make_image
 from vmctl import VM, RunState
 from vmctl.errors import AbnormalExit, InvalidArgument, MigrationError
 from vmctl.testing import GuestShell
@@ -237,14 +237,20 @@ def test_copy_storage_migration_carries_the_disk(vms: VMFactory, tmp_path: Path)
     assert compare.returncode == 0, compare.stdout + compare.stderr
 
 
-def test_a_guest_moves_from_qemu_7_2_to_10_0_on_a_pinned_machine_type_with_its_data(vms: VMFactory) -> None:
+@pytest.mark.parametrize("machine", ["pc-i440fx-7.2", "pc-q35-7.2"])
+def test_a_guest_moves_from_qemu_7_2_to_10_0_on_a_pinned_machine_type_with_its_data(
+    vms: VMFactory, tmp_path: Path, machine: str
+) -> None:
     # A control plane upgrades QEMU under running guests: the machine type pins what the guest sees.
     old = shutil.which("qemu-system-x86_64")
     new = REPO / ".cache" / "qemu-10.0" / "qemu-system-x86_64"
     if old is None or not new.exists():
         pytest.fail("needs the system's QEMU 7.2 and .cache/qemu-10.0 (./run.sh setup installs both)")
-    source = vms.launch(vms.spec("old", machine="pc-i440fx-7.2"), qemu_binary=old)
+    source = vms.launch(vms.spec("old", machine=machine), qemu_binary=old)
     assert (source.qmp.version.major, source.qmp.version.minor) == (7, 2)
+    source.hotplug_disk(make_image(tmp_path / "data.qcow2", "qcow2"), id="data1")  # behind a root port on q35
+    with GuestShell(source) as shell:
+        shell.run(f"echo on-7.2 | dd of=/dev/{shell.block_device('data1')} conv=sync,fsync 2>/dev/null", check=True)
     write_pattern(source)
     target = incoming(vms, source, "new", qemu_binary=str(new))
     assert target.qmp.version.major == 10
@@ -252,5 +258,7 @@ def test_a_guest_moves_from_qemu_7_2_to_10_0_on_a_pinned_machine_type_with_its_d
     assert result.status == "completed"
     assert target.status().run_state is RunState.RUNNING
     running = target.qmp.execute("qom-get", {"path": "/machine", "property": "type"})
-    assert running == "pc-i440fx-7.2-machine"  # QEMU 10.0 emulates the 7.2 machine, not its own
+    assert running == f"{machine}-machine"  # QEMU 10.0 emulates the 7.2 machine, not its own
     assert pattern_intact(target)  # the guest's memory arrived whole, and its shell answers
+    with GuestShell(target) as shell:
+        assert shell.run(f"dd if=/dev/{shell.block_device('data1')} bs=7 count=1 2>/dev/null").output == "on-7.2\n"

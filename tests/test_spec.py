@@ -43,8 +43,9 @@ def test_hotplug_ranges_render() -> None:
     assert option(argv, "-smp") == ["2,maxcpus=4"]
 
 
-def test_disks_nics_and_shell_render() -> None:
+def test_disks_nics_and_shell_render_on_a_plain_pci_machine() -> None:
     argv = render(
+        machine="pc",
         disks=[
             DiskSpec(id="root", path="/img/a,b.qcow2"),
             DiskSpec(id="data", path="/img/d.raw", format="raw", read_only=True),
@@ -179,9 +180,9 @@ def test_spec_round_trips_through_a_dict() -> None:
 
 
 def test_scsi_disks_get_a_controller() -> None:
-    argv = render(disks=[DiskSpec(id="s0", path="/s0", bus="scsi")])
+    argv = render(machine="pc", disks=[DiskSpec(id="s0", path="/s0", bus="scsi")])
     devices = option(argv, "-device")
-    assert devices[0] == "virtio-scsi-pci,id=vmctl-scsi"
+    assert json.loads(devices[0]) == {"driver": "virtio-scsi-pci", "id": "vmctl-scsi"}
     assert json.loads(devices[1]) == {
         "driver": "scsi-hd",
         "id": "s0",

@@ -203,6 +203,14 @@ class HotplugError(DeviceError):
         self.remaining = remaining
 
 
+class NoHotplugSlot(DeviceError):
+    """Every PCIe root port of a q35 VM is in use: nothing was sent (``VMSpec.hotplug_slots``)."""
+
+
+class FirmwareNotFound(LaunchError):
+    """The firmware images a spec asks for are not installed (UEFI: Debian's ``ovmf``)."""
+
+
 class BalloonUnavailable(DeviceError):
     """The VM has no balloon device (``VMSpec(balloon=True)``)."""
 

@@ -20,6 +20,7 @@ import attrs
 
 from vmctl.errors import InvalidArgument, SpecError
 from vmctl.model.names import SCSI_CONTROLLER, disk_node_names
+from vmctl.model.pcie import check_port, device_bus
 from vmctl.model.validate import check_id, check_pci_addr, path_text
 
 DiskFormat = Literal["qcow2", "raw"]
@@ -103,7 +104,9 @@ class DiskSpec:
     cache: CacheMode = "writeback"
     aio: Aio = "threads"
     throttle: Throttle | None = attrs.field(default=None, converter=_throttle)
-    pci_addr: str | None = None  # pinned so that a migration target lays out its PCI bus alike
+    discard: bool = False  # pass the guest's discards (TRIM) down to the image
+    port: int | None = None  # its PCIe root port on q35 (chosen at launch or hotplug)
+    pci_addr: str | None = None  # on a plain PCI bus: pinned so that a migration target lays it out alike
     base_layer: int = 0  # the layer number of ``path`` (not 0 once a stream or mirror replaced it)
     overlays: tuple[Overlay, ...] = attrs.field(default=(), converter=_overlays)  # bottom to top
 
@@ -112,6 +115,11 @@ class DiskSpec:
         if re.search(r"-o\d+$", self.id):
             raise SpecError(f"disk id {self.id!r} must not end in -o<number> (that names snapshot layers)")
         check_pci_addr(self.id, self.pci_addr)
+        check_port(self.id, self.port, self.pci_addr)
+        if self.bus == "scsi" and (self.port is not None or self.pci_addr is not None):
+            raise SpecError(f"disk {self.id}: a SCSI disk sits on the SCSI controller, not on a PCI slot")
+        if not isinstance(self.discard, bool):
+            raise SpecError(f"disk {self.id}: discard must be True or False, not {self.discard!r}")
         if self.format not in ("qcow2", "raw"):
             raise SpecError(f"disk {self.id}: format must be qcow2 or raw, not {self.format!r}")
         if self.bus not in ("virtio-blk", "scsi"):
@@ -186,6 +194,8 @@ class DiskSpec:
             "read-only": self.read_only,
             "cache": cache,
         }
+        if self.discard:
+            protocol["discard"] = fmt["discard"] = "unmap"
         if layer != self.base_layer:
             fmt["backing"] = backing
         return [protocol, fmt]
@@ -204,6 +214,8 @@ class DiskSpec:
             device.update(driver="scsi-hd", bus=f"{SCSI_CONTROLLER}.0")
         elif self.pci_addr:
             device["addr"] = self.pci_addr
+        else:
+            device.update(device_bus(self.port))
         return device
 
     def arguments(self) -> list[str]:

@@ -17,6 +17,7 @@ MIGRATION_SOCKET: Final = "migrate.sock"
 NBD_SOCKET: Final = "nbd.sock"
 LOG_FILE: Final = "qemu.log"
 PID_FILE: Final = "qemu.pid"
+UEFI_VARS_FILE: Final = "uefi-vars.fd"  # the VM's own copy of the UEFI variable store (its NVRAM)
 
 # QEMU ids vmctl gives to what it adds on its own.
 CONSOLE_CHARDEV: Final = "vmctl-console"
@@ -26,6 +27,9 @@ BALLOON_DEVICE: Final = "vmctl-balloon"
 SCSI_CONTROLLER: Final = "vmctl-scsi"
 SERIAL_CONTROLLER: Final = "vmctl-vserial"
 CPU_ID_PREFIX: Final = "vmctl-cpu"
+ROOT_PORT_PREFIX: Final = "vmctl-port"
+UEFI_CODE_NODE: Final = "vmctl-uefi-code"
+UEFI_VARS_NODE: Final = "vmctl-uefi-vars"
 
 _FDSET_PREFIX: Final = "vmctl:disk:"
 
@@ -74,6 +78,11 @@ def nbd_client_node(disk_id: str) -> str:
 def chardev_port_id(chardev_id: str) -> str:
     """The virtio-serial port device of a chardev."""
     return f"{chardev_id}-port"
+
+
+def root_port_id(index: int) -> str:
+    """The PCIe root port number ``index`` of a q35 VM's pool."""
+    return f"{ROOT_PORT_PREFIX}{index}"
 
 
 def pci_addr_from_devfn(devfn: int) -> str:

@@ -10,6 +10,7 @@ import attrs
 
 from vmctl.errors import SpecError
 from vmctl.model.names import netdev_id
+from vmctl.model.pcie import check_port, device_bus
 from vmctl.model.validate import check_id, check_pci_addr
 
 _MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
@@ -32,11 +33,16 @@ class NicSpec:
     model: str = "virtio-net-pci"
     tap: str | None = None
     queues: int = 1
-    pci_addr: str | None = None
+    link_up: bool = True  # the link state the guest sees (``set_nic_link``); kept through migration
+    port: int | None = None  # its PCIe root port on q35 (chosen at launch or hotplug)
+    pci_addr: str | None = None  # on a plain PCI bus: pinned so that a migration target lays it out alike
 
     def __attrs_post_init__(self) -> None:
         check_id("nic", self.id)
         check_pci_addr(self.id, self.pci_addr)
+        check_port(self.id, self.port, self.pci_addr)
+        if not isinstance(self.link_up, bool):
+            raise SpecError(f"nic {self.id}: link_up must be True or False, not {self.link_up!r}")
         if self.mac is not None and not _MAC.fullmatch(self.mac):
             raise SpecError(f"nic {self.id}: MAC {self.mac!r} is not of the form 52:54:00:12:34:56")
         if self.tap is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", self.tap):
@@ -59,6 +65,7 @@ class NicSpec:
             device.update({"mq": True, "vectors": 2 * self.queues + 2})
         if self.pci_addr:
             device["addr"] = self.pci_addr
+        device.update(device_bus(self.port))
         return device
 
     def arguments(self) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -11,19 +12,26 @@ import attrs
 from vmctl.errors import SpecError
 from vmctl.model.disk import DiskSpec
 from vmctl.model.names import (
-    BALLOON_DEVICE,
     CONSOLE_CHARDEV,
     MONITOR_CHARDEV,
     PID_FILE,
     QMP_SOCKET,
-    SCSI_CONTROLLER,
     SHELL_CHARDEV,
     SHELL_SOCKET,
+    UEFI_CODE_NODE,
+    UEFI_VARS_FILE,
+    UEFI_VARS_NODE,
 )
 from vmctl.model.nic import NicSpec
+from vmctl.model.pcie import MAX_ROOT_PORTS, Controller, is_pcie_machine, root_port_properties
 from vmctl.model.validate import NAME, escape_option, optional_path_text, positive
 
 Accelerator = Literal["kvm", "tcg"]
+Firmware = Literal["bios", "uefi"]
+
+#: Debian's OVMF (package ``ovmf``): the firmware code, and the template of a VM's variable store.
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 
 
 def _disks(value: Iterable[DiskSpec]) -> tuple[DiskSpec, ...]:
@@ -39,6 +47,16 @@ def _strings(value: Iterable[str]) -> tuple[str, ...]:
 
 
 @attrs.frozen(kw_only=True)
+class Layout:
+    """A spec's PCI devices placed: how many root ports, and which device sits on which."""
+
+    root_ports: int
+    controllers: tuple[Controller, ...]
+    disks: tuple[DiskSpec, ...]
+    nics: tuple[NicSpec, ...]
+
+
+@attrs.frozen(kw_only=True)
 class VMSpec:
     """A VM to launch. Validated on creation: a bad spec never reaches QEMU."""
 
@@ -48,7 +66,11 @@ class VMSpec:
     memory_slots: int = 0
     cpus: int = attrs.field(default=1, validator=positive("cpus"))
     max_cpus: int | None = attrs.field(default=None, validator=positive("max_cpus"))
-    machine: str = "pc"
+    machine: str = "q35"
+    hotplug_slots: int = 8  # q35: free PCIe root ports kept for hotplug, besides one per device at launch
+    firmware: Firmware = "bios"
+    uefi_code: str = attrs.field(default=OVMF_CODE, converter=str)
+    uefi_vars: str | None = attrs.field(default=None, converter=optional_path_text)
     accel: Accelerator | None = None
     kernel: str | None = attrs.field(default=None, converter=optional_path_text)
     initrd: str | None = attrs.field(default=None, converter=optional_path_text)
@@ -82,6 +104,10 @@ class VMSpec:
             raise SpecError("nothing to boot: give a kernel or a disk")
         if not NAME.fullmatch(self.machine):
             raise SpecError(f"machine type {self.machine!r} is not valid")
+        if self.firmware not in ("bios", "uefi"):
+            raise SpecError(f"firmware must be 'bios' or 'uefi', not {self.firmware!r}")
+        if not isinstance(self.hotplug_slots, int) or not 0 <= self.hotplug_slots <= MAX_ROOT_PORTS:
+            raise SpecError(f"hotplug_slots must be 0..{MAX_ROOT_PORTS}, not {self.hotplug_slots!r}")
         ids = [d.id for d in self.disks] + [n.id for n in self.nics]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
@@ -89,6 +115,47 @@ class VMSpec:
         for item in (*self.disks, *self.nics):
             if not isinstance(item, (DiskSpec, NicSpec)):
                 raise SpecError(f"disks and nics must be DiskSpec / NicSpec values, not {type(item).__name__}")
+        self.layout()  # checks the ports
+
+    @property
+    def pcie(self) -> bool:
+        return is_pcie_machine(self.machine)
+
+    def layout(self) -> Layout:
+        """Where the spec's PCI devices go. On q35 each sits behind a root port of its own: the
+        balloon and the SCSI controller on the first ones (so a migration target, built from the
+        inventory, puts them there again), then every disk and NIC without a port, in order;
+        ``hotplug_slots`` more stay free. On a plain PCI machine QEMU chooses the slots."""
+        controllers = [Controller.balloon()] if self.balloon else []
+        if any(disk.bus == "scsi" for disk in self.disks):
+            controllers.append(Controller.scsi())
+        placeable = [d for d in self.disks if d.bus != "scsi"] + list(self.nics)
+        given = [d.port for d in placeable if d.port is not None]
+        if not self.pcie:
+            if given:
+                raise SpecError(f"root ports are for q35 machines; {self.machine} has a plain PCI bus")
+            return Layout(root_ports=0, controllers=tuple(controllers), disks=self.disks, nics=self.nics)
+        repeated = sorted({p for p in given if given.count(p) > 1})
+        if repeated:
+            raise SpecError(f"two devices on root port {repeated[0]}")
+        for index, controller in enumerate(controllers):
+            if index in given:
+                raise SpecError(f"root port {index} is the {controller.driver}'s")
+        controllers = [attrs.evolve(c, port=index) for index, c in enumerate(controllers)]
+        taken = set(given) | set(range(len(controllers)))
+
+        def placed(device: Any) -> Any:
+            if device.port is not None or device.pci_addr is not None or getattr(device, "bus", None) == "scsi":
+                return device
+            port = min(set(range(len(taken) + 1)) - taken)
+            taken.add(port)
+            return attrs.evolve(device, port=port)
+
+        disks, nics = tuple(placed(d) for d in self.disks), tuple(placed(n) for n in self.nics)
+        root_ports = max(len(taken) + self.hotplug_slots, max(taken, default=-1) + 1)
+        if root_ports > MAX_ROOT_PORTS:
+            raise SpecError(f"{root_ports} PCIe root ports are too many (at most {MAX_ROOT_PORTS})")
+        return Layout(root_ports=root_ports, controllers=tuple(controllers), disks=disks, nics=nics)
 
     def command_line(self, *, qemu_binary: str, run_dir: Path, accel: Accelerator) -> list[str]:
         """QEMU's argv. The monitor is a unix socket in ``run_dir``, so a restarted control plane
@@ -100,10 +167,14 @@ class VMSpec:
         if self.max_cpus is not None:
             smp += f",maxcpus={self.max_cpus}"
         monitor_path = escape_option(str(run_dir / QMP_SOCKET))
+        layout = self.layout()
+        machine = self.machine
+        if self.firmware == "uefi":
+            machine += f",pflash0={UEFI_CODE_NODE},pflash1={UEFI_VARS_NODE}"
         argv = [
             qemu_binary,
             "-name", f"{self.name},debug-threads=on",
-            "-machine", self.machine,
+            "-machine", machine,
             "-accel", accel,
             "-m", memory,
             "-smp", smp,
@@ -114,6 +185,15 @@ class VMSpec:
             "-chardev", f"socket,id={MONITOR_CHARDEV},path={monitor_path},server=on,wait=off",
             "-mon", f"chardev={MONITOR_CHARDEV},mode=control",
         ]  # fmt: skip
+        if self.firmware == "uefi":
+            for node, path, read_only in (
+                (UEFI_CODE_NODE, self.uefi_code, True),
+                (UEFI_VARS_NODE, str(run_dir / UEFI_VARS_FILE), False),
+            ):
+                blockdev = {"driver": "file", "node-name": node, "filename": path, "read-only": read_only}
+                argv += ["-blockdev", json.dumps(blockdev, separators=(",", ":"))]
+        for index in range(layout.root_ports):
+            argv += ["-device", json.dumps(root_port_properties(index), separators=(",", ":"))]
         if self.serial_console:
             argv += ["-chardev", f"ringbuf,id={CONSOLE_CHARDEV},size=1M", "-serial", f"chardev:{CONSOLE_CHARDEV}"]
         if self.shell_serial:
@@ -130,19 +210,22 @@ class VMSpec:
             argv += ["-append", self.append]
         if self.no_shutdown:
             argv.append("-no-shutdown")
-        if self.balloon:
-            argv += ["-device", f"virtio-balloon-pci,id={BALLOON_DEVICE}"]
-        if any(disk.bus == "scsi" for disk in self.disks):
-            argv += ["-device", f"virtio-scsi-pci,id={SCSI_CONTROLLER}"]
-        for disk in self.disks:
+        for controller in layout.controllers:
+            argv += controller.arguments()
+        for disk in layout.disks:
             argv += disk.arguments()
-        for nic in self.nics:
+        for nic in layout.nics:
             argv += nic.arguments()
         argv += list(self.extra_args)
         return argv
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+    @property
+    def uefi_vars_template(self) -> str:
+        """The file a VM's variable store is first copied from (``uefi_vars``, or OVMF's template)."""
+        return self.uefi_vars or OVMF_VARS
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> VMSpec:

@@ -11,6 +11,7 @@ from typing import Any
 from vmctl.errors import CommandError, HotplugError, InvalidArgument, QMPError
 from vmctl.model import Chardev, ChardevKind
 from vmctl.model.names import SERIAL_CONTROLLER
+from vmctl.model.pcie import Controller
 from vmctl.model.validate import check_unix_path
 from vmctl.ops.devices import ensure_controller, remove_device
 from vmctl.ops.rollback import Steps
@@ -30,8 +31,11 @@ def hotplug_chardev(
     path: str | os.PathLike[str] | None = None,
     size: int = 65536,
     port_name: str | None = None,
+    controller: Controller | None = None,
     timeout: float = 30.0,
 ) -> Chardev:
+    """Add a chardev; with ``port_name``, a virtio-serial port on it (and the virtio-serial
+    ``controller`` first unless the VM has one)."""
     chardev = _validated(chardev_id, kind, path, size, port_name)
     backend: dict[str, Any]
     if chardev.kind == "socket":
@@ -48,7 +52,7 @@ def hotplug_chardev(
                 lambda _: qmp.execute("chardev-remove", {"id": chardev_id}),
             )
             if port_name is not None:
-                ensure_controller(qmp, steps, "virtio-serial-pci", SERIAL_CONTROLLER, timeout)
+                ensure_controller(qmp, steps, controller or Controller.serial(), timeout)
                 port = {
                     "driver": "virtserialport",
                     "id": chardev.port_id,

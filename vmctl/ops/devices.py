@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from vmctl.errors import CommandError, DeviceNotFound, EventTimeout, HotplugError
 from vmctl.model.names import pci_addr_from_devfn
+from vmctl.model.pcie import Controller
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
@@ -47,11 +48,11 @@ def pci_address(qmp: Monitor, device_id: str) -> str:
     return pci_addr_from_devfn(int(devfn))
 
 
-def ensure_controller(qmp: Monitor, steps: Steps, driver: str, controller_id: str, timeout: float) -> None:
+def ensure_controller(qmp: Monitor, steps: Steps, controller: Controller, timeout: float) -> None:
     """Add a bus controller (virtio-scsi, virtio-serial) unless it is there, as an undoable step."""
-    if not device_present(qmp, controller_id):
+    if not device_present(qmp, controller.id):
         steps.run(
-            f"{driver} controller",
-            lambda: qmp.execute("device_add", {"driver": driver, "id": controller_id}, timeout=timeout),
-            lambda _: remove_device(qmp, controller_id, timeout),
+            f"{controller.driver} controller",
+            lambda: qmp.execute("device_add", controller.device_properties(), timeout=timeout),
+            lambda _: remove_device(qmp, controller.id, timeout),
         )

@@ -14,15 +14,19 @@ from typing import Any
 
 from vmctl.errors import CommandError, HotplugError, InvalidArgument, QMPError
 from vmctl.model import DiskBus, DiskSpec, Throttle
-from vmctl.model.names import SCSI_CONTROLLER, fdset_tag, is_disk_fdset, is_disk_node
+from vmctl.model.names import fdset_tag, is_disk_fdset, is_disk_node
+from vmctl.model.pcie import Controller
 from vmctl.ops.devices import ensure_controller, remove_device
 from vmctl.ops.nodes import block_nodes
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
 
-def hotplug_disk(qmp: Monitor, log: Any, disk: DiskSpec, *, timeout: float = 30.0) -> DiskSpec:
-    """Plug ``disk`` (its image, with its cache, aio and I/O limits) into the running guest."""
+def hotplug_disk(
+    qmp: Monitor, log: Any, disk: DiskSpec, *, controller: Controller | None = None, timeout: float = 30.0
+) -> DiskSpec:
+    """Plug ``disk`` (its image, with its cache, aio and I/O limits) into the running guest. A
+    SCSI disk gets the SCSI ``controller`` first unless the VM has one."""
     if disk.overlays:
         raise InvalidArgument(f"disk {disk.id}: hotplug takes a single image, not a chain of {len(disk.layers)}")
     try:
@@ -44,7 +48,7 @@ def hotplug_disk(qmp: Monitor, log: Any, disk: DiskSpec, *, timeout: float = 30.
             for node in disk.layer_nodes(disk.base_layer, f"/dev/fdset/{fdset}"):
                 _add_node(qmp, steps, node, timeout)
             if disk.bus == "scsi":
-                ensure_controller(qmp, steps, "virtio-scsi-pci", SCSI_CONTROLLER, timeout)
+                ensure_controller(qmp, steps, controller or Controller.scsi(), timeout)
             steps.run(
                 "device_add",
                 lambda: qmp.execute("device_add", disk.device_properties(), timeout=timeout),

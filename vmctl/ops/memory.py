@@ -90,15 +90,22 @@ def memory_devices(qmp: Monitor) -> list[MemoryDevice]:
 
 
 def add_virtio_mem(
-    qmp: Monitor, log: Any, *, memory_id: str, max_size_mib: int, size_mib: int, timeout: float = 30.0
+    qmp: Monitor,
+    log: Any,
+    *,
+    memory_id: str,
+    max_size_mib: int,
+    size_mib: int,
+    port: int | None = None,
+    timeout: float = 30.0,
 ) -> VirtioMemSpec:
-    """Add a virtio-mem device (it cannot be unplugged again: resize it to 0 instead)."""
+    """Add a virtio-mem device (on root ``port`` on q35; it cannot be unplugged again: resize
+    it to 0 instead)."""
     if not isinstance(max_size_mib, int) or max_size_mib <= 0 or max_size_mib % 128:
         raise InvalidArgument(f"virtio-mem {memory_id}: max size must be a positive multiple of 128 MiB")
     _check_virtio_mem_size(memory_id, size_mib, max_size_mib)
-    device = {"driver": "virtio-mem-pci", "requested-size": 0}
-    _plug(qmp, log, memory_id=memory_id, backend_mib=max_size_mib, device=device, timeout=timeout)
-    spec = VirtioMemSpec(id=memory_id, max_size_mib=max_size_mib, size_mib=0)
+    spec = VirtioMemSpec(id=memory_id, max_size_mib=max_size_mib, size_mib=0, port=port)
+    _plug(qmp, log, memory_id=memory_id, backend_mib=max_size_mib, device=spec.device_properties(), timeout=timeout)
     return resize_virtio_mem(qmp, log, spec, size_mib, timeout=timeout) if size_mib else spec
 
 

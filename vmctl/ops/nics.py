@@ -71,11 +71,13 @@ def hotplug_nic(
     mac: str | None = None,
     model: str = "virtio-net-pci",
     queues: int = 1,
+    port: int | None = None,
     timeout: float = 30.0,
 ) -> NicSpec:
-    """Open a tap (named ``tap``, or a new one), pass its fds, add the netdev and the device.
-    Returns the NIC as plugged (its tap's name, its MAC: generated when not given)."""
-    wanted = NicSpec(id=nic_id, mac=mac or random_mac(), model=model, tap=tap, queues=queues)  # validates
+    """Open a tap (named ``tap``, or a new one), pass its fds, add the netdev and the device
+    (behind root ``port`` on q35). Returns the NIC as plugged (its tap's name, its MAC:
+    generated when not given)."""
+    wanted = NicSpec(id=nic_id, mac=mac or random_mac(), model=model, tap=tap, queues=queues, port=port)
     tap_name, fds = open_tap(tap, queues)
     nic = attrs.evolve(wanted, tap=tap_name)
     bound = log.bind(nic=nic_id, tap=tap_name)
@@ -128,3 +130,9 @@ def unplug_nic(qmp: Monitor, log: Any, *, nic_id: str, timeout: float = 30.0) ->
     with contextlib.suppress(DeviceNotFound):
         qmp.execute("netdev_del", {"id": netdev_id(nic_id)})
     bound.info("nic.unplugged")
+
+
+def set_link(qmp: Monitor, log: Any, *, nic_id: str, up: bool) -> None:
+    """Raise or drop a NIC's link: the guest sees its carrier come or go (so does the backend)."""
+    qmp.execute("set_link", {"name": nic_id, "up": up})
+    log.bind(nic=nic_id).info("nic.link", up=up)

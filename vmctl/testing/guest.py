@@ -51,6 +51,8 @@ MODULES = (
     "button",
     "evdev",
 )
+#: Loaded only when UEFI booted the guest.
+EFI_MODULES = ("efivarfs",)
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 KERNEL_APPEND = "console=ttyS0 loglevel=3 panic=-1"
@@ -66,6 +68,11 @@ mount -t tmpfs tmpfs /tmp
 for module in {" ".join(MODULES)}; do
     insmod /lib/modules/$module.ko || echo "vmctl-guest: insmod $module failed"
 done
+# Booted by UEFI: its variables, as a Linux host shows them.
+if [ -d /sys/firmware/efi ]; then
+    for module in {" ".join(EFI_MODULES)}; do insmod /lib/modules/$module.ko; done
+    mount -t efivarfs efivarfs /sys/firmware/efi/efivars
+fi
 # Hotplugged memory comes online by itself (there is no udev here), movable so it can be unplugged.
 echo online_movable > /sys/devices/system/memory/auto_online_blocks 2>/dev/null
 # ACPI power button -> power off, unless the test wants a guest that ignores it.
@@ -183,7 +190,7 @@ def _build(root: Path, target: Path) -> None:
         archive.file("bin/vmctl-shell", _SHELL.encode(), mode=0o755)
         archive.char_device("dev/console", 5, 1)
         archive.char_device("dev/null", 1, 3, mode=0o666)
-        for module in MODULES:
+        for module in (*MODULES, *EFI_MODULES):
             archive.file(f"lib/modules/{module}.ko", _module_bytes(unpacked, module))
         staging = work / "guest"
         staging.mkdir()

@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import InvalidArgument, UnknownDevice
+from vmctl.errors import InvalidArgument, UnknownDevice, WaitTimeout
 from vmctl.model import (
     Aio,
     CacheMode,
@@ -23,6 +23,7 @@ from vmctl.model import (
     Throttle,
     VirtioMemSpec,
 )
+from vmctl.model.pcie import Controller
 from vmctl.ops import balloon as balloon_ops
 from vmctl.ops import chardevs as chardev_ops
 from vmctl.ops import cpus as cpu_ops
@@ -32,6 +33,10 @@ from vmctl.ops import nics as nic_ops
 from vmctl.ops.devices import pci_address
 from vmctl.qmp import Monitor
 from vmctl.vm.store import StateStore
+
+
+def _with_controller(inventory: Inventory, controller: Controller | None) -> Inventory:
+    return inventory if controller is None else inventory.with_controller(controller)
 
 
 class Devices:
@@ -56,6 +61,7 @@ class Devices:
         bus: DiskBus = "virtio-blk",
         cache: CacheMode = "writeback",
         aio: Aio = "threads",
+        discard: bool = False,
         throttle: Throttle | None = None,
         timeout: float = 30.0,
     ) -> DiskSpec:
@@ -66,16 +72,24 @@ class Devices:
             if id is None:
                 raise InvalidArgument("hotplug_disk(path) needs an id=")
             disk = DiskSpec(
-                id=id, path=disk, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio, throttle=throttle
-            )
+                id=id, path=disk, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio,
+                discard=discard, throttle=throttle,
+            )  # fmt: skip
         elif id is not None and id != disk.id:
             raise InvalidArgument(f"id={id!r} contradicts the DiskSpec's id {disk.id!r}")
         with self._store.lock:
             self._store.refuse_duplicate(disk.id)
-            plugged = disk_ops.hotplug_disk(self._qmp, self._log, disk, timeout=timeout)
-            if plugged.bus == "virtio-blk":
+            controller = None
+            if disk.bus == "scsi":
+                controller = self._store.controller(Controller.scsi)
+            elif self._store.spec.pcie and disk.pci_addr is not None:
+                raise InvalidArgument(f"disk {disk.id}: q35 hotplugs behind root ports; give a port, not pci_addr")
+            else:
+                disk = attrs.evolve(disk, port=self._store.free_port(disk.id, disk.port))
+            plugged = disk_ops.hotplug_disk(self._qmp, self._log, disk, controller=controller, timeout=timeout)
+            if plugged.bus == "virtio-blk" and plugged.port is None:
                 plugged = attrs.evolve(plugged, pci_addr=pci_address(self._qmp, plugged.id))
-            self._store.update(lambda inventory: inventory.with_disk(plugged))
+            self._store.update(lambda inventory: _with_controller(inventory.with_disk(plugged), controller))
             return plugged
 
     def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None:
@@ -118,21 +132,50 @@ class Devices:
         A MAC is generated when none is given, so it survives migration and re-attach."""
         with self._store.lock:
             self._store.refuse_duplicate(id)
+            port = self._store.free_port(id)
             nic = nic_ops.hotplug_nic(
-                self._qmp, self._log, nic_id=id, tap=tap, mac=mac, model=model, queues=queues, timeout=timeout
-            )
-            pinned = attrs.evolve(nic, pci_addr=pci_address(self._qmp, id))
-            self._store.update(lambda inventory: attrs.evolve(inventory, nics=(*inventory.nics, pinned)))
-            return pinned
+                self._qmp, self._log, nic_id=id, tap=tap, mac=mac, model=model, queues=queues, port=port,
+                timeout=timeout,
+            )  # fmt: skip
+            if port is None:
+                nic = attrs.evolve(nic, pci_addr=pci_address(self._qmp, id))
+            self._store.update(lambda inventory: inventory.with_nic(nic))
+            return nic
 
     def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
+        """Detach a NIC: the guest releases it, then its tap backend goes (and its root port is free)."""
         with self._store.lock:
-            if not any(n.id == id for n in self._store.inventory.nics):
-                raise UnknownDevice(f"{self.name} has no nic {id!r}")
+            self._require_nic(id)
             nic_ops.unplug_nic(self._qmp, self._log, nic_id=id, timeout=timeout)
-            self._store.update(
-                lambda inventory: attrs.evolve(inventory, nics=tuple(n for n in inventory.nics if n.id != id))
-            )
+            self._store.update(lambda inventory: inventory.without_nic(id))
+
+    def set_nic_link(self, id: str, up: bool) -> NicSpec:
+        """Raise or drop a NIC's link (the guest sees its carrier change); the inventory keeps the
+        state, so a migration target and a relaunch from the inventory start with it."""
+        if not isinstance(up, bool):
+            raise InvalidArgument(f"set_nic_link: up must be True or False, not {up!r}")
+        with self._store.lock:
+            nic = attrs.evolve(self._require_nic(id), link_up=up)
+            nic_ops.set_link(self._qmp, self._log, nic_id=id, up=up)
+            self._store.update(lambda inventory: inventory.with_nic(nic))
+            return nic
+
+    def _require_nic(self, id: str) -> NicSpec:
+        nic = self._store.inventory.nic(id)
+        if nic is None:
+            raise UnknownDevice(f"{self.name} has no nic {id!r}")
+        return nic
+
+    def apply_settings(self) -> None:
+        """Set what a freshly started QEMU cannot take as ``-device`` properties: disks' I/O
+        limits and NICs' link state, from the inventory (at launch, and on a migration target
+        before the guest arrives, since QEMU does not migrate them)."""
+        for disk in self._store.inventory.disks:
+            if disk.throttle is not None:
+                disk_ops.set_throttle(self._qmp, disk_id=disk.id, throttle=disk.throttle, bus=disk.bus)
+        for nic in self._store.inventory.nics:
+            if not nic.link_up:
+                nic_ops.set_link(self._qmp, self._log, nic_id=nic.id, up=False)
 
     # -- chardevs ----------------------------------------------------------------------------
 
@@ -150,11 +193,16 @@ class Devices:
         guest sees it as that virtio-serial port."""
         with self._store.lock:
             self._store.refuse_duplicate(id)
+            controller = self._store.controller(Controller.serial) if port_name is not None else None
             chardev = chardev_ops.hotplug_chardev(
                 self._qmp, self._log, chardev_id=id, kind=kind, path=path, size=size, port_name=port_name,
-                timeout=timeout,
+                controller=controller, timeout=timeout,
             )  # fmt: skip
-            self._store.update(lambda inventory: attrs.evolve(inventory, chardevs=(*inventory.chardevs, chardev)))
+            self._store.update(
+                lambda inventory: _with_controller(
+                    attrs.evolve(inventory, chardevs=(*inventory.chardevs, chardev)), controller
+                )
+            )
             return chardev
 
     def unplug_chardev(self, id: str, *, timeout: float = 30.0) -> None:
@@ -211,10 +259,13 @@ class Devices:
         """Add a virtio-mem device the guest grows or shrinks in 2 MiB blocks (``resize_virtio_mem``)."""
         with self._store.lock:
             self._store.refuse_duplicate(id)
+            port = self._store.free_port(id)
             device = memory_ops.add_virtio_mem(
-                self._qmp, self._log, memory_id=id, max_size_mib=max_size_mib, size_mib=size_mib, timeout=timeout
-            )
-            device = attrs.evolve(device, pci_addr=pci_address(self._qmp, id))
+                self._qmp, self._log, memory_id=id, max_size_mib=max_size_mib, size_mib=size_mib, port=port,
+                timeout=timeout,
+            )  # fmt: skip
+            if port is None:
+                device = attrs.evolve(device, pci_addr=pci_address(self._qmp, id))
             self._store.update(lambda inventory: attrs.evolve(inventory, virtio_mem=(*inventory.virtio_mem, device)))
             return device
 
@@ -239,5 +290,17 @@ class Devices:
         return balloon_ops.balloon_bytes(self._qmp)
 
     def set_balloon(self, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int:
-        """Inflate or deflate the balloon to leave the guest ``target_bytes``; waits for the guest by default."""
-        return balloon_ops.set_balloon(self._qmp, self._log, target_bytes, wait=wait, timeout=timeout)
+        """Inflate or deflate the balloon to leave the guest ``target_bytes``; waits for the guest
+        by default. The inventory keeps the target (QEMU carries it through a migration)."""
+
+        def record() -> None:
+            self._store.update(lambda inventory: attrs.evolve(inventory, balloon_target=target_bytes))
+
+        with self._store.lock:
+            try:
+                reached = balloon_ops.set_balloon(self._qmp, self._log, target_bytes, wait=wait, timeout=timeout)
+            except WaitTimeout:  # the target is set; the guest is slow to follow it
+                record()
+                raise
+            record()
+            return reached

@@ -22,8 +22,8 @@ import tenacity
 from vmctl.errors import AbnormalExit, ConnectError, LaunchError, StaleState, StateError
 from vmctl.model import Accelerator, Inventory, VMSpec
 from vmctl.model.names import CONSOLE_CHARDEV, LOG_FILE, QMP_SOCKET, SHELL_SOCKET
+from vmctl.model.pcie import Controller
 from vmctl.model.status import ExitStatus, ResetEvent, ShutdownEvent, ShutdownMethod, ShutdownResult, VMStatus
-from vmctl.ops import disks as disk_ops
 from vmctl.ops.blockjobs import JobProgress, query_jobs
 from vmctl.ops.devices import pci_address
 from vmctl.ops.migration import Migration
@@ -32,6 +32,7 @@ from vmctl.qmp import Event, Monitor, connect
 from vmctl.vm.blocks import Blocks
 from vmctl.vm.console import Console
 from vmctl.vm.devices import Devices
+from vmctl.vm.firmware import prepare_firmware
 from vmctl.vm.lifecycle import STEPS, Life, Lifecycle
 from vmctl.vm.logtail import tail
 from vmctl.vm.migration import Migrations
@@ -85,6 +86,7 @@ class VM:
         self.nics = devices.nics
         self.hotplug_nic = devices.hotplug_nic
         self.unplug_nic = devices.unplug_nic
+        self.set_nic_link = devices.set_nic_link
         self.hotplug_chardev = devices.hotplug_chardev
         self.unplug_chardev = devices.unplug_chardev
         self.hotplug_cpus = devices.hotplug_cpus
@@ -145,6 +147,7 @@ class VM:
         for leftover in (QMP_SOCKET, SHELL_SOCKET, STATE_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (directory / leftover).unlink()
+        prepare_firmware(spec, directory)
         accel = spec.accel or default_accelerator()
         argv = spec.command_line(qemu_binary=binary, run_dir=directory, accel=accel)
         if incoming:
@@ -166,14 +169,21 @@ class VM:
             except ConnectError as exc:
                 _raise_if_exited(process, log_path)
                 raise LaunchError(f"cannot connect to QEMU's monitor: {exc}", log=tail(log_path)) from exc
+            layout = spec.layout()
             record = VMRecord(
                 pid=process.pid,
                 start_time=process.start_time,
                 qmp_socket=str(socket_path),
                 spec=spec,
-                # The spec says which disks and NICs this QEMU has; an inventory passed in (from a
-                # migration source) brings what was hotplugged besides them.
-                inventory=attrs.evolve(inventory or Inventory(), disks=spec.disks, nics=spec.nics),
+                # The spec says which disks, NICs and ports this QEMU has; an inventory passed in
+                # (from a migration source) brings what was hotplugged besides them.
+                inventory=attrs.evolve(
+                    inventory or Inventory(),
+                    disks=layout.disks,
+                    nics=layout.nics,
+                    root_ports=layout.root_ports,
+                    controllers=_merged(layout.controllers, inventory.controllers if inventory else ()),
+                ),
             )
             vm = cls(run_dir=directory, record=record, process=process, qmp=qmp)
         except BaseException:
@@ -183,9 +193,7 @@ class VM:
             raise
         try:
             vm._pin_pci_addresses()
-            for disk in vm.store.inventory.disks:  # I/O limits are not -device properties: set them now
-                if disk.throttle is not None:
-                    disk_ops.set_throttle(vm.qmp, disk_id=disk.id, throttle=disk.throttle, bus=disk.bus)
+            vm.devices.apply_settings()
             vm.store.save()
             if not paused and not incoming:
                 vm.qmp.execute("cont")
@@ -254,15 +262,15 @@ class VM:
     def _pin_pci_addresses(self) -> None:
         """Record where QEMU put the spec's PCI devices, so a migration target can match it."""
 
+        def pin(device: Any) -> Any:
+            if device.pci_addr or device.port is not None or getattr(device, "bus", None) == "scsi":
+                return device  # placed already (on q35, behind its root port)
+            return attrs.evolve(device, pci_addr=pci_address(self.qmp, device.id))
+
         def pinned(inventory: Inventory) -> Inventory:
-            disks = tuple(
-                d if d.pci_addr or d.bus != "virtio-blk" else attrs.evolve(d, pci_addr=pci_address(self.qmp, d.id))
-                for d in inventory.disks
+            return attrs.evolve(
+                inventory, disks=tuple(pin(d) for d in inventory.disks), nics=tuple(pin(n) for n in inventory.nics)
             )
-            nics = tuple(
-                n if n.pci_addr else attrs.evolve(n, pci_addr=pci_address(self.qmp, n.id)) for n in inventory.nics
-            )
-            return attrs.evolve(inventory, disks=disks, nics=nics)
 
         self.store.update(pinned)
 
@@ -375,6 +383,12 @@ class VM:
             copy_storage=copy_storage,
             storage_timeout=storage_timeout,
         )
+
+
+def _merged(launched: tuple[Controller, ...], handed_over: tuple[Controller, ...]) -> tuple[Controller, ...]:
+    """The controllers on the command line, then those a migration source added at run time."""
+    ids = {c.id for c in launched}
+    return launched + tuple(c for c in handed_over if c.id not in ids)
 
 
 def _refuse_live_vm(run_dir: Path) -> None:

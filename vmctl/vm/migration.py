@@ -14,7 +14,7 @@ import attrs
 
 from vmctl.errors import InvalidArgument
 from vmctl.model import Inventory, VMSpec
-from vmctl.model.names import MIGRATION_SOCKET, memory_backend_id
+from vmctl.model.names import MIGRATION_SOCKET, UEFI_VARS_FILE
 from vmctl.model.status import ShutdownMethod
 from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import migration as migration_ops
@@ -68,27 +68,33 @@ class Migrations:
             raise InvalidArgument(f"{self.name}: migrating SCSI disks hotplugged at run time is not supported yet")
         extra = list(spec.extra_args)
         for memory in inventory.memory:
-            backend = memory_backend_id(memory.id)
-            dimm = f"pc-dimm,id={memory.id},memdev={backend}"
-            dimm += f",slot={memory.slot}" if memory.slot is not None else ""
-            dimm += f",addr={memory.addr}" if memory.addr is not None else ""
-            extra += ["-object", f"memory-backend-ram,id={backend},size={memory.size_mib}M", "-device", dimm]
+            extra += memory.arguments()
         for device in inventory.virtio_mem:
-            backend = memory_backend_id(device.id)
-            extra += ["-object", f"memory-backend-ram,id={backend},size={device.max_size_mib}M"]
-            mem = f"virtio-mem-pci,id={device.id},memdev={backend},requested-size={device.size_mib}M"
-            extra += ["-device", mem + (f",addr={device.pci_addr}" if device.pci_addr else "")]
+            extra += device.arguments()
         for slot in cpu_ops.cpu_slots(self.qmp):
             if slot.hotplugged_by_us:
                 props = ",".join(f"{key}={value}" for key, value in slot.props.items())
                 extra += ["-device", f"{slot.type},id={slot.device_id},{props}"]
-        return attrs.evolve(
+        target = attrs.evolve(
             spec,
             name=name or spec.name,
             disks=disks,
             nics=tuple(attrs.evolve(n, tap=None) for n in inventory.nics),
-            extra_args=tuple(extra),
+            hotplug_slots=0,
+            # The source's UEFI variables, copied into the target's run dir when it launches.
+            uefi_vars=str(self.run_dir / UEFI_VARS_FILE) if spec.firmware == "uefi" else None,
         )
+        layout = target.layout()
+        launched = {c.id for c in layout.controllers}
+        for controller in inventory.controllers:  # added at run time: on the target's command line
+            if controller.id not in launched:
+                extra += controller.arguments()
+        if not spec.pcie:
+            return attrs.evolve(target, extra_args=tuple(extra))
+        # The source's pool of root ports: as many free ones as make it up with those placed.
+        placed = [d.port for d in layout.disks] + [n.port for n in layout.nics] + [c.port for c in layout.controllers]
+        free = inventory.root_ports - len({port for port in placed if port is not None})
+        return attrs.evolve(target, extra_args=tuple(extra), hotplug_slots=free)
 
     def migrate(
         self,

@@ -11,9 +11,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from vmctl.errors import DeviceExists, UnknownDevice
+from vmctl.errors import DeviceExists, InvalidArgument, NoHotplugSlot, UnknownDevice
 from vmctl.model import DiskSpec, Inventory, VMSpec
 from vmctl.model.names import QMP_SOCKET
+from vmctl.model.pcie import Controller
 from vmctl.ops.devices import device_present
 from vmctl.qmp import Monitor
 from vmctl.vm.statefile import VMRecord, write_record
@@ -59,6 +60,28 @@ class StateStore:
         if disk is None:
             raise UnknownDevice(f"{self.spec.name} has no disk {disk_id!r}")
         return disk
+
+    def free_port(self, device_id: str, wanted: int | None = None) -> int | None:
+        """The PCIe root port for a new device on q35: ``wanted`` if given and free, else the
+        lowest free one (``NoHotplugSlot`` if none). ``None`` on a plain PCI machine, where QEMU
+        picks the slot."""
+        if not self.spec.pcie:
+            if wanted is not None:
+                raise InvalidArgument(f"{device_id}: root ports are for q35 machines, not {self.spec.machine}")
+            return None
+        if wanted is None:
+            return self._inventory.free_port(vm=self.spec.name, device=device_id)
+        if wanted >= self._inventory.root_ports or wanted in self._inventory.used_ports():
+            raise NoHotplugSlot(
+                f"{self.spec.name}: root port {wanted} for {device_id} is "
+                + ("in use" if wanted < self._inventory.root_ports else f"not one of its {self._inventory.root_ports}")
+            )
+        return wanted
+
+    def controller(self, make: Callable[[int | None], Controller]) -> Controller:
+        """The VM's controller of this kind, or a new one (on a free port) to add."""
+        existing = self._inventory.controller(make(None).id)
+        return existing if existing is not None else make(self.free_port(make(None).id))
 
     def refuse_duplicate(self, device_id: str) -> None:
         if device_id in self._inventory.device_ids() or device_present(self._qmp, device_id):
