@@ -15,6 +15,7 @@ ensure_system() {
     command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
     command -v qemu-img >/dev/null || missing+=(qemu-utils)
     command -v ip >/dev/null || missing+=(iproute2)
+    [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || missing+=(ovmf)  # UEFI guests
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     local sudo=""

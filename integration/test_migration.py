@@ -13,6 +13,8 @@ import pytest
 from integration.conftest import REPO, TwoHosts, VMFactory, make_image
 from vmctl import VM, RunState
 from vmctl.errors import AbnormalExit, InvalidArgument, MigrationError
+from vmctl.ops import migration as migration_ops
+from vmctl.qmp import Monitor
 from vmctl.testing import GuestShell
 
 MIB = 1024 * 1024
@@ -262,3 +264,17 @@ def test_a_guest_moves_from_qemu_7_2_to_10_0_on_a_pinned_machine_type_with_its_d
     assert pattern_intact(target)  # the guest's memory arrived whole, and its shell answers
     with GuestShell(target) as shell:
         assert shell.run(f"dd if=/dev/{shell.block_device('data1')} bs=7 count=1 2>/dev/null").output == "on-7.2\n"
+
+
+def test_migration_parameters_are_checked_against_this_qemus_schema(qmp: Monitor) -> None:
+    # QEMU versions differ in their parameters (vcpu-dirty-limit came with 8.1): vmctl asks the schema.
+    with pytest.raises(InvalidArgument, match="x-no-such-parameter"):
+        migration_ops.set_parameters(qmp, {"x-no-such-parameter": 1, "downtime-limit": 123})
+    assert qmp.execute("query-migrate-parameters")["downtime-limit"] != 123  # nothing was set
+    previous = migration_ops.set_parameters(qmp, {"downtime-limit": 123})
+    assert qmp.execute("query-migrate-parameters")["downtime-limit"] == 123 and "downtime-limit" in previous
+    has_dirty_limit = qmp.schema.has_argument("migrate-set-parameters", "vcpu-dirty-limit")
+    assert has_dirty_limit is ((qmp.version.major, qmp.version.minor) >= (8, 1))
+    if not has_dirty_limit:
+        with pytest.raises(InvalidArgument, match="vcpu-dirty-limit"):
+            migration_ops.set_parameters(qmp, {"vcpu-dirty-limit": 10})

@@ -122,6 +122,9 @@ def test_uefi_boots_the_kernel_directly_and_its_variable_store_follows_a_migrati
         write = f"printf '\\007\\000\\000\\000vmctl-nvram' > /sys/firmware/efi/efivars/VmctlTest-{guid}"
         shell.run(write, check=True)
     assert "VmctlTest".encode("utf-16-le") in store.read_bytes()
+    source.close()  # a control plane restarts: the attached VM has the same store
+    attached = VM.attach(source.run_dir)
+    vms.vms[vms.vms.index(source)] = source = attached
     target = VM.launch_incoming(
         source.migration_target_spec(name="uefi-dst"), run_dir=vms.run_dir("uefi-dst"), inventory=source.inventory
     )

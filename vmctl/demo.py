@@ -104,7 +104,8 @@ def _disk_round_trip(printer: _Printer, vm: VM, work: Path) -> None:
         with printer.step(f"hotplugging {image.name} into {vm.name} (fd passed with add-fd, no path access needed)"):
             disk = vm.hotplug_disk(image, id="data1")
             fdsets = [f["fdset-id"] for f in vm.qmp.execute("query-fdsets")]
-            printer.say(f"    fdsets {fdsets}, node {disk.active_node}, device {disk.id} at PCI {disk.pci_addr}")
+            where = f"behind PCIe root port {disk.port}" if disk.port is not None else f"at PCI {disk.pci_addr}"
+            printer.say(f"    fdsets {fdsets}, node {disk.active_node}, device {disk.id} {where}")
             device = shell.block_device("data1")
             printer.say(f"    the guest sees /dev/{device}")
         with printer.step("writing in the guest, reading back in the guest"):

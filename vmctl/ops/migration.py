@@ -138,8 +138,13 @@ def set_capabilities(qmp: Monitor, wanted: Mapping[str, bool]) -> dict[str, bool
 
 
 def set_parameters(qmp: Monitor, wanted: Mapping[str, int]) -> dict[str, Any]:
+    """Set migration parameters; returns the previous values, for restoring. A parameter this
+    QEMU's schema lacks is refused before anything is set (QEMU versions differ in them)."""
     if not wanted:
         return {}
+    unknown = [name for name in wanted if not qmp.schema.has_argument("migrate-set-parameters", name)]
+    if unknown:
+        raise InvalidArgument(f"QEMU {qmp.version} has no migration parameters {', '.join(unknown)}")
     current = qmp.execute("query-migrate-parameters")
     qmp.execute("migrate-set-parameters", dict(wanted))
     return {name: current[name] for name in wanted if name in current}
