@@ -28,6 +28,7 @@ def test_port_failure_removes_the_chardev(monitor: Monitor, fake: FakeQEMU) -> N
 
     fake.on("chardev-add", chardev_add)
     fake.on("chardev-remove", chardev_remove)
+    fake.on("query-chardev", lambda call: [{"label": label, "filename": "ringbuf"} for label in added])
     fake.on("qom-list", returns=[{"name": SERIAL_CONTROLLER, "type": "child<virtio-serial-pci>"}])
     fake.on("device_add", error=("GenericError", "port name taken"))
     with pytest.raises(HotplugError, match="port name taken"):

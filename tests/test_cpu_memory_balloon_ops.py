@@ -100,11 +100,12 @@ def test_memory_rollback_removes_the_backend(monitor: Monitor, fake: FakeQEMU) -
         return {}
 
     fake.on("object-del", object_del)
+    fake.on("qom-list", lambda call: [{"name": name, "type": "child<memory-backend-ram>"} for name in objects])
     fake.on("device_add", error=("GenericError", "not enough slots"))
     with pytest.raises(HotplugError, match="not enough slots"):
         memory_ops.hotplug_memory(monitor, log, memory_id="dimm1", size_mib=256)
     assert objects == set()
-    assert [c.command for c in fake.calls[1:]] == ["object-add", "device_add", "object-del"]
+    assert [c.command for c in fake.calls[1:]] == ["object-add", "device_add", "qom-list", "object-del"]
 
 
 class Balloon:

@@ -33,9 +33,10 @@ def test_quiet_commands_and_events_stay_out_of_logs(fake: FakeQEMU) -> None:
     fake.on("ringbuf-read", returns="console text")
     with capture_logs() as logs, connect(fake.address, timeout=5) as mon:
         assert mon.execute("ringbuf-read", {"device": "serial0", "size": 100}) == "console text"
-        fake.emit_event("RTC_CHANGE", {"offset": 1})
-        fake.emit_event("STOP")
-        mon.wait_event("STOP", timeout=2)
+        with mon.events("STOP") as stop:  # subscribed before the event is sent
+            fake.emit_event("RTC_CHANGE", {"offset": 1})
+            fake.emit_event("STOP")
+            stop.get(2)
     assert not any(e.get("cmd") == "ringbuf-read" for e in logs)
     assert [e["name"] for e in logs if e["event"] == "qmp.event"] == ["STOP"]
 

@@ -61,6 +61,11 @@ def netdev_id(nic_id: str) -> str:
     return f"{nic_id}-net"
 
 
+def tap_fd_name(nic_id: str, queue: int) -> str:
+    """The name a NIC's tap fd (one per queue) is passed under with ``getfd``."""
+    return f"{nic_id}-tap{queue}"
+
+
 def memory_backend_id(memory_id: str) -> str:
     return f"{memory_id}-ram"
 

@@ -58,7 +58,7 @@ def _add_layer(
         fdset = steps.run(
             f"add-fd layer {layer}",
             lambda: int(qmp.execute("add-fd", {"opaque": fdset_tag(disk.id, layer)}, fds=[fd])["fdset-id"]),
-            lambda fdset_id: qmp.execute("remove-fd", {"fdset-id": fdset_id}),
+            lambda _: remove_disk_fdsets(qmp, disk.id, layers={layer}),
         )
     finally:
         os.close(fd)
@@ -67,7 +67,7 @@ def _add_layer(
         lambda: qmp.execute(
             "blockdev-add", {"driver": "file", "node-name": file_node, "filename": f"/dev/fdset/{fdset}"}
         ),
-        lambda _: qmp.execute("blockdev-del", {"node-name": file_node}),
+        lambda _: delete_disk_nodes(qmp, disk.id, only={file_node}),
     )
     arguments: dict[str, Any] = {"driver": fmt, "node-name": format_node, "file": file_node}
     if fmt == "qcow2":
@@ -75,7 +75,7 @@ def _add_layer(
     steps.run(
         f"blockdev-add {format_node}",
         lambda: qmp.execute("blockdev-add", arguments),
-        lambda _: qmp.execute("blockdev-del", {"node-name": format_node}),
+        lambda _: delete_disk_nodes(qmp, disk.id, only={format_node}),
     )
     return format_node
 

@@ -3,12 +3,11 @@ the guest as a named virtio-serial port."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from typing import Any
 
-from vmctl.errors import CommandError, HotplugError, InvalidArgument, QMPError
+from vmctl.errors import HotplugError, InvalidArgument, QMPError
 from vmctl.model import Chardev, ChardevKind
 from vmctl.model.names import SERIAL_CONTROLLER
 from vmctl.model.pcie import Controller
@@ -49,7 +48,7 @@ def hotplug_chardev(
             steps.run(
                 "chardev-add",
                 lambda: qmp.execute("chardev-add", {"id": chardev_id, "backend": backend}),
-                lambda _: qmp.execute("chardev-remove", {"id": chardev_id}),
+                lambda _: _remove_chardev(qmp, chardev_id),
             )
             if port_name is not None:
                 ensure_controller(qmp, steps, controller or Controller.serial(), timeout)
@@ -60,7 +59,11 @@ def hotplug_chardev(
                     "name": port_name,
                     "bus": f"{SERIAL_CONTROLLER}.0",
                 }
-                steps.run("virtserialport", lambda: qmp.execute("device_add", port, timeout=timeout))
+                steps.run(
+                    "virtserialport",
+                    lambda: qmp.execute("device_add", port, timeout=timeout),
+                    lambda _: remove_device(qmp, chardev.port_id, timeout),
+                )
     except QMPError as exc:
         raise HotplugError(
             f"hotplug of chardev {chardev_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
@@ -73,8 +76,7 @@ def unplug_chardev(qmp: Monitor, log: Any, *, chardev: Chardev, timeout: float =
     """Remove the port (if any), then the chardev. Idempotent."""
     if chardev.port_name is not None:
         remove_device(qmp, chardev.port_id, timeout)
-    with contextlib.suppress(CommandError):  # already gone
-        qmp.execute("chardev-remove", {"id": chardev.id})
+    _remove_chardev(qmp, chardev.id)
     log.bind(chardev=chardev.id).info("chardev.unplugged")
 
 
@@ -95,3 +97,9 @@ def _validated(
             raise InvalidArgument(f"chardev {chardev_id}: ringbuf size must be a power of two, not {size!r}")
         return Chardev(id=chardev_id, kind=kind, size=size, port_name=port)
     raise InvalidArgument(f"chardev {chardev_id}: kind must be socket or ringbuf, not {kind!r}")
+
+
+def _remove_chardev(qmp: Monitor, chardev_id: str) -> None:
+    """chardev-remove, unless it is gone already."""
+    if any(c.get("label") == chardev_id for c in qmp.execute("query-chardev")):
+        qmp.execute("chardev-remove", {"id": chardev_id})

@@ -51,8 +51,8 @@ def hotplug_cpus(qmp: Monitor, log: Any, count: int, *, timeout: float = 30.0) -
     added: list[str] = []
     try:
         for slot in free[:count]:
+            added.append(slot.device_id)  # before it is sent: a timed-out device_add may have plugged it
             qmp.execute("device_add", {"driver": slot.type, "id": slot.device_id, **slot.props}, timeout=timeout)
-            added.append(slot.device_id)
     except QMPError as exc:
         remaining = [device for device in reversed(added) if not _remove(qmp, device, timeout)]
         raise HotplugError(f"CPU hotplug failed and was rolled back: {exc}", remaining=tuple(remaining)) from exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vmctl.errors import CommandError, DeviceNotFound, EventTimeout, HotplugError
+from vmctl.errors import CommandError, CommandTimeout, DeviceNotFound, EventTimeout, HotplugError
 from vmctl.model.names import pci_addr_from_devfn
 from vmctl.model.pcie import Controller
 from vmctl.ops.rollback import Steps
@@ -29,6 +29,8 @@ def remove_device(
             qmp.execute("device_del", {"id": device_id})
         except DeviceNotFound:
             return
+        except CommandTimeout:
+            pass  # QEMU may have asked the guest all the same: wait for the outcome below
         except CommandError as exc:
             if "in the process of unplug" not in exc.desc and "already" not in exc.desc:
                 raise

@@ -43,10 +43,10 @@ def hotplug_disk(
                 lambda: int(
                     qmp.execute("add-fd", {"opaque": fdset_tag(disk.id, disk.base_layer)}, fds=[fd])["fdset-id"]
                 ),
-                lambda fdset_id: qmp.execute("remove-fd", {"fdset-id": fdset_id}),
+                lambda _: remove_disk_fdsets(qmp, disk.id, layers={disk.base_layer}),
             )
             for node in disk.layer_nodes(disk.base_layer, f"/dev/fdset/{fdset}"):
-                _add_node(qmp, steps, node, timeout)
+                _add_node(qmp, steps, disk.id, node, timeout)
             if disk.bus == "scsi":
                 ensure_controller(qmp, steps, controller or Controller.scsi(), timeout)
             steps.run(
@@ -67,12 +67,12 @@ def hotplug_disk(
     return disk
 
 
-def _add_node(qmp: Monitor, steps: Steps, node: dict[str, Any], timeout: float) -> None:
+def _add_node(qmp: Monitor, steps: Steps, disk_id: str, node: dict[str, Any], timeout: float) -> None:
     name = node["node-name"]
     steps.run(
         f"blockdev-add {name}",
         lambda: qmp.execute("blockdev-add", node, timeout=timeout),
-        lambda _: qmp.execute("blockdev-del", {"node-name": name}),
+        lambda _: delete_disk_nodes(qmp, disk_id, only={name}),
     )
 
 

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import attrs
 
 from vmctl.errors import HotplugError, InvalidArgument, QMPError, WaitTimeout
 from vmctl.model import MemorySpec, VirtioMemSpec
 from vmctl.model.names import memory_backend_id as backend_id
-from vmctl.ops.devices import remove_device
+from vmctl.ops.devices import device_present, remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.ops.waiting import events_until
-from vmctl.qmp import Monitor
+from vmctl.qmp import Monitor, Subscription
 
 MIB = 1024 * 1024
+ACPI_INSERT = 1  # ACPI_DEVICE_OST source: the guest handled an insertion
+T = TypeVar("T")
 
 
 @attrs.frozen(kw_only=True)
@@ -41,48 +44,84 @@ def hotplug_memory(qmp: Monitor, log: Any, *, memory_id: str, size_mib: int, tim
     # The guest onlines memory in 128 MiB blocks: a smaller DIMM would never be usable.
     if not isinstance(size_mib, int) or isinstance(size_mib, bool) or size_mib <= 0 or size_mib % 128:
         raise InvalidArgument(f"memory {memory_id}: size must be a positive multiple of 128 MiB, not {size_mib!r}")
-    _plug(qmp, log, memory_id=memory_id, backend_mib=size_mib, device={"driver": "pc-dimm"}, timeout=timeout)
-    bound = log.bind(memory=memory_id)
-    placed = next((d for d in memory_devices(qmp) if d.id == memory_id), None)
-    bound.info("memory.hotplugged", size_mib=size_mib)
-    return MemorySpec(
-        id=memory_id,
-        size_mib=size_mib,
-        slot=placed.slot if placed else None,
-        addr=placed.address if placed else None,
-    )
+
+    def placed() -> MemorySpec:  # where QEMU put it: a migration target must put it there too
+        device = next((d for d in memory_devices(qmp) if d.id == memory_id), None)
+        return MemorySpec(
+            id=memory_id,
+            size_mib=size_mib,
+            slot=device.slot if device else None,
+            addr=device.address if device else None,
+        )
+
+    memory = _plug(
+        qmp, log, memory_id=memory_id, backend_mib=size_mib, device={"driver": "pc-dimm"}, timeout=timeout,
+        then=placed,
+    )  # fmt: skip
+    log.bind(memory=memory_id).info("memory.hotplugged", size_mib=size_mib)
+    return memory
 
 
 def unplug_memory(qmp: Monitor, log: Any, *, memory_id: str, timeout: float = 30.0) -> None:
     """Remove a DIMM (the guest must offline it first; it does when the memory is movable)."""
     bound = log.bind(memory=memory_id)
     remove_device(qmp, memory_id, timeout, kind="memory", also_left=(f"object {backend_id(memory_id)}",))
-    objects = {o["name"] for o in qmp.execute("qom-list", {"path": "/objects"})}
-    if backend_id(memory_id) in objects:
-        qmp.execute("object-del", {"id": backend_id(memory_id)})
+    _delete_backend(qmp, backend_id(memory_id))
     bound.info("memory.unplugged")
 
 
-def _plug(qmp: Monitor, log: Any, *, memory_id: str, backend_mib: int, device: dict[str, Any], timeout: float) -> None:
-    """A RAM backend object, then a memory device on it; the backend goes again if the device fails."""
+def _delete_backend(qmp: Monitor, backend: str) -> None:
+    """object-del a memory backend, unless it is gone already."""
+    if any(o.get("name") == backend for o in qmp.execute("qom-list", {"path": "/objects"})):
+        qmp.execute("object-del", {"id": backend})
+
+
+def _plug(
+    qmp: Monitor,
+    log: Any,
+    *,
+    memory_id: str,
+    backend_mib: int,
+    device: dict[str, Any],
+    timeout: float,
+    then: Callable[[], T],
+) -> T:
+    """A RAM backend object, then a memory device on it, then ``then()`` (what the caller asks
+    of the new device); if any of it fails, what was added goes again."""
     backend = backend_id(memory_id)
+    acpi = device["driver"] == "pc-dimm"  # a DIMM is plugged through ACPI; virtio-mem is not
     try:
-        with Steps(log.bind(memory=memory_id)) as steps:
+        with qmp.events("ACPI_DEVICE_OST") as ost, Steps(log.bind(memory=memory_id)) as steps:
             steps.run(
                 "object-add",
                 lambda: qmp.execute(
                     "object-add", {"qom-type": "memory-backend-ram", "id": backend, "size": backend_mib * MIB}
                 ),
-                lambda _: qmp.execute("object-del", {"id": backend}),
+                lambda _: _delete_backend(qmp, backend),
             )
             steps.run(
                 "device_add",
                 lambda: qmp.execute("device_add", {**device, "id": memory_id, "memdev": backend}, timeout=timeout),
+                lambda _: _undo_plug(qmp, memory_id, ost if acpi else None, timeout),
             )
+            return then()
     except QMPError as exc:
         raise HotplugError(
             f"hotplug of memory {memory_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
         ) from exc
+
+
+def _undo_plug(qmp: Monitor, memory_id: str, ost: Subscription | None, timeout: float) -> None:
+    """Remove a memory device just added. A guest asked to eject a DIMM it is still onlining
+    refuses: first wait (bounded) until it reports the insertion handled."""
+    if not device_present(qmp, memory_id):
+        return
+    if ost is not None:
+        for event in events_until(ost, timeout):
+            info = event.data.get("info", {})
+            if info.get("device") == memory_id and info.get("source") == ACPI_INSERT:
+                break
+    remove_device(qmp, memory_id, timeout, kind="memory")
 
 
 def memory_devices(qmp: Monitor) -> list[MemoryDevice]:
@@ -105,7 +144,10 @@ def add_virtio_mem(
         raise InvalidArgument(f"virtio-mem {memory_id}: max size must be a positive multiple of 128 MiB")
     _check_virtio_mem_size(memory_id, size_mib, max_size_mib)
     spec = VirtioMemSpec(id=memory_id, max_size_mib=max_size_mib, size_mib=0, port=port)
-    _plug(qmp, log, memory_id=memory_id, backend_mib=max_size_mib, device=spec.device_properties(), timeout=timeout)
+    _plug(
+        qmp, log, memory_id=memory_id, backend_mib=max_size_mib, device=spec.device_properties(), timeout=timeout,
+        then=lambda: None,
+    )  # fmt: skip
     return resize_virtio_mem(qmp, log, spec, size_mib, timeout=timeout) if size_mib else spec
 
 

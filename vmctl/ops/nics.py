@@ -26,7 +26,7 @@ from vmctl.errors import (
     QMPError,
 )
 from vmctl.model import NicSpec
-from vmctl.model.names import netdev_id
+from vmctl.model.names import netdev_id, tap_fd_name
 from vmctl.ops.devices import remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
@@ -82,11 +82,11 @@ def hotplug_nic(
     nic = attrs.evolve(wanted, tap=tap_name)
     bound = log.bind(nic=nic_id, tap=tap_name)
     netdev = netdev_id(nic_id)
-    fd_names = [f"{nic_id}-tap{i}" for i in range(queues)]
+    fd_names = [tap_fd_name(nic_id, i) for i in range(queues)]
     try:
         with Steps(bound) as steps:
             for fd, fd_name in zip(fds, fd_names, strict=True):
-                steps.run(f"getfd {fd_name}", _getfd(qmp, fd, fd_name), lambda name: _closefd(qmp, name))
+                steps.run(f"getfd {fd_name}", _getfd(qmp, fd, fd_name), _closefd_step(qmp, fd_name))
             netdev_arguments: dict[str, Any] = {"type": "tap", "id": netdev}
             if queues == 1:
                 netdev_arguments["fd"] = fd_names[0]
@@ -95,9 +95,13 @@ def hotplug_nic(
             steps.run(
                 "netdev_add",
                 lambda: qmp.execute("netdev_add", netdev_arguments, timeout=timeout),
-                lambda _: qmp.execute("netdev_del", {"id": netdev}),
+                lambda _: _delete_netdev(qmp, netdev),
             )
-            steps.run("device_add", lambda: qmp.execute("device_add", nic.device_properties(), timeout=timeout))
+            steps.run(
+                "device_add",
+                lambda: qmp.execute("device_add", nic.device_properties(), timeout=timeout),
+                lambda _: remove_device(qmp, nic_id, timeout),
+            )
     except QMPError as exc:
         raise HotplugError(
             f"hotplug of nic {nic_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
@@ -117,6 +121,10 @@ def _getfd(qmp: Monitor, fd: int, fd_name: str) -> Callable[[], str]:
     return give
 
 
+def _closefd_step(qmp: Monitor, fd_name: str) -> Callable[[object], None]:
+    return lambda _: _closefd(qmp, fd_name)
+
+
 def _closefd(qmp: Monitor, fd_name: str) -> None:
     # netdev_add takes the named fd out of the monitor's list; then there is nothing to close.
     with contextlib.suppress(CommandError):
@@ -127,9 +135,13 @@ def unplug_nic(qmp: Monitor, log: Any, *, nic_id: str, timeout: float = 30.0) ->
     """Remove the NIC once the guest releases it, then its tap backend. Idempotent."""
     bound = log.bind(nic=nic_id)
     remove_device(qmp, nic_id, timeout, kind="nic", also_left=(f"netdev {netdev_id(nic_id)}",))
-    with contextlib.suppress(DeviceNotFound):
-        qmp.execute("netdev_del", {"id": netdev_id(nic_id)})
+    _delete_netdev(qmp, netdev_id(nic_id))
     bound.info("nic.unplugged")
+
+
+def _delete_netdev(qmp: Monitor, netdev: str) -> None:
+    with contextlib.suppress(DeviceNotFound):  # gone already
+        qmp.execute("netdev_del", {"id": netdev})
 
 
 def set_link(qmp: Monitor, log: Any, *, nic_id: str, up: bool) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from vmctl.errors import CommandTimeout, ConnectionLost
+
 T = TypeVar("T")
 
 
@@ -13,6 +15,10 @@ class Steps:
 
     If the block raises, the undos of the steps that completed run in reverse order. An undo that
     fails is logged and named in ``leftovers`` (the original error is re-raised either way).
+
+    A step whose command timed out or lost the connection may have taken effect in QEMU: its undo
+    runs too, with ``None`` for the result, so every undo must work from names alone and do
+    nothing when there is nothing to undo.
     """
 
     def __init__(self, log: Any) -> None:
@@ -20,8 +26,13 @@ class Steps:
         self._undo: list[tuple[str, Callable[[], Any]]] = []
         self.leftovers: list[str] = []
 
-    def run(self, name: str, do: Callable[[], T], undo: Callable[[T], Any] | None = None) -> T:
-        result = do()
+    def run(self, name: str, do: Callable[[], T], undo: Callable[[T | None], Any] | None = None) -> T:
+        try:
+            result = do()
+        except (CommandTimeout, ConnectionLost):
+            if undo is not None:  # its outcome is unknown: undo it if it happened
+                self._undo.append((name, lambda: undo(None)))
+            raise
         if undo is not None:
             self._undo.append((name, lambda: undo(result)))
         return result

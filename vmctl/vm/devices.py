@@ -32,6 +32,7 @@ from vmctl.ops import memory as memory_ops
 from vmctl.ops import nics as nic_ops
 from vmctl.ops.devices import pci_address
 from vmctl.qmp import Monitor
+from vmctl.vm.journal import Intent
 from vmctl.vm.store import StateStore
 
 
@@ -86,18 +87,20 @@ class Devices:
                 raise InvalidArgument(f"disk {disk.id}: q35 hotplugs behind root ports; give a port, not pci_addr")
             else:
                 disk = attrs.evolve(disk, port=self._store.free_port(disk.id, disk.port))
-            plugged = disk_ops.hotplug_disk(self._qmp, self._log, disk, controller=controller, timeout=timeout)
-            if plugged.bus == "virtio-blk" and plugged.port is None:
-                plugged = attrs.evolve(plugged, pci_addr=pci_address(self._qmp, plugged.id))
-            self._store.update(lambda inventory: _with_controller(inventory.with_disk(plugged), controller))
+            with self._store.intent(Intent(operation="hotplug_disk", disk=disk)):
+                plugged = disk_ops.hotplug_disk(self._qmp, self._log, disk, controller=controller, timeout=timeout)
+                if plugged.bus == "virtio-blk" and plugged.port is None:
+                    plugged = attrs.evolve(plugged, pci_addr=pci_address(self._qmp, plugged.id))
+                self._store.update(lambda inventory: _with_controller(inventory.with_disk(plugged), controller))
             return plugged
 
     def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None:
         """Detach a disk: the guest releases it, then its nodes and fdset go. Safe to retry."""
         with self._store.lock:
-            self._store.require_disk(id)
-            disk_ops.unplug_disk(self._qmp, self._log, disk_id=id, timeout=timeout)
-            self._store.update(lambda inventory: inventory.without_disk(id))
+            disk = self._store.require_disk(id)
+            with self._store.intent(Intent(operation="unplug_disk", disk=disk)):
+                disk_ops.unplug_disk(self._qmp, self._log, disk_id=id, timeout=timeout)
+                self._store.update(lambda inventory: inventory.without_disk(id))
 
     def resize_disk(self, id: str, size: int, *, allow_shrink: bool = False) -> None:
         """Grow a disk to ``size`` bytes; the guest sees the new size at once."""
@@ -133,21 +136,24 @@ class Devices:
         with self._store.lock:
             self._store.refuse_duplicate(id)
             port = self._store.free_port(id)
-            nic = nic_ops.hotplug_nic(
-                self._qmp, self._log, nic_id=id, tap=tap, mac=mac, model=model, queues=queues, port=port,
-                timeout=timeout,
-            )  # fmt: skip
-            if port is None:
-                nic = attrs.evolve(nic, pci_addr=pci_address(self._qmp, id))
-            self._store.update(lambda inventory: inventory.with_nic(nic))
+            wanted = NicSpec(id=id, mac=mac or nic_ops.random_mac(), model=model, tap=tap, queues=queues, port=port)
+            with self._store.intent(Intent(operation="hotplug_nic", nic=wanted)):
+                nic = nic_ops.hotplug_nic(
+                    self._qmp, self._log, nic_id=id, tap=tap, mac=wanted.mac, model=model, queues=queues, port=port,
+                    timeout=timeout,
+                )  # fmt: skip
+                if port is None:
+                    nic = attrs.evolve(nic, pci_addr=pci_address(self._qmp, id))
+                self._store.update(lambda inventory: inventory.with_nic(nic))
             return nic
 
     def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
         """Detach a NIC: the guest releases it, then its tap backend goes (and its root port is free)."""
         with self._store.lock:
-            self._require_nic(id)
-            nic_ops.unplug_nic(self._qmp, self._log, nic_id=id, timeout=timeout)
-            self._store.update(lambda inventory: inventory.without_nic(id))
+            nic = self._require_nic(id)
+            with self._store.intent(Intent(operation="unplug_nic", nic=nic)):
+                nic_ops.unplug_nic(self._qmp, self._log, nic_id=id, timeout=timeout)
+                self._store.update(lambda inventory: inventory.without_nic(id))
 
     def set_nic_link(self, id: str, up: bool) -> NicSpec:
         """Raise or drop a NIC's link (the guest sees its carrier change); the inventory keeps the

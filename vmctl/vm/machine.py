@@ -66,6 +66,7 @@ class VM:
             pid=process.pid,
             start_time=process.start_time,
             qmp=qmp,
+            pending=record.pending,
         )
         self.lifecycle = Lifecycle(name=self.name, process=process, qmp=qmp, log_path=run_dir / LOG_FILE, log=self.log)
         self.devices = Devices(name=self.name, qmp=qmp, store=self.store, log=self.log)
@@ -245,6 +246,15 @@ class VM:
             ) from exc
         vm = cls(run_dir=directory, record=record, process=process, qmp=qmp)
         vm.log.info("vm.attached", pid=process.pid, run_dir=str(directory))
+        # A device operation the last control plane did not finish: settle it from what QEMU has.
+        if record.pending is not None:
+            vm.store.settle()
+            vm.log.warning(
+                "vm.interrupted_operation",
+                operation=record.pending.operation,
+                device=record.pending.device_id,
+                leftovers=list(vm.leftovers),
+            )
         # Block jobs a crashed control plane left behind are QEMU's still: report them.
         vm.leftover_jobs = query_jobs(qmp)
         for job in vm.leftover_jobs:
@@ -296,6 +306,17 @@ class VM:
     @property
     def resets(self) -> list[ResetEvent]:
         return list(self.lifecycle.resets)
+
+    @property
+    def leftovers(self) -> tuple[str, ...]:
+        """What a device operation that stopped half-way (a failure vmctl could not undo, or a
+        control plane killed in the middle) left in QEMU; ``clean_leftovers()`` removes it."""
+        return self.store.leftovers
+
+    def clean_leftovers(self, *, timeout: float = 30.0) -> None:
+        """Finish the cleanup of ``leftovers``: an interrupted hotplug is undone, an interrupted
+        unplug completed. ``HotplugError`` if something still cannot go (say, the guest holds it)."""
+        self.store.clean_leftovers(self.log, timeout=timeout)
 
     @property
     def nbd_address(self) -> NbdAddress | None:

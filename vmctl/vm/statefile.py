@@ -12,6 +12,7 @@ import attrs
 
 from vmctl.errors import StaleState
 from vmctl.model import Inventory, VMSpec
+from vmctl.vm.journal import Intent
 
 STATE_FILE = "vm.json"
 FORMAT_VERSION = 1
@@ -26,6 +27,7 @@ class VMRecord:
     qmp_socket: str
     spec: VMSpec
     inventory: Inventory
+    pending: Intent | None = None  # a device operation under way (see ``journal``)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -35,6 +37,7 @@ class VMRecord:
             "qmp_socket": self.qmp_socket,
             "spec": self.spec.to_dict(),
             "inventory": self.inventory.to_dict(),
+            "pending": self.pending.to_dict() if self.pending is not None else None,
         }
 
     @classmethod
@@ -47,6 +50,7 @@ class VMRecord:
             qmp_socket=str(data["qmp_socket"]),
             spec=VMSpec.from_dict(data["spec"]),
             inventory=Inventory.from_dict(data["inventory"]),
+            pending=Intent.from_dict(data["pending"]) if data.get("pending") else None,
         )
 
 

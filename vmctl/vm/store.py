@@ -7,22 +7,34 @@ restarts (``VM.attach``) finds what the VM really has.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from vmctl.errors import DeviceExists, InvalidArgument, NoHotplugSlot, UnknownDevice
+from vmctl.errors import DeviceExists, HotplugError, InvalidArgument, NoHotplugSlot, StateError, UnknownDevice
 from vmctl.model import DiskSpec, Inventory, VMSpec
 from vmctl.model.names import QMP_SOCKET
 from vmctl.model.pcie import Controller
 from vmctl.ops.devices import device_present
 from vmctl.qmp import Monitor
+from vmctl.vm import journal
+from vmctl.vm.journal import Intent
 from vmctl.vm.statefile import VMRecord, write_record
 
 
 class StateStore:
     def __init__(
-        self, *, run_dir: Path, spec: VMSpec, inventory: Inventory, pid: int, start_time: int, qmp: Monitor
+        self,
+        *,
+        run_dir: Path,
+        spec: VMSpec,
+        inventory: Inventory,
+        pid: int,
+        start_time: int,
+        qmp: Monitor,
+        pending: Intent | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.spec = spec
@@ -30,18 +42,80 @@ class StateStore:
         self._pid = pid
         self._start_time = start_time
         self._qmp = qmp
+        self._pending = pending
+        self._leftovers: tuple[str, ...] = ()
         self.lock = threading.RLock()
 
     @property
     def inventory(self) -> Inventory:
         return self._inventory
 
+    @property
+    def pending(self) -> Intent | None:
+        return self._pending
+
+    @property
+    def leftovers(self) -> tuple[str, ...]:
+        return self._leftovers
+
     def update(self, change: Callable[[Inventory], Inventory]) -> Inventory:
-        """Apply ``change`` to the inventory and write the state file; returns the new inventory."""
+        """Apply ``change`` to the inventory and write the state file; returns the new inventory.
+        The operation under way (if any) ends with it, in the same write."""
         with self.lock:
             self._inventory = change(self._inventory)
+            self._pending, self._leftovers = None, ()
             self.save()
             return self._inventory
+
+    @contextlib.contextmanager
+    def intent(self, intent: Intent) -> Iterator[None]:
+        """Record ``intent`` before the operation's first step. The operation ends it with
+        ``update``; if it fails instead, QEMU is asked what is left of it: nothing (the intent
+        goes), or leftovers (the intent stays, for ``clean_leftovers``, a retry of the same
+        operation, or the next attach)."""
+        with self.lock:
+            retry = self._pending is not None and (self._pending.operation, self._pending.device_id) == (
+                intent.operation,
+                intent.device_id,
+            )
+            if self._pending is not None and not retry:  # a retry of the same operation may finish it
+                raise StateError(
+                    f"{self.spec.name}: {self._pending.operation} of {self._pending.device_id} stopped half-way; "
+                    f"vm.clean_leftovers() first (left: {', '.join(self._leftovers) or 'unknown'})"
+                )
+            self._pending = intent
+            self.save()
+            try:
+                yield
+            except BaseException:
+                if self._pending is intent:
+                    self.settle()
+                raise
+
+    def settle(self) -> None:
+        """Settle the recorded intent from what QEMU has (after a failure, or at attach)."""
+        with self.lock:
+            if self._pending is None:
+                return
+            settled = journal.settle_quietly(self._qmp, self._pending, self._inventory)
+            if settled is None:  # QEMU cannot be asked now: the next attach settles it
+                self._leftovers = (f"unknown: {self._pending.operation} of {self._pending.device_id}",)
+                return
+            self._inventory, self._leftovers = settled.inventory, settled.leftovers
+            if not settled.leftovers:
+                self._pending = None
+            self.save()
+
+    def clean_leftovers(self, log: Any, *, timeout: float) -> None:
+        """Finish what an operation stopped half-way left: a hotplug is undone, an unplug completed."""
+        with self.lock:
+            self.settle()
+            if self._pending is None:
+                return
+            journal.clean(self._qmp, log, self._pending, timeout=timeout)
+            self.settle()
+            if self._pending is not None:
+                raise HotplugError(f"{self.spec.name}: leftovers remain", remaining=self._leftovers)
 
     def save(self) -> None:
         write_record(
@@ -52,6 +126,7 @@ class StateStore:
                 qmp_socket=str(self.run_dir / QMP_SOCKET),
                 spec=self.spec,
                 inventory=self._inventory,
+                pending=self._pending,
             ),
         )
 

@@ -1,0 +1,133 @@
+"""The intent of a device operation, written to the state file before its first step.
+
+A control plane can die at any moment of an operation. With the intent on disk, the next
+``VM.attach`` asks QEMU what it has of that device and settles the operation: it completed (the
+inventory gets it), it never started or was undone (nothing to do), or it stopped half-way: then
+``vm.leftovers`` names what is left and ``vm.clean_leftovers()`` finishes the cleanup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+
+from vmctl.errors import CommandError, QMPError
+from vmctl.model import DiskSpec, Inventory, NicSpec
+from vmctl.model.names import fdset_tag, is_disk_fdset, netdev_id, tap_fd_name
+from vmctl.ops import disks as disk_ops
+from vmctl.ops import nics as nic_ops
+from vmctl.ops.devices import device_present, pci_address
+from vmctl.qmp import Monitor
+
+Operation = Literal["hotplug_disk", "unplug_disk", "hotplug_nic", "unplug_nic"]
+
+
+@attrs.frozen(kw_only=True)
+class Intent:
+    """An operation under way on one device (the value it plugs, or the one it unplugs)."""
+
+    operation: Operation
+    disk: DiskSpec | None = None
+    nic: NicSpec | None = None
+
+    @property
+    def device_id(self) -> str:
+        device = self.disk or self.nic
+        assert device is not None
+        return device.id
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Intent:
+        disk, nic = data.get("disk"), data.get("nic")
+        return cls(
+            operation=data["operation"],
+            disk=DiskSpec(**disk) if disk else None,
+            nic=NicSpec(**nic) if nic else None,
+        )
+
+
+@attrs.frozen(kw_only=True)
+class Settled:
+    """What QEMU showed of an intent: the inventory to keep, and what is left over (if anything)."""
+
+    inventory: Inventory
+    leftovers: tuple[str, ...] = ()
+
+
+def parts(qmp: Monitor, intent: Intent) -> dict[str, bool]:
+    """Which parts of the intent's device QEMU has, by name."""
+    device_id = intent.device_id
+    found = {f"device {device_id}": device_present(qmp, device_id)}
+    if intent.disk is not None:
+        nodes = set(disk_ops.disk_nodes(qmp, device_id))
+        found[f"node {intent.disk.active_node}"] = intent.disk.active_node in nodes
+        for node in sorted(nodes - {intent.disk.active_node}):
+            found[f"node {node}"] = True
+        opaques = [fd.get("opaque") for s in qmp.execute("query-fdsets") for fd in s.get("fds", ())]
+        found[f"fdset {fdset_tag(device_id)}"] = any(is_disk_fdset(o, device_id) for o in opaques)
+    else:
+        netdev = re.escape(netdev_id(device_id))
+        listed = re.search(rf"^[ \\]*{netdev}: ", qmp.human("info network"), re.MULTILINE)
+        found[f"netdev {netdev_id(device_id)}"] = listed is not None
+    return found
+
+
+def settle(qmp: Monitor, intent: Intent, inventory: Inventory) -> Settled:
+    """The inventory as QEMU shows the operation ended, and what is left if it stopped half-way."""
+    found = parts(qmp, intent)
+    if all(found.values()):  # the device is there, whole
+        if intent.operation == "hotplug_disk":
+            assert intent.disk is not None
+            disk = intent.disk
+            if disk.port is None and disk.pci_addr is None and disk.bus == "virtio-blk":
+                disk = attrs.evolve(disk, pci_addr=pci_address(qmp, disk.id))
+            return Settled(inventory=inventory.with_disk(disk))
+        if intent.operation == "hotplug_nic":
+            assert intent.nic is not None
+            nic = intent.nic
+            if nic.port is None and nic.pci_addr is None:
+                nic = attrs.evolve(nic, pci_addr=pci_address(qmp, nic.id))
+            return Settled(inventory=inventory.with_nic(nic))
+        return Settled(inventory=inventory)  # an unplug that had not begun
+    if not any(found.values()):  # nothing of it is there
+        if intent.operation == "hotplug_nic":
+            forget_tap_fds(qmp, intent)
+        if intent.operation == "unplug_disk":
+            return Settled(inventory=inventory.without_disk(intent.device_id))
+        if intent.operation == "unplug_nic":
+            return Settled(inventory=inventory.without_nic(intent.device_id))
+        return Settled(inventory=inventory)  # a hotplug undone, or never begun
+    return Settled(inventory=inventory, leftovers=tuple(name for name, there in found.items() if there))
+
+
+def clean(qmp: Monitor, log: Any, intent: Intent, *, timeout: float) -> None:
+    """Remove what an operation stopped half-way left (a hotplug is undone, an unplug finished)."""
+    if intent.disk is not None:
+        disk_ops.unplug_disk(qmp, log, disk_id=intent.device_id, timeout=timeout)
+        return
+    nic_ops.unplug_nic(qmp, log, nic_id=intent.device_id, timeout=timeout)
+    forget_tap_fds(qmp, intent)
+
+
+def forget_tap_fds(qmp: Monitor, intent: Intent) -> None:
+    """Close the tap fds a NIC hotplug passed and never used: no query shows them, but they
+    keep the tap alive."""
+    assert intent.nic is not None
+    for queue in range(intent.nic.queues):
+        with contextlib.suppress(CommandError):
+            qmp.execute("closefd", {"fdname": tap_fd_name(intent.device_id, queue)})
+
+
+def settle_quietly(qmp: Monitor, intent: Intent, inventory: Inventory) -> Settled | None:
+    """``settle``, or ``None`` when QEMU cannot be asked (the monitor is gone)."""
+    try:
+        return settle(qmp, intent, inventory)
+    except QMPError:
+        return None
