@@ -58,6 +58,20 @@ def test_negotiation_without_oob_when_not_wanted() -> None:
     assert proto.capabilities == ()
 
 
+def test_a_reply_meant_for_an_earlier_client_is_dropped_during_negotiation() -> None:
+    # A control plane killed with a command under way: QEMU hands its reply to the next client.
+    proto = QMPCodec()
+    proto.receive_data(b'{"return": {}, "id": "vmctl-0a1b2c-121"}\r\n' + GREETING)
+    [greeting] = drain(proto)
+    assert isinstance(greeting, Greeting)
+    ours = json.loads(proto.start_negotiation())["id"]
+    assert ours.startswith("vmctl-") and ours != "vmctl-0a1b2c-121"
+    proto.receive_data(b'{"error": {"class": "GenericError", "desc": "x"}, "id": "vmctl-0a1b2c-122"}\r\n')
+    proto.receive_data(json.dumps({"return": {}, "id": ours}).encode() + b"\r\n")
+    drain(proto)
+    assert proto.phase is Phase.READY and proto.stale_replies == 2
+
+
 def test_commands_before_negotiation_are_refused() -> None:
     proto = QMPCodec()
     with pytest.raises(StateError, match="awaiting-greeting"):

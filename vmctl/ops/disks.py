@@ -10,6 +10,7 @@ restarted control plane can unplug what an earlier one plugged.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from vmctl.errors import CommandError, HotplugError, InvalidArgument, QMPError
@@ -20,6 +21,9 @@ from vmctl.ops.devices import ensure_controller, remove_device
 from vmctl.ops.nodes import block_nodes
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
+
+#: How long a block node may stay in use after its device is gone.
+NODE_RELEASE_TIMEOUT = 5.0
 
 
 def hotplug_disk(
@@ -101,7 +105,9 @@ def disk_nodes(qmp: Monitor, disk_id: str) -> list[str]:
 
 def delete_disk_nodes(qmp: Monitor, disk_id: str, *, only: set[str] | None = None) -> None:
     """blockdev-del this disk's nodes (or just ``only``), users before what they use: a node
-    still in use (a backing or protocol node) is retried after the nodes above it are gone."""
+    still in use (a backing or protocol node) is retried after the nodes above it are gone. A
+    device that has just gone may hold its node a moment longer: that is waited out (bounded)."""
+    deadline = time.monotonic() + NODE_RELEASE_TIMEOUT
     while True:
         remaining = [n for n in disk_nodes(qmp, disk_id) if only is None or n in only]
         if not remaining:
@@ -114,7 +120,9 @@ def delete_disk_nodes(qmp: Monitor, disk_id: str, *, only: set[str] | None = Non
             except CommandError:
                 continue  # in use by a node not yet deleted
         if not deleted:
-            raise HotplugError(f"cannot delete the block nodes of disk {disk_id}", remaining=tuple(remaining))
+            if time.monotonic() >= deadline:
+                raise HotplugError(f"cannot delete the block nodes of disk {disk_id}", remaining=tuple(remaining))
+            time.sleep(0.05)
 
 
 def remove_disk_fdsets(qmp: Monitor, disk_id: str, *, layers: set[int] | None = None) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import enum
 import itertools
 import json
+import os
 import re
+import secrets
 from collections import deque
 from collections.abc import Mapping
 from typing import Any, Final
@@ -30,11 +32,22 @@ from vmctl.qmp.messages import (
 
 DEFAULT_MAX_MESSAGE_SIZE: Final = 10 * 1024 * 1024
 
-# One counter for the whole process: ids never repeat across monitors or reconnects.
+# One counter for the whole process: ids never repeat across monitors or reconnects. A random
+# tag per process keeps them apart from another process's: QEMU may hand the reply to a command
+# of a control plane that died to the next client of the same monitor.
 _id_counter = itertools.count(1)
-_ID_PREFIX: Final = "vmctl-"
-_ID_AT_END = re.compile(rb'"id"\s*:\s*"(' + _ID_PREFIX.encode() + rb'\d+)"\s*}\s*$')
-_ID_AT_START = re.compile(rb'^\s*{\s*"id"\s*:\s*"(' + _ID_PREFIX.encode() + rb'\d+)"')
+_id_prefix = f"vmctl-{secrets.token_hex(3)}-"
+_ID = rb"vmctl-[0-9a-f]{6}-\d+"
+_ID_AT_END = re.compile(rb'"id"\s*:\s*"(' + _ID + rb')"\s*}\s*$')
+_ID_AT_START = re.compile(rb'^\s*{\s*"id"\s*:\s*"(' + _ID + rb')"')
+
+
+def _new_prefix() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix, _id_counter = f"vmctl-{secrets.token_hex(3)}-", itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_prefix)  # a forked child is another control plane
 _EVENT_KEY = re.compile(rb'^\s*{\s*"event"\s*:|"event"\s*:\s*"[A-Z0-9_]+"\s*}\s*$')
 
 
@@ -68,6 +81,7 @@ class QMPCodec:
         self._framer = LineFramer(max_message_size)
         self._ready: deque[Message] = deque()
         self._negotiation_id: str | None = None
+        self.stale_replies = 0  # replies meant for an earlier client of the monitor, dropped
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -186,7 +200,10 @@ class QMPCodec:
             self._ready.append(Negotiated(capabilities=self.capabilities))
             return
         if self.phase is not Phase.READY:
-            self._fail(f"QEMU sent a reply before negotiation finished: {line[:120]!r}")
+            # Not ours: a reply to a previous client of this monitor (one that died with a
+            # command under way) reaches the next client. Nothing waits for it.
+            self.stale_replies += 1
+            return
         if "error" in message:
             error = message["error"]
             self._ready.append(ErrorReply(id=reply_id, error=error if isinstance(error, dict) else {}))
@@ -223,7 +240,7 @@ def _is_plain(command: str) -> bool:
 
 
 def new_id() -> str:
-    return f"{_ID_PREFIX}{next(_id_counter)}"
+    return f"{_id_prefix}{next(_id_counter)}"
 
 
 def _encode(message: Mapping[str, Any]) -> bytes:

@@ -87,20 +87,20 @@ class Devices:
                 raise InvalidArgument(f"disk {disk.id}: q35 hotplugs behind root ports; give a port, not pci_addr")
             else:
                 disk = attrs.evolve(disk, port=self._store.free_port(disk.id, disk.port))
-            with self._store.intent(Intent(operation="hotplug_disk", disk=disk)):
+            with self._store.intent(Intent(operation="hotplug_disk", disk=disk)) as done:
                 plugged = disk_ops.hotplug_disk(self._qmp, self._log, disk, controller=controller, timeout=timeout)
                 if plugged.bus == "virtio-blk" and plugged.port is None:
                     plugged = attrs.evolve(plugged, pci_addr=pci_address(self._qmp, plugged.id))
-                self._store.update(lambda inventory: _with_controller(inventory.with_disk(plugged), controller))
+                done(lambda inventory: _with_controller(inventory.with_disk(plugged), controller))
             return plugged
 
     def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None:
         """Detach a disk: the guest releases it, then its nodes and fdset go. Safe to retry."""
         with self._store.lock:
             disk = self._store.require_disk(id)
-            with self._store.intent(Intent(operation="unplug_disk", disk=disk)):
+            with self._store.intent(Intent(operation="unplug_disk", disk=disk)) as done:
                 disk_ops.unplug_disk(self._qmp, self._log, disk_id=id, timeout=timeout)
-                self._store.update(lambda inventory: inventory.without_disk(id))
+                done(lambda inventory: inventory.without_disk(id))
 
     def resize_disk(self, id: str, size: int, *, allow_shrink: bool = False) -> None:
         """Grow a disk to ``size`` bytes; the guest sees the new size at once."""
@@ -137,23 +137,23 @@ class Devices:
             self._store.refuse_duplicate(id)
             port = self._store.free_port(id)
             wanted = NicSpec(id=id, mac=mac or nic_ops.random_mac(), model=model, tap=tap, queues=queues, port=port)
-            with self._store.intent(Intent(operation="hotplug_nic", nic=wanted)):
+            with self._store.intent(Intent(operation="hotplug_nic", nic=wanted)) as done:
                 nic = nic_ops.hotplug_nic(
                     self._qmp, self._log, nic_id=id, tap=tap, mac=wanted.mac, model=model, queues=queues, port=port,
                     timeout=timeout,
                 )  # fmt: skip
                 if port is None:
                     nic = attrs.evolve(nic, pci_addr=pci_address(self._qmp, id))
-                self._store.update(lambda inventory: inventory.with_nic(nic))
+                done(lambda inventory: inventory.with_nic(nic))
             return nic
 
     def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
         """Detach a NIC: the guest releases it, then its tap backend goes (and its root port is free)."""
         with self._store.lock:
             nic = self._require_nic(id)
-            with self._store.intent(Intent(operation="unplug_nic", nic=nic)):
+            with self._store.intent(Intent(operation="unplug_nic", nic=nic)) as done:
                 nic_ops.unplug_nic(self._qmp, self._log, nic_id=id, timeout=timeout)
-                self._store.update(lambda inventory: inventory.without_nic(id))
+                done(lambda inventory: inventory.without_nic(id))
 
     def set_nic_link(self, id: str, up: bool) -> NicSpec:
         """Raise or drop a NIC's link (the guest sees its carrier change); the inventory keeps the

@@ -82,20 +82,20 @@ def parts(qmp: Monitor, intent: Intent) -> dict[str, bool]:
 def settle(qmp: Monitor, intent: Intent, inventory: Inventory) -> Settled:
     """The inventory as QEMU shows the operation ended, and what is left if it stopped half-way."""
     found = parts(qmp, intent)
-    if all(found.values()):  # the device is there, whole
+    # An unplug that was begun is finished, never guessed undone: its device_del may be on its
+    # way through the guest, so a device that is whole now may be gone in a moment.
+    if all(found.values()) and intent.operation in ("hotplug_disk", "hotplug_nic"):
         if intent.operation == "hotplug_disk":
             assert intent.disk is not None
             disk = intent.disk
             if disk.port is None and disk.pci_addr is None and disk.bus == "virtio-blk":
                 disk = attrs.evolve(disk, pci_addr=pci_address(qmp, disk.id))
             return Settled(inventory=inventory.with_disk(disk))
-        if intent.operation == "hotplug_nic":
-            assert intent.nic is not None
-            nic = intent.nic
-            if nic.port is None and nic.pci_addr is None:
-                nic = attrs.evolve(nic, pci_addr=pci_address(qmp, nic.id))
-            return Settled(inventory=inventory.with_nic(nic))
-        return Settled(inventory=inventory)  # an unplug that had not begun
+        assert intent.nic is not None
+        nic = intent.nic
+        if nic.port is None and nic.pci_addr is None:
+            nic = attrs.evolve(nic, pci_addr=pci_address(qmp, nic.id))
+        return Settled(inventory=inventory.with_nic(nic))
     if not any(found.values()):  # nothing of it is there
         if intent.operation == "hotplug_nic":
             forget_tap_fds(qmp, intent)

@@ -24,7 +24,7 @@ from vmctl.model import Accelerator, Inventory, VMSpec
 from vmctl.model.names import CONSOLE_CHARDEV, LOG_FILE, QMP_SOCKET, SHELL_SOCKET
 from vmctl.model.pcie import Controller
 from vmctl.model.status import ExitStatus, ResetEvent, ShutdownEvent, ShutdownMethod, ShutdownResult, VMStatus
-from vmctl.ops.blockjobs import JobProgress, query_jobs
+from vmctl.ops.blockjobs import JobProgress
 from vmctl.ops.devices import pci_address
 from vmctl.ops.migration import Migration
 from vmctl.ops.nbd import NbdAddress
@@ -247,18 +247,12 @@ class VM:
         vm = cls(run_dir=directory, record=record, process=process, qmp=qmp)
         vm.log.info("vm.attached", pid=process.pid, run_dir=str(directory))
         # A device operation the last control plane did not finish: settle it from what QEMU has.
-        if record.pending is not None:
+        if record.pending:
             vm.store.settle()
-            vm.log.warning(
-                "vm.interrupted_operation",
-                operation=record.pending.operation,
-                device=record.pending.device_id,
-                leftovers=list(vm.leftovers),
-            )
-        # Block jobs a crashed control plane left behind are QEMU's still: report them.
-        vm.leftover_jobs = query_jobs(qmp)
-        for job in vm.leftover_jobs:
-            vm.log.warning("vm.leftover_block_job", job=job.id, type=job.type, status=job.status, error=job.error)
+            for intent in record.pending:
+                vm.log.warning("vm.interrupted_operation", operation=intent.operation, device=intent.device_id)
+            if vm.leftovers:
+                vm.log.warning("vm.leftovers", leftovers=list(vm.leftovers))
         return vm
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ class VMRecord:
     qmp_socket: str
     spec: VMSpec
     inventory: Inventory
-    pending: Intent | None = None  # a device operation under way (see ``journal``)
+    pending: tuple[Intent, ...] = ()  # device operations under way (see ``journal``)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -37,7 +37,7 @@ class VMRecord:
             "qmp_socket": self.qmp_socket,
             "spec": self.spec.to_dict(),
             "inventory": self.inventory.to_dict(),
-            "pending": self.pending.to_dict() if self.pending is not None else None,
+            "pending": [intent.to_dict() for intent in self.pending],
         }
 
     @classmethod
@@ -50,7 +50,7 @@ class VMRecord:
             qmp_socket=str(data["qmp_socket"]),
             spec=VMSpec.from_dict(data["spec"]),
             inventory=Inventory.from_dict(data["inventory"]),
-            pending=Intent.from_dict(data["pending"]) if data.get("pending") else None,
+            pending=tuple(Intent.from_dict(i) for i in data.get("pending", ())),
         )
 
 

@@ -8,6 +8,7 @@ restarts (``VM.attach``) finds what the VM really has.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ class StateStore:
         pid: int,
         start_time: int,
         qmp: Monitor,
-        pending: Intent | None = None,
+        pending: tuple[Intent, ...] = (),
     ) -> None:
         self.run_dir = run_dir
         self.spec = spec
@@ -42,8 +43,8 @@ class StateStore:
         self._pid = pid
         self._start_time = start_time
         self._qmp = qmp
-        self._pending = pending
-        self._leftovers: tuple[str, ...] = ()
+        self._pending = {intent.device_id: intent for intent in pending}
+        self._leftovers: dict[str, tuple[str, ...]] = {}
         self.lock = threading.RLock()
 
     @property
@@ -51,71 +52,78 @@ class StateStore:
         return self._inventory
 
     @property
-    def pending(self) -> Intent | None:
-        return self._pending
+    def pending(self) -> tuple[Intent, ...]:
+        """The device operations under way, or stopped half-way (one per device)."""
+        return tuple(self._pending.values())
 
     @property
     def leftovers(self) -> tuple[str, ...]:
-        return self._leftovers
+        return tuple(item for items in self._leftovers.values() for item in items)
 
-    def update(self, change: Callable[[Inventory], Inventory]) -> Inventory:
+    def update(self, change: Callable[[Inventory], Inventory], *, ends: str | None = None) -> Inventory:
         """Apply ``change`` to the inventory and write the state file; returns the new inventory.
-        The operation under way (if any) ends with it, in the same write."""
+        The operation under way on device ``ends`` (if any) ends with it, in the same write."""
         with self.lock:
             self._inventory = change(self._inventory)
-            self._pending, self._leftovers = None, ()
+            if ends is not None:
+                self._pending.pop(ends, None)
+                self._leftovers.pop(ends, None)
             self.save()
             return self._inventory
 
     @contextlib.contextmanager
-    def intent(self, intent: Intent) -> Iterator[None]:
-        """Record ``intent`` before the operation's first step. The operation ends it with
-        ``update``; if it fails instead, QEMU is asked what is left of it: nothing (the intent
-        goes), or leftovers (the intent stays, for ``clean_leftovers``, a retry of the same
-        operation, or the next attach)."""
+    def intent(self, intent: Intent) -> Iterator[Callable[[Callable[[Inventory], Inventory]], Inventory]]:
+        """Record ``intent`` before the operation's first step; the operation ends it with the
+        ``update`` this yields. If it fails instead, QEMU is asked what is left of it: nothing
+        (the intent goes), or leftovers (the intent stays, for ``clean_leftovers``, a retry of
+        the same operation, or the next attach)."""
+        device = intent.device_id
         with self.lock:
-            retry = self._pending is not None and (self._pending.operation, self._pending.device_id) == (
-                intent.operation,
-                intent.device_id,
-            )
-            if self._pending is not None and not retry:  # a retry of the same operation may finish it
+            earlier = self._pending.get(device)
+            # A retried unplug finishes what the first left; anything else cleans up first.
+            if earlier is not None and (earlier.operation != intent.operation or "unplug" not in intent.operation):
                 raise StateError(
-                    f"{self.spec.name}: {self._pending.operation} of {self._pending.device_id} stopped half-way; "
-                    f"vm.clean_leftovers() first (left: {', '.join(self._leftovers) or 'unknown'})"
+                    f"{self.spec.name}: {earlier.operation} of {device} stopped half-way; vm.clean_leftovers() "
+                    f"first (left: {', '.join(self._leftovers.get(device, ())) or 'unknown'})"
                 )
-            self._pending = intent
+            self._pending[device] = intent
             self.save()
             try:
-                yield
+                yield functools.partial(self.update, ends=device)
             except BaseException:
-                if self._pending is intent:
-                    self.settle()
+                if self._pending.get(device) is intent:
+                    self._settle(device)
                 raise
 
     def settle(self) -> None:
-        """Settle the recorded intent from what QEMU has (after a failure, or at attach)."""
+        """Settle every recorded intent from what QEMU has (at attach)."""
         with self.lock:
-            if self._pending is None:
-                return
-            settled = journal.settle_quietly(self._qmp, self._pending, self._inventory)
-            if settled is None:  # QEMU cannot be asked now: the next attach settles it
-                self._leftovers = (f"unknown: {self._pending.operation} of {self._pending.device_id}",)
-                return
-            self._inventory, self._leftovers = settled.inventory, settled.leftovers
-            if not settled.leftovers:
-                self._pending = None
-            self.save()
+            for device in list(self._pending):
+                self._settle(device)
+
+    def _settle(self, device: str) -> None:
+        intent = self._pending[device]
+        settled = journal.settle_quietly(self._qmp, intent, self._inventory)
+        if settled is None:  # QEMU cannot be asked now: the next attach settles it
+            self._leftovers[device] = (f"unknown: {intent.operation} of {device}",)
+            return
+        self._inventory = settled.inventory
+        if settled.leftovers:
+            self._leftovers[device] = settled.leftovers
+        else:
+            self._pending.pop(device)
+            self._leftovers.pop(device, None)
+        self.save()
 
     def clean_leftovers(self, log: Any, *, timeout: float) -> None:
-        """Finish what an operation stopped half-way left: a hotplug is undone, an unplug completed."""
+        """Finish what operations stopped half-way left: a hotplug is undone, an unplug completed."""
         with self.lock:
             self.settle()
-            if self._pending is None:
-                return
-            journal.clean(self._qmp, log, self._pending, timeout=timeout)
-            self.settle()
-            if self._pending is not None:
-                raise HotplugError(f"{self.spec.name}: leftovers remain", remaining=self._leftovers)
+            for device, intent in list(self._pending.items()):
+                journal.clean(self._qmp, log, intent, timeout=timeout)
+                self._settle(device)
+            if self._pending:
+                raise HotplugError(f"{self.spec.name}: leftovers remain", remaining=self.leftovers)
 
     def save(self) -> None:
         write_record(
@@ -126,7 +134,7 @@ class StateStore:
                 qmp_socket=str(self.run_dir / QMP_SOCKET),
                 spec=self.spec,
                 inventory=self._inventory,
-                pending=self._pending,
+                pending=tuple(self._pending.values()),
             ),
         )
 
