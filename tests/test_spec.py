@@ -9,6 +9,7 @@ import pytest
 
 from vmctl import DiskSpec, Inventory, NicSpec, Throttle, VMSpec
 from vmctl.errors import InvalidArgument, SpecError
+from vmctl.model.status import DiskIOError
 
 RUN = Path("/run/vms/vm1")
 
@@ -191,3 +192,20 @@ def test_scsi_disks_get_a_controller() -> None:
         "write-cache": "on",
         "bus": "vmctl-scsi.0",
     }
+
+
+def test_an_error_policy_renders_werror_and_rerror_and_bad_ones_are_refused() -> None:
+    assert DiskSpec(id="d1", path="/x").device_properties().keys().isdisjoint({"werror", "rerror"})
+    stop = DiskSpec(id="d1", path="/x", on_error="stop").device_properties()
+    assert (stop["werror"], stop["rerror"]) == ("stop", "stop")
+    enospc = DiskSpec(id="d1", path="/x", on_error="enospc").device_properties()
+    assert (enospc["werror"], enospc["rerror"]) == ("enospc", "report")  # reads never run out of space
+    with pytest.raises(SpecError, match="on_error"):
+        DiskSpec(id="d1", path="/x", on_error="retry")  # type: ignore[arg-type]
+
+
+def test_an_io_error_names_its_disk_from_the_block_node() -> None:
+    data = {"node-name": "data-1-o2-fmt", "operation": "write", "action": "stop", "nospace": True, "reason": "x"}
+    error = DiskIOError.from_event(data, 1.0)
+    assert (error.disk_id, error.operation, error.nospace) == ("data-1", "write", True)
+    assert DiskIOError.from_event({"node-name": "#block123"}, 1.0).disk_id is None

@@ -6,7 +6,7 @@ value renders its own QEMU arguments, the same for the command line and for hotp
 """
 
 from vmctl.model.chardev import Chardev, ChardevKind
-from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, DiskSpec, Overlay, Throttle
+from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, DiskSpec, ErrorPolicy, Overlay, Throttle
 from vmctl.model.inventory import Inventory
 from vmctl.model.memory import MemorySpec, VirtioMemSpec
 from vmctl.model.nic import NicSpec
@@ -21,6 +21,7 @@ __all__ = [
     "DiskBus",
     "DiskFormat",
     "DiskSpec",
+    "ErrorPolicy",
     "Inventory",
     "MemorySpec",
     "NicSpec",

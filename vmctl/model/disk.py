@@ -27,6 +27,11 @@ DiskFormat = Literal["qcow2", "raw"]
 DiskBus = Literal["virtio-blk", "scsi"]
 CacheMode = Literal["writeback", "none", "writethrough", "directsync", "unsafe"]
 Aio = Literal["threads", "native", "io_uring"]
+#: A failed read or write: ``stop`` pauses the guest (``vm.resume()`` retries it), ``report``
+#: passes the error to the guest, ``ignore`` drops it, ``enospc`` stops on a full host disk and
+#: reports anything else.
+ErrorPolicy = Literal["stop", "report", "ignore", "enospc"]
+ERROR_POLICIES: Final = ("stop", "report", "ignore", "enospc")
 
 #: mode -> (cache.direct, cache.no-flush, the device's write-cache), as QEMU's -drive cache= means it.
 CACHE_MODES: Final[Mapping[str, tuple[bool, bool, bool]]] = MappingProxyType(
@@ -105,6 +110,7 @@ class DiskSpec:
     aio: Aio = "threads"
     throttle: Throttle | None = attrs.field(default=None, converter=_throttle)
     discard: bool = False  # pass the guest's discards (TRIM) down to the image
+    on_error: ErrorPolicy | None = None  # what a failed read or write does (None: QEMU's default, enospc)
     port: int | None = None  # its PCIe root port on q35 (chosen at launch or hotplug)
     pci_addr: str | None = None  # on a plain PCI bus: pinned so that a migration target lays it out alike
     base_layer: int = 0  # the layer number of ``path`` (not 0 once a stream or mirror replaced it)
@@ -118,6 +124,10 @@ class DiskSpec:
         check_port(self.id, self.port, self.pci_addr)
         if self.bus == "scsi" and (self.port is not None or self.pci_addr is not None):
             raise SpecError(f"disk {self.id}: a SCSI disk sits on the SCSI controller, not on a PCI slot")
+        if self.on_error not in (None, *ERROR_POLICIES):
+            raise SpecError(
+                f"disk {self.id}: on_error must be one of {', '.join(ERROR_POLICIES)}, not {self.on_error!r}"
+            )
         if not isinstance(self.discard, bool):
             raise SpecError(f"disk {self.id}: discard must be True or False, not {self.discard!r}")
         if self.format not in ("qcow2", "raw"):
@@ -210,6 +220,9 @@ class DiskSpec:
             "serial": self.id,
             "write-cache": "on" if write_cache else "off",
         }
+        if self.on_error is not None:
+            # Reads have no "enospc": running out of space is a write's failure.
+            device.update(werror=self.on_error, rerror="report" if self.on_error == "enospc" else self.on_error)
         if self.bus == "scsi":
             device.update(driver="scsi-hd", bus=f"{SCSI_CONTROLLER}.0")
         elif self.pci_addr:

@@ -46,6 +46,12 @@ def is_disk_node(node_name: str, disk_id: str) -> bool:
     return re.fullmatch(re.escape(disk_id) + r"-(o\d+-)?(file|fmt)", node_name) is not None
 
 
+def disk_of_node(node_name: str) -> str | None:
+    """The disk a block node belongs to (``None`` if vmctl did not name it)."""
+    found = re.fullmatch(r"(.+?)-(o\d+-)?(file|fmt)", node_name)
+    return found.group(1) if found else None
+
+
 def fdset_tag(disk_id: str, layer: int = 0) -> str:
     """The opaque tag of the fdset that holds a disk layer's image."""
     return f"{_FDSET_PREFIX}{disk_id}" + (f":{layer}" if layer else "")

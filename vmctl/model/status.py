@@ -1,12 +1,15 @@
-"""Values that describe a VM's life: QEMU's run state, resets, shutdowns and how QEMU ended."""
+"""Values that describe a VM's life: QEMU's run state, resets, shutdowns, I/O errors and how QEMU ended."""
 
 from __future__ import annotations
 
 import enum
 import signal
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
+
+from vmctl.model.names import disk_of_node
 
 
 @attrs.frozen(kw_only=True)
@@ -69,6 +72,33 @@ class ResetEvent:
     guest: bool
     reason: str
     timestamp: float
+
+
+@attrs.frozen(kw_only=True)
+class DiskIOError:
+    """A BLOCK_IO_ERROR: a disk's image failed a guest read or write, and what QEMU did about it
+    (``action``: ``stop`` pauses the guest, ``report`` passes the error to it, ``ignore``)."""
+
+    disk_id: str | None  # None for a block node vmctl did not name
+    node_name: str
+    operation: str  # "read" or "write"
+    action: str
+    nospace: bool
+    reason: str
+    timestamp: float
+
+    @classmethod
+    def from_event(cls, data: Mapping[str, Any], timestamp: float) -> DiskIOError:
+        node = str(data.get("node-name", ""))
+        return cls(
+            disk_id=disk_of_node(node),
+            node_name=node,
+            operation=str(data.get("operation", "")),
+            action=str(data.get("action", "")),
+            nospace=bool(data.get("nospace", False)),
+            reason=str(data.get("reason", "")),
+            timestamp=timestamp,
+        )
 
 
 @attrs.frozen(kw_only=True)

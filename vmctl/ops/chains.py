@@ -21,7 +21,7 @@ from vmctl.errors import HotplugError, InvalidArgument, QMPError, SnapshotError
 from vmctl.model import DiskSpec, Overlay
 from vmctl.model.names import disk_node_names, fdset_tag
 from vmctl.ops.blockjobs import Job
-from vmctl.ops.disks import delete_disk_nodes, remove_disk_fdsets
+from vmctl.ops.disks import delete_disk_nodes, remove_disk_fdsets, remove_fdset
 from vmctl.ops.nodes import block_nodes
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
@@ -58,7 +58,7 @@ def _add_layer(
         fdset = steps.run(
             f"add-fd layer {layer}",
             lambda: int(qmp.execute("add-fd", {"opaque": fdset_tag(disk.id, layer)}, fds=[fd])["fdset-id"]),
-            lambda _: remove_disk_fdsets(qmp, disk.id, layers={layer}),
+            lambda fdset_id: remove_fdset(qmp, fdset_id, disk.id, layer),
         )
     finally:
         os.close(fd)

@@ -47,7 +47,7 @@ def hotplug_disk(
                 lambda: int(
                     qmp.execute("add-fd", {"opaque": fdset_tag(disk.id, disk.base_layer)}, fds=[fd])["fdset-id"]
                 ),
-                lambda _: remove_disk_fdsets(qmp, disk.id, layers={disk.base_layer}),
+                lambda fdset_id: remove_fdset(qmp, fdset_id, disk.id, disk.base_layer),
             )
             for node in disk.layer_nodes(disk.base_layer, f"/dev/fdset/{fdset}"):
                 _add_node(qmp, steps, disk.id, node, timeout)
@@ -132,6 +132,14 @@ def remove_disk_fdsets(qmp: Monitor, disk_id: str, *, layers: set[int] | None = 
         opaques = [fd.get("opaque") for fd in fdset.get("fds", ())]
         if any(o in wanted if wanted is not None else is_disk_fdset(o, disk_id) for o in opaques):
             qmp.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
+
+
+def remove_fdset(qmp: Monitor, fdset_id: int | None, disk_id: str, layer: int) -> None:
+    """Undo an add-fd: the fdset it made, or (when its reply never came) the layer's fdset by tag."""
+    if fdset_id is None:
+        remove_disk_fdsets(qmp, disk_id, layers={layer})
+    else:
+        qmp.execute("remove-fd", {"fdset-id": fdset_id})
 
 
 def set_throttle(qmp: Monitor, *, disk_id: str, throttle: Throttle, bus: DiskBus = "virtio-blk") -> None:

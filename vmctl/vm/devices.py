@@ -17,6 +17,7 @@ from vmctl.model import (
     DiskBus,
     DiskFormat,
     DiskSpec,
+    ErrorPolicy,
     Inventory,
     MemorySpec,
     NicSpec,
@@ -63,6 +64,7 @@ class Devices:
         cache: CacheMode = "writeback",
         aio: Aio = "threads",
         discard: bool = False,
+        on_error: ErrorPolicy | None = None,
         throttle: Throttle | None = None,
         timeout: float = 30.0,
     ) -> DiskSpec:
@@ -74,7 +76,7 @@ class Devices:
                 raise InvalidArgument("hotplug_disk(path) needs an id=")
             disk = DiskSpec(
                 id=id, path=disk, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio,
-                discard=discard, throttle=throttle,
+                discard=discard, on_error=on_error, throttle=throttle,
             )  # fmt: skip
         elif id is not None and id != disk.id:
             raise InvalidArgument(f"id={id!r} contradicts the DiskSpec's id {disk.id!r}")

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from vmctl.errors import AbnormalExit, CommandError, QMPError, StateError, WaitTimeout
-from vmctl.model.status import ExitStatus, ResetEvent, ShutdownEvent, ShutdownMethod, ShutdownResult
+from vmctl.model.status import DiskIOError, ExitStatus, ResetEvent, ShutdownEvent, ShutdownMethod, ShutdownResult
 from vmctl.qmp import Event, Monitor
 from vmctl.qmp.callbacks import callback_thread
 from vmctl.qmp.reactor import reactor
@@ -75,6 +75,7 @@ class Lifecycle:
             "unexpected_reset": (),
             "shutdown": (),
             "panic": (),
+            "io_error": (),
             "crash": (),
         }
         self._callbacks_thread = callback_thread()
@@ -82,6 +83,7 @@ class Lifecycle:
         qmp.on_event(self._on_reset, "RESET")
         qmp.on_event(self._on_shutdown, "SHUTDOWN")
         qmp.on_event(self._on_panic, "GUEST_PANICKED")
+        qmp.on_event(self._on_io_error, "BLOCK_IO_ERROR")
         qmp.on_disconnect(self._on_monitor_gone)
         self._reactor.register(process.fileno(), self._on_pidfd)
 
@@ -243,6 +245,14 @@ class Lifecycle:
     def _on_panic(self, event: Event) -> None:
         self._log.error("vm.guest_panicked", info=dict(event.data))
         self._notify("panic", event)
+
+    def _on_io_error(self, event: Event) -> None:
+        error = DiskIOError.from_event(event.data, event.timestamp)
+        self._log.error(
+            "vm.disk_io_error", disk=error.disk_id, operation=error.operation, action=error.action,
+            nospace=error.nospace, reason=error.reason,
+        )  # fmt: skip
+        self._notify("io_error", error)
 
     def _on_monitor_gone(self, error: QMPError | None) -> None:
         # On the callback thread: the monitor is gone, but is QEMU? (It may take a moment to exit.)

@@ -23,8 +23,16 @@ from vmctl.errors import AbnormalExit, ConnectError, LaunchError, StaleState, St
 from vmctl.model import Accelerator, Inventory, VMSpec
 from vmctl.model.names import CONSOLE_CHARDEV, LOG_FILE, QMP_SOCKET, SHELL_SOCKET
 from vmctl.model.pcie import Controller
-from vmctl.model.status import ExitStatus, ResetEvent, ShutdownEvent, ShutdownMethod, ShutdownResult, VMStatus
-from vmctl.ops.blockjobs import JobProgress
+from vmctl.model.status import (
+    DiskIOError,
+    ExitStatus,
+    ResetEvent,
+    ShutdownEvent,
+    ShutdownMethod,
+    ShutdownResult,
+    VMStatus,
+)
+from vmctl.ops.blockjobs import JobProgress, query_jobs
 from vmctl.ops.devices import pci_address
 from vmctl.ops.migration import Migration
 from vmctl.ops.nbd import NbdAddress
@@ -253,6 +261,10 @@ class VM:
                 vm.log.warning("vm.interrupted_operation", operation=intent.operation, device=intent.device_id)
             if vm.leftovers:
                 vm.log.warning("vm.leftovers", leftovers=list(vm.leftovers))
+        # Block jobs a crashed control plane left behind are QEMU's still: report them.
+        vm.leftover_jobs = query_jobs(qmp)
+        for job in vm.leftover_jobs:
+            vm.log.warning("vm.leftover_block_job", job=job.id, type=job.type, status=job.status, error=job.error)
         return vm
 
     def close(self) -> None:
@@ -359,6 +371,11 @@ class VM:
 
     def on_panic(self, callback: Callable[[Event], Any]) -> Callable[[], None]:
         return self.lifecycle.register("panic", callback)
+
+    def on_io_error(self, callback: Callable[[DiskIOError], Any]) -> Callable[[], None]:
+        """Called (off the QMP reader thread) for each BLOCK_IO_ERROR: which disk, read or
+        write, what QEMU did (``DiskSpec.on_error``); ``vm.resume()`` continues a stopped guest."""
+        return self.lifecycle.register("io_error", callback)
 
     def on_crash(self, callback: Callable[[AbnormalExit], Any]) -> Callable[[], None]:
         """Called (off the QMP reader thread) when QEMU exits abnormally or its monitor is lost."""
