@@ -138,7 +138,8 @@ bench)
     .venv/bin/python bench/event_latency.py
     .venv/bin/python bench/qmp_scale.py
     .venv/bin/python bench/hotplug.py
-    exec .venv/bin/python bench/migration.py
+    .venv/bin/python bench/migration.py
+    exec .venv/bin/python bench/soak.py
     ;;
 *)
     sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'

@@ -10,7 +10,6 @@ unplug, a retry must finish the job. One guest per operation family, the faults 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 from collections.abc import Callable
@@ -28,6 +27,8 @@ from vmctl.testing.faults import Fault, inject, record
 from vmctl.vm.statefile import read_record
 
 FAULTS = (Fault.ERROR, Fault.TIMEOUT)
+#: With a dropped connection too, for the operations the journal settles at attach.
+ALL_FAULTS = (*FAULTS, Fault.DROP)
 
 
 def _names(entries: list[dict[str, Any]], key: str) -> list[str]:
@@ -48,85 +49,174 @@ def world(vm: VM) -> dict[str, Any]:
         "cpus": len(qmp.execute("query-cpus-fast")),
         "taps": sorted(p.parent.name for p in Path("/sys/class/net").glob("*/tun_flags")),
         "fds": len(os.listdir("/proc/self/fd")),
+        "io_limits": sorted(
+            (b["qdev"], b["inserted"].get("iops", 0), b["inserted"].get("bps", 0))
+            for b in qmp.execute("query-block")
+            if b.get("inserted")
+        ),
+        "active": sorted(
+            (b["qdev"], b["inserted"]["node-name"]) for b in qmp.execute("query-block") if b.get("inserted")
+        ),
+        "bitmaps": sorted(
+            (n["node-name"], m["name"])
+            for n in qmp.execute("query-named-block-nodes", {"flat": True})
+            for m in n.get("dirty-bitmaps", ())
+        ),
         "inventory": vm.inventory,
         "state_file": read_record(vm.run_dir).inventory,
     }
 
 
-def run_matrix(vm: VM, plug: Callable[[], Any], unplug: Callable[[], Any], faults: tuple[Fault, ...] = FAULTS) -> int:
-    """Fail each step of ``plug`` and then of ``unplug``; returns how many cases ran."""
-    with record(vm.qmp) as plugging:
-        plug()
-    plugged = world(vm)
-    with record(vm.qmp) as unplugging:
-        unplug()
-    base = world(vm)
+class Held:
+    """The VM under test; after a dropped connection it is attached again, as a control plane would."""
+
+    def __init__(self, vms: VMFactory, vm: VM) -> None:
+        self.vms, self.vm = vms, vm
+
+    def reattach(self) -> None:
+        old = self.vm
+        old.close()
+        self.vm = VM.attach(old.run_dir)
+        self.vms.vms[self.vms.vms.index(old)] = self.vm
+        self.vm.clean_leftovers()  # what the interrupted operation left, if anything
+
+
+Op = Callable[[VM], Any]
+
+
+def run_matrix(
+    held: Held,
+    plug: Op,
+    unplug: Op,
+    faults: tuple[Fault, ...] = FAULTS,
+    files: Path | None = None,
+    fault_unplug: bool = True,
+) -> int:
+    """Fail each step of ``plug`` and then of ``unplug``; returns how many cases ran. A dropped
+    connection is followed by a new attach, which must settle the operation."""
+
+    def now() -> dict[str, Any]:
+        found = world(held.vm)
+        if files is not None:
+            found["files"] = sorted(p.name for p in files.iterdir())
+        return found
+
+    with record(held.vm.qmp) as plugging:
+        plug(held.vm)
+    plugged = now()
+    with record(held.vm.qmp) as unplugging:
+        unplug(held.vm)
+    base = now()
     cases = 0
     for fault in faults:
         for at in range(1, len(plugging.commands) + 1):
             cases += 1
-            with inject(vm.qmp, fault, at=at) as injection:
+            with inject(held.vm.qmp, fault, at=at) as injection:
                 try:
-                    plug()
+                    plug(held.vm)
                     failed: VmctlError | None = None
                 except VmctlError as exc:
                     failed = exc
-            where = f"{fault.value} at {at} ({injection.failed})"
-            if failed is None:  # the op survived the fault (a timed-out step that did its work)
-                assert world(vm) == plugged, where
-                unplug()
+            where = f"{fault.value} at {at} ({injection.failed}): {failed}"
+            if fault is Fault.DROP:
+                held.reattach()
+                if now() == plugged:  # it had completed: attach found it whole
+                    unplug(held.vm)
+            elif failed is None:  # the op survived the fault (a timed-out step that did its work)
+                assert now() == plugged, where
+                unplug(held.vm)
             else:
-                assert getattr(failed, "remaining", ()) == (), f"{where}: {failed}"
-                assert vm.leftovers == (), f"{where}: {failed}"
-            assert world(vm) == base, f"{where}: {failed}"
-        plug()
-        for at in range(1, len(unplugging.commands) + 1):
+                assert getattr(failed, "remaining", ()) == (), where
+                assert held.vm.leftovers == (), where
+            assert now() == base, where
+        plug(held.vm)
+        for at in range(1, len(unplugging.commands) + 1 if fault_unplug else 1):
             cases += 1
-            with inject(vm.qmp, fault, at=at) as injection:
+            with inject(held.vm.qmp, fault, at=at) as injection:
                 try:
-                    unplug()
+                    unplug(held.vm)
                 except VmctlError:
+                    if fault is Fault.DROP:
+                        held.reattach()  # attach finishes an unplug that had begun
                     # A retry finishes an unplug; unless vmctl found the device gone (the step
                     # that timed out had done the last of the work) and so took it off the inventory.
                     with contextlib.suppress(InvalidArgument):
-                        unplug()
-            assert world(vm) == base, f"{fault.value} at {at} ({injection.failed})"
-            plug()
-        unplug()
+                        unplug(held.vm)
+            if fault is Fault.DROP and not held.vm.qmp.is_connected:
+                held.reattach()
+            assert now() == base, f"{fault.value} at {at} ({injection.failed})"
+            plug(held.vm)
+        unplug(held.vm)
     return cases
 
 
 @pytest.fixture
-def vm(vms: VMFactory) -> VM:
+def held(vms: VMFactory) -> Held:
     spec = vms.spec("faults", memory_mib=256, max_memory_mib=1024, memory_slots=2)
-    return vms.launch(spec)
+    return Held(vms, vms.launch(spec))
 
 
-def test_every_step_of_disk_hotplug_and_unplug(vm: VM, tmp_path: Path) -> None:
+def test_every_step_of_disk_hotplug_and_unplug(held: Held, tmp_path: Path) -> None:
     virtio = DiskSpec(id="fd1", path=make_image(tmp_path / "a.qcow2", "qcow2"), throttle=Throttle(iops=100))
     scsi = DiskSpec(id="fs1", path=make_image(tmp_path / "b.qcow2", "qcow2"), bus="scsi", cache="none")
-    with GuestShell(vm) as shell:
-        for disk in (virtio, scsi):
-            cases = run_matrix(vm, functools.partial(vm.hotplug_disk, disk), functools.partial(vm.unplug_disk, disk.id))
-            assert cases >= 20
-        plugged = vm.hotplug_disk(attrs.evolve(virtio, id="after"))  # and the guest still takes disks
+    for disk in (virtio, scsi):
+
+        def plug(vm: VM, disk: DiskSpec = disk) -> None:
+            vm.hotplug_disk(disk)
+
+        def unplug(vm: VM, disk: DiskSpec = disk) -> None:
+            vm.unplug_disk(disk.id)
+
+        assert run_matrix(held, plug, unplug, faults=ALL_FAULTS) >= 30
+    with GuestShell(held.vm) as shell:  # and the guest still takes disks
+        plugged = held.vm.hotplug_disk(attrs.evolve(virtio, id="after"))
         assert shell.block_device(plugged.id)
 
 
-def test_every_step_of_nic_hotplug_and_unplug(vm: VM) -> None:
-    assert run_matrix(vm, lambda: vm.hotplug_nic(id="fn1", queues=2), lambda: vm.unplug_nic("fn1")) >= 14
+def test_every_step_of_nic_hotplug_and_unplug(held: Held) -> None:
+    cases = run_matrix(
+        held,
+        lambda vm: vm.hotplug_nic(id="fn1", tap="vmctl-fn1", mac="52:54:00:fa:17:01", queues=2),
+        lambda vm: vm.unplug_nic("fn1"),
+        faults=ALL_FAULTS,
+    )
+    assert cases >= 21
 
 
-def test_every_step_of_chardev_hotplug_and_unplug(vm: VM, tmp_path: Path) -> None:
+def test_every_step_of_chardev_hotplug_and_unplug(held: Held, tmp_path: Path) -> None:
     socket = tmp_path / "c.sock"
 
-    def plug() -> None:
+    def plug(vm: VM) -> None:
         vm.hotplug_chardev("fc1", kind="socket", path=socket, port_name="org.vmctl.faults")
 
-    assert run_matrix(vm, plug, lambda: vm.unplug_chardev("fc1")) >= 4
+    assert run_matrix(held, plug, lambda vm: vm.unplug_chardev("fc1")) >= 4
     assert not socket.exists()
 
 
-def test_every_step_of_memory_hotplug_and_unplug(vm: VM) -> None:
-    with GuestShell(vm):
-        assert run_matrix(vm, lambda: vm.hotplug_memory(128, id="fm1"), lambda: vm.unplug_memory("fm1")) >= 4
+def test_every_step_of_memory_hotplug_and_unplug(held: Held) -> None:
+    with GuestShell(held.vm):
+        plug, unplug = (lambda vm: vm.hotplug_memory(128, id="fm1")), (lambda vm: vm.unplug_memory("fm1"))
+        assert run_matrix(held, plug, unplug) >= 4
+
+
+def test_every_step_of_a_snapshot_and_of_io_limits(held: Held, tmp_path: Path) -> None:
+    held.vm.hotplug_disk(make_image(tmp_path / "base.qcow2", "qcow2"), id="sd1")
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+
+    def snapshot(vm: VM) -> None:
+        vm.snapshot_disks(["sd1"], overlays={"sd1": overlays / "s1.qcow2"}, bitmap="since-s1")
+
+    def commit(vm: VM) -> None:
+        vm.commit_disk("sd1")
+        (overlays / "s1.qcow2").unlink()  # the commit leaves the file: it is the caller's
+
+    # A failed snapshot leaves no node, no fdset, no overlay file, and the disk on its old layer.
+    # (The commit that undoes it is not faulted yet: its job's follow-ups are still to be made
+    # robust to a failing query.)
+    assert run_matrix(held, snapshot, commit, files=overlays, fault_unplug=False) >= 8
+    limits, none = Throttle(iops=50, bps=1 << 20), Throttle()
+    assert (
+        run_matrix(held, lambda vm: vm.set_disk_throttle("sd1", limits), lambda vm: vm.set_disk_throttle("sd1", none))
+        >= 2
+    )

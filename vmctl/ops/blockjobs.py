@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import BlockJobError, CommandError, WaitTimeout
+from vmctl.errors import BlockJobError, CommandError, CommandTimeout, QMPError, WaitTimeout
 from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor, Subscription
 
@@ -88,8 +88,14 @@ class Job:
 
     def complete(self, timeout: float = 60.0) -> None:
         """Finish a READY job: a mirror pivots to its target, an active commit to its base."""
-        self.qmp.execute("job-complete", {"id": self.id})
+        with contextlib.suppress(CommandTimeout):  # QEMU may have taken it: the job's events tell
+            self.qmp.execute("job-complete", {"id": self.id})
         self.wait(timeout)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the job has ended and been dismissed."""
+        return self._finished
 
     def cancel(self, timeout: float = 60.0) -> None:
         """Stop the job; the source stays as it was. A READY mirror ends in sync, without pivoting
@@ -122,9 +128,15 @@ class Job:
 
     def _conclude(self, *, cancelled: bool) -> None:
         """Read the outcome, dismiss the job, run the follow-ups; raise if it failed."""
-        error = self.progress().error
-        with contextlib.suppress(CommandError):
+        try:
+            error = self.progress().error
+        except QMPError:  # a query: ask once more before giving up on the outcome
+            error = self.progress().error
+        try:
             self.qmp.execute("job-dismiss", {"id": self.id})
+        except CommandError:  # gone already, or not dismissed: then once more
+            if any(job.id == self.id for job in query_jobs(self.qmp)):
+                self.qmp.execute("job-dismiss", {"id": self.id})
         self._finished = True
         self._events.close()
         if error or cancelled:

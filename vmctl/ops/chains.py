@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import attrs
 
-from vmctl.errors import HotplugError, InvalidArgument, QMPError, SnapshotError
+from vmctl.errors import CommandTimeout, HotplugError, InvalidArgument, QMPError, SnapshotError
 from vmctl.model import DiskSpec, Overlay
 from vmctl.model.names import disk_node_names, fdset_tag
 from vmctl.ops.blockjobs import Job
@@ -124,7 +124,7 @@ def snapshot_disks(
                         data["granularity"] = bitmap_granularity
                     actions.append({"type": "block-dirty-bitmap-add", "data": data})
                 updated.append(attrs.evolve(disk, overlays=(*disk.overlays, Overlay(layer=layer, path=path))))
-            steps.run("transaction", lambda: qmp.execute("transaction", {"actions": actions}))
+            steps.run("transaction", lambda: _switch(qmp, actions, updated))
     except (QMPError, InvalidArgument, OSError) as exc:
         for path in created:
             with contextlib.suppress(OSError):
@@ -134,6 +134,27 @@ def snapshot_disks(
         raise SnapshotError(f"the snapshot of {', '.join(d.id for d in disks)} failed; nothing changed: {exc}") from exc
     log.info("disks.snapshotted", disks=[d.id for d in updated], bitmap=bitmap)
     return updated
+
+
+def _switch(qmp: Monitor, actions: list[dict[str, Any]], disks: list[DiskSpec]) -> None:
+    """Run the snapshot's transaction. It is atomic, so when its reply comes too late, the
+    devices tell whether it ran: every disk on its new overlay, or none."""
+    try:
+        qmp.execute("transaction", {"actions": actions})
+    except CommandTimeout:
+        if not all(device_node(qmp, disk.id) == disk.active_node for disk in disks):
+            raise
+
+
+def device_node(qmp: Monitor, disk_id: str) -> str | None:
+    """The format node a disk's device reads and writes now."""
+    for block in qmp.execute("query-block"):
+        if str(block.get("qdev", "")).startswith(f"/machine/peripheral/{disk_id}/") or block.get("qdev") == (
+            f"/machine/peripheral/{disk_id}"
+        ):
+            inserted = block.get("inserted") or {}
+            return str(inserted.get("node-name")) if inserted else None
+    return None
 
 
 def start_commit(

@@ -5,10 +5,12 @@ the old one in the inventory. The part owns the VM's NBD server and its exports.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any, Literal
 
-from vmctl.errors import DeviceExists, InvalidArgument, UnknownDevice
+from vmctl.errors import DeviceExists, InvalidArgument, UnknownDevice, VmctlError
 from vmctl.model import DiskSpec
 from vmctl.model.names import NBD_SOCKET
 from vmctl.ops import bitmaps as bitmap_ops
@@ -54,11 +56,12 @@ class Blocks:
             disk = self._store.require_disk(id)
             job, result = chain_ops.start_commit(self._qmp, self._log, disk, top=top, base=base)
             job.on_success(lambda: self._replace_disk(result))
-            if top is None or top == disk.layers[-1]:
-                job.wait_ready(timeout)
-                job.complete(timeout)
-            else:
-                job.wait(timeout)
+            with _cancelled_on_failure(job, timeout):
+                if top is None or top == disk.layers[-1]:
+                    job.wait_ready(timeout)
+                    job.complete(timeout)
+                else:
+                    job.wait(timeout)
 
     def stream_disk(self, id: str, *, base: int | None = None, timeout: float = 300) -> None:
         """Pull the backing layers' data into the active layer (all of them: a standalone image)."""
@@ -66,7 +69,8 @@ class Blocks:
             disk = self._store.require_disk(id)
             job, result = chain_ops.start_stream(self._qmp, self._log, disk, base=base)
             job.on_success(lambda: self._replace_disk(result))
-            job.wait(timeout)
+            with _cancelled_on_failure(job, timeout):
+                job.wait(timeout)
 
     def mirror_disk(
         self,
@@ -138,3 +142,19 @@ class Blocks:
             if not self._exports:
                 nbd_ops.stop_server(self._qmp)
                 self._nbd_address = None
+
+
+@contextlib.contextmanager
+def _cancelled_on_failure(job: Job, timeout: float) -> Iterator[None]:
+    """A job a call waits for does not outlive the call's failure: it is cancelled (the disk
+    stays as it was) so that a retry finds no job in its way."""
+    try:
+        yield
+    except BaseException:
+        if not job.finished:
+            with contextlib.suppress(VmctlError):
+                if job.progress().status in ("concluded", "null"):
+                    job.wait(timeout)  # it ended after all: take its outcome
+                else:
+                    job.cancel(timeout)
+        raise

@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import InvalidArgument, UnknownDevice, WaitTimeout
+from vmctl.errors import CommandTimeout, InvalidArgument, UnknownDevice, WaitTimeout
 from vmctl.model import (
     Aio,
     CacheMode,
@@ -114,7 +114,10 @@ class Devices:
         """Set (or, with ``Throttle()``, clear) a disk's I/O limits; the inventory keeps them."""
         with self._store.lock:
             disk = self._store.require_disk(id)
-            disk_ops.set_throttle(self._qmp, disk_id=id, throttle=throttle, bus=disk.bus)
+            try:
+                disk_ops.set_throttle(self._qmp, disk_id=id, throttle=throttle, bus=disk.bus)
+            except CommandTimeout:  # it may or may not have taken: it is idempotent, so once more
+                disk_ops.set_throttle(self._qmp, disk_id=id, throttle=throttle, bus=disk.bus)
             self._store.update(lambda inventory: inventory.with_disk(attrs.evolve(disk, throttle=throttle)))
             self._log.info("disk.throttled", disk=id, **throttle.arguments())
 

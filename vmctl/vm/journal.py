@@ -80,7 +80,8 @@ def parts(qmp: Monitor, intent: Intent) -> dict[str, bool]:
 
 
 def settle(qmp: Monitor, intent: Intent, inventory: Inventory) -> Settled:
-    """The inventory as QEMU shows the operation ended, and what is left if it stopped half-way."""
+    """The inventory as QEMU shows the operation ended, and what is left if it stopped half-way.
+    A hotplug whose device is whole is completed (its I/O limits set, the last step)."""
     found = parts(qmp, intent)
     # An unplug that was begun is finished, never guessed undone: its device_del may be on its
     # way through the guest, so a device that is whole now may be gone in a moment.
@@ -90,6 +91,8 @@ def settle(qmp: Monitor, intent: Intent, inventory: Inventory) -> Settled:
             disk = intent.disk
             if disk.port is None and disk.pci_addr is None and disk.bus == "virtio-blk":
                 disk = attrs.evolve(disk, pci_addr=pci_address(qmp, disk.id))
+            if disk.throttle is not None:  # the hotplug's last step, which may not have run
+                disk_ops.set_throttle(qmp, disk_id=disk.id, throttle=disk.throttle, bus=disk.bus)
             return Settled(inventory=inventory.with_disk(disk))
         assert intent.nic is not None
         nic = intent.nic
