@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
+
+import attrs
 
 from vmctl.errors import CommandError, CommandTimeout, DeviceNotFound, EventTimeout, HotplugError
+from vmctl.model import DiskSpec, NicSpec, VirtioMemSpec
 from vmctl.model.names import pci_addr_from_devfn
 from vmctl.model.pcie import Controller
 from vmctl.ops.rollback import Steps
@@ -48,6 +52,17 @@ def pci_address(qmp: Monitor, device_id: str) -> str:
     """The slot.function a PCI device got, as ``-device ...,addr=`` takes it."""
     devfn = qmp.execute("qom-get", {"path": f"/machine/peripheral/{device_id}", "property": "addr"})
     return pci_addr_from_devfn(int(devfn))
+
+
+Placed = TypeVar("Placed", DiskSpec, NicSpec, VirtioMemSpec)
+
+
+def pin_pci_address(qmp: Monitor, device: Placed) -> Placed:
+    """``device`` with the PCI address QEMU chose for it, so that a migration target lays out its
+    bus alike; a device behind a root port (q35), one already pinned, or a SCSI disk is as it is."""
+    if device.port is not None or device.pci_addr is not None or getattr(device, "bus", None) == "scsi":
+        return device
+    return attrs.evolve(device, pci_addr=pci_address(qmp, device.id))
 
 
 def ensure_controller(qmp: Monitor, steps: Steps, controller: Controller, timeout: float) -> None:

@@ -8,7 +8,6 @@ dropped and counted; a disconnect notice is never dropped.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import structlog
 from vmctl.errors import QMPError
 from vmctl.qmp.events import EventFilter
 from vmctl.qmp.messages import Event
+from vmctl.qmp.perprocess import PerProcess
 
 EventCallback = Callable[[Event], Any]
 DisconnectCallback = Callable[[QMPError | None], Any]
@@ -52,18 +52,12 @@ class CallbackThread:
                 log.exception("qmp.callback_work_failed")
 
 
-_shared: CallbackThread | None = None
-_shared_pid = -1
-_shared_lock = threading.Lock()
+_shared = PerProcess(CallbackThread)
 
 
 def callback_thread() -> CallbackThread:
     """The process's callback thread (a new one in a forked child)."""
-    global _shared, _shared_pid
-    with _shared_lock:
-        if _shared is None or _shared_pid != os.getpid():
-            _shared, _shared_pid = CallbackThread(), os.getpid()
-        return _shared
+    return _shared.get()
 
 
 class CallbackRunner:

@@ -11,13 +11,14 @@ block; what may wait (user callbacks, classifying an exit) goes to the callback 
 from __future__ import annotations
 
 import contextlib
-import os
 import select
 import threading
 from collections.abc import Callable
 from typing import Final
 
 import structlog
+
+from vmctl.qmp.perprocess import PerProcess
 
 log = structlog.get_logger(__name__)
 
@@ -74,15 +75,9 @@ class Reactor:
                     log.exception("reactor.handler_failed", fd=fd)
 
 
-_reactor: Reactor | None = None
-_reactor_pid = -1
-_reactor_lock = threading.Lock()
+_reactor = PerProcess(Reactor)
 
 
 def reactor() -> Reactor:
-    """The process's reactor (a new one in a forked child: threads do not survive a fork)."""
-    global _reactor, _reactor_pid
-    with _reactor_lock:
-        if _reactor is None or _reactor_pid != os.getpid():
-            _reactor, _reactor_pid = Reactor(), os.getpid()
-        return _reactor
+    """The process's reactor (a new one in a forked child)."""
+    return _reactor.get()

@@ -31,7 +31,7 @@ from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import disks as disk_ops
 from vmctl.ops import memory as memory_ops
 from vmctl.ops import nics as nic_ops
-from vmctl.ops.devices import pci_address
+from vmctl.ops.devices import pin_pci_address
 from vmctl.qmp import Monitor
 from vmctl.vm.journal import Intent
 from vmctl.vm.store import StateStore
@@ -91,8 +91,7 @@ class Devices:
                 disk = attrs.evolve(disk, port=self._store.free_port(disk.id, disk.port))
             with self._store.intent(Intent(operation="hotplug_disk", disk=disk)) as done:
                 plugged = disk_ops.hotplug_disk(self._qmp, self._log, disk, controller=controller, timeout=timeout)
-                if plugged.bus == "virtio-blk" and plugged.port is None:
-                    plugged = attrs.evolve(plugged, pci_addr=pci_address(self._qmp, plugged.id))
+                plugged = pin_pci_address(self._qmp, plugged)
                 done(lambda inventory: _with_controller(inventory.with_disk(plugged), controller))
             return plugged
 
@@ -147,8 +146,7 @@ class Devices:
                     self._qmp, self._log, nic_id=id, tap=tap, mac=wanted.mac, model=model, queues=queues, port=port,
                     timeout=timeout,
                 )  # fmt: skip
-                if port is None:
-                    nic = attrs.evolve(nic, pci_addr=pci_address(self._qmp, id))
+                nic = pin_pci_address(self._qmp, nic)
                 done(lambda inventory: inventory.with_nic(nic))
             return nic
 
@@ -275,8 +273,7 @@ class Devices:
                 self._qmp, self._log, memory_id=id, max_size_mib=max_size_mib, size_mib=size_mib, port=port,
                 timeout=timeout,
             )  # fmt: skip
-            if port is None:
-                device = attrs.evolve(device, pci_addr=pci_address(self._qmp, id))
+            device = pin_pci_address(self._qmp, device)
             self._store.update(lambda inventory: attrs.evolve(inventory, virtio_mem=(*inventory.virtio_mem, device)))
             return device
 

@@ -20,7 +20,7 @@ from vmctl.model import DiskSpec, Inventory, NicSpec
 from vmctl.model.names import fdset_tag, is_disk_fdset, netdev_id, tap_fd_name
 from vmctl.ops import disks as disk_ops
 from vmctl.ops import nics as nic_ops
-from vmctl.ops.devices import device_present, pci_address
+from vmctl.ops.devices import device_present, pin_pci_address
 from vmctl.qmp import Monitor
 
 Operation = Literal["hotplug_disk", "unplug_disk", "hotplug_nic", "unplug_nic"]
@@ -88,17 +88,12 @@ def settle(qmp: Monitor, intent: Intent, inventory: Inventory) -> Settled:
     if all(found.values()) and intent.operation in ("hotplug_disk", "hotplug_nic"):
         if intent.operation == "hotplug_disk":
             assert intent.disk is not None
-            disk = intent.disk
-            if disk.port is None and disk.pci_addr is None and disk.bus == "virtio-blk":
-                disk = attrs.evolve(disk, pci_addr=pci_address(qmp, disk.id))
+            disk = pin_pci_address(qmp, intent.disk)
             if disk.throttle is not None:  # the hotplug's last step, which may not have run
                 disk_ops.set_throttle(qmp, disk_id=disk.id, throttle=disk.throttle, bus=disk.bus)
             return Settled(inventory=inventory.with_disk(disk))
         assert intent.nic is not None
-        nic = intent.nic
-        if nic.port is None and nic.pci_addr is None:
-            nic = attrs.evolve(nic, pci_addr=pci_address(qmp, nic.id))
-        return Settled(inventory=inventory.with_nic(nic))
+        return Settled(inventory=inventory.with_nic(pin_pci_address(qmp, intent.nic)))
     if not any(found.values()):  # nothing of it is there
         if intent.operation == "hotplug_nic":
             forget_tap_fds(qmp, intent)

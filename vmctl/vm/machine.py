@@ -33,7 +33,7 @@ from vmctl.model.status import (
     VMStatus,
 )
 from vmctl.ops.blockjobs import JobProgress, query_jobs
-from vmctl.ops.devices import pci_address
+from vmctl.ops.devices import pin_pci_address
 from vmctl.ops.migration import Migration
 from vmctl.ops.nbd import NbdAddress
 from vmctl.qmp import Event, Monitor, connect
@@ -278,15 +278,10 @@ class VM:
     def _pin_pci_addresses(self) -> None:
         """Record where QEMU put the spec's PCI devices, so a migration target can match it."""
 
-        def pin(device: Any) -> Any:
-            if device.pci_addr or device.port is not None or getattr(device, "bus", None) == "scsi":
-                return device  # placed already (on q35, behind its root port)
-            return attrs.evolve(device, pci_addr=pci_address(self.qmp, device.id))
-
         def pinned(inventory: Inventory) -> Inventory:
-            return attrs.evolve(
-                inventory, disks=tuple(pin(d) for d in inventory.disks), nics=tuple(pin(n) for n in inventory.nics)
-            )
+            disks = tuple(pin_pci_address(self.qmp, d) for d in inventory.disks)
+            nics = tuple(pin_pci_address(self.qmp, n) for n in inventory.nics)
+            return attrs.evolve(inventory, disks=disks, nics=nics)
 
         self.store.update(pinned)
 
