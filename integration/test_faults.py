@@ -57,8 +57,16 @@ def world(vm: VM) -> dict[str, Any]:
         "active": sorted(
             (b["qdev"], b["inserted"]["node-name"]) for b in qmp.execute("query-block") if b.get("inserted")
         ),
+        "sizes": sorted(
+            (n["node-name"], n["image"]["virtual-size"])
+            for n in qmp.execute("query-named-block-nodes", {"flat": True})
+            if n["drv"] != "file"
+        ),
+        "jobs": _names(qmp.execute("query-jobs"), "id"),
+        "exports": _names(qmp.execute("query-block-exports"), "id"),
+        "nbd_server": vm.nbd_address,
         "bitmaps": sorted(
-            (n["node-name"], m["name"])
+            (n["node-name"], m.get("name", "(a job's)"))
             for n in qmp.execute("query-named-block-nodes", {"flat": True})
             for m in n.get("dirty-bitmaps", ())
         ),
@@ -91,9 +99,11 @@ def run_matrix(
     faults: tuple[Fault, ...] = FAULTS,
     files: Path | None = None,
     fault_unplug: bool = True,
+    setup: Op | None = None,
 ) -> int:
     """Fail each step of ``plug`` and then of ``unplug``; returns how many cases ran. A dropped
-    connection is followed by a new attach, which must settle the operation."""
+    connection is followed by a new attach, which must settle the operation. With ``setup``,
+    each plug starts from what it made (not faulted), and the unplug undoes both."""
 
     def now() -> dict[str, Any]:
         found = world(held.vm)
@@ -101,6 +111,13 @@ def run_matrix(
             found["files"] = sorted(p.name for p in files.iterdir())
         return found
 
+    def prepare() -> dict[str, Any] | None:
+        if setup is None:
+            return None
+        setup(held.vm)
+        return now()
+
+    prepared = prepare()
     with record(held.vm.qmp) as plugging:
         plug(held.vm)
     plugged = now()
@@ -111,6 +128,7 @@ def run_matrix(
     for fault in faults:
         for at in range(1, len(plugging.commands) + 1):
             cases += 1
+            assert prepare() == prepared
             with inject(held.vm.qmp, fault, at=at) as injection:
                 try:
                     plug(held.vm)
@@ -120,15 +138,20 @@ def run_matrix(
             where = f"{fault.value} at {at} ({injection.failed}): {failed}"
             if fault is Fault.DROP:
                 held.reattach()
-                if now() == plugged:  # it had completed: attach found it whole
-                    unplug(held.vm)
+                completed = now() == plugged  # attach found it whole
             elif failed is None:  # the op survived the fault (a timed-out step that did its work)
                 assert now() == plugged, where
-                unplug(held.vm)
+                completed = True
             else:
                 assert getattr(failed, "remaining", ()) == (), where
                 assert held.vm.leftovers == (), where
+                completed = False
+            if not completed and prepared is not None:
+                assert now() == prepared, where
+            if completed or prepared is not None:
+                unplug(held.vm)
             assert now() == base, where
+        assert prepare() == prepared
         plug(held.vm)
         for at in range(1, len(unplugging.commands) + 1 if fault_unplug else 1):
             cases += 1
@@ -145,6 +168,7 @@ def run_matrix(
             if fault is Fault.DROP and not held.vm.qmp.is_connected:
                 held.reattach()
             assert now() == base, f"{fault.value} at {at} ({injection.failed})"
+            assert prepare() == prepared
             plug(held.vm)
         unplug(held.vm)
     return cases
@@ -219,4 +243,86 @@ def test_every_step_of_a_snapshot_and_of_io_limits(held: Held, tmp_path: Path) -
     assert (
         run_matrix(held, lambda vm: vm.set_disk_throttle("sd1", limits), lambda vm: vm.set_disk_throttle("sd1", none))
         >= 2
+    )
+
+
+def test_every_step_of_a_commit(held: Held, tmp_path: Path) -> None:
+    held.vm.hotplug_disk(make_image(tmp_path / "base.qcow2", "qcow2"), id="cd1")
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+
+    def snapshot(vm: VM) -> None:
+        vm.snapshot_disks(["cd1"], overlays={"cd1": overlays / "s1.qcow2"})
+
+    def commit(vm: VM) -> None:
+        vm.commit_disk("cd1")
+        (overlays / "s1.qcow2").unlink()  # the commit leaves the file: it is the caller's
+
+    snapshot(held.vm)
+    # A failed commit leaves the disk on its overlay with no job in the way of a retry; one that
+    # went through has dropped the overlay's nodes and fdset and the inventory follows.
+    assert run_matrix(held, commit, snapshot, files=overlays) >= 12
+
+
+def _fresh_disk(tmp_path: Path, disk_id: str) -> Op:
+    """An unplug that puts back a new standalone base image under the same id."""
+
+    def reset(vm: VM) -> None:
+        vm.unplug_disk(disk_id)
+        for old in tmp_path.glob(f"{disk_id}-*"):
+            old.unlink()
+        vm.hotplug_disk(make_image(tmp_path / f"{disk_id}-base.qcow2", "qcow2"), id=disk_id)
+
+    return reset
+
+
+def test_every_step_of_a_stream(held: Held, tmp_path: Path) -> None:
+    reset = _fresh_disk(tmp_path, "sd2")
+    held.vm.hotplug_disk(make_image(tmp_path / "sd2-base.qcow2", "qcow2"), id="sd2")
+
+    def snapshot(vm: VM) -> None:
+        vm.snapshot_disks(["sd2"], overlays={"sd2": tmp_path / "sd2-top.qcow2"})
+
+    # A failed stream leaves the disk on its chain, a completed one on its top image alone.
+    assert run_matrix(held, lambda vm: vm.stream_disk("sd2"), reset, setup=snapshot, fault_unplug=False) >= 8
+
+
+def test_every_step_of_a_mirror_pivot_and_of_a_cancelled_mirror(held: Held, tmp_path: Path) -> None:
+    reset = _fresh_disk(tmp_path, "md1")
+    held.vm.hotplug_disk(make_image(tmp_path / "md1-base.qcow2", "qcow2"), id="md1")
+    target = tmp_path / "md1-target.qcow2"
+
+    def mirror(vm: VM, pivot: bool) -> None:
+        try:
+            with vm.mirror_disk("md1", target) as job:  # cancelled if a step fails
+                job.wait_ready(60)
+                job.complete(60) if pivot else job.cancel(60)
+        except VmctlError:
+            target.unlink(missing_ok=True)  # the copy is the caller's to keep or drop
+            raise
+        if not pivot:
+            target.unlink()
+
+    def pivot(vm: VM) -> None:
+        mirror(vm, pivot=True)
+
+    def cancel(vm: VM) -> None:
+        mirror(vm, pivot=False)
+
+    assert run_matrix(held, pivot, reset, fault_unplug=False) >= 10
+    assert run_matrix(held, cancel, lambda vm: None, fault_unplug=False) >= 10
+
+
+def test_every_step_of_bitmaps_nbd_exports_and_a_resize(held: Held, tmp_path: Path) -> None:
+    held.vm.hotplug_disk(make_image(tmp_path / "bd1.qcow2", "qcow2"), id="bd1")
+    assert run_matrix(held, lambda vm: vm.add_bitmap("bd1", "b1"), lambda vm: vm.remove_bitmap("bd1", "b1")) >= 2
+    assert run_matrix(held, lambda vm: vm.export_disk("bd1"), lambda vm: vm.unexport_disk("bd1")) >= 4
+    grown = 128 * 2**20
+    assert (
+        run_matrix(
+            held,
+            lambda vm: vm.resize_disk("bd1", grown),
+            lambda vm: vm.resize_disk("bd1", 64 * 2**20, allow_shrink=True),
+        )
+        >= 4
     )

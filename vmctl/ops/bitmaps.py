@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import InvalidArgument
+from vmctl.errors import CommandTimeout, DeviceExists, InvalidArgument
 from vmctl.model import DiskSpec
 from vmctl.ops.nodes import block_nodes
 from vmctl.qmp import Monitor
@@ -55,20 +55,42 @@ def add_bitmap(
         raise InvalidArgument(f"disk {disk.id} is raw: a persistent bitmap needs qcow2 (use persistent=False)")
     if granularity is not None and (granularity < 512 or granularity & (granularity - 1)):
         raise InvalidArgument(f"bitmap granularity must be a power of two >= 512, not {granularity}")
+    if _has(qmp, disk, name):
+        raise DeviceExists(f"disk {disk.id} has a bitmap {name} already")
     arguments: dict[str, Any] = {"node": disk.active_node, "name": name, "persistent": persistent}
     if granularity is not None:
         arguments["granularity"] = granularity
-    qmp.execute("block-dirty-bitmap-add", arguments)
+    try:
+        qmp.execute("block-dirty-bitmap-add", arguments)
+    except CommandTimeout:  # late: the node tells whether it was added
+        if not _has(qmp, disk, name):
+            raise
 
 
 def remove_bitmap(qmp: Monitor, disk: DiskSpec, name: str) -> None:
     _check_name(name)
-    qmp.execute("block-dirty-bitmap-remove", {"node": disk.active_node, "name": name})
+    try:
+        qmp.execute("block-dirty-bitmap-remove", {"node": disk.active_node, "name": name})
+    except CommandTimeout:
+        if _has(qmp, disk, name):
+            raise
 
 
 def clear_bitmap(qmp: Monitor, disk: DiskSpec, name: str) -> None:
     _check_name(name)
-    qmp.execute("block-dirty-bitmap-clear", {"node": disk.active_node, "name": name})
+    _idempotent(qmp, "block-dirty-bitmap-clear", {"node": disk.active_node, "name": name})
+
+
+def _has(qmp: Monitor, disk: DiskSpec, name: str) -> bool:
+    return any(b.name == name for b in bitmaps(qmp, disk))
+
+
+def _idempotent(qmp: Monitor, command: str, arguments: dict[str, Any]) -> None:
+    """Send a command that does the same when sent twice; if its reply is late, once more."""
+    try:
+        qmp.execute(command, arguments)
+    except CommandTimeout:
+        qmp.execute(command, arguments)
 
 
 def merge_bitmaps(qmp: Monitor, disk: DiskSpec, target: str, sources: Sequence[str]) -> None:
@@ -77,4 +99,4 @@ def merge_bitmaps(qmp: Monitor, disk: DiskSpec, target: str, sources: Sequence[s
         _check_name(name)
     if not sources:
         raise InvalidArgument("merge needs at least one source bitmap")
-    qmp.execute("block-dirty-bitmap-merge", {"node": disk.active_node, "target": target, "bitmaps": list(sources)})
+    _idempotent(qmp, "block-dirty-bitmap-merge", {"node": disk.active_node, "target": target, "bitmaps": list(sources)})

@@ -9,7 +9,8 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import BlockJobError, CommandError, CommandTimeout, QMPError, WaitTimeout
+from vmctl.errors import BlockJobError, CommandError, CommandTimeout, VmctlError, WaitTimeout
+from vmctl.ops.queries import ask
 from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor, Subscription
 
@@ -36,7 +37,11 @@ class JobProgress:
 
 
 def query_jobs(qmp: Monitor) -> list[JobProgress]:
-    return [JobProgress.from_qmp(j) for j in qmp.execute("query-jobs")]
+    return [JobProgress.from_qmp(j) for j in ask(qmp, "query-jobs")]
+
+
+#: A job in these states is not on its way to its end (a refused cancel leaves it so).
+_RUNNING = frozenset({"created", "running", "paused", "ready", "standby"})
 
 
 class Job:
@@ -59,12 +64,26 @@ class Job:
         events = qmp.events("JOB_STATUS_CHANGE", match={"id": job_id}, maxsize=1024)
         try:
             qmp.execute(command, {**arguments, "auto-dismiss": False})
+        except CommandTimeout:  # QEMU may have started it: then it is ours to follow
+            if not any(job.id == job_id for job in query_jobs(qmp)):
+                events.close()
+                raise
         except BaseException:
             events.close()
             raise
         job = cls(qmp, job_id, job_type, events, log)
         job._log.info("blockjob.started", type=job_type)
         return job
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        """``with vm.mirror_disk(...) as job:``: a job the block leaves unfinished by an error is
+        cancelled (the disk stays as it was), so nothing of it outlives the failure."""
+        if exc is not None and not self._finished:
+            with contextlib.suppress(VmctlError):
+                self.cancel()
 
     def on_success(self, action: Callable[[], Any]) -> None:
         """Run ``action`` once the job concluded without error (e.g. update the inventory)."""
@@ -102,8 +121,13 @@ class Job:
         (block-job-cancel without force; job-cancel would abandon in-flight writes)."""
         if self._finished:
             return
-        with contextlib.suppress(CommandError):  # it may have just concluded
+        try:
             self.qmp.execute("block-job-cancel", {"device": self.id})
+        except CommandTimeout:
+            pass  # QEMU may have taken it: the job's events tell
+        except CommandError:
+            if self.progress().status in _RUNNING:  # refused, not just ended meanwhile
+                raise
         self._wait_for({"concluded", "null"}, timeout)
         self._conclude(cancelled=True)
 
@@ -128,24 +152,32 @@ class Job:
 
     def _conclude(self, *, cancelled: bool) -> None:
         """Read the outcome, dismiss the job, run the follow-ups; raise if it failed."""
-        try:
-            error = self.progress().error
-        except QMPError:  # a query: ask once more before giving up on the outcome
-            error = self.progress().error
+        error = self.progress().error
         try:
             self.qmp.execute("job-dismiss", {"id": self.id})
-        except CommandError:  # gone already, or not dismissed: then once more
+        except (CommandError, CommandTimeout):  # gone already, or not dismissed: then once more
             if any(job.id == self.id for job in query_jobs(self.qmp)):
                 self.qmp.execute("job-dismiss", {"id": self.id})
         self._finished = True
         self._events.close()
         if error or cancelled:
-            for action in self._on_failure:
-                action()
+            self._follow_up(self._on_failure)
             self._log.info("blockjob.ended", error=error, cancelled=cancelled)
             if error and not (cancelled and "cancel" in error.lower()):
                 raise BlockJobError(f"block job {self.id} failed", job_id=self.id, qemu_error=error)
             return
-        for action in self._on_success:
-            action()
+        self._follow_up(self._on_success)
         self._log.info("blockjob.completed")
+
+    def _follow_up(self, actions: list[Callable[[], Any]]) -> None:
+        """Run every follow-up even when one fails: the inventory must learn the job's outcome
+        even if the cleanup of the nodes it left fails. The first failure is raised after."""
+        failures: list[VmctlError] = []
+        for action in actions:
+            try:
+                action()
+            except VmctlError as exc:
+                self._log.error("blockjob.follow_up_failed", error=str(exc))
+                failures.append(exc)
+        if failures:
+            raise failures[0]

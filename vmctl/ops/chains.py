@@ -23,6 +23,7 @@ from vmctl.model.names import disk_node_names, fdset_tag
 from vmctl.ops.blockjobs import Job
 from vmctl.ops.disks import delete_disk_nodes, remove_disk_fdsets, remove_fdset
 from vmctl.ops.nodes import block_nodes
+from vmctl.ops.queries import ask
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
@@ -148,7 +149,7 @@ def _switch(qmp: Monitor, actions: list[dict[str, Any]], disks: list[DiskSpec]) 
 
 def device_node(qmp: Monitor, disk_id: str) -> str | None:
     """The format node a disk's device reads and writes now."""
-    for block in qmp.execute("query-block"):
+    for block in ask(qmp, "query-block"):
         if str(block.get("qdev", "")).startswith(f"/machine/peripheral/{disk_id}/") or block.get("qdev") == (
             f"/machine/peripheral/{disk_id}"
         ):

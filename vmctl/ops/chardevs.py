@@ -13,6 +13,7 @@ from vmctl.model.names import SERIAL_CONTROLLER
 from vmctl.model.pcie import Controller
 from vmctl.model.validate import check_unix_path
 from vmctl.ops.devices import ensure_controller, remove_device
+from vmctl.ops.queries import ask
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
@@ -101,5 +102,5 @@ def _validated(
 
 def _remove_chardev(qmp: Monitor, chardev_id: str) -> None:
     """chardev-remove, unless it is gone already."""
-    if any(c.get("label") == chardev_id for c in qmp.execute("query-chardev")):
+    if any(c.get("label") == chardev_id for c in ask(qmp, "query-chardev")):
         qmp.execute("chardev-remove", {"id": chardev_id})

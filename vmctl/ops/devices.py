@@ -11,13 +11,14 @@ from vmctl.errors import CommandError, CommandTimeout, DeviceNotFound, EventTime
 from vmctl.model import DiskSpec, NicSpec, VirtioMemSpec
 from vmctl.model.names import pci_addr_from_devfn
 from vmctl.model.pcie import Controller
+from vmctl.ops.queries import ask
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
 
 def device_present(qmp: Monitor, device_id: str) -> bool:
     """Whether a device with this id is in QEMU's device tree (under /machine/peripheral)."""
-    children = qmp.execute("qom-list", {"path": "/machine/peripheral"})
+    children = ask(qmp, "qom-list", {"path": "/machine/peripheral"})
     return any(child.get("name") == device_id for child in children)
 
 

@@ -13,12 +13,13 @@ import os
 import time
 from typing import Any
 
-from vmctl.errors import CommandError, HotplugError, InvalidArgument, QMPError
+from vmctl.errors import CommandError, CommandTimeout, HotplugError, InvalidArgument, QMPError
 from vmctl.model import DiskBus, DiskSpec, Throttle
 from vmctl.model.names import fdset_tag, is_disk_fdset, is_disk_node
 from vmctl.model.pcie import Controller
 from vmctl.ops.devices import ensure_controller, remove_device
 from vmctl.ops.nodes import block_nodes
+from vmctl.ops.queries import ask
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
@@ -119,6 +120,8 @@ def delete_disk_nodes(qmp: Monitor, disk_id: str, *, only: set[str] | None = Non
                 deleted = True
             except CommandError:
                 continue  # in use by a node not yet deleted
+            except CommandTimeout:
+                deleted = True  # it may have gone: the next round asks
         if not deleted:
             if time.monotonic() >= deadline:
                 raise HotplugError(f"cannot delete the block nodes of disk {disk_id}", remaining=tuple(remaining))
@@ -128,10 +131,25 @@ def delete_disk_nodes(qmp: Monitor, disk_id: str, *, only: set[str] | None = Non
 def remove_disk_fdsets(qmp: Monitor, disk_id: str, *, layers: set[int] | None = None) -> None:
     """remove-fd the fdsets of this disk's layers (all of them, or just ``layers``)."""
     wanted = {fdset_tag(disk_id, layer) for layer in layers} if layers is not None else None
-    for fdset in qmp.execute("query-fdsets"):
-        opaques = [fd.get("opaque") for fd in fdset.get("fds", ())]
-        if any(o in wanted if wanted is not None else is_disk_fdset(o, disk_id) for o in opaques):
-            qmp.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
+
+    def mine() -> list[int]:
+        return [
+            int(fdset["fdset-id"])
+            for fdset in ask(qmp, "query-fdsets")
+            if any(
+                o in wanted if wanted is not None else is_disk_fdset(o, disk_id)
+                for o in (fd.get("opaque") for fd in fdset.get("fds", ()))
+            )
+        ]
+
+    for attempt in range(2):  # a remove-fd that failed or whose reply was late: once more
+        try:
+            for fdset_id in mine():
+                qmp.execute("remove-fd", {"fdset-id": fdset_id})
+            return
+        except (CommandError, CommandTimeout):
+            if attempt:
+                raise
 
 
 def remove_fdset(qmp: Monitor, fdset_id: int | None, disk_id: str, layer: int) -> None:
@@ -161,6 +179,10 @@ def resize_disk(qmp: Monitor, log: Any, *, disk: DiskSpec, size: int, allow_shri
     current = int(nodes[format_node]["image"]["virtual-size"])
     if size < current and not allow_shrink:
         raise InvalidArgument(f"disk {disk_id}: {size} bytes would shrink it from {current} (allow_shrink=True)")
-    qmp.execute("block_resize", {"node-name": format_node, "size": size})
+    try:
+        qmp.execute("block_resize", {"node-name": format_node, "size": size})
+    except CommandTimeout:  # late: the node's size tells whether it took
+        if int(block_nodes(qmp)[format_node]["image"]["virtual-size"]) != size:
+            raise
     log.bind(disk=disk_id).info("disk.resized", old=current, new=size)
     return current

@@ -11,6 +11,7 @@ from vmctl.errors import HotplugError, InvalidArgument, QMPError, WaitTimeout
 from vmctl.model import MemorySpec, VirtioMemSpec
 from vmctl.model.names import memory_backend_id as backend_id
 from vmctl.ops.devices import device_present, remove_device
+from vmctl.ops.queries import ask
 from vmctl.ops.rollback import Steps
 from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor, Subscription
@@ -72,7 +73,7 @@ def unplug_memory(qmp: Monitor, log: Any, *, memory_id: str, timeout: float = 30
 
 def _delete_backend(qmp: Monitor, backend: str) -> None:
     """object-del a memory backend, unless it is gone already."""
-    if any(o.get("name") == backend for o in qmp.execute("qom-list", {"path": "/objects"})):
+    if any(o.get("name") == backend for o in ask(qmp, "qom-list", {"path": "/objects"})):
         qmp.execute("object-del", {"id": backend})
 
 
@@ -125,7 +126,7 @@ def _undo_plug(qmp: Monitor, memory_id: str, ost: Subscription | None, timeout: 
 
 
 def memory_devices(qmp: Monitor) -> list[MemoryDevice]:
-    return [MemoryDevice.from_qmp(e) for e in qmp.execute("query-memory-devices") if e.get("type") == "dimm"]
+    return [MemoryDevice.from_qmp(e) for e in ask(qmp, "query-memory-devices") if e.get("type") == "dimm"]
 
 
 def add_virtio_mem(

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import attrs
 
-from vmctl.errors import CommandError, DeviceError, EventTimeout
+from vmctl.errors import CommandError, CommandTimeout, DeviceError, EventTimeout
 from vmctl.model import DiskSpec
 from vmctl.model.names import export_id
 from vmctl.model.validate import check_unix_path
+from vmctl.ops.queries import ask
 from vmctl.qmp import Monitor
 
 NbdAddress = str | tuple[str, int]
@@ -51,22 +51,36 @@ def start_server(qmp: Monitor, address: NbdAddress) -> None:
 
 
 def stop_server(qmp: Monitor) -> None:
-    with contextlib.suppress(CommandError):  # not running
-        qmp.execute("nbd-server-stop")
+    """Stop the NBD server; one that is not running is fine (a late reply: asked again)."""
+    for attempt in range(2):
+        try:
+            qmp.execute("nbd-server-stop")
+            return
+        except CommandError as exc:
+            if "not running" in exc.desc:
+                return
+            raise
+        except CommandTimeout:
+            if attempt:
+                raise
 
 
 def add_export(qmp: Monitor, disk: DiskSpec, address: NbdAddress, *, writable: bool, name: str | None) -> Export:
     export_name = name or disk.id
-    qmp.execute(
-        "block-export-add",
-        {
-            "type": "nbd",
-            "id": export_id(disk.id),
-            "node-name": disk.active_node,
-            "name": export_name,
-            "writable": writable,
-        },
-    )
+    try:
+        qmp.execute(
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": export_id(disk.id),
+                "node-name": disk.active_node,
+                "name": export_name,
+                "writable": writable,
+            },
+        )
+    except CommandTimeout:  # late: the exports tell whether it was added
+        if not exported(qmp, disk.id):
+            raise
     return Export(
         id=export_id(disk.id), name=export_name, disk=disk.id, writable=writable, uri=export_uri(address, export_name)
     )
@@ -81,8 +95,14 @@ def remove_export(qmp: Monitor, disk_id: str, *, timeout: float = 10.0) -> None:
             if "not found" in exc.desc.lower():
                 return
             raise
+        except CommandTimeout:
+            pass  # it may be on its way: the event or the exports tell
         try:
             deleted.get(timeout)
         except EventTimeout:
-            if any(e.get("id") == export_id(disk_id) for e in qmp.execute("query-block-exports")):
+            if exported(qmp, disk_id):
                 raise DeviceError(f"the NBD export of {disk_id} is still there after {timeout:g}s") from None
+
+
+def exported(qmp: Monitor, disk_id: str) -> bool:
+    return any(e.get("id") == export_id(disk_id) for e in ask(qmp, "query-block-exports"))

@@ -10,13 +10,14 @@ import os
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from vmctl.errors import DeviceExists, InvalidArgument, UnknownDevice, VmctlError
+from vmctl.errors import DeviceExists, HotplugError, InvalidArgument, QMPError, UnknownDevice, VmctlError
 from vmctl.model import DiskSpec
 from vmctl.model.names import NBD_SOCKET
 from vmctl.ops import bitmaps as bitmap_ops
 from vmctl.ops import chains as chain_ops
 from vmctl.ops import nbd as nbd_ops
 from vmctl.ops.blockjobs import Job, JobProgress, query_jobs
+from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 from vmctl.vm.store import StateStore
 
@@ -117,13 +118,28 @@ class Blocks:
             disk = self._store.require_disk(id)
             if id in self._exports:
                 raise DeviceExists(f"disk {id} is exported already")
-            if self._nbd_address is None:
-                wanted = address if address is not None else str(self._store.run_dir / NBD_SOCKET)
-                nbd_ops.start_server(self._qmp, wanted)
-                self._nbd_address = wanted
-            elif address is not None and address != self._nbd_address:
+            if self._nbd_address is not None and address is not None and address != self._nbd_address:
                 raise InvalidArgument(f"the NBD server already listens on {self._nbd_address}")
-            export = nbd_ops.add_export(self._qmp, disk, self._nbd_address, writable=writable, name=name)
+            listening = self._nbd_address
+            wanted = listening or address or str(self._store.run_dir / NBD_SOCKET)
+            try:
+                with Steps(self._log) as steps:
+                    if listening is None:  # the first export starts the server; its undo stops it
+                        steps.run(
+                            "nbd-server-start",
+                            lambda: nbd_ops.start_server(self._qmp, wanted),
+                            lambda _: nbd_ops.stop_server(self._qmp),
+                        )
+                    export = steps.run(
+                        "block-export-add",
+                        lambda: nbd_ops.add_export(self._qmp, disk, wanted, writable=writable, name=name),
+                        lambda _: nbd_ops.remove_export(self._qmp, id),
+                    )
+            except QMPError as exc:
+                raise HotplugError(
+                    f"the NBD export of disk {id} failed and was undone: {exc}", remaining=tuple(steps.leftovers)
+                ) from exc
+            self._nbd_address = wanted
             self._exports[id] = export
             self._log.info("disk.exported", disk=id, uri=export.uri, writable=writable)
             return export
@@ -137,11 +153,12 @@ class Blocks:
         with self._store.lock:
             if id not in self._exports:
                 raise UnknownDevice(f"disk {id} is not exported")
+            # The export is forgotten only once all of it is gone, so that a retry finishes.
             nbd_ops.remove_export(self._qmp, id)
-            del self._exports[id]
-            if not self._exports:
+            if len(self._exports) == 1:
                 nbd_ops.stop_server(self._qmp)
                 self._nbd_address = None
+            del self._exports[id]
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from vmctl.model.names import fdset_tag, is_disk_fdset, netdev_id, tap_fd_name
 from vmctl.ops import disks as disk_ops
 from vmctl.ops import nics as nic_ops
 from vmctl.ops.devices import device_present, pin_pci_address
+from vmctl.ops.queries import ask
 from vmctl.qmp import Monitor
 
 Operation = Literal["hotplug_disk", "unplug_disk", "hotplug_nic", "unplug_nic"]
@@ -70,7 +71,7 @@ def parts(qmp: Monitor, intent: Intent) -> dict[str, bool]:
         found[f"node {intent.disk.active_node}"] = intent.disk.active_node in nodes
         for node in sorted(nodes - {intent.disk.active_node}):
             found[f"node {node}"] = True
-        opaques = [fd.get("opaque") for s in qmp.execute("query-fdsets") for fd in s.get("fds", ())]
+        opaques = [fd.get("opaque") for s in ask(qmp, "query-fdsets") for fd in s.get("fds", ())]
         found[f"fdset {fdset_tag(device_id)}"] = any(is_disk_fdset(o, device_id) for o in opaques)
     else:
         netdev = re.escape(netdev_id(device_id))
