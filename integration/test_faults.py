@@ -326,3 +326,76 @@ def test_every_step_of_bitmaps_nbd_exports_and_a_resize(held: Held, tmp_path: Pa
         )
         >= 4
     )
+
+
+def migration_world(vm: VM, target: VM) -> dict[str, Any]:
+    """What a migration's setup changes on its source, and of the target what a storage copy adds."""
+    params = vm.qmp.execute("query-migrate-parameters")
+    return {
+        "capabilities": sorted((c["capability"], c["state"]) for c in vm.qmp.execute("query-migrate-capabilities")),
+        "parameters": (params["downtime-limit"], params["max-bandwidth"]),
+        "migration": vm.qmp.execute("query-migrate").get("status"),
+        "run_state": vm.status().run_state,
+        "nodes": _names(vm.qmp.execute("query-named-block-nodes", {"flat": True}), "node-name"),
+        "jobs": _names(vm.qmp.execute("query-jobs"), "id"),
+        "target_exports": _names(target.qmp.execute("query-block-exports"), "id"),
+        "target_nbd_server": target.nbd_address,
+        "target_run_state": target.status().run_state,
+    }
+
+
+@pytest.mark.parametrize("copy_storage", [False, True], ids=["shared-storage", "copy-storage"])
+def test_every_step_of_migration_setup_on_source_and_target(vms: VMFactory, tmp_path: Path, copy_storage: bool) -> None:
+    """A failed setup leaves the source as it was (running, its capabilities and parameters
+    restored, no storage mirror or NBD plumbing left on either side) and the target still
+    waiting, so the next attempt goes through; a step whose reply was late but which took is
+    followed to the end."""
+    vm = vms.launch(vms.spec("mig-src", memory_mib=256))
+    vm.hotplug_disk(make_image(tmp_path / "data.qcow2", "qcow2", "16M"), id="data1")
+
+    def incoming(source: VM, n: int) -> VM:
+        name = f"mig-{n}"
+        paths = {"data1": make_image(tmp_path / f"{name}.qcow2", "qcow2", "16M")} if copy_storage else None
+        target = VM.launch_incoming(
+            source.migration_target_spec(name=name, disk_paths=paths),
+            run_dir=vms.run_dir(name),
+            inventory=source.inventory,
+        )
+        vms.vms.append(target)
+        return target
+
+    def migrate(source: VM, target: VM) -> Any:
+        return source.migrate(target, downtime_limit=400, auto_converge=True, copy_storage=copy_storage)
+
+    def moved(target: VM) -> bool:
+        with GuestShell(target) as shell:
+            return shell.run("echo moved && head -c 512 /dev/vda | wc -c").output == "moved\n512\n"
+
+    launched = 0
+    target = incoming(vm, launched)
+    with record(vm.qmp) as on_source, record(target.qmp) as on_target:
+        migration = migrate(vm, target)
+    migration.wait(60)
+    vm, target = target, incoming(target, launched := launched + 1)
+    cases = 0
+    for side, commands in (("target", on_target.commands), ("source", on_source.commands)):
+        for fault in FAULTS:
+            for at in range(1, len(commands) + 1):
+                cases += 1
+                before = migration_world(vm, target)
+                with inject(target.qmp if side == "target" else vm.qmp, fault, at=at) as injection:
+                    try:
+                        migration = migrate(vm, target)
+                        failed: VmctlError | None = None
+                    except VmctlError as exc:
+                        failed = exc
+                where = f"{side}: {fault.value} at {at} ({injection.failed}): {failed}"
+                if failed is None:  # it took after all: it runs to the end, the guest moves
+                    assert migration.wait(60).status == "completed", where
+                    assert moved(target), where
+                    vm, target = target, incoming(target, launched := launched + 1)
+                else:
+                    assert migration_world(vm, target) == before, where
+    assert cases >= (24 if copy_storage else 16)
+    migrate(vm, target).wait(60)  # and the last target still takes the guest
+    assert moved(target)

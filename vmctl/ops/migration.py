@@ -10,7 +10,8 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import EventTimeout, InvalidArgument, MigrationError, QMPError, WaitTimeout
+from vmctl.errors import CommandTimeout, EventTimeout, InvalidArgument, MigrationError, QMPError, WaitTimeout
+from vmctl.ops.queries import ask
 from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor, Subscription
 
@@ -128,13 +129,22 @@ def _wait_status(events: Subscription, status: str, timeout: float, what: str) -
 
 def set_capabilities(qmp: Monitor, wanted: Mapping[str, bool]) -> dict[str, bool]:
     """Set the capabilities this QEMU knows; returns the previous states, for restoring."""
-    current = {c["capability"]: bool(c["state"]) for c in qmp.execute("query-migrate-capabilities")}
+    current = {c["capability"]: bool(c["state"]) for c in ask(qmp, "query-migrate-capabilities")}
     unknown = [name for name, on in wanted.items() if on and name not in current]
     if unknown:
         raise InvalidArgument(f"this QEMU does not support migration capabilities: {', '.join(unknown)}")
     changes = [{"capability": name, "state": on} for name, on in wanted.items() if name in current]
-    qmp.execute("migrate-set-capabilities", {"capabilities": changes})
+    _idempotent(qmp, "migrate-set-capabilities", {"capabilities": changes})
     return {name: current[name] for name in wanted if name in current}
+
+
+def _idempotent(qmp: Monitor, command: str, arguments: Mapping[str, Any]) -> None:
+    """Setting the same values twice does no harm: a command whose reply is late is sent again,
+    so that the caller knows it took (and can restore the values it replaced)."""
+    try:
+        qmp.execute(command, arguments)
+    except CommandTimeout:
+        qmp.execute(command, arguments)
 
 
 def set_parameters(qmp: Monitor, wanted: Mapping[str, int]) -> dict[str, Any]:
@@ -145,9 +155,48 @@ def set_parameters(qmp: Monitor, wanted: Mapping[str, int]) -> dict[str, Any]:
     unknown = [name for name in wanted if not qmp.schema.has_argument("migrate-set-parameters", name)]
     if unknown:
         raise InvalidArgument(f"QEMU {qmp.version} has no migration parameters {', '.join(unknown)}")
-    current = qmp.execute("query-migrate-parameters")
-    qmp.execute("migrate-set-parameters", dict(wanted))
+    current = ask(qmp, "query-migrate-parameters")
+    _idempotent(qmp, "migrate-set-parameters", dict(wanted))
     return {name: current[name] for name in wanted if name in current}
+
+
+def listen_incoming(target: Monitor, uri: str) -> None:
+    """Make an incoming QEMU (``-incoming defer``) listen on ``uri``. QEMU takes this once: a
+    retry after a late reply finds it listening already, which is fine on the same address."""
+    listening = _incoming_addresses(target)
+    if listening is None:
+        try:
+            target.execute("migrate-incoming", {"uri": uri})
+            return
+        except CommandTimeout:
+            listening = _incoming_addresses(target)
+            if listening is None:
+                raise
+    if _address_of(uri) not in listening:
+        raise MigrationError(f"the target listens for the migration on {listening} already, not {uri}", status="setup")
+
+
+def _incoming_addresses(target: Monitor) -> list[dict[str, Any]] | None:
+    info = ask(target, "query-migrate")
+    return list(info["socket-address"]) if "socket-address" in info else None
+
+
+def _address_of(uri: str) -> dict[str, Any]:
+    kind, _, rest = uri.partition(":")
+    if kind == "unix":
+        return {"type": "unix", "path": rest}
+    host, _, port = rest.rpartition(":")
+    return {"type": "inet", "host": host, "port": port}
+
+
+def start(source: Monitor, uri: str) -> None:
+    """``migrate``; when its reply is late, QEMU's own status tells whether it has begun (then
+    it is followed like any other) or not (then the caller's error stands)."""
+    try:
+        source.execute("migrate", {"uri": uri})
+    except CommandTimeout:
+        if str(ask(source, "query-migrate").get("status", "none")) in ("none", "failed", "cancelled"):
+            raise
 
 
 class Migration:

@@ -5,6 +5,7 @@ its inventory, its NBD exports) and hands the inventory over when the guest has 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import InvalidArgument
+from vmctl.errors import InvalidArgument, QMPError
 from vmctl.model import Inventory, VMSpec
 from vmctl.model.names import MIGRATION_SOCKET, UEFI_VARS_FILE
 from vmctl.model.status import ShutdownMethod
@@ -148,13 +149,14 @@ class Migrations:
             else None
         )
         target_events = None
+        previous_caps: dict[str, bool] | None = None
         try:
             if isinstance(target, Migrations):
                 uri = f"tcp:{listen[0]}:{listen[1]}" if listen else f"unix:{target.run_dir / MIGRATION_SOCKET}"
                 migration_ops.set_capabilities(target.qmp, options.capabilities(source=False))
                 migration_ops.set_parameters(target.qmp, options.parameters(source=False))
                 target_events = target.qmp.events("MIGRATION")
-                target.qmp.execute("migrate-incoming", {"uri": uri})
+                migration_ops.listen_incoming(target.qmp, uri)
             else:
                 uri = target
             previous_caps = migration_ops.set_capabilities(self.qmp, options.capabilities(source=True))
@@ -162,6 +164,9 @@ class Migrations:
         except BaseException:
             if target_events is not None:
                 target_events.close()
+            if previous_caps is not None:  # the parameters failed: the capabilities go back
+                with contextlib.suppress(QMPError):
+                    migration_ops.set_capabilities(self.qmp, previous_caps)
             if storage is not None:
                 storage.abort()
             raise
@@ -172,12 +177,13 @@ class Migrations:
 
         events = self.qmp.events("MIGRATION")
         try:
-            self.qmp.execute("migrate", {"uri": uri})
+            migration_ops.start(self.qmp, uri)
         except BaseException:
             events.close()
             if target_events is not None:
                 target_events.close()
-            restore()
+            with contextlib.suppress(QMPError):  # the original error is the one to raise
+                restore()
             if storage is not None:
                 storage.abort()
             raise
