@@ -225,7 +225,15 @@ class BlockJobError(VmctlError):
 
 
 class SnapshotError(VmctlError):
-    """The snapshot transaction failed; no disk changed and nothing was left behind."""
+    """The snapshot failed: no disk changed and nothing was left behind, unless ``remaining``
+    names what is left (an undo failed, or the connection to QEMU was lost mid-way: then the
+    next attach settles whether the disks switched)."""
+
+    def __init__(self, message: str, *, remaining: tuple[str, ...] = ()) -> None:
+        if remaining:
+            message += f"; still present: {', '.join(remaining)}"
+        super().__init__(message)
+        self.remaining = remaining
 
 
 class MigrationError(VmctlError):

@@ -158,6 +158,11 @@ class DiskSpec:
     def next_layer(self) -> int:
         return max(self.layers) + 1
 
+    def with_overlay(self, path: str | os.PathLike[str]) -> DiskSpec:
+        """This disk with a new active layer on top: the overlay file at ``path``."""
+        overlay = Overlay(layer=self.next_layer(), path=os.path.realpath(path))
+        return attrs.evolve(self, overlays=(*self.overlays, overlay))
+
     def layer_path(self, layer: int) -> str:
         if layer == self.base_layer:
             return self.path

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import attrs
 
-from vmctl.errors import CommandTimeout, HotplugError, InvalidArgument, QMPError, SnapshotError
+from vmctl.errors import CommandTimeout, ConnectionLost, HotplugError, InvalidArgument, QMPError, SnapshotError
 from vmctl.model import DiskSpec, Overlay
 from vmctl.model.names import disk_node_names, fdset_tag
 from vmctl.ops.blockjobs import Job
@@ -108,8 +108,9 @@ def snapshot_disks(
     try:
         with Steps(log) as steps:
             for disk in disks:
-                layer = disk.next_layer()
-                path = Path(overlays[disk.id]).resolve()
+                planned = disk.with_overlay(overlays[disk.id])
+                layer = planned.layers[-1]
+                path = Path(planned.layer_path(layer))
                 if not path.exists():
                     top = disk.layers[-1]
                     size = virtual_size(qmp, disk.active_node)
@@ -124,15 +125,21 @@ def snapshot_disks(
                     if bitmap_granularity is not None:
                         data["granularity"] = bitmap_granularity
                     actions.append({"type": "block-dirty-bitmap-add", "data": data})
-                updated.append(attrs.evolve(disk, overlays=(*disk.overlays, Overlay(layer=layer, path=path))))
+                updated.append(planned)
             steps.run("transaction", lambda: _switch(qmp, actions, updated))
     except (QMPError, InvalidArgument, OSError) as exc:
+        names = ", ".join(d.id for d in disks)
+        if isinstance(exc, ConnectionLost):  # whether it switched is unknown: keep every file
+            raise SnapshotError(
+                f"the connection to QEMU was lost during the snapshot of {names}; the next attach settles it",
+                remaining=(*steps.leftovers, *(f"file {path}" for path in created)),
+            ) from exc
         for path in created:
             with contextlib.suppress(OSError):
                 path.unlink()
         if isinstance(exc, InvalidArgument):
             raise
-        raise SnapshotError(f"the snapshot of {', '.join(d.id for d in disks)} failed; nothing changed: {exc}") from exc
+        raise SnapshotError(f"the snapshot of {names} failed: {exc}", remaining=tuple(steps.leftovers)) from exc
     log.info("disks.snapshotted", disks=[d.id for d in updated], bitmap=bitmap)
     return updated
 

@@ -6,12 +6,13 @@ the old one in the inventory. The part owns the VM's NBD server and its exports.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from typing import Any, Literal
 
 from vmctl.errors import DeviceExists, HotplugError, InvalidArgument, QMPError, UnknownDevice, VmctlError
-from vmctl.model import DiskSpec
+from vmctl.model import DiskSpec, Inventory
 from vmctl.model.names import NBD_SOCKET
 from vmctl.ops import bitmaps as bitmap_ops
 from vmctl.ops import chains as chain_ops
@@ -19,6 +20,7 @@ from vmctl.ops import nbd as nbd_ops
 from vmctl.ops.blockjobs import Job, JobProgress, query_jobs
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
+from vmctl.vm.journal import Intent
 from vmctl.vm.store import StateStore
 
 
@@ -43,11 +45,19 @@ class Blocks:
     ) -> list[DiskSpec]:
         """External snapshots of these disks, switched atomically (one transaction); ``overlays``
         maps each id to its new qcow2 file. On failure nothing changes (``SnapshotError``)."""
-        with self._store.lock:
+        with self._store.lock, contextlib.ExitStack() as intents:
             disks = [self._store.require_disk(i) for i in ids]
+            done = {}
+            for disk in disks:  # each disk's intent: the disk as switched, the file to be made
+                if disk.id in overlays:
+                    planned = disk.with_overlay(overlays[disk.id])
+                    path = planned.layer_path(planned.layers[-1])
+                    files = () if os.path.exists(path) else (path,)
+                    intent = Intent(operation="snapshot_disk", disk=planned, files=files)
+                    done[disk.id] = intents.enter_context(self._store.intent(intent))
             updated = chain_ops.snapshot_disks(self._qmp, self._log, disks, overlays, bitmap=bitmap)
             for disk in updated:
-                self._replace_disk(disk)
+                done[disk.id](functools.partial(Inventory.with_disk, disk=disk))
             return updated
 
     def commit_disk(self, id: str, *, top: int | None = None, base: int | None = None, timeout: float = 300) -> None:

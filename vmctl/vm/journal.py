@@ -9,6 +9,7 @@ inventory gets it), it never started or was undone (nothing to do), or it stoppe
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -17,23 +18,26 @@ import attrs
 
 from vmctl.errors import CommandError, QMPError
 from vmctl.model import DiskSpec, Inventory, NicSpec
-from vmctl.model.names import fdset_tag, is_disk_fdset, netdev_id, tap_fd_name
+from vmctl.model.names import disk_node_names, fdset_tag, is_disk_fdset, netdev_id, tap_fd_name
 from vmctl.ops import disks as disk_ops
 from vmctl.ops import nics as nic_ops
+from vmctl.ops.chains import device_node
 from vmctl.ops.devices import device_present, pin_pci_address
 from vmctl.ops.queries import ask
 from vmctl.qmp import Monitor
 
-Operation = Literal["hotplug_disk", "unplug_disk", "hotplug_nic", "unplug_nic"]
+Operation = Literal["hotplug_disk", "unplug_disk", "hotplug_nic", "unplug_nic", "snapshot_disk"]
 
 
 @attrs.frozen(kw_only=True)
 class Intent:
-    """An operation under way on one device (the value it plugs, or the one it unplugs)."""
+    """An operation under way on one device (the value it plugs, or the one it unplugs; for a
+    snapshot, the disk as it is once switched to its new overlay, and the files it creates)."""
 
     operation: Operation
     disk: DiskSpec | None = None
     nic: NicSpec | None = None
+    files: tuple[str, ...] = ()
 
     @property
     def device_id(self) -> str:
@@ -51,6 +55,7 @@ class Intent:
             operation=data["operation"],
             disk=DiskSpec(**disk) if disk else None,
             nic=NicSpec(**nic) if nic else None,
+            files=tuple(data.get("files", ())),
         )
 
 
@@ -65,6 +70,8 @@ class Settled:
 def parts(qmp: Monitor, intent: Intent) -> dict[str, bool]:
     """Which parts of the intent's device QEMU has, by name."""
     device_id = intent.device_id
+    if intent.operation == "snapshot_disk":
+        return _new_layer(qmp, intent)
     found = {f"device {device_id}": device_present(qmp, device_id)}
     if intent.disk is not None:
         nodes = set(disk_ops.disk_nodes(qmp, device_id))
@@ -80,9 +87,27 @@ def parts(qmp: Monitor, intent: Intent) -> dict[str, bool]:
     return found
 
 
+def _new_layer(qmp: Monitor, intent: Intent) -> dict[str, bool]:
+    """What QEMU and the host have of a snapshot's new layer (the device's switch aside)."""
+    assert intent.disk is not None
+    disk = intent.disk
+    layer = disk.layers[-1]
+    nodes = set(disk_ops.disk_nodes(qmp, disk.id))
+    found = {f"node {node}": node in nodes for node in disk_node_names(disk.id, layer)}
+    opaques = {fd.get("opaque") for s in ask(qmp, "query-fdsets") for fd in s.get("fds", ())}
+    found[f"fdset {fdset_tag(disk.id, layer)}"] = fdset_tag(disk.id, layer) in opaques
+    found.update({f"file {path}": os.path.exists(path) for path in intent.files})
+    return found
+
+
 def settle(qmp: Monitor, intent: Intent, inventory: Inventory) -> Settled:
     """The inventory as QEMU shows the operation ended, and what is left if it stopped half-way.
-    A hotplug whose device is whole is completed (its I/O limits set, the last step)."""
+    A hotplug whose device is whole is completed (its I/O limits set, the last step); a
+    snapshot is completed when the disk's device is on its new overlay (it switched atomically)."""
+    if intent.operation == "snapshot_disk":
+        assert intent.disk is not None
+        if device_node(qmp, intent.device_id) == intent.disk.active_node:
+            return Settled(inventory=inventory.with_disk(intent.disk))
     found = parts(qmp, intent)
     # An unplug that was begun is finished, never guessed undone: its device_del may be on its
     # way through the guest, so a device that is whole now may be gone in a moment.
@@ -107,7 +132,17 @@ def settle(qmp: Monitor, intent: Intent, inventory: Inventory) -> Settled:
 
 
 def clean(qmp: Monitor, log: Any, intent: Intent, *, timeout: float) -> None:
-    """Remove what an operation stopped half-way left (a hotplug is undone, an unplug finished)."""
+    """Remove what an operation stopped half-way left (a hotplug is undone, an unplug finished;
+    a snapshot that did not switch loses its new layer's nodes, fdset and the files it made)."""
+    if intent.operation == "snapshot_disk":
+        assert intent.disk is not None
+        layer = intent.disk.layers[-1]
+        disk_ops.delete_disk_nodes(qmp, intent.device_id, only=set(disk_node_names(intent.device_id, layer)))
+        disk_ops.remove_disk_fdsets(qmp, intent.device_id, layers={layer})
+        for path in intent.files:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return
     if intent.disk is not None:
         disk_ops.unplug_disk(qmp, log, disk_id=intent.device_id, timeout=timeout)
         return
