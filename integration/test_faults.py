@@ -225,20 +225,22 @@ def test_every_step_of_memory_hotplug_and_unplug(held: Held) -> None:
 
 def test_every_step_of_a_snapshot_and_of_io_limits(held: Held, tmp_path: Path) -> None:
     held.vm.hotplug_disk(make_image(tmp_path / "base.qcow2", "qcow2"), id="sd1")
+    held.vm.hotplug_disk(DiskSpec(id="ss1", path=make_image(tmp_path / "scsi.qcow2", "qcow2"), bus="scsi"))
     overlays = tmp_path / "overlays"
     overlays.mkdir()
-
-    def snapshot(vm: VM) -> None:
-        vm.snapshot_disks(["sd1"], overlays={"sd1": overlays / "s1.qcow2"}, bitmap="since-s1")
-
-    def commit(vm: VM) -> None:
-        vm.commit_disk("sd1")
-        (overlays / "s1.qcow2").unlink()  # the commit leaves the file: it is the caller's
-
     # A failed snapshot leaves no node, no fdset, no overlay file, and the disk on its old layer;
     # after a dropped connection, attach finds the disk switched or cleans the new layer up.
-    # (The commit that undoes it has its own test.)
-    assert run_matrix(held, snapshot, commit, files=overlays, faults=ALL_FAULTS, fault_unplug=False) >= 12
+    # (The commit that undoes it has its own test.) QEMU names the two buses' devices differently.
+    for disk_id in ("sd1", "ss1"):
+
+        def snapshot(vm: VM, disk_id: str = disk_id) -> None:
+            vm.snapshot_disks([disk_id], overlays={disk_id: overlays / "s1.qcow2"}, bitmap="since-s1")
+
+        def commit(vm: VM, disk_id: str = disk_id) -> None:
+            vm.commit_disk(disk_id)
+            (overlays / "s1.qcow2").unlink()  # the commit leaves the file: it is the caller's
+
+        assert run_matrix(held, snapshot, commit, files=overlays, faults=ALL_FAULTS, fault_unplug=False) >= 12
     limits, none = Throttle(iops=50, bps=1 << 20), Throttle()
     assert (
         run_matrix(held, lambda vm: vm.set_disk_throttle("sd1", limits), lambda vm: vm.set_disk_throttle("sd1", none))

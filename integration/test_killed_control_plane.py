@@ -1,9 +1,10 @@
-"""A control plane SIGKILLed at random moments of device operations; the next attach finds the VM
+"""A control plane SIGKILLed at random moments of its operations; the next attach finds the VM
 consistent: each operation completed and is in the inventory, or is undone, or its leftovers are
 named (``vm.leftovers``) and ``clean_leftovers()`` removes them.
 
-A child process attaches and plugs and unplugs a disk and a NIC in a loop; the test kills it at a
-random moment, attaches, checks QEMU against the inventory, cleans up, and goes again.
+A child process attaches and runs a loop of operations, saying which one it begins; the test
+kills it at a random moment, attaches, checks QEMU against the inventory, cleans up, and goes
+again. It counts where the kills landed, so that each operation is shown to be interrupted.
 """
 
 from __future__ import annotations
@@ -14,32 +15,205 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from integration.conftest import REPO, VMFactory, make_image
 from vmctl import VM, DiskSpec, NicSpec
-from vmctl.model.names import fdset_tag, netdev_id
+from vmctl.model.names import disk_node_names, fdset_tag, is_disk_fdset, netdev_id
+from vmctl.ops.chains import device_node
+from vmctl.ops.devices import device_present
+from vmctl.ops.disks import disk_nodes
 from vmctl.vm import journal
 
-ROUNDS = int(os.environ.get("VMCTL_KILL_ROUNDS", "40"))
+#: Kills aimed at each operation of a loop.
+KILLS_PER_OPERATION = int(os.environ.get("VMCTL_KILLS_PER_OPERATION", "50"))
 
-CHILD = """
-import logging, sys
+PRELUDE = """
+import logging, os, subprocess, sys, time
 import structlog
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
 from vmctl import VM
-run_dir, image = sys.argv[1], sys.argv[2]
+run_dir, work = sys.argv[1], sys.argv[2]
 vm = VM.attach(run_dir)
 vm.clean_leftovers()
 print("attached", flush=True)
+
+def step(operation, call, *details):
+    print("op", operation, time.monotonic(), *details, flush=True)
+    call()
+    print("done", operation, time.monotonic(), flush=True)
+"""
+
+DEVICES = """
+image = os.path.join(work, "kd1.qcow2")
 while True:
     if vm.inventory.disk("kd1") is None:
-        vm.hotplug_disk(image, id="kd1")
-    vm.unplug_disk("kd1")
+        step("hotplug_disk", lambda: vm.hotplug_disk(image, id="kd1"))
+    step("unplug_disk", lambda: vm.unplug_disk("kd1"))
     if vm.inventory.nic("kn1") is None:
-        vm.hotplug_nic(id="kn1")
-    vm.unplug_nic("kn1")
+        step("hotplug_nic", lambda: vm.hotplug_nic(id="kn1"))
+    step("unplug_nic", lambda: vm.unplug_nic("kn1"))
 """
+
+SNAPSHOTS = """
+round_ = 0
+while True:
+    round_ += 1
+    name = f"{os.getpid()}-{round_}"
+    if vm.inventory.disk("ks1") is None:
+        base = os.path.join(work, f"base-{name}.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, "32M"], check=True)
+        step("hotplug_disk", lambda: vm.hotplug_disk(base, id="ks1"))
+    overlay = os.path.join(work, f"top-{name}.qcow2")
+    step("snapshot_disks", lambda: vm.snapshot_disks(["ks1"], overlays={"ks1": overlay}), overlay)
+    step("unplug_disk", lambda: vm.unplug_disk("ks1"))
+"""
+
+
+class Kills:
+    """Where the kills land: each round aims at one operation (in turn), waits for the child to
+    begin it and kills it within the time that operation has taken so far (a random moment
+    inside it, mostly), so that short operations are hit as often as long ones."""
+
+    def __init__(self, operations: tuple[str, ...], seed: int = 1234) -> None:
+        self.operations = operations
+        self.rng = random.Random(seed)
+        self.took: dict[str, list[float]] = {op: [0.2] for op in operations}
+        self.landed: Counter[str] = Counter()
+
+    def aim(self, round_: int) -> str:
+        return self.operations[round_ % len(self.operations)]
+
+    def delay(self, operation: str) -> float:
+        typical = sorted(self.took[operation])[len(self.took[operation]) // 2]
+        return self.rng.uniform(0.0, 1.2 * typical)
+
+    def learn(self, said: str) -> list[str]:
+        """Read what the child said; returns the last operation it began (and its details)."""
+        begun: dict[str, float] = {}
+        last = ["none"]
+        for entry in said.splitlines():
+            kind, operation, at, *details = [*entry.split(), "", "", ""][:3] + entry.split()[3:]
+            if kind == "op":
+                begun[operation], last = float(at), [operation, *details]
+            elif kind == "done" and operation in begun:
+                self.took.setdefault(operation, []).append(float(at) - begun[operation])
+                last = ["between", operation]
+        self.landed[last[0]] += 1
+        return last
+
+
+def run_kills(
+    vms: VMFactory,
+    work: Path,
+    loop: str,
+    check: Callable[[VM, list[str]], None],
+    operations: tuple[str, ...],
+) -> Counter[str]:
+    """Kill a child running ``loop``, KILLS_PER_OPERATION times per operation; after each kill
+    ``check(vm, last_op)`` must hold before and after cleaning up. Returns how attach found the
+    VM; asserts that most kills landed inside the operation they aimed at."""
+    vm = vms.launch(vms.spec("victim"))
+    run_dir = vm.run_dir
+    kills = Kills(operations)
+    found: Counter[str] = Counter()
+    for round_ in range(KILLS_PER_OPERATION * len(operations)):
+        vm.close()
+        child = subprocess.Popen(
+            [sys.executable, "-c", PRELUDE + loop, str(run_dir), str(work)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        heard = []
+        try:
+            assert child.stdout is not None
+            target = kills.aim(round_)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # until it begins the operation aimed at
+                line = child.stdout.readline()
+                heard.append(line)
+                if not line or line.startswith(f"op {target} "):
+                    break
+            time.sleep(kills.delay(target))
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+        said, errors = child.communicate(timeout=10)
+        assert heard[:1] == ["attached\n"] and child.returncode == -signal.SIGKILL, f"the child failed: {errors}"
+        last = kills.learn("".join(heard) + said)
+        attached = VM.attach(run_dir)
+        vms.vms[vms.vms.index(vm)] = vm = attached
+        found["leftovers" if vm.leftovers else "consistent"] += 1
+        check(vm, last)
+        vm.clean_leftovers()
+        assert vm.leftovers == ()
+        check(vm, last)
+    # Most kills aimed at an operation landed inside it.
+    assert all(kills.landed[op] >= KILLS_PER_OPERATION // 2 for op in operations), kills.landed
+    print("kills landed:", dict(kills.landed), "attach found:", dict(found))
+    return found
+
+
+def test_a_sigkill_during_disk_and_nic_hotplug_or_unplug_leaves_the_vm_consistent(
+    vms: VMFactory, tmp_path: Path
+) -> None:
+    make_image(tmp_path / "kd1.qcow2", "qcow2")
+    taps_before = taps()
+
+    def check(vm: VM, last: list[str]) -> None:
+        found = qemu_has(vm)
+        present = {name for name, there in found.items() if there}
+        listed = set(vm.leftovers)
+        for device in ("kd1", "kn1"):
+            mine = {name for name in found if device in name}
+            have, left = present & mine, listed & mine
+            if left:  # stopped half-way: what QEMU has of it is named (an eject under way may end meanwhile)
+                assert have <= left, f"after {last}: QEMU has {have} of {device}, leftovers {left}"
+            else:  # listed and whole, or not listed and gone
+                assert have == whole(vm) & mine, f"after {last}: QEMU has {have} of {device}, {vm.inventory}"
+        if not listed:
+            assert taps() == taps_before + (vm.inventory.nic("kn1") is not None), f"after {last}: a tap leaked"
+
+    found = run_kills(vms, tmp_path, DEVICES, check, ("hotplug_disk", "unplug_disk", "hotplug_nic", "unplug_nic"))
+    assert found["consistent"] > 0 and found["leftovers"] > 0, found  # some were found half-way
+
+
+def test_a_sigkill_during_a_snapshot_leaves_the_disk_on_one_whole_chain(vms: VMFactory, tmp_path: Path) -> None:
+    def check(vm: VM, last: list[str]) -> None:
+        qmp = vm.qmp
+        disk = vm.inventory.disk("ks1")
+        tags = {fd.get("opaque") for s in qmp.execute("query-fdsets") for fd in s["fds"]}
+        present = {f"node {n}" for n in disk_nodes(qmp, "ks1")} | {
+            f"fdset {t}" for t in tags if is_disk_fdset(t, "ks1")
+        }
+        if device_present(qmp, "ks1"):
+            present.add("device ks1")
+        whole = set()
+        if disk is not None:  # the device on the chain's top, every layer's nodes and fdset
+            whole = {"device ks1"} | {
+                part
+                for layer in disk.layers
+                for part in (f"fdset {fdset_tag('ks1', layer)}", *(f"node {n}" for n in disk_node_names("ks1", layer)))
+            }
+        left = set(vm.leftovers)
+        if left:  # stopped half-way: whatever QEMU has beyond the listed disk is named
+            assert present - whole <= left, f"after {last}: QEMU has {present - whole} unnamed, leftovers {left}"
+        else:
+            assert present == whole, f"after {last}: QEMU has {present}, the inventory {disk}"
+            if disk is not None:
+                assert device_node(qmp, "ks1") == disk.active_node, f"after {last}: {disk}"
+        if last[0] == "snapshot_disks" and os.path.exists(last[1]):  # the overlay it made: in use, or named
+            in_chain = disk is not None and last[1] in {disk.layer_path(layer) for layer in disk.layers}
+            assert in_chain or f"file {last[1]}" in left, f"after {last}: the overlay leaked"
+
+    found = run_kills(vms, tmp_path, SNAPSHOTS, check, ("hotplug_disk", "snapshot_disks", "unplug_disk"))
+    assert found["consistent"] > 0, found
 
 
 def qemu_has(vm: VM) -> dict[str, bool]:
@@ -48,19 +222,11 @@ def qemu_has(vm: VM) -> dict[str, bool]:
     nic = vm.inventory.nic("kn1")
     found = {}
     for intent in (
-        journal.Intent(operation="hotplug_disk", disk=disk or _disk_like("kd1")),
-        journal.Intent(operation="hotplug_nic", nic=nic or _nic_like("kn1")),
+        journal.Intent(operation="hotplug_disk", disk=disk or DiskSpec(id="kd1", path="/unused")),
+        journal.Intent(operation="hotplug_nic", nic=nic or NicSpec(id="kn1")),
     ):
         found.update(journal.parts(vm.qmp, intent))
     return found
-
-
-def _disk_like(disk_id: str) -> DiskSpec:
-    return DiskSpec(id=disk_id, path="/unused")
-
-
-def _nic_like(nic_id: str) -> NicSpec:
-    return NicSpec(id=nic_id)
 
 
 def whole(vm: VM) -> set[str]:
@@ -77,49 +243,4 @@ def taps() -> int:
     return sum(1 for _ in Path("/sys/class/net").glob("*/tun_flags"))
 
 
-def test_attach_after_a_sigkill_at_any_moment_finds_the_vm_consistent(vms: VMFactory, tmp_path: Path) -> None:
-    vm = vms.launch(vms.spec("victim"))
-    image = make_image(tmp_path / "kd1.qcow2", "qcow2")
-    run_dir = vm.run_dir
-    rng = random.Random(1234)
-    taps_before = taps()
-    outcomes: dict[str, int] = {"consistent": 0, "leftovers": 0}
-    for round_ in range(ROUNDS):
-        vm.close()
-        child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(run_dir), str(image)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert child.stdout is not None
-            line = child.stdout.readline()
-            if line == "attached\n":
-                time.sleep(rng.uniform(0.0, 2.0))  # somewhere in a hotplug or an unplug
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait(10)
-        _, errors = child.communicate(timeout=10)
-        assert line == "attached\n" and child.returncode == -signal.SIGKILL, f"the child failed: {errors}"
-        attached = VM.attach(run_dir)
-        vms.vms[vms.vms.index(vm)] = vm = attached
-        found = qemu_has(vm)
-        present = {name for name, there in found.items() if there}
-        listed = set(vm.leftovers)
-        for device in ("kd1", "kn1"):
-            mine = {name for name in found if device in name}
-            have, left = present & mine, listed & mine
-            if left:  # stopped half-way: what QEMU has of it is named (an eject under way may end meanwhile)
-                assert have <= left, f"round {round_}: QEMU has {have} of {device}, leftovers {left}"
-            else:  # listed and whole, or not listed and gone
-                assert have == whole(vm) & mine, f"round {round_}: QEMU has {have} of {device}, {vm.inventory}"
-        outcomes["leftovers" if listed else "consistent"] += 1
-        vm.clean_leftovers()
-        assert vm.leftovers == ()
-        present = {name for name, there in qemu_has(vm).items() if there}
-        assert present == whole(vm), f"round {round_}: after cleaning, QEMU has {present}"
-        assert taps() == taps_before + (vm.inventory.nic("kn1") is not None), f"round {round_}: a tap leaked"
-    # The kills landed both between operations and inside them.
-    assert outcomes["consistent"] > 0 and outcomes["leftovers"] > 0, outcomes
+pytestmark = pytest.mark.timeout(600)

@@ -156,10 +156,11 @@ def _switch(qmp: Monitor, actions: list[dict[str, Any]], disks: list[DiskSpec]) 
 
 def device_node(qmp: Monitor, disk_id: str) -> str | None:
     """The format node a disk's device reads and writes now."""
+    # QEMU names the device by its id when it has one (a scsi-hd), else by its QOM path (the
+    # virtio-blk device inside the PCI proxy that has the id).
     for block in ask(qmp, "query-block"):
-        if str(block.get("qdev", "")).startswith(f"/machine/peripheral/{disk_id}/") or block.get("qdev") == (
-            f"/machine/peripheral/{disk_id}"
-        ):
+        qdev = str(block.get("qdev", ""))
+        if qdev in (disk_id, f"/machine/peripheral/{disk_id}") or qdev.startswith(f"/machine/peripheral/{disk_id}/"):
             inserted = block.get("inserted") or {}
             return str(inserted.get("node-name")) if inserted else None
     return None

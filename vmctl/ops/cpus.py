@@ -6,7 +6,7 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import HotplugError, InvalidArgument, QMPError
+from vmctl.errors import ConnectionLost, HotplugError, InvalidArgument, QMPError
 from vmctl.model.names import CPU_ID_PREFIX
 from vmctl.ops.devices import remove_device
 from vmctl.qmp import Monitor
@@ -80,8 +80,14 @@ def unplug_cpus(qmp: Monitor, log: Any, count: int, *, timeout: float = 30.0) ->
 
 
 def _remove(qmp: Monitor, device_id: str, timeout: float) -> bool:
+    """Whether the CPU is gone (``False`` when QEMU cannot be asked: it may still be there)."""
     try:
         remove_device(qmp, device_id, timeout)
+    except ConnectionLost:
+        return False
     except (HotplugError, QMPError):
-        return not any(s.device_id == device_id and s.qom_path for s in cpu_slots(qmp))
+        try:
+            return not any(s.device_id == device_id and s.qom_path for s in cpu_slots(qmp))
+        except ConnectionLost:
+            return False
     return True

@@ -78,8 +78,16 @@ def parts(qmp: Monitor, intent: Intent) -> dict[str, bool]:
         found[f"node {intent.disk.active_node}"] = intent.disk.active_node in nodes
         for node in sorted(nodes - {intent.disk.active_node}):
             found[f"node {node}"] = True
-        opaques = [fd.get("opaque") for s in ask(qmp, "query-fdsets") for fd in s.get("fds", ())]
-        found[f"fdset {fdset_tag(device_id)}"] = any(is_disk_fdset(o, device_id) for o in opaques)
+        tags = {
+            o
+            for s in ask(qmp, "query-fdsets")
+            for fd in s.get("fds", ())
+            if is_disk_fdset(o := fd.get("opaque"), device_id)
+        }
+        base = fdset_tag(device_id, intent.disk.base_layer)
+        found[f"fdset {base}"] = base in tags
+        for tag in sorted(tags - {base}):  # a snapshot's layers
+            found[f"fdset {tag}"] = True
     else:
         netdev = re.escape(netdev_id(device_id))
         listed = re.search(rf"^[ \\]*{netdev}: ", qmp.human("info network"), re.MULTILINE)
