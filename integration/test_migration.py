@@ -127,7 +127,7 @@ def test_destination_killed_midway(vms: VMFactory) -> None:
     target.kill()
     with pytest.raises(MigrationError) as info:
         migration.wait(60)
-    assert info.value.status == "failed"
+    assert info.value.status in ("failed", "cancelled")  # QEMU or vmctl sees the dead target first
     assert source.status().running and not source.has_exited
 
 

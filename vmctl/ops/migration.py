@@ -10,7 +10,16 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import CommandTimeout, EventTimeout, InvalidArgument, MigrationError, QMPError, WaitTimeout
+from vmctl.errors import (
+    CommandTimeout,
+    ConnectionLost,
+    EventTimeout,
+    InvalidArgument,
+    MigrationError,
+    QMPError,
+    VmctlError,
+    WaitTimeout,
+)
 from vmctl.ops.queries import ask
 from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor, Subscription
@@ -19,6 +28,12 @@ TERMINAL = frozenset({"completed", "failed", "cancelled"})
 # How long a completed migration's final figures may take to appear in query-migrate.
 _RESULT_SETTLE = 2.0
 POSTCOPY = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
+#: How often a waiter looks whether the other side's QEMU is still there.
+_WATCH_INTERVAL = 0.25
+#: How long a cancel takes to end a migration whose target died.
+_CANCEL_TIMEOUT = 10.0
+#: How long an incoming QEMU takes to end its side once the source is gone.
+_INCOMING_END_TIMEOUT = 0.5
 
 
 @attrs.frozen(kw_only=True)
@@ -125,6 +140,15 @@ def _wait_status(events: Subscription, status: str, timeout: float, what: str) -
         if seen in TERMINAL:
             raise MigrationError(f"{what} ended ({seen}) before reaching {status}", status=seen)
     raise WaitTimeout(f"{what} did not reach {status} within {timeout:g}s")
+
+
+def _wait_terminal(events: Subscription, timeout: float) -> str:
+    """Read MIGRATION events until a terminal status (``WaitTimeout`` after ``timeout``)."""
+    for event in events_until(events, timeout):
+        seen = str(event.data.get("status"))
+        if seen in TERMINAL:
+            return seen
+    raise WaitTimeout(f"the migration did not end within {timeout:g}s")
 
 
 def set_capabilities(qmp: Monitor, wanted: Mapping[str, bool]) -> dict[str, bool]:
@@ -239,6 +263,7 @@ class Migration:
         self._status = "setup"
         self._result: MigrationResult | None = None
         self._postcopy_started = False
+        self._handed_over = False
         self.started = time.monotonic()
 
     @property
@@ -304,9 +329,14 @@ class Migration:
         a moment after the source, and until then it cannot be paused (a link that breaks in
         between leaves it waiting on a dead socket)."""
         deadline = time.monotonic() + timeout
-        self._wait_source_status(status, deadline, timeout)
-        if status in POSTCOPY and self._target_events is not None:
-            _wait_status(self._target_events, status, max(0.0, deadline - time.monotonic()), "the incoming side")
+        try:
+            self._wait_source_status(status, deadline, timeout)
+            if status in POSTCOPY and self._target_events is not None:
+                _wait_status(self._target_events, status, max(0.0, deadline - time.monotonic()), "the incoming side")
+        except ConnectionLost as exc:
+            self._lost(exc)
+            if status != "completed":
+                raise MigrationError(f"the migration completed before reaching {status}", status="completed") from exc
 
     def _wait_source_status(self, status: str, deadline: float, timeout: float) -> None:
         while self._status != status:
@@ -318,9 +348,9 @@ class Migration:
             if remaining <= 0:
                 raise WaitTimeout(f"the migration did not reach {status} within {timeout:g}s (it is {self._status})")
             try:
-                self._status = str(self._events.get(remaining).data.get("status"))
+                self._status = str(self._events.get(min(remaining, _WATCH_INTERVAL)).data.get("status"))
             except EventTimeout:
-                continue
+                self._check_target()
 
     def wait(
         self,
@@ -335,17 +365,34 @@ class Migration:
         link), the migration is cancelled and fails. ``WaitTimeout`` if still running at ``timeout``."""
         if self._result is not None:
             return self._result
+        try:
+            return self._wait(timeout, stall_timeout, on_progress, progress_interval)
+        except ConnectionLost as exc:
+            return self._lost(exc)
+
+    def _wait(
+        self,
+        timeout: float,
+        stall_timeout: float,
+        on_progress: Callable[[MigrationProgress], Any] | None,
+        progress_interval: float,
+    ) -> MigrationResult:
         deadline = time.monotonic() + timeout
         last_transferred, last_moved = -1, time.monotonic()
+        next_progress = time.monotonic() + progress_interval
         while self._status not in TERMINAL:
+            self._check_target()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WaitTimeout(f"the migration is still {self._status} after {timeout:g}s")
             try:
-                self._status = str(self._events.get(min(remaining, progress_interval)).data.get("status"))
+                wait = min(remaining, max(0.0, next_progress - time.monotonic()), _WATCH_INTERVAL)
+                self._status = str(self._events.get(wait).data.get("status"))
                 continue
             except EventTimeout:
-                pass
+                if time.monotonic() < next_progress:
+                    continue
+            next_progress = time.monotonic() + progress_interval
             snapshot = self.progress()
             if on_progress is not None:
                 on_progress(snapshot)
@@ -371,6 +418,80 @@ class Migration:
                 )
         return self._finish()
 
+    def _lost(self, exc: ConnectionLost) -> MigrationResult:
+        """A QEMU died under a waiter: the wait ends at once, with what became of the guest."""
+        if not self.source.is_connected:
+            return self._source_died(exc)
+        if self.target is not None and not self.target.is_connected:
+            self._target_died()
+        raise exc
+
+    def _source_died(self, exc: ConnectionLost) -> MigrationResult:
+        """The source QEMU is gone. If the target has the whole guest (it died after sending
+        the last of it), the target takes over as after any migration; else the guest is lost."""
+        self._log.warning("vm.migration_source_died", status=self._status, error=str(exc))
+        self._status = "failed"
+        incoming = None
+        if self.target is not None and self._target_events is not None and self.target.is_connected:
+            with contextlib.suppress(VmctlError):  # a broken stream ends the incoming side at once
+                incoming = _wait_terminal(self._target_events, _INCOMING_END_TIMEOUT)
+        if incoming != "completed" or self.target is None:
+            postcopy = " (in postcopy: its memory was split between the two)" if self._postcopy_started else ""
+            raise MigrationError(
+                f"the source QEMU died during the migration: the guest ran there and is lost{postcopy}",
+                status="failed",
+            ) from exc
+        self._status = "completed"
+        self._result = MigrationResult(
+            status="completed",
+            total_time_ms=0,
+            downtime_ms=0,
+            setup_time_ms=0,
+            transferred=0,
+            postcopy=self._postcopy_started,
+        )
+        if self._on_target_ready is not None:
+            self._on_target_ready()
+        if self._resume_target:
+            self._handed_over = True
+            self.target.execute("cont")
+        return self._result
+
+    def _check_target(self) -> None:
+        if self.target is not None and not self.target.is_connected and self.source.is_connected:
+            self._target_died()
+
+    def _target_died(self) -> None:
+        """The incoming QEMU is gone. Before postcopy the source still has the whole guest: the
+        migration is cancelled and it runs on. In postcopy the guest's memory was split between
+        the two, so it cannot be resumed anywhere: the source stays paused."""
+        self._log.warning("vm.migration_target_died", status=self._status)
+        if self._status in POSTCOPY or self._postcopy_started:
+            self._status = "failed"
+            raise MigrationError(
+                "the target QEMU died during postcopy: the guest's memory was split between the two "
+                "and it cannot be resumed (the source stays paused)",
+                status="failed",
+            )
+        if self._handed_over:  # it may have run the guest: resuming the source would fork it
+            raise MigrationError(
+                "the target QEMU died as it took the guest over: the guest is lost (the source stays paused)",
+                status="failed",
+            )
+        if self._status == "completed":  # it had all of the guest but never ran it: the source takes it back
+            self._end("failed")
+            self.source.execute("cont")
+            raise MigrationError(
+                "the target QEMU died before it took the guest over; the source resumed it", status="failed"
+            )
+        with contextlib.suppress(QMPError):
+            self.source.execute("migrate_cancel")
+            _wait_terminal(self._events, _CANCEL_TIMEOUT)
+        self._end("cancelled")
+        raise MigrationError(
+            "the target QEMU died; the migration was cancelled and the source runs on", status="cancelled"
+        )
+
     def _finish(self) -> MigrationResult:
         info = self.source.execute("query-migrate")
         # QEMU enters (and announces) "completed" a moment before it computes the final times:
@@ -381,8 +502,13 @@ class Migration:
             info = self.source.execute("query-migrate")
         if self._status != "completed":
             self._end(self._status)
+            gone = self.target is not None and not self.target.is_connected
             raise MigrationError(
-                f"the migration {self._status}", status=self._status, error_desc=str(info.get("error-desc", ""))
+                "the target QEMU died; the migration failed and the source runs on"
+                if gone
+                else f"the migration {self._status}",
+                status=self._status,
+                error_desc=str(info.get("error-desc", "")),
             )
         self._result = MigrationResult.from_qmp(info, postcopy=self._postcopy_started)
         self._events.close()
@@ -395,6 +521,7 @@ class Migration:
             if self._on_target_ready is not None:
                 self._on_target_ready()
             if self._resume_target:
+                self._handed_over = True  # from here the guest may run there
                 target.execute("cont")
         if self._stop_source:
             self._finish_source()
