@@ -7,10 +7,11 @@ from typing import Any
 import pytest
 import structlog
 
-from vmctl.errors import BlockJobError, WaitTimeout
+from vmctl.errors import BlockJobError, GenericError, WaitTimeout
 from vmctl.ops.blockjobs import Job
 from vmctl.qmp import Monitor
-from vmctl.testing import FakeCall, FakeQEMU
+from vmctl.testing import FakeCall, FakeCommandError, FakeQEMU
+from vmctl.testing.faults import Fault, inject
 
 log = structlog.get_logger("test")
 
@@ -109,3 +110,50 @@ def test_a_job_that_never_gets_ready_times_out(monitor: Monitor, fake: FakeQEMU)
     job = start(monitor)
     with pytest.raises(WaitTimeout, match="still running"):
         job.wait_ready(0.2)
+
+
+def test_a_cancel_refused_because_the_job_just_succeeded_runs_the_success_follow_ups(
+    monitor: Monitor, fake: FakeQEMU
+) -> None:
+    jobs = Jobs(fake, states=["running", "concluded"])  # ends by itself, as a stream or commit does
+
+    def refused(call: FakeCall) -> Any:
+        raise FakeCommandError("GenericError", "Job 'j1' in state 'concluded' cannot accept command verb 'cancel'")
+
+    fake.on("block-job-cancel", refused)
+    job = start(monitor)
+    done: list[str] = []
+    job.on_success(lambda: done.append("success"))
+    job.on_failure(lambda: done.append("failure"))
+    job.cancel(5)
+    assert done == ["success"] and jobs.dismissed
+
+
+def test_a_failed_jobs_outcome_survives_a_dismissal_whose_reply_was_late(monitor: Monitor, fake: FakeQEMU) -> None:
+    jobs = Jobs(fake, states=["running", "concluded"], error="Input/output error")
+    job = start(monitor)
+    done: list[str] = []
+    job.on_success(lambda: done.append("success"))
+    job.on_failure(lambda: done.append("failure"))
+    # The outcome is read (1), the dismissal's reply is late (2), and asking whether the job is
+    # still there fails twice (3, 4): the call fails, though QEMU dismissed the job.
+    with (
+        inject(monitor, Fault.TIMEOUT, at=2),
+        inject(monitor, Fault.ERROR, at=3),
+        inject(monitor, Fault.ERROR, at=4),
+        pytest.raises(GenericError),
+    ):
+        job.wait(5)
+    assert jobs.dismissed and not job.finished
+    with pytest.raises(BlockJobError, match="Input/output error"):  # asked again: QEMU has no job now
+        job.wait(5)
+    assert done == ["failure"]
+
+
+def test_a_job_left_by_a_with_block_is_cancelled(monitor: Monitor, fake: FakeQEMU) -> None:
+    jobs = Jobs(fake, states=["running", "ready"])
+    cleaned: list[str] = []
+    with start(monitor) as job:
+        job.on_failure(lambda: cleaned.append("target dropped"))
+        job.wait_ready(5)
+    assert job.finished and jobs.dismissed and cleaned == ["target dropped"]

@@ -13,6 +13,7 @@
     |   +-- StateError                         the call is not allowed in the monitor's connection state
     |   +-- MessageTooLarge                    a reply over the size limit (the command ran)
     |   +-- CommandTimeout (also TimeoutError) no reply in time; the outcome is unknown
+    |   +-- OutcomeUnknown                     a late reply, and QEMU could not be asked what it did
     |   +-- EventTimeout (also TimeoutError)   no matching event in time
     |   +-- EventMatchError                    a subscription's match predicate raised
     |   +-- CommandError                       QEMU's own error reply, by class:
@@ -23,10 +24,11 @@
     +-- AbnormalExit                           QEMU crashed, was killed from outside, or lost its monitor
     +-- DeviceError                            a device operation failed
     |   +-- HotplugError                       did not complete; ``remaining`` says what is left
+    |   +-- NoHotplugSlot                      every PCIe root port is taken
     |   +-- BalloonUnavailable                 the VM has no balloon device
     +-- BlockJobError                          a block job failed (QEMU's message)
-    +-- SnapshotError                          a snapshot transaction failed; nothing changed
-    +-- MigrationError                         a migration failed or was cancelled; the source runs on
+    +-- SnapshotError                          a snapshot failed; ``remaining`` says what is left, if anything
+    +-- MigrationError                         a migration failed or was cancelled; the error says where the guest is
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class ConnectionLost(QMPError):
 
 class ProtocolError(QMPError):
     """QEMU sent something that is not QMP; the connection cannot be trusted any more."""
+
+
+class OutcomeUnknown(QMPError):
+    """A command's reply came too late and QEMU could not be asked whether it took effect:
+    nothing is undone (an undo could break what it did); the journal settles it later."""
 
 
 class StateError(QMPError):

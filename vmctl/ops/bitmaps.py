@@ -11,6 +11,7 @@ import attrs
 from vmctl.errors import CommandTimeout, DeviceExists, InvalidArgument
 from vmctl.model import DiskSpec
 from vmctl.ops.nodes import block_nodes
+from vmctl.ops.queries import barrier, execute_checked, execute_idempotent
 from vmctl.qmp import Monitor
 
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -60,37 +61,27 @@ def add_bitmap(
     arguments: dict[str, Any] = {"node": disk.active_node, "name": name, "persistent": persistent}
     if granularity is not None:
         arguments["granularity"] = granularity
-    try:
-        qmp.execute("block-dirty-bitmap-add", arguments)
-    except CommandTimeout:  # late: the node tells whether it was added
-        if not _has(qmp, disk, name):
-            raise
+    execute_checked(qmp, "block-dirty-bitmap-add", arguments, took=lambda: _has(qmp, disk, name))
 
 
 def remove_bitmap(qmp: Monitor, disk: DiskSpec, name: str) -> None:
     _check_name(name)
-    try:
-        qmp.execute("block-dirty-bitmap-remove", {"node": disk.active_node, "name": name})
-    except CommandTimeout:
-        if _has(qmp, disk, name):
-            raise
+    arguments = {"node": disk.active_node, "name": name}
+    execute_checked(qmp, "block-dirty-bitmap-remove", arguments, took=lambda: not _has(qmp, disk, name))
 
 
 def clear_bitmap(qmp: Monitor, disk: DiskSpec, name: str) -> None:
+    """Empty a bitmap. Not sent twice: a second clear would drop what the guest wrote in between
+    (an incremental backup would miss it). A late reply is waited out instead."""
     _check_name(name)
-    _idempotent(qmp, "block-dirty-bitmap-clear", {"node": disk.active_node, "name": name})
+    try:
+        qmp.execute("block-dirty-bitmap-clear", {"node": disk.active_node, "name": name})
+    except CommandTimeout:
+        barrier(qmp)
 
 
 def _has(qmp: Monitor, disk: DiskSpec, name: str) -> bool:
     return any(b.name == name for b in bitmaps(qmp, disk))
-
-
-def _idempotent(qmp: Monitor, command: str, arguments: dict[str, Any]) -> None:
-    """Send a command that does the same when sent twice; if its reply is late, once more."""
-    try:
-        qmp.execute(command, arguments)
-    except CommandTimeout:
-        qmp.execute(command, arguments)
 
 
 def merge_bitmaps(qmp: Monitor, disk: DiskSpec, target: str, sources: Sequence[str]) -> None:
@@ -99,4 +90,6 @@ def merge_bitmaps(qmp: Monitor, disk: DiskSpec, target: str, sources: Sequence[s
         _check_name(name)
     if not sources:
         raise InvalidArgument("merge needs at least one source bitmap")
-    _idempotent(qmp, "block-dirty-bitmap-merge", {"node": disk.active_node, "target": target, "bitmaps": list(sources)})
+    execute_idempotent(
+        qmp, "block-dirty-bitmap-merge", {"node": disk.active_node, "target": target, "bitmaps": list(sources)}
+    )

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import attrs
 
 from vmctl.errors import BlockJobError, CommandError, CommandTimeout, VmctlError, WaitTimeout
-from vmctl.ops.queries import ask
+from vmctl.ops.queries import ask, execute_checked
 from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor, Subscription
 
@@ -57,17 +58,20 @@ class Job:
         self._finished = False
         self._on_success: list[Callable[[], Any]] = []
         self._on_failure: list[Callable[[], Any]] = []
+        self._follow_up_lock: AbstractContextManager[Any] = contextlib.nullcontext()
+        self._outcome: tuple[str | None] | None = None  # QEMU's error, once read (before dismissal)
 
     @classmethod
     def start(cls, qmp: Monitor, log: Any, command: str, arguments: Mapping[str, Any], *, job_type: str) -> Job:
         job_id = str(arguments["job-id"])
         events = qmp.events("JOB_STATUS_CHANGE", match={"id": job_id}, maxsize=1024)
-        try:
-            qmp.execute(command, {**arguments, "auto-dismiss": False})
-        except CommandTimeout:  # QEMU may have started it: then it is ours to follow
-            if not any(job.id == job_id for job in query_jobs(qmp)):
-                events.close()
-                raise
+        try:  # a late reply: if QEMU has the job, it is ours to follow
+            execute_checked(
+                qmp,
+                command,
+                {**arguments, "auto-dismiss": False},
+                took=lambda: any(job.id == job_id for job in query_jobs(qmp)),
+            )
         except BaseException:
             events.close()
             raise
@@ -79,11 +83,24 @@ class Job:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        """``with vm.mirror_disk(...) as job:``: a job the block leaves unfinished by an error is
-        cancelled (the disk stays as it was), so nothing of it outlives the failure."""
-        if exc is not None and not self._finished:
-            with contextlib.suppress(VmctlError):
-                self.cancel()
+        """``with vm.mirror_disk(...) as job:``: the job ends with the block. One the block leaves
+        unfinished (by an error, or by not ending it) is abandoned, so nothing of it outlives it."""
+        self.abandon()
+
+    def abandon(self, timeout: float = 60.0) -> None:
+        """End a job its caller gives up on, without raising: one still running is cancelled (the
+        disk stays as it was); one that has ended meanwhile is concluded with its own outcome."""
+        if self._finished:
+            return
+        with contextlib.suppress(VmctlError):
+            if self.progress().status in _RUNNING:
+                self.cancel(timeout)
+            else:
+                self.wait(timeout)
+
+    def follow_up_under(self, lock: AbstractContextManager[Any]) -> None:
+        """Hold ``lock`` while the follow-ups run (the inventory's, for a job its caller ends)."""
+        self._follow_up_lock = lock
 
     def on_success(self, action: Callable[[], Any]) -> None:
         """Run ``action`` once the job concluded without error (e.g. update the inventory)."""
@@ -107,8 +124,13 @@ class Job:
 
     def complete(self, timeout: float = 60.0) -> None:
         """Finish a READY job: a mirror pivots to its target, an active commit to its base."""
-        with contextlib.suppress(CommandTimeout):  # QEMU may have taken it: the job's events tell
+        try:
             self.qmp.execute("job-complete", {"id": self.id})
+        except CommandTimeout:
+            pass  # QEMU may have taken it: the job's events tell
+        except CommandError:
+            if self.progress().status in _RUNNING:  # refused; else it ended: its outcome says why
+                raise
         self.wait(timeout)
 
     @property
@@ -128,6 +150,8 @@ class Job:
         except CommandError:
             if self.progress().status in _RUNNING:  # refused, not just ended meanwhile
                 raise
+            self.wait(timeout)  # it ended by itself: its own outcome stands
+            return
         self._wait_for({"concluded", "null"}, timeout)
         self._conclude(cancelled=True)
 
@@ -152,7 +176,9 @@ class Job:
 
     def _conclude(self, *, cancelled: bool) -> None:
         """Read the outcome, dismiss the job, run the follow-ups; raise if it failed."""
-        error = self.progress().error
+        if self._outcome is None:  # read once: after a dismissal, QEMU no longer has it
+            self._outcome = (self.progress().error,)
+        (error,) = self._outcome
         try:
             self.qmp.execute("job-dismiss", {"id": self.id})
         except (CommandError, CommandTimeout):  # gone already, or not dismissed: then once more
@@ -173,11 +199,12 @@ class Job:
         """Run every follow-up even when one fails: the inventory must learn the job's outcome
         even if the cleanup of the nodes it left fails. The first failure is raised after."""
         failures: list[VmctlError] = []
-        for action in actions:
-            try:
-                action()
-            except VmctlError as exc:
-                self._log.error("blockjob.follow_up_failed", error=str(exc))
-                failures.append(exc)
+        with self._follow_up_lock:
+            for action in actions:
+                try:
+                    action()
+                except VmctlError as exc:
+                    self._log.error("blockjob.follow_up_failed", error=str(exc))
+                    failures.append(exc)
         if failures:
             raise failures[0]

@@ -17,7 +17,15 @@ from typing import Any, Literal
 
 import attrs
 
-from vmctl.errors import CommandTimeout, ConnectionLost, HotplugError, InvalidArgument, QMPError, SnapshotError
+from vmctl.errors import (
+    CommandTimeout,
+    ConnectionLost,
+    HotplugError,
+    InvalidArgument,
+    OutcomeUnknown,
+    QMPError,
+    SnapshotError,
+)
 from vmctl.model import DiskSpec, Overlay
 from vmctl.model.names import disk_node_names, fdset_tag
 from vmctl.ops.blockjobs import Job
@@ -129,9 +137,10 @@ def snapshot_disks(
             steps.run("transaction", lambda: _switch(qmp, actions, updated))
     except (QMPError, InvalidArgument, OSError) as exc:
         names = ", ".join(d.id for d in disks)
-        if isinstance(exc, ConnectionLost):  # whether it switched is unknown: keep every file
+        if isinstance(exc, (ConnectionLost, OutcomeUnknown)):  # it may have switched: keep every file
             raise SnapshotError(
-                f"the connection to QEMU was lost during the snapshot of {names}; the next attach settles it",
+                f"whether the snapshot of {names} switched is unknown ({exc}); the journal settles it "
+                "(vm.leftovers, or the next attach)",
                 remaining=(*steps.leftovers, *(f"file {path}" for path in created)),
             ) from exc
         for path in created:
@@ -139,7 +148,10 @@ def snapshot_disks(
                 path.unlink()
         if isinstance(exc, InvalidArgument):
             raise
-        raise SnapshotError(f"the snapshot of {names} failed: {exc}", remaining=tuple(steps.leftovers)) from exc
+        changed = "" if steps.leftovers else "; nothing changed"
+        raise SnapshotError(
+            f"the snapshot of {names} failed{changed}: {exc}", remaining=tuple(steps.leftovers)
+        ) from exc
     log.info("disks.snapshotted", disks=[d.id for d in updated], bitmap=bitmap)
     return updated
 
@@ -149,8 +161,12 @@ def _switch(qmp: Monitor, actions: list[dict[str, Any]], disks: list[DiskSpec]) 
     devices tell whether it ran: every disk on its new overlay, or none."""
     try:
         qmp.execute("transaction", {"actions": actions})
-    except CommandTimeout:
-        if not all(device_node(qmp, disk.id) == disk.active_node for disk in disks):
+    except CommandTimeout as late:
+        try:
+            switched = all(device_node(qmp, disk.id) == disk.active_node for disk in disks)
+        except QMPError as exc:
+            raise OutcomeUnknown(f"the snapshot's transaction replied too late, and then: {exc}") from late
+        if not switched:
             raise
 
 
@@ -266,11 +282,13 @@ def start_mirror(
                 ),
             )
     except QMPError as exc:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise HotplugError(
-            f"the mirror of disk {disk.id} could not start: {exc}", remaining=tuple(steps.leftovers)
-        ) from exc
+        remaining = tuple(steps.leftovers)
+        if remaining or isinstance(exc, (ConnectionLost, OutcomeUnknown)):  # a mirror may write to it
+            remaining = (*remaining, f"file {path}")
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise HotplugError(f"the mirror of disk {disk.id} could not start: {exc}", remaining=remaining) from exc
     if top_only:
         kept = disk.overlays[:-1]
         result = attrs.evolve(disk, overlays=(*kept, Overlay(layer=layer, path=path)))

@@ -9,6 +9,7 @@ import attrs
 from vmctl.errors import ConnectionLost, HotplugError, InvalidArgument, QMPError
 from vmctl.model.names import CPU_ID_PREFIX
 from vmctl.ops.devices import remove_device
+from vmctl.ops.queries import ask
 from vmctl.qmp import Monitor
 
 _ID_PREFIX = CPU_ID_PREFIX
@@ -38,7 +39,7 @@ class CpuSlot:
 
 
 def cpu_slots(qmp: Monitor) -> list[CpuSlot]:
-    return sorted((CpuSlot.from_qmp(e) for e in qmp.execute("query-hotpluggable-cpus")), key=lambda s: s.key)
+    return sorted((CpuSlot.from_qmp(e) for e in ask(qmp, "query-hotpluggable-cpus")), key=lambda s: s.key)
 
 
 def hotplug_cpus(qmp: Monitor, log: Any, count: int, *, timeout: float = 30.0) -> list[str]:
@@ -88,6 +89,6 @@ def _remove(qmp: Monitor, device_id: str, timeout: float) -> bool:
     except (HotplugError, QMPError):
         try:
             return not any(s.device_id == device_id and s.qom_path for s in cpu_slots(qmp))
-        except ConnectionLost:
+        except QMPError:  # it cannot be told: it may still be there
             return False
     return True

@@ -19,7 +19,7 @@ from vmctl.model.names import fdset_tag, is_disk_fdset, is_disk_node
 from vmctl.model.pcie import Controller
 from vmctl.ops.devices import ensure_controller, remove_device
 from vmctl.ops.nodes import block_nodes
-from vmctl.ops.queries import ask
+from vmctl.ops.queries import ask, execute_checked
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 
@@ -122,9 +122,9 @@ def delete_disk_nodes(qmp: Monitor, disk_id: str, *, only: set[str] | None = Non
                 continue  # in use by a node not yet deleted
             except CommandTimeout:
                 deleted = True  # it may have gone: the next round asks
+        if time.monotonic() >= deadline:
+            raise HotplugError(f"cannot delete the block nodes of disk {disk_id}", remaining=tuple(remaining))
         if not deleted:
-            if time.monotonic() >= deadline:
-                raise HotplugError(f"cannot delete the block nodes of disk {disk_id}", remaining=tuple(remaining))
             time.sleep(0.05)
 
 
@@ -179,10 +179,11 @@ def resize_disk(qmp: Monitor, log: Any, *, disk: DiskSpec, size: int, allow_shri
     current = int(nodes[format_node]["image"]["virtual-size"])
     if size < current and not allow_shrink:
         raise InvalidArgument(f"disk {disk_id}: {size} bytes would shrink it from {current} (allow_shrink=True)")
-    try:
-        qmp.execute("block_resize", {"node-name": format_node, "size": size})
-    except CommandTimeout:  # late: the node's size tells whether it took
-        if int(block_nodes(qmp)[format_node]["image"]["virtual-size"]) != size:
-            raise
+    execute_checked(
+        qmp,
+        "block_resize",
+        {"node-name": format_node, "size": size},
+        took=lambda: int(block_nodes(qmp)[format_node]["image"]["virtual-size"]) == size,
+    )
     log.bind(disk=disk_id).info("disk.resized", old=current, new=size)
     return current

@@ -11,7 +11,6 @@ from typing import Any
 import attrs
 
 from vmctl.errors import (
-    CommandTimeout,
     ConnectionLost,
     EventTimeout,
     InvalidArgument,
@@ -20,7 +19,7 @@ from vmctl.errors import (
     VmctlError,
     WaitTimeout,
 )
-from vmctl.ops.queries import ask
+from vmctl.ops.queries import ask, execute_checked, execute_idempotent
 from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor, Subscription
 
@@ -151,37 +150,40 @@ def _wait_terminal(events: Subscription, timeout: float) -> str:
     raise WaitTimeout(f"the migration did not end within {timeout:g}s")
 
 
-def set_capabilities(qmp: Monitor, wanted: Mapping[str, bool]) -> dict[str, bool]:
-    """Set the capabilities this QEMU knows; returns the previous states, for restoring."""
+def set_capabilities(
+    qmp: Monitor, wanted: Mapping[str, bool], *, replaced: dict[str, bool] | None = None
+) -> dict[str, bool]:
+    """Set the capabilities this QEMU knows; returns the previous states, for restoring (also put
+    in ``replaced`` before anything is sent, so that a caller can restore after any failure)."""
     current = {c["capability"]: bool(c["state"]) for c in ask(qmp, "query-migrate-capabilities")}
     unknown = [name for name, on in wanted.items() if on and name not in current]
     if unknown:
         raise InvalidArgument(f"this QEMU does not support migration capabilities: {', '.join(unknown)}")
+    previous = {name: current[name] for name in wanted if name in current}
+    if replaced is not None:
+        replaced.update(previous)
     changes = [{"capability": name, "state": on} for name, on in wanted.items() if name in current]
-    _idempotent(qmp, "migrate-set-capabilities", {"capabilities": changes})
-    return {name: current[name] for name in wanted if name in current}
+    execute_idempotent(qmp, "migrate-set-capabilities", {"capabilities": changes})
+    return previous
 
 
-def _idempotent(qmp: Monitor, command: str, arguments: Mapping[str, Any]) -> None:
-    """Setting the same values twice does no harm: a command whose reply is late is sent again,
-    so that the caller knows it took (and can restore the values it replaced)."""
-    try:
-        qmp.execute(command, arguments)
-    except CommandTimeout:
-        qmp.execute(command, arguments)
-
-
-def set_parameters(qmp: Monitor, wanted: Mapping[str, int]) -> dict[str, Any]:
-    """Set migration parameters; returns the previous values, for restoring. A parameter this
-    QEMU's schema lacks is refused before anything is set (QEMU versions differ in them)."""
+def set_parameters(
+    qmp: Monitor, wanted: Mapping[str, int], *, replaced: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Set migration parameters; returns the previous values, for restoring (and puts them in
+    ``replaced`` first). A parameter this QEMU's schema lacks is refused before anything is set
+    (QEMU versions differ in them)."""
     if not wanted:
         return {}
     unknown = [name for name in wanted if not qmp.schema.has_argument("migrate-set-parameters", name)]
     if unknown:
         raise InvalidArgument(f"QEMU {qmp.version} has no migration parameters {', '.join(unknown)}")
     current = ask(qmp, "query-migrate-parameters")
-    _idempotent(qmp, "migrate-set-parameters", dict(wanted))
-    return {name: current[name] for name in wanted if name in current}
+    previous = {name: current[name] for name in wanted if name in current}
+    if replaced is not None:
+        replaced.update(previous)
+    execute_idempotent(qmp, "migrate-set-parameters", dict(wanted))
+    return previous
 
 
 def listen_incoming(target: Monitor, uri: str) -> None:
@@ -189,14 +191,9 @@ def listen_incoming(target: Monitor, uri: str) -> None:
     retry after a late reply finds it listening already, which is fine on the same address."""
     listening = _incoming_addresses(target)
     if listening is None:
-        try:
-            target.execute("migrate-incoming", {"uri": uri})
-            return
-        except CommandTimeout:
-            listening = _incoming_addresses(target)
-            if listening is None:
-                raise
-    if _address_of(uri) not in listening:
+        execute_checked(target, "migrate-incoming", {"uri": uri}, took=lambda: _incoming_addresses(target) is not None)
+        listening = _incoming_addresses(target) or []
+    if not any(_same_address(uri, address) for address in listening):
         raise MigrationError(f"the target listens for the migration on {listening} already, not {uri}", status="setup")
 
 
@@ -205,22 +202,24 @@ def _incoming_addresses(target: Monitor) -> list[dict[str, Any]] | None:
     return list(info["socket-address"]) if "socket-address" in info else None
 
 
-def _address_of(uri: str) -> dict[str, Any]:
+def _same_address(uri: str, address: Mapping[str, Any]) -> bool:
+    """Whether QEMU's listening ``address`` is the one ``uri`` asked for. QEMU reports the host
+    numerically (and flags ipv4/ipv6), so a TCP address is matched by its port."""
     kind, _, rest = uri.partition(":")
     if kind == "unix":
-        return {"type": "unix", "path": rest}
-    host, _, port = rest.rpartition(":")
-    return {"type": "inet", "host": host, "port": port}
+        return address.get("type") == "unix" and address.get("path") == rest
+    return address.get("type") == "inet" and str(address.get("port")) == rest.rpartition(":")[2]
 
 
 def start(source: Monitor, uri: str) -> None:
     """``migrate``; when its reply is late, QEMU's own status tells whether it has begun (then
     it is followed like any other) or not (then the caller's error stands)."""
-    try:
-        source.execute("migrate", {"uri": uri})
-    except CommandTimeout:
-        if str(ask(source, "query-migrate").get("status", "none")) in ("none", "failed", "cancelled"):
-            raise
+    execute_checked(
+        source,
+        "migrate",
+        {"uri": uri},
+        took=lambda: str(ask(source, "query-migrate").get("status", "none")) not in ("none", "failed", "cancelled"),
+    )
 
 
 class Migration:

@@ -10,7 +10,7 @@ from vmctl.errors import CommandError, CommandTimeout, DeviceError, EventTimeout
 from vmctl.model import DiskSpec
 from vmctl.model.names import export_id
 from vmctl.model.validate import check_unix_path
-from vmctl.ops.queries import ask
+from vmctl.ops.queries import ask, execute_checked
 from vmctl.qmp import Monitor
 
 NbdAddress = str | tuple[str, int]
@@ -67,20 +67,14 @@ def stop_server(qmp: Monitor) -> None:
 
 def add_export(qmp: Monitor, disk: DiskSpec, address: NbdAddress, *, writable: bool, name: str | None) -> Export:
     export_name = name or disk.id
-    try:
-        qmp.execute(
-            "block-export-add",
-            {
-                "type": "nbd",
-                "id": export_id(disk.id),
-                "node-name": disk.active_node,
-                "name": export_name,
-                "writable": writable,
-            },
-        )
-    except CommandTimeout:  # late: the exports tell whether it was added
-        if not exported(qmp, disk.id):
-            raise
+    arguments = {
+        "type": "nbd",
+        "id": export_id(disk.id),
+        "node-name": disk.active_node,
+        "name": export_name,
+        "writable": writable,
+    }
+    execute_checked(qmp, "block-export-add", arguments, took=lambda: exported(qmp, disk.id))
     return Export(
         id=export_id(disk.id), name=export_name, disk=disk.id, writable=writable, uri=export_uri(address, export_name)
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from vmctl.errors import CommandTimeout, ConnectionLost
+from vmctl.errors import CommandTimeout, ConnectionLost, OutcomeUnknown
 
 T = TypeVar("T")
 
@@ -18,7 +18,8 @@ class Steps:
 
     A step whose command timed out or lost the connection may have taken effect in QEMU: its undo
     runs too, with ``None`` for the result, so every undo must work from names alone and do
-    nothing when there is nothing to undo.
+    nothing when there is nothing to undo. A step that raises ``OutcomeUnknown`` undoes nothing:
+    every step done is a leftover, for the journal to settle.
     """
 
     def __init__(self, log: Any) -> None:
@@ -42,6 +43,10 @@ class Steps:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if exc is None:
+            return
+        if isinstance(exc, OutcomeUnknown):  # undoing could break what the unknown step did
+            self.leftovers = [name for name, _ in self._undo]
+            self._undo.clear()
             return
         for name, undo in reversed(self._undo):
             try:

@@ -92,9 +92,14 @@ def inject(monitor: Monitor, fault: Fault, *, at: int) -> Iterator[Injection]:
 
 @contextlib.contextmanager
 def _replaced(monitor: Monitor, execute: Any) -> Iterator[None]:
-    # The monitor's own method, shadowed on this instance for the block only.
+    # The monitor's own method, shadowed on this instance for the block only. Injections nest:
+    # each wraps the one outside it, and puts it back when its block ends.
+    outer = vars(monitor).get("execute")
     monitor.execute = execute  # type: ignore[method-assign]
     try:
         yield
     finally:
-        del monitor.execute
+        if outer is None:
+            del monitor.execute
+        else:
+            monitor.execute = outer  # type: ignore[method-assign]

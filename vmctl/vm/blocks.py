@@ -11,7 +11,9 @@ import os
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from vmctl.errors import DeviceExists, HotplugError, InvalidArgument, QMPError, UnknownDevice, VmctlError
+import attrs
+
+from vmctl.errors import DeviceExists, HotplugError, InvalidArgument, QMPError, UnknownDevice
 from vmctl.model import DiskSpec, Inventory
 from vmctl.model.names import NBD_SOCKET
 from vmctl.ops import bitmaps as bitmap_ops
@@ -33,8 +35,19 @@ class Blocks:
         self._nbd_address: nbd_ops.NbdAddress | None = None
         self._exports: dict[str, nbd_ops.Export] = {}
 
-    def _replace_disk(self, disk: DiskSpec) -> None:
-        self._store.update(lambda inventory: inventory.with_disk(disk))
+    def _replace_chain(self, disk: DiskSpec) -> None:
+        """A job's new chain for the disk, onto what the inventory has of it now (its other
+        settings may have changed while the job ran)."""
+
+        def change(inventory: Inventory) -> Inventory:
+            current = inventory.disk(disk.id) or disk
+            return inventory.with_disk(
+                attrs.evolve(
+                    current, path=disk.path, format=disk.format, base_layer=disk.base_layer, overlays=disk.overlays
+                )
+            )
+
+        self._store.update(change)
 
     def snapshot_disks(
         self,
@@ -44,7 +57,8 @@ class Blocks:
         bitmap: str | None = None,
     ) -> list[DiskSpec]:
         """External snapshots of these disks, switched atomically (one transaction); ``overlays``
-        maps each id to its new qcow2 file. On failure nothing changes (``SnapshotError``)."""
+        maps each id to its new qcow2 file. On failure nothing changes (``SnapshotError``), unless its
+        ``remaining`` names what is left: then ``vm.leftovers`` tells how the journal settled it."""
         with self._store.lock, contextlib.ExitStack() as intents:
             disks = [self._store.require_disk(i) for i in ids]
             done = {}
@@ -66,7 +80,7 @@ class Blocks:
         with self._store.lock:
             disk = self._store.require_disk(id)
             job, result = chain_ops.start_commit(self._qmp, self._log, disk, top=top, base=base)
-            job.on_success(lambda: self._replace_disk(result))
+            job.on_success(lambda: self._replace_chain(result))
             with _cancelled_on_failure(job, timeout):
                 if top is None or top == disk.layers[-1]:
                     job.wait_ready(timeout)
@@ -79,7 +93,7 @@ class Blocks:
         with self._store.lock:
             disk = self._store.require_disk(id)
             job, result = chain_ops.start_stream(self._qmp, self._log, disk, base=base)
-            job.on_success(lambda: self._replace_disk(result))
+            job.on_success(lambda: self._replace_chain(result))
             with _cancelled_on_failure(job, timeout):
                 job.wait(timeout)
 
@@ -96,7 +110,8 @@ class Blocks:
         with self._store.lock:
             disk = self._store.require_disk(id)
             job, result = chain_ops.start_mirror(self._qmp, self._log, disk, target_path, sync=sync, fmt=format)
-            job.on_success(lambda: self._replace_disk(result))
+            job.on_success(lambda: self._replace_chain(result))
+            job.follow_up_under(self._store.lock)  # its caller ends it, maybe from another thread
             return job
 
     def block_jobs(self) -> list[JobProgress]:
@@ -173,15 +188,10 @@ class Blocks:
 
 @contextlib.contextmanager
 def _cancelled_on_failure(job: Job, timeout: float) -> Iterator[None]:
-    """A job a call waits for does not outlive the call's failure: it is cancelled (the disk
-    stays as it was) so that a retry finds no job in its way."""
+    """A job a call waits for does not outlive the call's failure (see ``Job.abandon``), so
+    that a retry finds no job in its way."""
     try:
         yield
     except BaseException:
-        if not job.finished:
-            with contextlib.suppress(VmctlError):
-                if job.progress().status in ("concluded", "null"):
-                    job.wait(timeout)  # it ended after all: take its outcome
-                else:
-                    job.cancel(timeout)
+        job.abandon(timeout)
         raise

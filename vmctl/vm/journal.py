@@ -144,6 +144,8 @@ def clean(qmp: Monitor, log: Any, intent: Intent, *, timeout: float) -> None:
     a snapshot that did not switch loses its new layer's nodes, fdset and the files it made)."""
     if intent.operation == "snapshot_disk":
         assert intent.disk is not None
+        if device_node(qmp, intent.device_id) == intent.disk.active_node:  # it switched after all
+            return
         layer = intent.disk.layers[-1]
         disk_ops.delete_disk_nodes(qmp, intent.device_id, only=set(disk_node_names(intent.device_id, layer)))
         disk_ops.remove_disk_fdsets(qmp, intent.device_id, layers={layer})

@@ -148,8 +148,16 @@ class Migrations:
             if isinstance(target, Migrations) and copy_storage
             else None
         )
-        target_events = None
-        previous_caps: dict[str, bool] | None = None
+        previous_caps: dict[str, bool] = {}
+        previous_params: dict[str, Any] = {}
+
+        def restore() -> None:  # what the source had before this migration set it
+            if previous_caps:
+                migration_ops.set_capabilities(self.qmp, previous_caps)
+            if previous_params:
+                migration_ops.set_parameters(self.qmp, previous_params)
+
+        target_events = events = None
         try:
             if isinstance(target, Migrations):
                 uri = f"tcp:{listen[0]}:{listen[1]}" if listen else f"unix:{target.run_dir / MIGRATION_SOCKET}"
@@ -159,29 +167,14 @@ class Migrations:
                 migration_ops.listen_incoming(target.qmp, uri)
             else:
                 uri = target
-            previous_caps = migration_ops.set_capabilities(self.qmp, options.capabilities(source=True))
-            previous_params = migration_ops.set_parameters(self.qmp, options.parameters(source=True))
-        except BaseException:
-            if target_events is not None:
-                target_events.close()
-            if previous_caps is not None:  # the parameters failed: the capabilities go back
-                with contextlib.suppress(QMPError):
-                    migration_ops.set_capabilities(self.qmp, previous_caps)
-            if storage is not None:
-                storage.abort()
-            raise
-
-        def restore() -> None:
-            migration_ops.set_capabilities(self.qmp, previous_caps)
-            migration_ops.set_parameters(self.qmp, previous_params)
-
-        events = self.qmp.events("MIGRATION")
-        try:
+            migration_ops.set_capabilities(self.qmp, options.capabilities(source=True), replaced=previous_caps)
+            migration_ops.set_parameters(self.qmp, options.parameters(source=True), replaced=previous_params)
+            events = self.qmp.events("MIGRATION")
             migration_ops.start(self.qmp, uri)
         except BaseException:
-            events.close()
-            if target_events is not None:
-                target_events.close()
+            for subscription in (events, target_events):
+                if subscription is not None:
+                    subscription.close()
             with contextlib.suppress(QMPError):  # the original error is the one to raise
                 restore()
             if storage is not None:

@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from vmctl.errors import QMPError
+from vmctl.errors import QMPError, VmctlError
 from vmctl.model import DiskSpec
 from vmctl.model.names import nbd_client_node as client_node
 from vmctl.ops import nbd as nbd_ops
@@ -76,10 +76,12 @@ class StorageCopy:
         self._drop()
 
     def abort(self) -> None:
+        """Undo the copy (its mirrors, client nodes and exports) as far as QEMU lets it; never
+        raises, so that the error that made the migration abort is the one its caller sees."""
         for job in self.jobs:
-            with contextlib.suppress(QMPError):
-                job.cancel()
-        self._drop()
+            job.abandon()
+        with contextlib.suppress(VmctlError):
+            self._drop()
 
     def _drop(self) -> None:
         nodes = block_nodes(self.source)
@@ -87,5 +89,5 @@ class StorageCopy:
             if client_node(disk_id) in nodes:
                 with contextlib.suppress(QMPError):
                     self.source.execute("blockdev-del", {"node-name": client_node(disk_id)})
-            with contextlib.suppress(QMPError):
+            with contextlib.suppress(VmctlError):  # not exported yet, or gone
                 self.target.unexport_disk(disk_id)
