@@ -22,11 +22,13 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import REPO, VMFactory, make_image
-from vmctl import VM, DiskSpec, NicSpec
+from vmctl import VM, DiskSpec, NicSpec, RunState, VMStatus
+from vmctl.errors import QMPError, StaleState
 from vmctl.model.names import disk_node_names, fdset_tag, is_disk_fdset, netdev_id
 from vmctl.ops.chains import device_node
 from vmctl.ops.devices import device_present
 from vmctl.ops.disks import disk_nodes
+from vmctl.testing import GuestShell
 from vmctl.vm import journal
 
 #: Kills aimed at each operation of a loop.
@@ -214,6 +216,110 @@ def test_a_sigkill_during_a_snapshot_leaves_the_disk_on_one_whole_chain(vms: VMF
 
     found = run_kills(vms, tmp_path, SNAPSHOTS, check, ("hotplug_disk", "snapshot_disks", "unplug_disk"))
     assert found["consistent"] > 0, found
+
+
+MIGRATIONS = """
+count = 0
+while True:
+    count += 1
+    name = f"t{os.getpid()}-{count}"
+    target = VM.launch_incoming(
+        vm.migration_target_spec(name=name), run_dir=os.path.join(work, name), inventory=vm.inventory
+    )
+    print("target", target.run_dir, flush=True)
+    step("migrate", lambda: vm.migrate(target).wait(60))
+    vm = target
+"""
+
+
+def test_a_sigkill_during_a_migration_leaves_the_guest_running_on_exactly_one_side(
+    vms: VMFactory, tmp_path: Path
+) -> None:
+    """Each side settles at its own attach: a source cancels a migration nobody follows (before
+    postcopy) or, migrated away, quits at clean_leftovers; a target that has the whole guest
+    resumes it. After both attaches the guest runs on one side, with its data, and the other
+    QEMU is gone or waits empty."""
+    vm = vms.launch(vms.spec("traveller", memory_mib=256))
+    with GuestShell(vm) as shell:
+        shell.run("head -c 1000000 /dev/urandom > /tmp/data && sha256sum /tmp/data > /tmp/sum", check=True)
+    # One migration here first, to learn how long one takes (where the kills should land).
+    target = VM.launch_incoming(
+        vm.migration_target_spec(name="first"), run_dir=vms.run_dir("first"), inventory=vm.inventory
+    )
+    vms.vms.append(target)
+    began = time.monotonic()
+    vm.migrate(target).wait(60)
+    kills = Kills(("migrate",))
+    kills.took["migrate"] = [time.monotonic() - began]
+    vm, current, found = target, target.run_dir, Counter[str]()
+    for round_ in range(KILLS_PER_OPERATION):
+        vm.close()
+        vms.vms.remove(vm)  # the child holds it now; the attach after the kill adds it again
+        child = subprocess.Popen(
+            [sys.executable, "-c", PRELUDE + MIGRATIONS, str(current), str(tmp_path)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        heard = []
+        try:
+            assert child.stdout is not None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                line = child.stdout.readline()
+                heard.append(line)
+                if not line or line.startswith("op migrate "):
+                    break
+            time.sleep(kills.delay("migrate"))
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+        said, errors = child.communicate(timeout=10)
+        assert heard[:1] == ["attached\n"] and child.returncode == -signal.SIGKILL, f"the child failed: {errors}"
+        lines = "".join(heard) + said
+        last = kills.learn(lines)
+        targets = [Path(entry.split()[1]) for entry in lines.splitlines() if entry.startswith("target ")]
+        sides = []
+        # The source and its target (if it had one) attach in turn, one first, then the other
+        # first: a source that settles first cancels a migration under way, a target that settles
+        # first waits for it to end (and so resumes the guest it received).
+        pair = list(dict.fromkeys([current, *targets[-1:]]))
+        for run_dir in pair if round_ % 2 else reversed(pair):
+            try:
+                side = VM.attach(run_dir)
+            except StaleState:  # a source that had migrated away and quit
+                continue
+            vms.vms.append(side)
+            side.clean_leftovers()  # a migrated-away source quits; anything else waits its end
+            assert side.leftovers == ()
+            sides.append(side)
+        running = [side for side in sides if (status := _status(side)) is not None and status.running]
+        assert len(running) == 1, (
+            f"round {round_} after {last}: the guest runs on {[s.name for s in running]}; "
+            f"sides {[(s.name, _status(s)) for s in sides]} of {pair}"
+        )
+        (vm,) = running
+        for other in sides:
+            status = _status(other)
+            if other is not vm and status is not None:  # never connected to, or never reached: empty
+                assert status.run_state is RunState.INMIGRATE, f"round {round_}: {other.name} is {status}"
+                other.kill()
+        with GuestShell(vm) as shell:
+            assert shell.run("sha256sum -c /tmp/sum").output.strip() == "/tmp/data: OK", f"round {round_}"
+        found["moved" if vm.run_dir != current else "stayed"] += 1
+        current = vm.run_dir
+    assert kills.landed["migrate"] >= KILLS_PER_OPERATION // 2, kills.landed
+    assert found["moved"] > 0 and found["stayed"] > 0, found
+    print("kills landed:", dict(kills.landed), "the guest:", dict(found))
+
+
+def _status(vm: VM) -> VMStatus | None:
+    """The VM's status, or ``None`` once its QEMU is gone (it quits after migrating away)."""
+    try:
+        return vm.status()
+    except QMPError:
+        return None
 
 
 def qemu_has(vm: VM) -> dict[str, bool]:

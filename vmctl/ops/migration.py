@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 
 from vmctl.errors import (
+    CommandError,
     ConnectionLost,
     EventTimeout,
     InvalidArgument,
@@ -186,6 +187,26 @@ def set_parameters(
     return previous
 
 
+def cancel_orphan(qmp: Monitor, *, timeout: float = 10.0) -> str:
+    """Cancel a migration that nobody follows any more (its control plane died) and wait for it
+    to end; returns how it ended. Cancelled, the source keeps the guest (QEMU resumes it if it
+    was running); but a cancel can come too late: then it ``completed``."""
+    with qmp.events("MIGRATION") as events:
+        with contextlib.suppress(CommandError):  # it may have just ended
+            qmp.execute("migrate_cancel")
+        status = str(ask(qmp, "query-migrate").get("status", "none"))
+        return status if status in TERMINAL else _wait_terminal(events, timeout)
+
+
+def wait_for_end(qmp: Monitor, *, timeout: float) -> str:
+    """Wait until this side's migration is no longer under way; returns its status."""
+    with qmp.events("MIGRATION") as events:
+        status = str(ask(qmp, "query-migrate").get("status", "none"))
+        if status in TERMINAL or status == "none":
+            return status
+        return _wait_terminal(events, timeout)
+
+
 def listen_incoming(target: Monitor, uri: str) -> None:
     """Make an incoming QEMU (``-incoming defer``) listen on ``uri``. QEMU takes this once: a
     retry after a late reply finds it listening already, which is fine on the same address."""
@@ -244,6 +265,7 @@ class Migration:
         finish_source: Callable[[], Any],
         on_completed: Callable[[], Any] | None = None,
         on_aborted: Callable[[], Any] | None = None,
+        on_ended: Callable[[], Any] | None = None,
     ) -> None:
         self.source = source
         self.target = target
@@ -259,6 +281,7 @@ class Migration:
         self._finish_source = finish_source
         self._on_completed = on_completed
         self._on_aborted = on_aborted
+        self._on_ended = on_ended
         self._status = "setup"
         self._result: MigrationResult | None = None
         self._postcopy_started = False
@@ -435,6 +458,7 @@ class Migration:
             with contextlib.suppress(VmctlError):  # a broken stream ends the incoming side at once
                 incoming = _wait_terminal(self._target_events, _INCOMING_END_TIMEOUT)
         if incoming != "completed" or self.target is None:
+            self._ended()  # the guest is lost: nothing is left to settle
             postcopy = " (in postcopy: its memory was split between the two)" if self._postcopy_started else ""
             raise MigrationError(
                 f"the source QEMU died during the migration: the guest ran there and is lost{postcopy}",
@@ -454,6 +478,7 @@ class Migration:
         if self._resume_target:
             self._handed_over = True
             self.target.execute("cont")
+        self._ended()
         return self._result
 
     def _check_target(self) -> None:
@@ -522,6 +547,7 @@ class Migration:
             if self._resume_target:
                 self._handed_over = True  # from here the guest may run there
                 target.execute("cont")
+        self._ended()
         if self._stop_source:
             self._finish_source()
         return self._result
@@ -550,3 +576,9 @@ class Migration:
         if self._on_aborted is not None:
             with contextlib.suppress(QMPError):
                 self._on_aborted()
+        self._ended()
+
+    def _ended(self) -> None:
+        """The migration's outcome is known and acted on: its journal entries go."""
+        if self._on_ended is not None:
+            self._on_ended()

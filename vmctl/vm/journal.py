@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import attrs
@@ -20,27 +20,38 @@ from vmctl.errors import CommandError, QMPError
 from vmctl.model import DiskSpec, Inventory, NicSpec
 from vmctl.model.names import disk_node_names, fdset_tag, is_disk_fdset, netdev_id, tap_fd_name
 from vmctl.ops import disks as disk_ops
+from vmctl.ops import migration as migration_ops
 from vmctl.ops import nics as nic_ops
 from vmctl.ops.chains import device_node
 from vmctl.ops.devices import device_present, pin_pci_address
 from vmctl.ops.queries import ask
 from vmctl.qmp import Monitor
 
-Operation = Literal["hotplug_disk", "unplug_disk", "hotplug_nic", "unplug_nic", "snapshot_disk"]
+Operation = Literal["hotplug_disk", "unplug_disk", "hotplug_nic", "unplug_nic", "snapshot_disk", "migrate", "incoming"]
+
+#: The key of a migration's intent (one at a time per VM), where a device's id keys the others.
+MIGRATION = "(migration)"
+#: Where a migration stands in ``query-migrate``: still moving before postcopy (it can be cancelled).
+_PRECOPY = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"})
 
 
 @attrs.frozen(kw_only=True)
 class Intent:
     """An operation under way on one device (the value it plugs, or the one it unplugs; for a
-    snapshot, the disk as it is once switched to its new overlay, and the files it creates)."""
+    snapshot, the disk as it is once switched to its new overlay, and the files it creates), or a
+    migration on either side (``peer``: the other side's run dir, or the URI migrated to)."""
 
     operation: Operation
     disk: DiskSpec | None = None
     nic: NicSpec | None = None
     files: tuple[str, ...] = ()
+    peer: str | None = None
+    resume: bool = True  # incoming: whether the target runs the guest once it has it
 
     @property
     def device_id(self) -> str:
+        if self.operation in ("migrate", "incoming"):
+            return MIGRATION
         device = self.disk or self.nic
         assert device is not None
         return device.id
@@ -56,6 +67,8 @@ class Intent:
             disk=DiskSpec(**disk) if disk else None,
             nic=NicSpec(**nic) if nic else None,
             files=tuple(data.get("files", ())),
+            peer=data.get("peer"),
+            resume=bool(data.get("resume", True)),
         )
 
 
@@ -112,6 +125,8 @@ def settle(qmp: Monitor, intent: Intent, inventory: Inventory) -> Settled:
     """The inventory as QEMU shows the operation ended, and what is left if it stopped half-way.
     A hotplug whose device is whole is completed (its I/O limits set, the last step); a
     snapshot is completed when the disk's device is on its new overlay (it switched atomically)."""
+    if intent.operation in ("migrate", "incoming"):
+        return _settle_migration(qmp, intent, inventory)
     if intent.operation == "snapshot_disk":
         assert intent.disk is not None
         if device_node(qmp, intent.device_id) == intent.disk.active_node:
@@ -139,25 +154,60 @@ def settle(qmp: Monitor, intent: Intent, inventory: Inventory) -> Settled:
     return Settled(inventory=inventory, leftovers=tuple(name for name, there in found.items() if there))
 
 
-def clean(qmp: Monitor, log: Any, intent: Intent, *, timeout: float) -> None:
+def _settle_migration(qmp: Monitor, intent: Intent, inventory: Inventory) -> Settled:
+    """A migration whose control plane died, on one side. Source: one still before postcopy is
+    cancelled (the guest stays here); an ended one leaves nothing; a completed one leaves this
+    stale QEMU to quit; one in postcopy must finish. Target: one that has the whole guest is
+    resumed (as the migration's last step would have); one under way is the source's to end."""
+    status = str(ask(qmp, "query-migrate").get("status", "none"))
+    if intent.operation == "migrate":
+        if status in _PRECOPY:
+            status = migration_ops.cancel_orphan(qmp)
+        if status == "completed":
+            return Settled(
+                inventory=inventory, leftovers=(f"migrated: the guest runs on {intent.peer}; quit this QEMU",)
+            )
+        if status in migration_ops.POSTCOPY:
+            return Settled(inventory=inventory, leftovers=(f"migration in {status} to {intent.peer}",))
+        return Settled(inventory=inventory)  # none, failed or cancelled: the guest is here
+    if status == "completed":
+        if intent.resume and not ask(qmp, "query-status").get("running"):
+            qmp.execute("cont")
+        return Settled(inventory=inventory)
+    if status == "none":  # no source ever came: it still waits, empty, for another attempt
+        return Settled(inventory=inventory)
+    return Settled(inventory=inventory, leftovers=(f"incoming migration {status} from {intent.peer}",))
+
+
+def clean(qmp: Monitor, log: Any, intent: Intent, *, timeout: float, quit_source: Callable[[], Any]) -> bool:
     """Remove what an operation stopped half-way left (a hotplug is undone, an unplug finished;
-    a snapshot that did not switch loses its new layer's nodes, fdset and the files it made)."""
+    a snapshot that did not switch loses its new layer's nodes, fdset and the files it made; a
+    migrated-away source quits (``quit_source``); a migration in postcopy, or an incoming one,
+    is waited out). Returns whether the operation ended with its QEMU (nothing to settle)."""
+    if intent.operation in ("migrate", "incoming"):
+        status = migration_ops.wait_for_end(qmp, timeout=timeout)
+        if intent.operation == "migrate" and status == "completed":
+            log.info("vm.migrated_away", to=intent.peer)
+            quit_source()
+            return True
+        return False
     if intent.operation == "snapshot_disk":
         assert intent.disk is not None
         if device_node(qmp, intent.device_id) == intent.disk.active_node:  # it switched after all
-            return
+            return False
         layer = intent.disk.layers[-1]
         disk_ops.delete_disk_nodes(qmp, intent.device_id, only=set(disk_node_names(intent.device_id, layer)))
         disk_ops.remove_disk_fdsets(qmp, intent.device_id, layers={layer})
         for path in intent.files:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        return
+        return False
     if intent.disk is not None:
         disk_ops.unplug_disk(qmp, log, disk_id=intent.device_id, timeout=timeout)
-        return
+        return False
     nic_ops.unplug_nic(qmp, log, nic_id=intent.device_id, timeout=timeout)
     forget_tap_fds(qmp, intent)
+    return False
 
 
 def forget_tap_fds(qmp: Monitor, intent: Intent) -> None:

@@ -52,6 +52,10 @@ from vmctl.vm.store import StateStore
 log = structlog.get_logger(__name__)
 
 
+#: How long attach waits, after its connection fails, for a QEMU that may be exiting.
+_EXIT_GRACE = 1.0
+
+
 def default_accelerator() -> Accelerator:
     """KVM when /dev/kvm is usable, else TCG."""
     return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
@@ -248,7 +252,12 @@ class VM:
         try:
             qmp = connect(record.qmp_socket, name=record.spec.name, timeout=timeout)
         except ConnectError as exc:
+            exited = process.wait(_EXIT_GRACE)  # it may be on its way out (a failed incoming migration)
             process.close()
+            if exited is not None:
+                raise StaleState(
+                    f"{record.spec.name}: QEMU (pid {record.pid}) exited as it was attached: {exited}"
+                ) from exc
             raise ConnectError(
                 f"{exc} (is another control plane still connected? QEMU serves one monitor client at a time)"
             ) from exc
@@ -316,8 +325,9 @@ class VM:
 
     def clean_leftovers(self, *, timeout: float = 30.0) -> None:
         """Finish the cleanup of ``leftovers``: an interrupted hotplug is undone, an interrupted
-        unplug completed. ``HotplugError`` if something still cannot go (say, the guest holds it)."""
-        self.store.clean_leftovers(self.log, timeout=timeout)
+        unplug completed, a source whose guest migrated away quits. ``HotplugError`` if something
+        still cannot go (say, the guest holds it)."""
+        self.store.clean_leftovers(self.log, timeout=timeout, quit_source=self.finish_migrated_source)
 
     @property
     def nbd_address(self) -> NbdAddress | None:

@@ -21,6 +21,7 @@ from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import migration as migration_ops
 from vmctl.qmp import Monitor
 from vmctl.vm.blocks import Blocks
+from vmctl.vm.journal import MIGRATION, Intent
 from vmctl.vm.lifecycle import Lifecycle
 from vmctl.vm.storage_copy import StorageCopy
 from vmctl.vm.store import StateStore
@@ -143,11 +144,32 @@ class Migrations:
             raise InvalidArgument(f"migrate to a VM launched for incoming or a URI, not {target!r}")
         elif copy_storage:
             raise InvalidArgument("copy_storage needs a target VM (launched with launch_incoming)")
-        storage = (
-            self._copy_storage(target, listen, storage_timeout)
-            if isinstance(target, Migrations) and copy_storage
-            else None
+        # The journal on both sides: a control plane that dies from here on leaves each QEMU
+        # with what its next attach needs to settle the migration (see vm.journal).
+        self._store.begin(
+            Intent(operation="migrate", peer=str(target.run_dir) if isinstance(target, Migrations) else target)
         )
+        if isinstance(target, Migrations):
+            try:
+                target._store.begin(Intent(operation="incoming", peer=str(self.run_dir), resume=resume_target))
+            except BaseException:
+                self._store.end(MIGRATION)
+                raise
+
+        def ended() -> None:
+            self._store.end(MIGRATION)
+            if isinstance(target, Migrations):
+                target._store.end(MIGRATION)
+
+        try:
+            storage = (
+                self._copy_storage(target, listen, storage_timeout)
+                if isinstance(target, Migrations) and copy_storage
+                else None
+            )
+        except BaseException:
+            ended()
+            raise
         previous_caps: dict[str, bool] = {}
         previous_params: dict[str, Any] = {}
 
@@ -179,6 +201,7 @@ class Migrations:
                 restore()
             if storage is not None:
                 storage.abort()
+            ended()
             raise
         self._log.info("vm.migration_started", uri=uri, postcopy=postcopy, copy_storage=copy_storage)
         on_target_ready = None
@@ -203,6 +226,7 @@ class Migrations:
             finish_source=self.finish_migrated_source,
             on_completed=storage.finish if storage is not None else None,
             on_aborted=storage.abort if storage is not None else None,
+            on_ended=ended,
         )
 
     def _copy_storage(self, target: Migrations, listen: tuple[str, int] | None, timeout: float) -> StorageCopy:

@@ -95,6 +95,26 @@ class StateStore:
                     self._settle(device)
                 raise
 
+    def begin(self, intent: Intent) -> None:
+        """Record an operation that outlives the call that starts it (a migration); ``end``
+        closes it. One that stopped half-way must be cleaned up first."""
+        with self.lock:
+            earlier = self._pending.get(intent.device_id)
+            if earlier is not None:
+                raise StateError(
+                    f"{self.spec.name}: {earlier.operation} stopped half-way; vm.clean_leftovers() first "
+                    f"(left: {', '.join(self._leftovers.get(intent.device_id, ())) or 'unknown'})"
+                )
+            self._pending[intent.device_id] = intent
+            self.save()
+
+    def end(self, key: str) -> None:
+        """The operation recorded under ``key`` has ended, one way or the other."""
+        with self.lock:
+            if self._pending.pop(key, None) is not None:
+                self._leftovers.pop(key, None)
+                self.save()
+
     def settle(self) -> None:
         """Settle every recorded intent from what QEMU has (at attach)."""
         with self.lock:
@@ -115,13 +135,15 @@ class StateStore:
             self._leftovers.pop(device, None)
         self.save()
 
-    def clean_leftovers(self, log: Any, *, timeout: float) -> None:
+    def clean_leftovers(self, log: Any, *, timeout: float, quit_source: Callable[[], Any]) -> None:
         """Finish what operations stopped half-way left: a hotplug is undone, an unplug completed."""
         with self.lock:
             self.settle()
             for device, intent in list(self._pending.items()):
-                journal.clean(self._qmp, log, intent, timeout=timeout)
-                self._settle(device)
+                if journal.clean(self._qmp, log, intent, timeout=timeout, quit_source=quit_source):  # ended with QEMU
+                    self.end(device)
+                else:
+                    self._settle(device)
             if self._pending:
                 raise HotplugError(f"{self.spec.name}: leftovers remain", remaining=self.leftovers)
 
