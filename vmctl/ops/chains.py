@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +38,10 @@ from vmctl.qmp import Monitor
 
 MirrorSync = Literal["full", "top"]
 
+#: qemu-img dies with the thread that runs it (util-linux's setpriv sets its parent-death
+#: signal): an image it finished after a control plane's crash would be a file no journal knows.
+_DIES_WITH_US = ("setpriv", "--pdeathsig", "KILL", "--") if shutil.which("setpriv") else ()
+
 
 def virtual_size(qmp: Monitor, node: str) -> int:
     entry = block_nodes(qmp).get(node)
@@ -48,7 +53,7 @@ def virtual_size(qmp: Monitor, node: str) -> int:
 def _create_image(
     path: Path, size: int, *, fmt: str = "qcow2", backing: str | None = None, backing_fmt: str = ""
 ) -> None:
-    command = ["qemu-img", "create", "-q", "-f", fmt]
+    command = [*_DIES_WITH_US, "qemu-img", "create", "-q", "-f", fmt]
     if backing is not None:
         # -u: the backing file is in use by QEMU; its size is given, so it need not be opened.
         command += ["-b", backing, "-F", backing_fmt, "-u"]
