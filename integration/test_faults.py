@@ -65,6 +65,10 @@ def world(vm: VM) -> dict[str, Any]:
         "jobs": _names(qmp.execute("query-jobs"), "id"),
         "exports": _names(qmp.execute("query-block-exports"), "id"),
         "nbd_server": vm.nbd_address,
+        "memory_devices": sorted(
+            (d["type"], str(d["data"].get("id")), d["data"].get("size"), d["data"].get("requested-size"))
+            for d in qmp.execute("query-memory-devices")
+        ),
         "bitmaps": sorted(
             (n["node-name"], m.get("name", "(a job's)"))
             for n in qmp.execute("query-named-block-nodes", {"flat": True})
@@ -221,6 +225,13 @@ def test_every_step_of_memory_hotplug_and_unplug(held: Held) -> None:
     with GuestShell(held.vm):
         plug, unplug = (lambda vm: vm.hotplug_memory(128, id="fm1")), (lambda vm: vm.unplug_memory("fm1"))
         assert run_matrix(held, plug, unplug) >= 4
+
+
+def test_every_step_of_a_virtio_mem_resize(held: Held) -> None:
+    with GuestShell(held.vm):  # the guest is up, its virtio-mem driver with it
+        held.vm.add_virtio_mem("vmem1", max_size_mib=256)
+        grow, shrink = (lambda vm: vm.resize_virtio_mem("vmem1", 128)), (lambda vm: vm.resize_virtio_mem("vmem1", 0))
+        assert run_matrix(held, grow, shrink) >= 4
 
 
 def test_every_step_of_a_snapshot_and_of_io_limits(held: Held, tmp_path: Path) -> None:

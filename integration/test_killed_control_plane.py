@@ -109,6 +109,34 @@ class Kills:
         return last
 
 
+def kill_inside(loop: str, run_dir: Path, work: Path, kills: Kills, operation: str) -> str:
+    """Start a child control plane running ``loop`` on the VM in ``run_dir``, SIGKILL it a random
+    moment after it begins ``operation``; returns all it said."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", PRELUDE + loop, str(run_dir), str(work)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    heard = []
+    try:
+        assert child.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until it begins the operation aimed at
+            line = child.stdout.readline()
+            heard.append(line)
+            if not line or line.startswith(f"op {operation} "):
+                break
+        time.sleep(kills.delay(operation))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    said, errors = child.communicate(timeout=10)
+    assert heard[:1] == ["attached\n"] and child.returncode == -signal.SIGKILL, f"the child failed: {errors}"
+    return "".join(heard) + said
+
+
 def run_kills(
     vms: VMFactory,
     work: Path,
@@ -125,30 +153,7 @@ def run_kills(
     found: Counter[str] = Counter()
     for round_ in range(KILLS_PER_OPERATION * len(operations)):
         vm.close()
-        child = subprocess.Popen(
-            [sys.executable, "-c", PRELUDE + loop, str(run_dir), str(work)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        heard = []
-        try:
-            assert child.stdout is not None
-            target = kills.aim(round_)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:  # until it begins the operation aimed at
-                line = child.stdout.readline()
-                heard.append(line)
-                if not line or line.startswith(f"op {target} "):
-                    break
-            time.sleep(kills.delay(target))
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait(10)
-        said, errors = child.communicate(timeout=10)
-        assert heard[:1] == ["attached\n"] and child.returncode == -signal.SIGKILL, f"the child failed: {errors}"
-        last = kills.learn("".join(heard) + said)
+        last = kills.learn(kill_inside(loop, run_dir, work, kills, kills.aim(round_)))
         attached = VM.attach(run_dir)
         vms.vms[vms.vms.index(vm)] = vm = attached
         found["leftovers" if vm.leftovers else "consistent"] += 1
@@ -255,29 +260,7 @@ def test_a_sigkill_during_a_migration_leaves_the_guest_running_on_exactly_one_si
     for round_ in range(KILLS_PER_OPERATION):
         vm.close()
         vms.vms.remove(vm)  # the child holds it now; the attach after the kill adds it again
-        child = subprocess.Popen(
-            [sys.executable, "-c", PRELUDE + MIGRATIONS, str(current), str(tmp_path)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        heard = []
-        try:
-            assert child.stdout is not None
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                line = child.stdout.readline()
-                heard.append(line)
-                if not line or line.startswith("op migrate "):
-                    break
-            time.sleep(kills.delay("migrate"))
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait(10)
-        said, errors = child.communicate(timeout=10)
-        assert heard[:1] == ["attached\n"] and child.returncode == -signal.SIGKILL, f"the child failed: {errors}"
-        lines = "".join(heard) + said
+        lines = kill_inside(MIGRATIONS, current, tmp_path, kills, "migrate")
         last = kills.learn(lines)
         pending = None  # the child may have moved the guest more than once before the kill
         for entry in lines.splitlines():

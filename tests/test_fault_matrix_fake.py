@@ -462,74 +462,19 @@ def test_a_clean_run_sends_the_commands_its_matrix_fails_and_an_unplug_undoes_th
         assert diff(before, world.state(), tuple(before)) == op.residue
 
 
-@pytest.mark.parametrize(("op", "fault", "at"), cells(DISK_OPS))
-def test_disk_hotplug_leaves_nothing_but_what_its_error_names_under_fault(
+#: The device operations whose plug and unplug the matrix fails, step by step.
+DEVICE_OPS = [*DISK_OPS, NIC, CHARDEV, MEMORY, CPUS]
+
+
+@pytest.mark.parametrize(("op", "fault", "at"), cells(DEVICE_OPS))
+def test_a_hotplug_leaves_nothing_but_what_its_error_names_under_fault(
     world: World, refs: References, op: Op, fault: Fault, at: int
 ) -> None:
     check_plug_cell(world, refs, op, fault, at)
 
 
-@pytest.mark.parametrize(("op", "fault", "at"), cells(DISK_OPS, unplug=True))
-def test_disk_unplug_under_fault_is_finished_by_a_retry(
-    world: World, refs: References, op: Op, fault: Fault, at: int
-) -> None:
-    check_unplug_cell(world, refs, op, fault, at)
-
-
-@pytest.mark.parametrize(("op", "fault", "at"), cells([NIC]))
-def test_nic_hotplug_leaves_nothing_but_what_its_error_names_under_fault(
-    world: World, refs: References, op: Op, fault: Fault, at: int
-) -> None:
-    check_plug_cell(world, refs, op, fault, at)
-
-
-@pytest.mark.parametrize(("op", "fault", "at"), cells([NIC], unplug=True))
-def test_nic_unplug_under_fault_is_finished_by_a_retry(
-    world: World, refs: References, op: Op, fault: Fault, at: int
-) -> None:
-    check_unplug_cell(world, refs, op, fault, at)
-
-
-@pytest.mark.parametrize(("op", "fault", "at"), cells([CHARDEV]))
-def test_chardev_hotplug_leaves_nothing_but_what_its_error_names_under_fault(
-    world: World, refs: References, op: Op, fault: Fault, at: int
-) -> None:
-    check_plug_cell(world, refs, op, fault, at)
-
-
-@pytest.mark.parametrize(("op", "fault", "at"), cells([CHARDEV], unplug=True))
-def test_chardev_unplug_under_fault_is_finished_by_a_retry(
-    world: World, refs: References, op: Op, fault: Fault, at: int
-) -> None:
-    check_unplug_cell(world, refs, op, fault, at)
-
-
-@pytest.mark.parametrize(("op", "fault", "at"), cells([MEMORY]))
-def test_memory_hotplug_leaves_nothing_but_what_its_error_names_under_fault(
-    world: World, refs: References, op: Op, fault: Fault, at: int
-) -> None:
-    check_plug_cell(world, refs, op, fault, at)
-
-
-@pytest.mark.parametrize(("op", "fault", "at"), cells([MEMORY], unplug=True))
-def test_memory_unplug_under_fault_is_finished_by_a_retry(
-    world: World, refs: References, op: Op, fault: Fault, at: int
-) -> None:
-    check_unplug_cell(world, refs, op, fault, at)
-
-
-@pytest.mark.parametrize(
-    ("op", "fault", "at"),
-    cells([CPUS]),
-)
-def test_cpu_hotplug_leaves_nothing_but_what_its_error_names_under_fault(
-    world: World, refs: References, op: Op, fault: Fault, at: int
-) -> None:
-    check_plug_cell(world, refs, op, fault, at)
-
-
-@pytest.mark.parametrize(("op", "fault", "at"), cells([CPUS], unplug=True))
-def test_cpu_unplug_under_fault_is_finished_by_a_retry(
+@pytest.mark.parametrize(("op", "fault", "at"), cells(DEVICE_OPS, unplug=True))
+def test_an_unplug_under_fault_is_finished_by_a_retry(
     world: World, refs: References, op: Op, fault: Fault, at: int
 ) -> None:
     check_unplug_cell(world, refs, op, fault, at)

@@ -11,7 +11,7 @@ from vmctl.errors import HotplugError, InvalidArgument, QMPError, WaitTimeout
 from vmctl.model import MemorySpec, VirtioMemSpec
 from vmctl.model.names import memory_backend_id as backend_id
 from vmctl.ops.devices import device_present, remove_device
-from vmctl.ops.queries import ask
+from vmctl.ops.queries import ask, execute_idempotent
 from vmctl.ops.rollback import Steps
 from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor, Subscription
@@ -153,17 +153,29 @@ def add_virtio_mem(
 
 
 def resize_virtio_mem(
-    qmp: Monitor, log: Any, device: VirtioMemSpec, size_mib: int, *, wait: bool = True, timeout: float = 30.0
+    qmp: Monitor,
+    log: Any,
+    device: VirtioMemSpec,
+    size_mib: int,
+    *,
+    wait: bool = True,
+    timeout: float = 30.0,
+    requested: Callable[[VirtioMemSpec], Any] = lambda _: None,
 ) -> VirtioMemSpec:
     """Ask the guest to plug (or unplug) memory until the device provides ``size_mib``; with
-    ``wait``, return once the guest did (MEMORY_DEVICE_SIZE_CHANGE), else ``WaitTimeout``."""
+    ``wait``, return once the guest did (MEMORY_DEVICE_SIZE_CHANGE), else ``WaitTimeout``.
+    ``requested`` gets the resized device as soon as QEMU has the request (the guest may take
+    its time, or fail to, but the request stands)."""
     _check_virtio_mem_size(device.id, size_mib, device.max_size_mib)
     path = f"/machine/peripheral/{device.id}"
+    resized = attrs.evolve(device, size_mib=size_mib)
     with qmp.events("MEMORY_DEVICE_SIZE_CHANGE", match={"id": device.id}) as changes:
-        qmp.execute("qom-set", {"path": path, "property": "requested-size", "value": size_mib * MIB})
+        # Setting a size twice asks for the same thing: a late reply is answered by sending again.
+        execute_idempotent(qmp, "qom-set", {"path": path, "property": "requested-size", "value": size_mib * MIB})
+        requested(resized)
 
         def reached() -> bool:
-            return int(qmp.execute("qom-get", {"path": path, "property": "size"})) == size_mib * MIB
+            return int(ask(qmp, "qom-get", {"path": path, "property": "size"})) == size_mib * MIB
 
         if wait and not reached() and not any(reached() for _ in events_until(changes, timeout)):
             raise WaitTimeout(
@@ -171,7 +183,7 @@ def resize_virtio_mem(
                 "(is the guest's virtio_mem driver loaded?)"
             )
     log.bind(memory=device.id).info("virtio_mem.resized", size_mib=size_mib)
-    return attrs.evolve(device, size_mib=size_mib)
+    return resized
 
 
 def _check_virtio_mem_size(memory_id: str, size_mib: int, max_size_mib: int) -> None:

