@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from vmctl.errors import CommandTimeout, InvalidArgument, UnknownDevice, WaitTimeout
+from vmctl.errors import CommandTimeout, DeviceError, HotplugError, InvalidArgument, UnknownDevice, WaitTimeout
 from vmctl.model import (
     Aio,
     CacheMode,
@@ -32,6 +32,7 @@ from vmctl.ops import disks as disk_ops
 from vmctl.ops import memory as memory_ops
 from vmctl.ops import nics as nic_ops
 from vmctl.ops.devices import pin_pci_address
+from vmctl.ops.queries import ask
 from vmctl.qmp import Monitor
 from vmctl.vm.journal import Intent
 from vmctl.vm.store import StateStore
@@ -229,11 +230,40 @@ class Devices:
     def hotplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
         """Add ``count`` vCPUs (up to the spec's ``max_cpus``); the guest may need to online them."""
         with self._store.lock:
-            added = cpu_ops.hotplug_cpus(self._qmp, self._log, count, timeout=timeout)
+            self._refuse_tcg_cpu_crash(count)
+            try:
+                added = cpu_ops.hotplug_cpus(self._qmp, self._log, count, timeout=timeout)
+            except HotplugError:
+                self._store.vcpus_created += count  # some may have been created before the rollback
+                self._store.save()
+                raise
+            self._store.vcpus_created += len(added)
             self._store.update(
                 lambda inventory: attrs.evolve(inventory, hotplugged_cpus=(*inventory.hotplugged_cpus, *added))
             )
             return added
+
+    def _refuse_tcg_cpu_crash(self, count: int) -> None:
+        """Under TCG, QEMU gives every vCPU it ever creates one of ``max_cpus`` translation
+        contexts and never frees one (``tcg_max_ctxs``): past that, a hotplug aborts QEMU (seen
+        on 10.0). QEMU 7.2 already crashes (SIGSEGV) on a hotplug after an unplug. Both are
+        refused before anything is sent; KVM has neither limit."""
+        if ask(self._qmp, "query-kvm").get("enabled"):
+            return
+        created, most = self._store.vcpus_created, self._store.spec.max_cpus or self._store.spec.cpus
+        present = self._store.spec.cpus + len(self._store.inventory.hotplugged_cpus)
+        if count > most - present:
+            return  # no room anyway: the hotplug says so itself
+        if self._qmp.version.major < 8 and created > present:
+            raise DeviceError(
+                f"{self.name}: under TCG, QEMU {self._qmp.version.major}.{self._qmp.version.minor} crashes "
+                "when a vCPU is plugged after one was unplugged (relaunch the VM, or use KVM)"
+            )
+        if created + count > most:
+            raise DeviceError(
+                f"{self.name}: under TCG, QEMU can create {most} vCPUs over its life (max_cpus; unplugged "
+                f"ones count, tcg_max_ctxs) and has created {created}: {count} more would abort it"
+            )
 
     def unplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
         """Remove the ``count`` most recently hotplugged vCPUs (the guest must release them)."""

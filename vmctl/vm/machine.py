@@ -79,6 +79,7 @@ class VM:
             start_time=process.start_time,
             qmp=qmp,
             pending=record.pending,
+            vcpus_created=record.vcpus_created,
         )
         self.lifecycle = Lifecycle(name=self.name, process=process, qmp=qmp, log_path=run_dir / LOG_FILE, log=self.log)
         self.devices = Devices(name=self.name, qmp=qmp, store=self.store, log=self.log)

@@ -28,6 +28,7 @@ class VMRecord:
     spec: VMSpec
     inventory: Inventory
     pending: tuple[Intent, ...] = ()  # device operations under way (see ``journal``)
+    vcpus_created: int = 0  # over this QEMU's life, unplugged ones included (see Devices.hotplug_cpus)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -38,6 +39,7 @@ class VMRecord:
             "spec": self.spec.to_dict(),
             "inventory": self.inventory.to_dict(),
             "pending": [intent.to_dict() for intent in self.pending],
+            "vcpus_created": self.vcpus_created,
         }
 
     @classmethod
@@ -51,6 +53,7 @@ class VMRecord:
             spec=VMSpec.from_dict(data["spec"]),
             inventory=Inventory.from_dict(data["inventory"]),
             pending=tuple(Intent.from_dict(i) for i in data.get("pending", ())),
+            vcpus_created=int(data.get("vcpus_created", 0)),
         )
 
 

@@ -36,6 +36,7 @@ class StateStore:
         start_time: int,
         qmp: Monitor,
         pending: tuple[Intent, ...] = (),
+        vcpus_created: int = 0,
     ) -> None:
         self.run_dir = run_dir
         self.spec = spec
@@ -47,6 +48,7 @@ class StateStore:
         self._leftovers: dict[str, tuple[str, ...]] = {}
         self.lock = threading.RLock()
         self._qmp_socket = str(run_dir / QMP_SOCKET)
+        self.vcpus_created = vcpus_created or spec.cpus + len(inventory.hotplugged_cpus)
 
     @property
     def inventory(self) -> Inventory:
@@ -158,6 +160,7 @@ class StateStore:
                 spec=self.spec,
                 inventory=self._inventory,
                 pending=tuple(self._pending.values()),
+                vcpus_created=self.vcpus_created,
             ),
         )
 
