@@ -158,7 +158,9 @@ def _settle_migration(qmp: Monitor, intent: Intent, inventory: Inventory) -> Set
     """A migration whose control plane died, on one side. Source: one still before postcopy is
     cancelled (the guest stays here); an ended one leaves nothing; a completed one leaves this
     stale QEMU to quit; one in postcopy must finish. Target: one that has the whole guest is
-    resumed (as the migration's last step would have); one under way is the source's to end."""
+    resumed (as the migration's last step would have); one under way is the source's to end.
+    The source is to be settled first: until it is, its QEMU may still be running the dead
+    control plane's last command, and a target that has seen no migration yet may get one."""
     status = str(ask(qmp, "query-migrate").get("status", "none"))
     if intent.operation == "migrate":
         if status in _PRECOPY:
