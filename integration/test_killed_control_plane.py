@@ -299,9 +299,24 @@ def test_a_sigkill_during_a_migration_leaves_the_guest_running_on_exactly_one_si
             assert shell.run("sha256sum -c /tmp/sum").output.strip() == "/tmp/data: OK", f"round {round_}"
         found["moved" if vm.run_dir == pending else "stayed"] += 1
         current = vm.run_dir
+        reap_orphans(tmp_path, keep=current)
     assert kills.landed["migrate"] >= KILLS_PER_OPERATION // 2, kills.landed
     assert found["stayed"] > 0, found  # and "moved" where the migration had completed
     print("kills landed:", dict(kills.landed), "the guest:", dict(found))
+
+
+def reap_orphans(work: Path, *, keep: Path) -> None:
+    """End the target QEMUs the killed child had launched but no attach took over (it was killed
+    before it could say where): by the pid each wrote, if that process is still that QEMU."""
+    for run_dir in work.glob("t*-*"):
+        if run_dir == keep:
+            continue
+        try:
+            pid = int((run_dir / "qemu.pid").read_text())
+            if str(run_dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            continue  # gone already, or never started
 
 
 def _status(vm: VM) -> VMStatus | None:
