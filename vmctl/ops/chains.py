@@ -50,16 +50,29 @@ def virtual_size(qmp: Monitor, node: str) -> int:
     return int(entry["image"]["virtual-size"])
 
 
+def staging_path(path: str | os.PathLike[str]) -> str:
+    """Where a new image is made before it is renamed into place (see ``_create_image``)."""
+    final = Path(path)
+    return str(final.with_name(f".{final.name}.vmctl-new"))
+
+
 def _create_image(
     path: Path, size: int, *, fmt: str = "qcow2", backing: str | None = None, backing_fmt: str = ""
 ) -> None:
+    """Make the image under a staging name and rename it into place once qemu-img is done: a
+    qemu-img that outlives a killed control plane (it may, in the moment before its parent-death
+    signal is set) can then finish only the staging file, never the image a journal looks for."""
     command = [*_DIES_WITH_US, "qemu-img", "create", "-q", "-f", fmt]
     if backing is not None:
         # -u: the backing file is in use by QEMU; its size is given, so it need not be opened.
         command += ["-b", backing, "-F", backing_fmt, "-u"]
-    result = subprocess.run([*command, str(path), str(size)], capture_output=True, text=True, check=False)
+    staging = staging_path(path)
+    result = subprocess.run([*command, staging, str(size)], capture_output=True, text=True, check=False)
     if result.returncode != 0:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
         raise InvalidArgument(f"cannot create {path}: {result.stderr.strip()}")
+    os.rename(staging, path)
 
 
 def _add_layer(

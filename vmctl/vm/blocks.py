@@ -66,7 +66,7 @@ class Blocks:
                 if disk.id in overlays:
                     planned = disk.with_overlay(overlays[disk.id])
                     path = planned.layer_path(planned.layers[-1])
-                    files = () if os.path.exists(path) else (path,)
+                    files = () if os.path.exists(path) else (path, chain_ops.staging_path(path))
                     intent = Intent(operation="snapshot_disk", disk=planned, files=files)
                     done[disk.id] = intents.enter_context(self._store.intent(intent))
             updated = chain_ops.snapshot_disks(self._qmp, self._log, disks, overlays, bitmap=bitmap)
