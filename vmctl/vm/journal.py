@@ -176,7 +176,9 @@ def _settle_migration(qmp: Monitor, intent: Intent, inventory: Inventory) -> Set
         if intent.resume and not ask(qmp, "query-status").get("running"):
             qmp.execute("cont")
         return Settled(inventory=inventory)
-    if status == "none":  # no source ever came: it still waits, empty, for another attempt
+    # No source ever came (QEMU 10.0 says "setup" as soon as it listens, 7.2 says nothing): it
+    # still waits, empty, for another attempt; the source, settled first, is not coming.
+    if status in ("none", "setup"):
         return Settled(inventory=inventory)
     return Settled(inventory=inventory, leftovers=(f"incoming migration {status} from {intent.peer}",))
 
