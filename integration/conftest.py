@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vmctl import VM, VMSpec
+from vmctl import VM, RunState, VMSpec, VMStatus
+from vmctl.errors import QMPError, StaleState
 from vmctl.qmp import Monitor, connect
 from vmctl.testing import READY_MARKER, TestGuest
 from vmctl.vm.process import qemu_binary
@@ -145,6 +146,40 @@ class VMFactory:
             if not vm.has_exited:
                 vm.kill()
             vm.close()
+
+
+def running_side(vms: VMFactory, pair: list[Path], where: str) -> VM:
+    """Attach both sides of a migration whose control plane died, the source first (it decides:
+    it cancels a migration under way, or finds it completed and quits at ``clean_leftovers``),
+    and return the one the guest runs on; the other QEMU must be gone, or waiting empty (then it
+    is killed). A source that migrated away and quit is not attached (``StaleState``)."""
+    sides = []
+    for run_dir in pair:
+        try:
+            side = VM.attach(run_dir)
+        except StaleState:
+            continue
+        vms.vms.append(side)
+        side.clean_leftovers()
+        assert side.leftovers == (), where
+        sides.append(side)
+    statuses = {side.name: _status(side) for side in sides}
+    running = [side for side in sides if (status := statuses[side.name]) is not None and status.running]
+    assert len(running) == 1, f"{where}: the guest runs on {[s.name for s in running]}; sides {statuses} of {pair}"
+    for other in sides:
+        status = statuses[other.name]
+        if other is not running[0] and status is not None:  # never connected to, or never reached: empty
+            assert status.run_state is RunState.INMIGRATE, f"{where}: {other.name} is {status}"
+            other.kill()
+    return running[0]
+
+
+def _status(vm: VM) -> VMStatus | None:
+    """The VM's status, or ``None`` once its QEMU is gone (it quits after migrating away)."""
+    try:
+        return vm.status()
+    except QMPError:
+        return None
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import pytest
 
-from integration.conftest import VMFactory, make_image
+from integration.conftest import VMFactory, make_image, running_side
 from vmctl import VM, DiskSpec, Throttle
 from vmctl.errors import InvalidArgument, VmctlError
 from vmctl.testing import GuestShell
@@ -412,3 +412,46 @@ def test_every_step_of_migration_setup_on_source_and_target(vms: VMFactory, tmp_
     assert cases >= (24 if copy_storage else 16)
     migrate(vm, target).wait(60)  # and the last target still takes the guest
     assert moved(target)
+
+
+def test_a_connection_dropped_at_each_step_of_a_migration_leaves_the_guest_on_one_side(
+    vms: VMFactory, tmp_path: Path
+) -> None:
+    """The source's monitor connection drops at each command of a migration (setup, start, the
+    wait, the hand-over), from a guest that had itself migrated in: its QEMU shows that incoming
+    migration as completed, which must not pass for one that left. Both sides are attached again,
+    the source first, and the guest runs on exactly one of them with its data."""
+    vm = vms.launch(vms.spec("drop-0", memory_mib=256))
+    with GuestShell(vm) as shell:
+        shell.run("head -c 100000 /dev/urandom > /tmp/data && sha256sum /tmp/data > /tmp/sum", check=True)
+    launched = 0
+
+    def incoming(source: VM) -> VM:
+        nonlocal launched
+        launched += 1
+        name = f"drop-{launched}"
+        target = VM.launch_incoming(
+            source.migration_target_spec(name=name), run_dir=vms.run_dir(name), inventory=source.inventory
+        )
+        vms.vms.append(target)
+        return target
+
+    target = incoming(vm)
+    with record(vm.qmp) as on_source:
+        vm.migrate(target).wait(60)
+    vm, target = target, incoming(target)
+    found = {"stayed": 0, "moved": 0}
+    for at in range(1, len(on_source.commands) + 1):
+        with inject(vm.qmp, Fault.DROP, at=at) as injection, contextlib.suppress(VmctlError):
+            vm.migrate(target).wait(60)
+        where = f"dropped at {at} ({injection.failed})"
+        for side in (vm, target):  # the control plane is gone: nothing of it holds either side
+            side.close()
+            vms.vms.remove(side)
+        pair = [vm.run_dir, target.run_dir]
+        vm = running_side(vms, pair, where)
+        with GuestShell(vm) as shell:
+            assert shell.run("sha256sum -c /tmp/sum").output.strip() == "/tmp/data: OK", where
+        found["moved" if vm.run_dir == pair[1] else "stayed"] += 1
+        target = incoming(vm)
+    assert found["stayed"] > 0 and found["moved"] > 0, found

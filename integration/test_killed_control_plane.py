@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from integration.conftest import REPO, VMFactory, make_image
-from vmctl import VM, DiskSpec, NicSpec, RunState, VMStatus
-from vmctl.errors import QMPError, StaleState
+from integration.conftest import REPO, VMFactory, make_image, running_side
+from vmctl import VM, DiskSpec, NicSpec
 from vmctl.model.names import disk_node_names, fdset_tag, is_disk_fdset, netdev_id
 from vmctl.ops.chains import device_node
 from vmctl.ops.devices import device_present
@@ -268,33 +267,8 @@ def test_a_sigkill_during_a_migration_leaves_the_guest_running_on_exactly_one_si
                 pending = Path(entry.split()[1])
             elif entry.startswith("done migrate ") and pending is not None:
                 current, pending = pending, None
-        sides = []
-        # The source attaches first, then its target (if it had one): the source decides. It
-        # cancels a migration under way, or finds it completed (then quits at clean_leftovers);
-        # the target then resumes a guest it received whole, or ends with the cancelled stream.
-        # (Attached first, a target may find no migration yet while the source's QEMU is still
-        # running the dead control plane's last `migrate`.)
         pair = [current] if pending is None else [current, pending]
-        for run_dir in pair:
-            try:
-                side = VM.attach(run_dir)
-            except StaleState:  # a source that had migrated away and quit
-                continue
-            vms.vms.append(side)
-            side.clean_leftovers()  # a migrated-away source quits; anything else waits its end
-            assert side.leftovers == ()
-            sides.append(side)
-        running = [side for side in sides if (status := _status(side)) is not None and status.running]
-        assert len(running) == 1, (
-            f"round {round_} after {last}: the guest runs on {[s.name for s in running]}; "
-            f"sides {[(s.name, _status(s)) for s in sides]} of {pair}"
-        )
-        (vm,) = running
-        for other in sides:
-            status = _status(other)
-            if other is not vm and status is not None:  # never connected to, or never reached: empty
-                assert status.run_state is RunState.INMIGRATE, f"round {round_}: {other.name} is {status}"
-                other.kill()
+        vm = running_side(vms, pair, f"round {round_} after {last}")
         with GuestShell(vm) as shell:
             assert shell.run("sha256sum -c /tmp/sum").output.strip() == "/tmp/data: OK", f"round {round_}"
         found["moved" if vm.run_dir == pending else "stayed"] += 1
@@ -317,14 +291,6 @@ def reap_orphans(work: Path, *, keep: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
         except (OSError, ValueError):
             continue  # gone already, or never started
-
-
-def _status(vm: VM) -> VMStatus | None:
-    """The VM's status, or ``None`` once its QEMU is gone (it quits after migrating away)."""
-    try:
-        return vm.status()
-    except QMPError:
-        return None
 
 
 def qemu_has(vm: VM) -> dict[str, bool]:

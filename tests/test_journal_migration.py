@@ -14,15 +14,25 @@ from vmctl.vm.journal import Intent
 
 
 class Side:
-    """One QEMU's migration state: ``migrate_cancel`` ends one before postcopy, as QEMU does."""
+    """One QEMU's migration state: ``migrate_cancel`` ends one before postcopy, as QEMU does,
+    and a source whose own migration completed is in the "postmigrate" run state."""
 
-    def __init__(self, fake: FakeQEMU, status: str, *, cancel_too_late: bool = False) -> None:
+    def __init__(
+        self, fake: FakeQEMU, status: str, *, cancel_too_late: bool = False, migrated_away: bool = True
+    ) -> None:
         self.status = status
         fake.running = False
         fake.on("query-migrate", lambda call: {"status": self.status} if self.status != "none" else {})
         fake.on("migrate_cancel", self.cancel)
+        fake.on("query-status", self.query_status)
         self.fake = fake
         self.cancel_too_late = cancel_too_late
+        self.migrated_away = migrated_away
+
+    def query_status(self, call: FakeCall) -> Any:
+        if self.migrated_away and self.status == "completed":
+            return {"status": "postmigrate", "running": False}
+        return {"status": "running" if self.fake.running else "paused", "running": self.fake.running}
 
     def cancel(self, call: FakeCall) -> Any:
         self.status = "completed" if self.cancel_too_late else "cancelled"
@@ -47,6 +57,17 @@ def test_a_source_whose_cancel_came_too_late_is_left_to_quit(monitor: Monitor, f
     assert settled.leftovers == ("migrated: the guest runs on /run/vms/dst; quit this QEMU",)
 
 
+def test_a_source_that_had_migrated_in_keeps_the_guest_its_incoming_migration_completed(
+    monitor: Monitor, fake: FakeQEMU
+) -> None:
+    """query-migrate shows the incoming migration a QEMU was started for as completed until its
+    own outgoing one begins: killed before that, the control plane left the guest here."""
+    side = Side(fake, "completed", migrated_away=False)
+    fake.running = True
+    assert journal.settle(monitor, SOURCE, Inventory()).leftovers == ()
+    assert not fake.calls_of("migrate_cancel") and side.status == "completed"
+
+
 @pytest.mark.parametrize("status", ["none", "failed", "cancelled"])
 def test_a_source_whose_migration_ended_keeps_the_guest_and_sends_nothing(
     monitor: Monitor, fake: FakeQEMU, status: str
@@ -63,13 +84,13 @@ def test_a_source_in_postcopy_is_left_to_finish(monitor: Monitor, fake: FakeQEMU
 
 
 def test_a_target_with_the_whole_guest_resumes_it(monitor: Monitor, fake: FakeQEMU) -> None:
-    Side(fake, "completed")
+    Side(fake, "completed", migrated_away=False)
     assert journal.settle(monitor, TARGET, Inventory()).leftovers == ()
     assert fake.running and len(fake.calls_of("cont")) == 1
 
 
 def test_a_target_told_not_to_resume_stays_paused(monitor: Monitor, fake: FakeQEMU) -> None:
-    Side(fake, "completed")
+    Side(fake, "completed", migrated_away=False)
     journal.settle(monitor, Intent(operation="incoming", peer="/run/vms/src", resume=False), Inventory())
     assert not fake.running and not fake.calls_of("cont")
 

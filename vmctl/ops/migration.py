@@ -34,6 +34,9 @@ _WATCH_INTERVAL = 0.25
 _CANCEL_TIMEOUT = 10.0
 #: How long an incoming QEMU takes to end its side once the source is gone.
 _INCOMING_END_TIMEOUT = 0.5
+#: The run states of a source whose own migration completed ("finish-migrate" a moment before
+#: QEMU moves it to "postmigrate").
+_MIGRATED_AWAY = frozenset({"finish-migrate", "postmigrate"})
 
 
 @attrs.frozen(kw_only=True)
@@ -194,14 +197,26 @@ def cancel_orphan(qmp: Monitor, *, timeout: float = 10.0) -> str:
     with qmp.events("MIGRATION") as events:
         with contextlib.suppress(CommandError):  # it may have just ended
             qmp.execute("migrate_cancel")
-        status = str(ask(qmp, "query-migrate").get("status", "none"))
-        return status if status in TERMINAL else _wait_terminal(events, timeout)
+        status = outgoing_status(qmp)
+        return status if status in TERMINAL or status == "none" else _wait_terminal(events, timeout)
 
 
-def wait_for_end(qmp: Monitor, *, timeout: float) -> str:
-    """Wait until this side's migration is no longer under way; returns its status."""
+def outgoing_status(qmp: Monitor) -> str:
+    """The status of this QEMU's own outgoing migration ("none" if it has begun none).
+    ``query-migrate`` reports the incoming migration a QEMU was started for as "completed" until
+    an outgoing one begins, so a guest that migrated in would pass for one that migrated away:
+    only a source that sent its guest away is in a post-migration run state."""
+    status = str(ask(qmp, "query-migrate").get("status", "none"))
+    if status == "completed" and ask(qmp, "query-status").get("status") not in _MIGRATED_AWAY:
+        return "none"
+    return status
+
+
+def wait_for_end(qmp: Monitor, *, timeout: float, outgoing: bool) -> str:
+    """Wait until this side's migration (its ``outgoing`` one, or its incoming one) is no
+    longer under way; returns its status."""
     with qmp.events("MIGRATION") as events:
-        status = str(ask(qmp, "query-migrate").get("status", "none"))
+        status = outgoing_status(qmp) if outgoing else str(ask(qmp, "query-migrate").get("status", "none"))
         if status in TERMINAL or status == "none":
             return status
         return _wait_terminal(events, timeout)
@@ -239,7 +254,7 @@ def start(source: Monitor, uri: str) -> None:
         source,
         "migrate",
         {"uri": uri},
-        took=lambda: str(ask(source, "query-migrate").get("status", "none")) not in ("none", "failed", "cancelled"),
+        took=lambda: outgoing_status(source) not in ("none", "failed", "cancelled"),
     )
 
 
@@ -547,9 +562,9 @@ class Migration:
             if self._resume_target:
                 self._handed_over = True  # from here the guest may run there
                 target.execute("cont")
-        self._ended()
-        if self._stop_source:
+        if self._stop_source:  # before the journal entries go: a source left running is settled at attach
             self._finish_source()
+        self._ended()
         return self._result
 
     def _wait_target_completed(self, events: Subscription) -> None:

@@ -161,8 +161,8 @@ def _settle_migration(qmp: Monitor, intent: Intent, inventory: Inventory) -> Set
     resumed (as the migration's last step would have); one under way is the source's to end.
     The source is to be settled first: until it is, its QEMU may still be running the dead
     control plane's last command, and a target that has seen no migration yet may get one."""
-    status = str(ask(qmp, "query-migrate").get("status", "none"))
     if intent.operation == "migrate":
+        status = migration_ops.outgoing_status(qmp)
         if status in _PRECOPY:
             status = migration_ops.cancel_orphan(qmp)
         if status == "completed":
@@ -172,6 +172,7 @@ def _settle_migration(qmp: Monitor, intent: Intent, inventory: Inventory) -> Set
         if status in migration_ops.POSTCOPY:
             return Settled(inventory=inventory, leftovers=(f"migration in {status} to {intent.peer}",))
         return Settled(inventory=inventory)  # none, failed or cancelled: the guest is here
+    status = str(ask(qmp, "query-migrate").get("status", "none"))
     if status == "completed":
         if intent.resume and not ask(qmp, "query-status").get("running"):
             qmp.execute("cont")
@@ -189,7 +190,7 @@ def clean(qmp: Monitor, log: Any, intent: Intent, *, timeout: float, quit_source
     migrated-away source quits (``quit_source``); a migration in postcopy, or an incoming one,
     is waited out). Returns whether the operation ended with its QEMU (nothing to settle)."""
     if intent.operation in ("migrate", "incoming"):
-        status = migration_ops.wait_for_end(qmp, timeout=timeout)
+        status = migration_ops.wait_for_end(qmp, timeout=timeout, outgoing=intent.operation == "migrate")
         if intent.operation == "migrate" and status == "completed":
             log.info("vm.migrated_away", to=intent.peer)
             quit_source()

@@ -103,6 +103,11 @@ class Lifecycle:
         return True
 
     @property
+    def process_running(self) -> bool:
+        """Whether QEMU's process is still there (it may be, after its monitor was lost)."""
+        return self._process.poll() is None
+
+    @property
     def has_exited(self) -> bool:
         """Whether it ended: QEMU exited, or crashed (a lost monitor counts, QEMU may linger)."""
         return self._ended.is_set()

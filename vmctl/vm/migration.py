@@ -157,8 +157,13 @@ class Migrations:
                 raise
 
         def ended() -> None:
-            self._store.end(MIGRATION)
-            if isinstance(target, Migrations):
+            # A source whose monitor was lost (not always a dead QEMU) may live on mid-migration:
+            # its entry stays for its next attach to settle, and so does the target's, unless the
+            # guest was handed over and runs there.
+            source_lost = not self.qmp.is_connected and self._lifecycle.process_running
+            if not source_lost:
+                self._store.end(MIGRATION)
+            if isinstance(target, Migrations) and (not source_lost or _runs(target.qmp)):
                 target._store.end(MIGRATION)
 
         try:
@@ -247,6 +252,13 @@ class Migrations:
         """The guest runs elsewhere now: quit this QEMU (an expected exit)."""
         self._lifecycle.escalate((ShutdownMethod.QUIT, ShutdownMethod.KILL), step_timeout=timeout)
         self._log.info("vm.migrated_away")
+
+
+def _runs(qmp: Monitor) -> bool:
+    try:
+        return bool(qmp.execute("query-status").get("running"))
+    except QMPError:
+        return False
 
 
 def _device_mismatch(source: Inventory, target: Inventory) -> str:
