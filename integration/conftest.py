@@ -4,6 +4,7 @@ import contextlib
 import os
 import signal
 import socket
+import stat
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -109,6 +110,15 @@ def make_image(path: Path, fmt: str, size: str = "64M") -> Path:
     return path
 
 
+def let_qemu_through(path: Path) -> None:
+    """Let QEMU's unprivileged user search its way to run dirs below ``path``: pytest makes its
+    tmp dirs closed (0700), and QEMU makes its sockets in its run dir."""
+    for directory in (path, *path.parents):
+        mode = stat.S_IMODE(directory.stat().st_mode)
+        if not mode & stat.S_IXOTH:
+            directory.chmod(mode | stat.S_IXOTH)
+
+
 class VMFactory:
     """Launches test-guest VMs and makes sure every one of them is gone after the test."""
 
@@ -116,6 +126,7 @@ class VMFactory:
         self.guest = guest
         self.tmp_path = tmp_path
         self.vms: list[VM] = []
+        let_qemu_through(tmp_path)
 
     def spec(self, name: str = "vm1", *, append: str = "", **overrides: object) -> VMSpec:
         fields: dict[str, object] = {

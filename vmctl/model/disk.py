@@ -236,12 +236,14 @@ class DiskSpec:
             device.update(device_bus(self.port))
         return device
 
-    def arguments(self) -> list[str]:
-        """The command-line arguments of the whole chain and the device (QEMU's JSON syntax)."""
+    def arguments(self, filenames: Mapping[int, str] | None = None) -> list[str]:
+        """The command-line arguments of the whole chain and the device (QEMU's JSON syntax);
+        ``filenames`` gives a layer's image another name (its ``/dev/fdset/N``)."""
         argv: list[str] = []
         below: str | None = None
         for layer in self.layers:
-            for node in self.layer_nodes(layer, self.layer_path(layer), backing=below):
+            filename = (filenames or {}).get(layer) or self.layer_path(layer)
+            for node in self.layer_nodes(layer, filename, backing=below):
                 argv += ["-blockdev", json.dumps(node, separators=(",", ":"))]
             below = disk_node_names(self.id, layer)[1]
         return [*argv, "-device", json.dumps(self.device_properties(), separators=(",", ":"))]

@@ -30,6 +30,11 @@ CPU_ID_PREFIX: Final = "vmctl-cpu"
 ROOT_PORT_PREFIX: Final = "vmctl-port"
 UEFI_CODE_NODE: Final = "vmctl-uefi-code"
 UEFI_VARS_NODE: Final = "vmctl-uefi-vars"
+# The tags of the files passed to QEMU at launch (an fdset's opaque tag, for block nodes).
+UEFI_VARS_TAG: Final = "vmctl:uefi-vars"
+UEFI_CODE_TAG: Final = "vmctl:uefi-code"
+KERNEL_TAG: Final = "vmctl:kernel"
+INITRD_TAG: Final = "vmctl:initrd"
 
 _FDSET_PREFIX: Final = "vmctl:disk:"
 

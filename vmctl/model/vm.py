@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -13,14 +15,19 @@ from vmctl.errors import SpecError
 from vmctl.model.disk import DiskSpec
 from vmctl.model.names import (
     CONSOLE_CHARDEV,
+    INITRD_TAG,
+    KERNEL_TAG,
     MONITOR_CHARDEV,
     PID_FILE,
     QMP_SOCKET,
     SHELL_CHARDEV,
     SHELL_SOCKET,
     UEFI_CODE_NODE,
+    UEFI_CODE_TAG,
     UEFI_VARS_FILE,
     UEFI_VARS_NODE,
+    UEFI_VARS_TAG,
+    fdset_tag,
 )
 from vmctl.model.nic import NicSpec
 from vmctl.model.pcie import MAX_ROOT_PORTS, Controller, is_pcie_machine, root_port_properties
@@ -32,6 +39,10 @@ Firmware = Literal["bios", "uefi"]
 #: Debian's OVMF (package ``ovmf``): the firmware code, and the template of a VM's variable store.
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+#: QEMU's seccomp sandbox as vmctl runs it: no obsolete system calls, no setuid and the like, no
+#: new processes, no scheduler or priority changes.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+_RUN_AS = re.compile(r"(auto|[A-Za-z_][A-Za-z0-9_.-]*|[0-9]+)(:([A-Za-z_][A-Za-z0-9_.-]*|[0-9]+))?")
 
 
 def _disks(value: Iterable[DiskSpec]) -> tuple[DiskSpec, ...]:
@@ -44,6 +55,20 @@ def _nics(value: Iterable[NicSpec]) -> tuple[NicSpec, ...]:
 
 def _strings(value: Iterable[str]) -> tuple[str, ...]:
     return tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class PassedFile:
+    """A file vmctl opens for QEMU and passes by fd, tagged ``tag``. An ``own`` file is one
+    vmctl made in the run dir: it must be vmctl's, never a link (QEMU may write in that dir).
+    QEMU opens a ``read_by_qemu`` file again through ``/proc/self/fd``, which takes the file's
+    own permissions (not the directories' above it): QEMU's user must be able to read it."""
+
+    tag: str
+    path: str
+    flags: int
+    own: bool = False
+    read_by_qemu: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -82,6 +107,11 @@ class VMSpec:
     no_shutdown: bool = False
     balloon: bool = False
     extra_args: tuple[str, ...] = attrs.field(default=(), converter=_strings)
+    #: Who QEMU runs as: "user[:group]" (names or numbers), "auto" (vmctl-qemu when vmctl is
+    #: root, else vmctl's own user), or None (vmctl's own user, root included).
+    run_as: str | None = "auto"
+    #: QEMU's seccomp sandbox (``SANDBOX``); off only to debug QEMU itself.
+    sandbox: bool = True
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME.fullmatch(self.name):
@@ -102,6 +132,12 @@ class VMSpec:
             raise SpecError("initrd and append need a kernel")
         if not self.kernel and not self.disks:
             raise SpecError("nothing to boot: give a kernel or a disk")
+        if self.run_as is not None and (not isinstance(self.run_as, str) or not _RUN_AS.fullmatch(self.run_as)):
+            raise SpecError(f"run_as must be 'user[:group]', 'auto' or None, not {self.run_as!r}")
+        if self.run_as is not None and self.run_as.startswith("auto:"):
+            raise SpecError("run_as='auto' takes no group")
+        if not isinstance(self.sandbox, bool):
+            raise SpecError(f"sandbox must be True or False, not {self.sandbox!r}")
         if not NAME.fullmatch(self.machine):
             raise SpecError(f"machine type {self.machine!r} is not valid")
         if self.firmware not in ("bios", "uefi"):
@@ -157,9 +193,24 @@ class VMSpec:
             raise SpecError(f"{root_ports} PCIe root ports are too many (at most {MAX_ROOT_PORTS})")
         return Layout(root_ports=root_ports, controllers=tuple(controllers), disks=disks, nics=nics)
 
-    def command_line(self, *, qemu_binary: str, run_dir: Path, accel: Accelerator) -> list[str]:
+    def command_line(
+        self, *, qemu_binary: str, run_dir: Path, accel: Accelerator, passed: Mapping[str, int] | None = None
+    ) -> list[str]:
         """QEMU's argv. The monitor is a unix socket in ``run_dir``, so a restarted control plane
-        can attach again; QEMU starts paused (``-S``) until vmctl has connected."""
+        can attach again; QEMU starts paused (``-S``) until vmctl has connected.
+
+        ``passed`` maps the tag of each file vmctl opens for QEMU (``passed_files``) to the fd
+        QEMU inherits it as, so that QEMU's user needs no way to the files: a block node's
+        file goes into an fdset of its own (``/dev/fdset/N``); the kernel and initrd, which QEMU
+        reads once at start, are named ``/proc/self/fd/N``."""
+        fdsets: dict[str, str] = {}
+        extra: list[str] = []
+        for tag, fd in sorted((passed or {}).items()):
+            if tag in (KERNEL_TAG, INITRD_TAG):
+                fdsets[tag] = f"/proc/self/fd/{fd}"
+                continue
+            fdsets[tag] = f"/dev/fdset/{len(extra) // 2}"
+            extra += ["-add-fd", f"fd={fd},set={len(extra) // 2},opaque={escape_option(tag)}"]
         memory = f"{self.memory_mib}M"
         if self.max_memory_mib is not None:
             memory += f",slots={self.memory_slots},maxmem={self.max_memory_mib}M"
@@ -184,11 +235,14 @@ class VMSpec:
             "-pidfile", str(run_dir / PID_FILE),
             "-chardev", f"socket,id={MONITOR_CHARDEV},path={monitor_path},server=on,wait=off",
             "-mon", f"chardev={MONITOR_CHARDEV},mode=control",
+            *extra,
         ]  # fmt: skip
+        if self.sandbox:
+            argv += ["-sandbox", SANDBOX]
         if self.firmware == "uefi":
             for node, path, read_only in (
-                (UEFI_CODE_NODE, self.uefi_code, True),
-                (UEFI_VARS_NODE, str(run_dir / UEFI_VARS_FILE), False),
+                (UEFI_CODE_NODE, fdsets.get(UEFI_CODE_TAG, self.uefi_code), True),
+                (UEFI_VARS_NODE, fdsets.get(UEFI_VARS_TAG, str(run_dir / UEFI_VARS_FILE)), False),
             ):
                 blockdev = {"driver": "file", "node-name": node, "filename": path, "read-only": read_only}
                 argv += ["-blockdev", json.dumps(blockdev, separators=(",", ":"))]
@@ -203,9 +257,9 @@ class VMSpec:
             argv += ["-chardev", f"socket,id={SHELL_CHARDEV},path={shell_path},server=on,wait=off"]
             argv += ["-serial", f"chardev:{SHELL_CHARDEV}"]
         if self.kernel:
-            argv += ["-kernel", self.kernel]
+            argv += ["-kernel", fdsets.get(KERNEL_TAG, self.kernel)]
         if self.initrd:
-            argv += ["-initrd", self.initrd]
+            argv += ["-initrd", fdsets.get(INITRD_TAG, self.initrd)]
         if self.append:
             argv += ["-append", self.append]
         if self.no_shutdown:
@@ -213,11 +267,29 @@ class VMSpec:
         for controller in layout.controllers:
             argv += controller.arguments()
         for disk in layout.disks:
-            argv += disk.arguments()
+            argv += disk.arguments({layer: fdsets[fdset_tag(disk.id, layer)] for layer in disk.layers if passed})
         for nic in layout.nics:
             argv += nic.arguments()
         argv += list(self.extra_args)
         return argv
+
+    def passed_files(self, run_dir: Path) -> list[PassedFile]:
+        """The files vmctl opens and passes to QEMU by fd: the kernel and initrd, each layer of
+        each disk, the UEFI firmware and the VM's variable store. QEMU opens none by path."""
+        files = [
+            PassedFile(tag=tag, path=path, flags=os.O_RDONLY, read_by_qemu=True)
+            for tag, path in ((KERNEL_TAG, self.kernel), (INITRD_TAG, self.initrd))
+            if path is not None
+        ]
+        files += [
+            PassedFile(tag=fdset_tag(disk.id, layer), path=disk.layer_path(layer), flags=disk.open_flags())
+            for disk in self.disks
+            for layer in disk.layers
+        ]
+        if self.firmware == "uefi":
+            files.append(PassedFile(tag=UEFI_CODE_TAG, path=self.uefi_code, flags=os.O_RDONLY))
+            files.append(PassedFile(tag=UEFI_VARS_TAG, path=str(run_dir / UEFI_VARS_FILE), flags=os.O_RDWR, own=True))
+        return files
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)

@@ -14,6 +14,7 @@ from pathlib import Path
 from vmctl.errors import FirmwareNotFound
 from vmctl.model import VMSpec
 from vmctl.model.names import UEFI_VARS_FILE
+from vmctl.vm.passing import own_file
 
 
 def prepare_firmware(spec: VMSpec, run_dir: Path) -> None:
@@ -23,14 +24,14 @@ def prepare_firmware(spec: VMSpec, run_dir: Path) -> None:
     if not Path(spec.uefi_code).is_file():
         raise FirmwareNotFound(f"UEFI firmware {spec.uefi_code} is not installed (apt-get install ovmf)")
     store = run_dir / UEFI_VARS_FILE
-    if spec.uefi_vars is None and store.exists():
-        return  # the VM's own NVRAM, from an earlier launch
+    if spec.uefi_vars is None and store.is_file() and not store.is_symlink():
+        return  # the VM's own NVRAM, from an earlier launch (checked again as it is opened for QEMU)
     template = Path(spec.uefi_vars_template)
     if not template.is_file():
         raise FirmwareNotFound(f"UEFI variable store {template} does not exist (apt-get install ovmf)")
     if template.resolve() == store.resolve():
         return
     partial = store.with_name(store.name + ".new")
-    shutil.copyfile(template, partial)
-    os.chmod(partial, 0o600)
+    with open(template, "rb") as source, os.fdopen(own_file(str(partial)), "wb") as copy:
+        shutil.copyfileobj(source, copy)
     os.replace(partial, store)

@@ -103,6 +103,10 @@ class Lifecycle:
         return True
 
     @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
     def process_running(self) -> bool:
         """Whether QEMU's process is still there (it may be, after its monitor was lost)."""
         return self._process.poll() is None

@@ -44,6 +44,8 @@ from vmctl.vm.firmware import prepare_firmware
 from vmctl.vm.lifecycle import STEPS, Life, Lifecycle
 from vmctl.vm.logtail import tail
 from vmctl.vm.migration import Migrations
+from vmctl.vm.passing import opened
+from vmctl.vm.privileges import QemuUser
 from vmctl.vm.process import QemuProcess
 from vmctl.vm.process import qemu_binary as default_qemu
 from vmctl.vm.statefile import STATE_FILE, VMRecord, read_record
@@ -161,20 +163,29 @@ class VM:
         for leftover in (QMP_SOCKET, SHELL_SOCKET, STATE_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (directory / leftover).unlink()
+        user = QemuUser.resolve(spec.run_as)
+        if user is not None:  # QEMU reaches its run dir and what it opens by path, nothing else
+            user.share_run_dir(directory)
+            user.check_reachable(directory, what="the run dir")
+            for file in spec.passed_files(directory):
+                if file.read_by_qemu:
+                    user.check_readable(file.path)
         prepare_firmware(spec, directory)
         accel = spec.accel or default_accelerator()
-        argv = spec.command_line(qemu_binary=binary, run_dir=directory, accel=accel)
-        if incoming:
-            argv += ["-incoming", "defer"]
-        if netns is not None:
-            argv = ["ip", "netns", "exec", netns, *argv]
         log_path = directory / LOG_FILE
-        log_path.write_bytes(b"")
         deadline = time.monotonic() + timeout
-        try:
-            process = QemuProcess.start(argv, log_path=log_path)
-        except OSError as exc:
-            raise LaunchError(f"cannot run {binary}: {exc}") from exc
+        with opened(spec.passed_files(directory)) as passed:
+            argv = spec.command_line(qemu_binary=binary, run_dir=directory, accel=accel, passed=passed)
+            if incoming:
+                argv += ["-incoming", "defer"]
+            if user is not None:
+                argv = [*user.command_prefix(), *argv]
+            if netns is not None:
+                argv = ["ip", "netns", "exec", netns, *argv]
+            try:
+                process = QemuProcess.start(argv, log_path=log_path, pass_fds=list(passed.values()))
+            except OSError as exc:
+                raise LaunchError(f"cannot run {binary}: {exc}") from exc
         bound = log.bind(vm=spec.name)
         try:
             socket_path = _wait_for_socket(process, directory / QMP_SOCKET, deadline, log_path)

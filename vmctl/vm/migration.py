@@ -23,6 +23,7 @@ from vmctl.qmp import Monitor
 from vmctl.vm.blocks import Blocks
 from vmctl.vm.journal import MIGRATION, Intent
 from vmctl.vm.lifecycle import Lifecycle
+from vmctl.vm.privileges import process_owner, userfaultfd_refusal
 from vmctl.vm.storage_copy import StorageCopy
 from vmctl.vm.store import StateStore
 
@@ -140,6 +141,11 @@ class Migrations:
                     f"{target.name} does not have {self.name}'s devices ({mismatch}); "
                     "launch it from source.migration_target_spec() with inventory=source.inventory"
                 )
+            if postcopy:  # QEMU would refuse the capability, saying less
+                uid, gid = process_owner(target._lifecycle.pid)
+                refusal = userfaultfd_refusal(uid=uid, gid=gid, version=target.qmp.version)
+                if refusal is not None:
+                    raise InvalidArgument(f"postcopy=True: {refusal}")
         elif not isinstance(target, str) or not target:
             raise InvalidArgument(f"migrate to a VM launched for incoming or a URI, not {target!r}")
         elif copy_storage:

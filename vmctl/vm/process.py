@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vmctl.errors import StaleState
 from vmctl.model.status import ExitStatus
+from vmctl.vm.passing import own_file
 
 
 def qemu_binary() -> str | None:
@@ -51,17 +52,23 @@ class QemuProcess:
         self._exit: ExitStatus | None = None
 
     @classmethod
-    def start(cls, argv: Sequence[str], *, log_path: Path) -> QemuProcess:
+    def start(cls, argv: Sequence[str], *, log_path: Path, pass_fds: Sequence[int] = ()) -> QemuProcess:
+        """Start ``argv`` with its output going to a fresh ``log_path`` (vmctl's own file) and
+        ``pass_fds`` inherited."""
         _reap_detached()
-        with open(log_path, "ab") as log:
+        log = own_file(str(log_path), 0o640)
+        try:
             popen = subprocess.Popen(
                 list(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                pass_fds=tuple(pass_fds),
                 # Its own session: the VM outlives a control plane that exits or gets a terminal signal.
                 start_new_session=True,
             )
+        finally:
+            os.close(log)
         return cls(popen.pid, popen=popen, started=start_time(popen.pid))
 
     @classmethod

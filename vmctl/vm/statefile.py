@@ -13,6 +13,7 @@ import attrs
 from vmctl.errors import StaleState
 from vmctl.model import Inventory, VMSpec
 from vmctl.vm.journal import Intent
+from vmctl.vm.passing import own_file
 
 STATE_FILE = "vm.json"
 FORMAT_VERSION = 1
@@ -63,7 +64,8 @@ def write_record(run_dir: Path, state: VMRecord) -> None:
     # every change (the interning churn once doubled CPython's table: 1 MiB for nothing).
     path = os.path.join(run_dir, STATE_FILE)
     temporary = os.path.join(run_dir, f".{STATE_FILE}.tmp")
-    with open(temporary, "w", encoding="utf-8") as out:
+    # A file of vmctl's own, made afresh: QEMU's user may write in the run dir (not replace it).
+    with os.fdopen(own_file(temporary), "w", encoding="utf-8") as out:
         json.dump(state.to_dict(), out, indent=2, sort_keys=True)
         out.flush()
         os.fsync(out.fileno())
