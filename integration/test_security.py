@@ -52,7 +52,7 @@ def test_the_run_dir_is_shared_with_qemus_group_only_and_qemu_cannot_replace_vmc
     vm = vms.launch()
     run_dir = vm.run_dir.stat()
     assert (run_dir.st_uid, run_dir.st_gid, stat.S_IMODE(run_dir.st_mode)) == (0, QEMU_USER.pw_gid, 0o1770)
-    state = vm.run_dir / "state.json"
+    state = vm.run_dir / "vm.json"
     assert (state.stat().st_uid, stat.S_IMODE(state.stat().st_mode)) == (0, 0o600)
     assert (vm.run_dir / "qmp.sock").stat().st_uid == QEMU_USER.pw_uid  # QEMU made it
     before = state.read_bytes()
