@@ -99,6 +99,7 @@ def main() -> int:
         print("qemu-system-x86_64 is required", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="vmctl-bench-"))
+    workdir.chmod(0o711)  # QEMU's unprivileged user goes through to its run dir
     ours, theirs = str(workdir / "qmp.sock"), str(workdir / "trigger.sock")
     command = [qemu, "-machine", "none", "-nodefaults", "-display", "none"]
     command += ["-qmp", f"unix:{ours},server=on,wait=off", "-qmp", f"unix:{theirs},server=on,wait=off"]

@@ -57,6 +57,7 @@ def main() -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     guest = TestGuest.ensure()
     work = Path(tempfile.mkdtemp(prefix="vmctl-bench-"))
+    work.chmod(0o711)  # QEMU's unprivileged user goes through to its run dir
     raw_socket = str(work / "raw.sock")
     spec = VMSpec(
         name="bench",

@@ -37,6 +37,7 @@ def main() -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     guest = TestGuest.ensure()
     work = Path(tempfile.mkdtemp(prefix="vmctl-bench-"))
+    work.chmod(0o711)  # QEMU's unprivileged user goes through to its run dir
     base = VMSpec(name="hop", kernel=guest.kernel, initrd=guest.initrd, append=guest.append, accel="tcg")
     hop = 0
 

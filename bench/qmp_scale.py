@@ -112,6 +112,7 @@ def main() -> int:
     if soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(wanted, soft)), hard))
     workdir = Path(tempfile.mkdtemp(prefix="vmctl-scale-"))
+    workdir.chmod(0o711)  # QEMU's unprivileged user goes through to its run dir
     processes: list[subprocess.Popen[bytes]] = []
     paths: list[str] = []
     try:

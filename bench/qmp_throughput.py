@@ -160,6 +160,7 @@ def main() -> int:
         print("qemu-system-x86_64 is required", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="vmctl-bench-"))
+    workdir.chmod(0o711)  # QEMU's unprivileged user goes through to its run dir
     path = str(workdir / "qmp.sock")
     process = subprocess.Popen(
         [qemu, "-machine", "none", "-nodefaults", "-display", "none", "-qmp", f"unix:{path},server=on,wait=off"],

@@ -60,6 +60,7 @@ def main() -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     guest = TestGuest.ensure()
     work = Path(tempfile.mkdtemp(prefix="vmctl-soak-"))
+    work.chmod(0o711)  # QEMU's unprivileged user goes through to its run dir
     spec = VMSpec(
         name="soak", kernel=guest.kernel, initrd=guest.initrd, append=guest.append, accel="tcg", shell_serial=True
     )

@@ -49,9 +49,15 @@ OP_TIMEOUT = 2.0
 
 
 def _stub_image(
-    path: Path, size: int, *, fmt: str = "qcow2", backing: str | None = None, backing_fmt: str = ""
+    path: Path,
+    size: int,
+    *,
+    fmt: str = "qcow2",
+    backing: str | None = None,
+    backing_fmt: str = "",
+    encryption: object = None,
 ) -> None:
-    """``chains._create_image`` without qemu-img: a file whose "header" the model reads."""
+    """``chains.create_image`` without qemu-img: a file whose "header" the model reads."""
     path.write_text(f"stub {fmt} size={size} backing={backing} backing_fmt={backing_fmt}\n")
 
 
@@ -67,7 +73,7 @@ class World:
         self.monitor: Monitor = connect(self.fake.address, name="fake", timeout=5)
         self._patches = pytest.MonkeyPatch()
         self._patches.setattr(nic_ops, "open_tap", self.taps.open_tap)  # no real taps beside the real suite
-        self._patches.setattr(chain_ops, "_create_image", _stub_image)
+        self._patches.setattr(chain_ops, "create_image", _stub_image)
         self._patches.setattr(disk_ops, "NODE_RELEASE_TIMEOUT", 0.3)  # a node that stays in use fails fast
 
     def __enter__(self) -> World:

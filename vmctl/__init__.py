@@ -3,7 +3,9 @@
 from vmctl import errors
 from vmctl.errors import VmctlError
 from vmctl.model import DiskSpec, Inventory, NicSpec, Throttle, VMSpec
+from vmctl.model.secret import Secret
 from vmctl.model.status import ExitStatus
+from vmctl.ops.chains import create_image
 from vmctl.vm import VM, ResetEvent, RunState, ShutdownEvent, ShutdownMethod, ShutdownResult, VMStatus
 
 __all__ = [
@@ -14,6 +16,7 @@ __all__ = [
     "NicSpec",
     "ResetEvent",
     "RunState",
+    "Secret",
     "ShutdownEvent",
     "ShutdownMethod",
     "ShutdownResult",
@@ -21,6 +24,7 @@ __all__ = [
     "VMSpec",
     "VMStatus",
     "VmctlError",
+    "create_image",
     "errors",
 ]
 __version__ = "0.1.0"

@@ -46,6 +46,7 @@ def run_demo(out: TextIO, *, cache_dir: Path | None = None) -> int:
         printer.say("QEMU is missing: apt-get install qemu-system-x86 qemu-utils (./run.sh demo does it)")
         return 2
     work = Path(tempfile.mkdtemp(prefix="vmctl-demo-"))
+    work.chmod(0o711)  # QEMU's unprivileged user goes through to its run dir
     vms: list[VM] = []
     try:
         with printer.step("building the test guest (Debian cloud kernel + busybox initramfs; cached)"):

@@ -19,8 +19,9 @@ from typing import Any, Final, Literal
 import attrs
 
 from vmctl.errors import InvalidArgument, SpecError
-from vmctl.model.names import SCSI_CONTROLLER, disk_node_names
+from vmctl.model.names import SCSI_CONTROLLER, disk_node_names, secret_object_id
 from vmctl.model.pcie import check_port, device_bus
+from vmctl.model.secret import Secret
 from vmctl.model.validate import check_id, check_pci_addr, path_text
 
 DiskFormat = Literal["qcow2", "raw"]
@@ -115,6 +116,9 @@ class DiskSpec:
     pci_addr: str | None = None  # on a plain PCI bus: pinned so that a migration target lays it out alike
     base_layer: int = 0  # the layer number of ``path`` (not 0 once a stream or mirror replaced it)
     overlays: tuple[Overlay, ...] = attrs.field(default=(), converter=_overlays)  # bottom to top
+    #: The passphrase of a LUKS-encrypted qcow2 image (every layer of the chain, overlays vmctl
+    #: makes included). QEMU gets it encrypted with the VM's master key, never in clear.
+    encryption: Secret | None = None
 
     def __attrs_post_init__(self) -> None:
         check_id("disk", self.id, max_length=20)  # node names derived from it must fit QEMU's 31
@@ -136,6 +140,12 @@ class DiskSpec:
             raise SpecError(f"disk {self.id}: bus must be virtio-blk or scsi, not {self.bus!r}")
         if not self.path:
             raise SpecError(f"disk {self.id}: the image path is empty")
+        if self.encryption is not None and not isinstance(self.encryption, Secret):
+            raise SpecError(
+                f"disk {self.id}: encryption is a vmctl.Secret (its passphrase), not {type(self.encryption)}"
+            )
+        if self.encryption is not None and self.format != "qcow2":
+            raise SpecError(f"disk {self.id}: encryption is for qcow2 images (LUKS inside qcow2), not {self.format}")
         if self.cache not in CACHE_MODES:
             raise SpecError(f"disk {self.id}: cache must be one of {', '.join(CACHE_MODES)}, not {self.cache!r}")
         if self.aio not in AIO_MODES:
@@ -213,6 +223,8 @@ class DiskSpec:
             protocol["discard"] = fmt["discard"] = "unmap"
         if layer != self.base_layer:
             fmt["backing"] = backing
+        if self.encryption is not None:
+            fmt["encrypt"] = {"format": "luks", "key-secret": secret_object_id(self.id)}
         return [protocol, fmt]
 
     def device_properties(self) -> dict[str, Any]:

@@ -35,8 +35,16 @@ UEFI_VARS_TAG: Final = "vmctl:uefi-vars"
 UEFI_CODE_TAG: Final = "vmctl:uefi-code"
 KERNEL_TAG: Final = "vmctl:kernel"
 INITRD_TAG: Final = "vmctl:initrd"
+MASTER_KEY_TAG: Final = "vmctl:master-key"
+MASTER_KEY_ID: Final = "vmctl-master-key"  # the secret object every other secret is encrypted with
+MASTER_KEY_FILE: Final = "master-key"  # in the run dir: root's only
 
 _FDSET_PREFIX: Final = "vmctl:disk:"
+
+
+def secret_object_id(disk_id: str) -> str:
+    """The QOM id of the secret object that holds a disk's LUKS passphrase (encrypted)."""
+    return f"vmctl-secret-{disk_id}"
 
 
 def disk_node_names(disk_id: str, layer: int = 0) -> tuple[str, str]:

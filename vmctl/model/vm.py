@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +17,8 @@ from vmctl.model.names import (
     CONSOLE_CHARDEV,
     INITRD_TAG,
     KERNEL_TAG,
+    MASTER_KEY_ID,
+    MASTER_KEY_TAG,
     MONITOR_CHARDEV,
     PID_FILE,
     QMP_SOCKET,
@@ -194,7 +196,13 @@ class VMSpec:
         return Layout(root_ports=root_ports, controllers=tuple(controllers), disks=disks, nics=nics)
 
     def command_line(
-        self, *, qemu_binary: str, run_dir: Path, accel: Accelerator, passed: Mapping[str, int] | None = None
+        self,
+        *,
+        qemu_binary: str,
+        run_dir: Path,
+        accel: Accelerator,
+        passed: Mapping[str, int] | None = None,
+        objects: Sequence[Mapping[str, Any]] = (),
     ) -> list[str]:
         """QEMU's argv. The monitor is a unix socket in ``run_dir``, so a restarted control plane
         can attach again; QEMU starts paused (``-S``) until vmctl has connected.
@@ -202,15 +210,22 @@ class VMSpec:
         ``passed`` maps the tag of each file vmctl opens for QEMU (``passed_files``) to the fd
         QEMU inherits it as, so that QEMU's user needs no way to the files: a block node's
         file goes into an fdset of its own (``/dev/fdset/N``); the kernel and initrd, which QEMU
-        reads once at start, are named ``/proc/self/fd/N``."""
+        reads once at start, are named ``/proc/self/fd/N``, and so is the master key, which
+        the secret ``objects`` (encrypted with it) follow."""
         fdsets: dict[str, str] = {}
         extra: list[str] = []
         for tag, fd in sorted((passed or {}).items()):
+            if tag == MASTER_KEY_TAG:
+                extra[:0] = ["-object", f"secret,id={MASTER_KEY_ID},format=raw,file=/proc/self/fd/{fd}"]
+                continue
             if tag in (KERNEL_TAG, INITRD_TAG):
                 fdsets[tag] = f"/proc/self/fd/{fd}"
                 continue
-            fdsets[tag] = f"/dev/fdset/{len(extra) // 2}"
-            extra += ["-add-fd", f"fd={fd},set={len(extra) // 2},opaque={escape_option(tag)}"]
+            set_id = extra.count("-add-fd")
+            fdsets[tag] = f"/dev/fdset/{set_id}"
+            extra += ["-add-fd", f"fd={fd},set={set_id},opaque={escape_option(tag)}"]
+        for secret in objects:
+            extra += ["-object", json.dumps(secret, separators=(",", ":"))]
         memory = f"{self.memory_mib}M"
         if self.max_memory_mib is not None:
             memory += f",slots={self.memory_slots},maxmem={self.max_memory_mib}M"

@@ -28,7 +28,8 @@ from vmctl.errors import (
     SnapshotError,
 )
 from vmctl.model import DiskSpec, Overlay
-from vmctl.model.names import disk_node_names, fdset_tag
+from vmctl.model.names import disk_node_names, fdset_tag, secret_object_id
+from vmctl.model.secret import Secret
 from vmctl.ops.blockjobs import Job
 from vmctl.ops.disks import delete_disk_nodes, remove_disk_fdsets, remove_fdset
 from vmctl.ops.nodes import block_nodes
@@ -51,23 +52,53 @@ def virtual_size(qmp: Monitor, node: str) -> int:
 
 
 def staging_path(path: str | os.PathLike[str]) -> str:
-    """Where a new image is made before it is renamed into place (see ``_create_image``)."""
+    """Where a new image is made before it is renamed into place (see ``create_image``)."""
     final = Path(path)
     return str(final.with_name(f".{final.name}.vmctl-new"))
 
 
-def _create_image(
-    path: Path, size: int, *, fmt: str = "qcow2", backing: str | None = None, backing_fmt: str = ""
+def create_image(
+    path: str | os.PathLike[str],
+    size: int,
+    *,
+    fmt: str = "qcow2",
+    backing: str | None = None,
+    backing_fmt: str = "",
+    encryption: Secret | None = None,
 ) -> None:
-    """Make the image under a staging name and rename it into place once qemu-img is done: a
+    """Make an image of ``size`` bytes with ``qemu-img``: a ``backing`` overlay, or an
+    ``encryption``-protected qcow2 (LUKS; the passphrase reaches qemu-img through a memfd, never
+    its command line). ``InvalidArgument`` with qemu-img's message if it cannot.
+
+    The image is made under a staging name and renamed into place once qemu-img is done: a
     qemu-img that outlives a killed control plane (it may, in the moment before its parent-death
     signal is set) can then finish only the staging file, never the image a journal looks for."""
     command = [*_DIES_WITH_US, "qemu-img", "create", "-q", "-f", fmt]
     if backing is not None:
         # -u: the backing file is in use by QEMU; its size is given, so it need not be opened.
         command += ["-b", backing, "-F", backing_fmt, "-u"]
+    passphrase = -1
+    if encryption is not None:
+        if fmt != "qcow2":
+            raise InvalidArgument(f"cannot create {path}: encryption is for qcow2 images, not {fmt}")
+        passphrase = os.memfd_create("vmctl-passphrase", os.MFD_CLOEXEC)
+        os.write(passphrase, encryption.reveal())
+        command += [
+            "--object", f"secret,id=vmctl-passphrase,format=raw,file=/proc/self/fd/{passphrase}",
+            "-o", "encrypt.format=luks,encrypt.key-secret=vmctl-passphrase",
+        ]  # fmt: skip
     staging = staging_path(path)
-    result = subprocess.run([*command, staging, str(size)], capture_output=True, text=True, check=False)
+    try:
+        result = subprocess.run(
+            [*command, staging, str(size)],
+            capture_output=True,
+            text=True,
+            check=False,
+            pass_fds=(passphrase,) if passphrase >= 0 else (),
+        )
+    finally:
+        if passphrase >= 0:
+            os.close(passphrase)
     if result.returncode != 0:
         with contextlib.suppress(OSError):
             os.unlink(staging)
@@ -99,6 +130,8 @@ def _add_layer(
     arguments: dict[str, Any] = {"driver": fmt, "node-name": format_node, "file": file_node}
     if fmt == "qcow2":
         arguments["backing"] = backing  # None: no backing yet (blockdev-snapshot attaches it)
+    if disk.encryption is not None:  # the disk's passphrase, in QEMU since its launch or hotplug
+        arguments["encrypt"] = {"format": "luks", "key-secret": secret_object_id(disk.id)}
     steps.run(
         f"blockdev-add {format_node}",
         lambda: qmp.execute("blockdev-add", arguments),
@@ -140,7 +173,13 @@ def snapshot_disks(
                 if not path.exists():
                     top = disk.layers[-1]
                     size = virtual_size(qmp, disk.active_node)
-                    _create_image(path, size, backing=disk.layer_path(top), backing_fmt=disk.layer_format(top))
+                    create_image(
+                        path,
+                        size,
+                        backing=disk.layer_path(top),
+                        backing_fmt=disk.layer_format(top),
+                        encryption=disk.encryption,
+                    )
                     created.append(path)
                 overlay_node = _add_layer(qmp, steps, disk, layer, path, "qcow2", backing=None)
                 actions.append(
@@ -281,10 +320,18 @@ def start_mirror(
     layer = disk.next_layer()
     below = disk.layers[-2] if top_only else None
     size = virtual_size(qmp, disk.active_node)
+    if disk.encryption is not None and fmt != "qcow2":  # a raw copy would hold the guest's data in clear
+        raise InvalidArgument(f"disk {disk.id} is encrypted: mirror it to a qcow2 target (encrypted too)")
     if below is not None:
-        _create_image(path, size, backing=disk.layer_path(below), backing_fmt=disk.layer_format(below))
+        create_image(
+            path,
+            size,
+            backing=disk.layer_path(below),
+            backing_fmt=disk.layer_format(below),
+            encryption=disk.encryption,
+        )
     else:
-        _create_image(path, size, fmt=fmt)
+        create_image(path, size, fmt=fmt, encryption=disk.encryption)
     try:
         with Steps(log) as steps:
             backing = disk_node_names(disk.id, below)[1] if below is not None else None

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from vmctl.errors import CommandError, CommandTimeout, HotplugError, InvalidArgument, QMPError
 from vmctl.model import DiskBus, DiskSpec, Throttle
-from vmctl.model.names import fdset_tag, is_disk_fdset, is_disk_node
+from vmctl.model.names import fdset_tag, is_disk_fdset, is_disk_node, secret_object_id
 from vmctl.model.pcie import Controller
 from vmctl.ops.devices import ensure_controller, remove_device
 from vmctl.ops.nodes import block_nodes
@@ -28,10 +29,19 @@ NODE_RELEASE_TIMEOUT = 5.0
 
 
 def hotplug_disk(
-    qmp: Monitor, log: Any, disk: DiskSpec, *, controller: Controller | None = None, timeout: float = 30.0
+    qmp: Monitor,
+    log: Any,
+    disk: DiskSpec,
+    *,
+    controller: Controller | None = None,
+    secret: Mapping[str, Any] | None = None,
+    timeout: float = 30.0,
 ) -> DiskSpec:
     """Plug ``disk`` (its image, with its cache, aio and I/O limits) into the running guest. A
-    SCSI disk gets the SCSI ``controller`` first unless the VM has one."""
+    SCSI disk gets the SCSI ``controller`` first unless the VM has one. An encrypted disk's
+    passphrase comes as its ``secret`` object (already encrypted with the VM's master key)."""
+    if (secret is None) != (disk.encryption is None):
+        raise InvalidArgument(f"disk {disk.id}: an encrypted disk needs its secret object, and only it")
     if disk.overlays:
         raise InvalidArgument(f"disk {disk.id}: hotplug takes a single image, not a chain of {len(disk.layers)}")
     try:
@@ -43,6 +53,13 @@ def hotplug_disk(
     bound = log.bind(disk=disk.id)
     try:
         with Steps(bound) as steps:
+            if secret is not None:
+                secret_id = str(secret["id"])
+                steps.run(
+                    f"object-add {secret_id}",
+                    lambda: execute_checked(qmp, "object-add", secret, took=lambda: object_exists(qmp, secret_id)),
+                    lambda _: remove_object(qmp, secret_id),
+                )
             fdset = steps.run(
                 "add-fd",
                 lambda: int(
@@ -81,8 +98,9 @@ def _add_node(qmp: Monitor, steps: Steps, disk_id: str, node: dict[str, Any], ti
     )
 
 
-def unplug_disk(qmp: Monitor, log: Any, *, disk_id: str, timeout: float = 30.0) -> None:
-    """Remove the device (waiting for the guest to release it), then its nodes and fdset.
+def unplug_disk(qmp: Monitor, log: Any, *, disk_id: str, encrypted: bool = False, timeout: float = 30.0) -> None:
+    """Remove the device (waiting for the guest to release it), then its nodes and fdset (and
+    an ``encrypted`` disk's secret object).
 
     Idempotent: parts already gone are skipped. If the guest does not release the device in
     time, ``HotplugError`` says what remains and a later call finishes the job.
@@ -97,7 +115,19 @@ def unplug_disk(qmp: Monitor, log: Any, *, disk_id: str, timeout: float = 30.0) 
         raise HotplugError(str(exc).split(";")[0], remaining=(*exc.remaining, *nodes)) from None
     delete_disk_nodes(qmp, disk_id)
     remove_disk_fdsets(qmp, disk_id)
+    if encrypted:
+        remove_object(qmp, secret_object_id(disk_id))
     bound.info("disk.unplugged")
+
+
+def object_exists(qmp: Monitor, object_id: str) -> bool:
+    return any(o.get("name") == object_id for o in ask(qmp, "qom-list", {"path": "/objects"}))
+
+
+def remove_object(qmp: Monitor, object_id: str) -> None:
+    """object-del, if the object is there."""
+    if object_exists(qmp, object_id):
+        qmp.execute("object-del", {"id": object_id})
 
 
 def disk_nodes(qmp: Monitor, disk_id: str) -> list[str]:

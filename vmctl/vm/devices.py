@@ -91,7 +91,14 @@ class Devices:
             else:
                 disk = attrs.evolve(disk, port=self._store.free_port(disk.id, disk.port))
             with self._store.intent(Intent(operation="hotplug_disk", disk=disk)) as done:
-                plugged = disk_ops.hotplug_disk(self._qmp, self._log, disk, controller=controller, timeout=timeout)
+                plugged = disk_ops.hotplug_disk(
+                    self._qmp,
+                    self._log,
+                    disk,
+                    controller=controller,
+                    secret=self._store.secret_object(disk),
+                    timeout=timeout,
+                )
                 plugged = pin_pci_address(self._qmp, plugged)
                 done(lambda inventory: _with_controller(inventory.with_disk(plugged), controller))
             return plugged
@@ -101,7 +108,9 @@ class Devices:
         with self._store.lock:
             disk = self._store.require_disk(id)
             with self._store.intent(Intent(operation="unplug_disk", disk=disk)) as done:
-                disk_ops.unplug_disk(self._qmp, self._log, disk_id=id, timeout=timeout)
+                disk_ops.unplug_disk(
+                    self._qmp, self._log, disk_id=id, encrypted=disk.encryption is not None, timeout=timeout
+                )
                 done(lambda inventory: inventory.without_disk(id))
 
     def resize_disk(self, id: str, size: int, *, allow_shrink: bool = False) -> None:

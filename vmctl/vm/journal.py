@@ -18,7 +18,7 @@ import attrs
 
 from vmctl.errors import CommandError, QMPError
 from vmctl.model import DiskSpec, Inventory, NicSpec
-from vmctl.model.names import disk_node_names, fdset_tag, is_disk_fdset, netdev_id, tap_fd_name
+from vmctl.model.names import disk_node_names, fdset_tag, is_disk_fdset, netdev_id, secret_object_id, tap_fd_name
 from vmctl.ops import disks as disk_ops
 from vmctl.ops import migration as migration_ops
 from vmctl.ops import nics as nic_ops
@@ -101,6 +101,9 @@ def parts(qmp: Monitor, intent: Intent) -> dict[str, bool]:
         found[f"fdset {base}"] = base in tags
         for tag in sorted(tags - {base}):  # a snapshot's layers
             found[f"fdset {tag}"] = True
+        if intent.disk.encryption is not None:  # its passphrase's secret object
+            secret_id = secret_object_id(device_id)
+            found[f"object {secret_id}"] = disk_ops.object_exists(qmp, secret_id)
     else:
         netdev = re.escape(netdev_id(device_id))
         listed = re.search(rf"^[ \\]*{netdev}: ", qmp.human("info network"), re.MULTILINE)
@@ -208,7 +211,8 @@ def clean(qmp: Monitor, log: Any, intent: Intent, *, timeout: float, quit_source
                 os.unlink(path)
         return False
     if intent.disk is not None:
-        disk_ops.unplug_disk(qmp, log, disk_id=intent.device_id, timeout=timeout)
+        encrypted = intent.disk.encryption is not None
+        disk_ops.unplug_disk(qmp, log, disk_id=intent.device_id, encrypted=encrypted, timeout=timeout)
         return False
     nic_ops.unplug_nic(qmp, log, nic_id=intent.device_id, timeout=timeout)
     forget_tap_fds(qmp, intent)

@@ -21,7 +21,7 @@ import tenacity
 
 from vmctl.errors import AbnormalExit, ConnectError, LaunchError, StaleState, StateError
 from vmctl.model import Accelerator, Inventory, VMSpec
-from vmctl.model.names import CONSOLE_CHARDEV, LOG_FILE, QMP_SOCKET, SHELL_SOCKET
+from vmctl.model.names import CONSOLE_CHARDEV, LOG_FILE, MASTER_KEY_TAG, QMP_SOCKET, SHELL_SOCKET, secret_object_id
 from vmctl.model.pcie import Controller
 from vmctl.model.status import (
     DiskIOError,
@@ -44,10 +44,11 @@ from vmctl.vm.firmware import prepare_firmware
 from vmctl.vm.lifecycle import STEPS, Life, Lifecycle
 from vmctl.vm.logtail import tail
 from vmctl.vm.migration import Migrations
-from vmctl.vm.passing import opened
+from vmctl.vm.passing import Fd, opened
 from vmctl.vm.privileges import QemuUser
 from vmctl.vm.process import QemuProcess
 from vmctl.vm.process import qemu_binary as default_qemu
+from vmctl.vm.secrets import create_master_key, master_key_fd, secret_object
 from vmctl.vm.statefile import STATE_FILE, VMRecord, read_record
 from vmctl.vm.store import StateStore
 
@@ -174,8 +175,15 @@ class VM:
         accel = spec.accel or default_accelerator()
         log_path = directory / LOG_FILE
         deadline = time.monotonic() + timeout
-        with opened(spec.passed_files(directory)) as passed:
-            argv = spec.command_line(qemu_binary=binary, run_dir=directory, accel=accel, passed=passed)
+        key = create_master_key(directory)
+        objects = [
+            secret_object(secret_object_id(disk.id), disk.encryption, key)
+            for disk in spec.disks
+            if disk.encryption is not None
+        ]
+        with opened(spec.passed_files(directory)) as passed, contextlib.closing(Fd(master_key_fd(key))) as key_fd:
+            passed = {**passed, MASTER_KEY_TAG: key_fd.fd}
+            argv = spec.command_line(qemu_binary=binary, run_dir=directory, accel=accel, passed=passed, objects=objects)
             if incoming:
                 argv += ["-incoming", "defer"]
             if user is not None:

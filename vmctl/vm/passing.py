@@ -42,6 +42,16 @@ def open_for_qemu(file: PassedFile) -> int:
     return fd
 
 
+class Fd:
+    """An fd to close (``contextlib.closing``)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def own_file(path: str, mode: int = 0o600) -> int:
     """Create ``path`` afresh for writing, as vmctl's, never through a link (``O_EXCL``)."""
     with contextlib.suppress(FileNotFoundError):

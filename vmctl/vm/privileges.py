@@ -96,8 +96,9 @@ class QemuUser:
 
     def check_readable(self, path: str | os.PathLike[str]) -> None:
         """``LaunchError`` unless this user may read the file ``path`` itself (QEMU reopens it
-        through the fd vmctl passes, so the directories above do not matter)."""
-        if not self._may(Path(path), stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH):
+        through the fd vmctl passes, so the directories above do not matter). A missing file is
+        left to the open, which says so."""
+        if Path(path).exists() and not self._may(Path(path), stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH):
             raise LaunchError(
                 f"{path} is not readable by QEMU's user {self.name} (uid {self.uid}): mode {_mode(Path(path))}"
             )

@@ -12,8 +12,10 @@ import attrs
 
 from vmctl.errors import StaleState
 from vmctl.model import Inventory, VMSpec
+from vmctl.model.secret import Secret
 from vmctl.vm.journal import Intent
 from vmctl.vm.passing import own_file
+from vmctl.vm.secrets import SEALED, load_master_key, seal, unseal
 
 STATE_FILE = "vm.json"
 FORMAT_VERSION = 1
@@ -66,7 +68,7 @@ def write_record(run_dir: Path, state: VMRecord) -> None:
     temporary = os.path.join(run_dir, f".{STATE_FILE}.tmp")
     # A file of vmctl's own, made afresh: QEMU's user may write in the run dir (not replace it).
     with os.fdopen(own_file(temporary), "w", encoding="utf-8") as out:
-        json.dump(state.to_dict(), out, indent=2, sort_keys=True)
+        json.dump(state.to_dict(), out, indent=2, sort_keys=True, default=_Sealer(run_dir))
         out.flush()
         os.fsync(out.fileno())
     os.replace(temporary, path)
@@ -77,10 +79,42 @@ def write_record(run_dir: Path, state: VMRecord) -> None:
         os.close(directory)
 
 
+class _Sealer:
+    """Turns a ``Secret`` into its sealed form (under the VM's master key) for the state file."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self._run_dir = Path(run_dir)
+        self._key: bytes | None = None
+
+    def __call__(self, value: object) -> object:
+        if not isinstance(value, Secret):
+            raise TypeError(f"{type(value).__name__} is not JSON serializable")
+        if self._key is None:
+            self._key = load_master_key(self._run_dir)
+            if self._key is None:
+                raise StaleState(f"{self._run_dir} has no master key to seal a secret with")
+        return seal(value, self._key)
+
+
+class _Unsealer:
+    def __init__(self, run_dir: Path) -> None:
+        self._run_dir = run_dir
+        self._key: bytes | None = None
+
+    def __call__(self, value: dict[str, Any]) -> object:
+        if SEALED not in value:
+            return value
+        if self._key is None:
+            self._key = load_master_key(self._run_dir)
+            if self._key is None:
+                raise StaleState(f"{self._run_dir} holds a sealed secret but no master key")
+        return unseal(value, self._key)
+
+
 def read_record(run_dir: Path) -> VMRecord:
     path = run_dir / STATE_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_hook=_Unsealer(run_dir))
     except FileNotFoundError:
         raise StaleState(f"no VM state in {run_dir} ({STATE_FILE} is missing)") from None
     except ValueError as exc:

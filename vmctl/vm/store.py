@@ -16,12 +16,13 @@ from typing import Any
 
 from vmctl.errors import DeviceExists, HotplugError, InvalidArgument, NoHotplugSlot, StateError, UnknownDevice
 from vmctl.model import DiskSpec, Inventory, VMSpec
-from vmctl.model.names import QMP_SOCKET
+from vmctl.model.names import QMP_SOCKET, secret_object_id
 from vmctl.model.pcie import Controller
 from vmctl.ops.devices import device_present
 from vmctl.qmp import Monitor
 from vmctl.vm import journal
 from vmctl.vm.journal import Intent
+from vmctl.vm.secrets import load_master_key, secret_object
 from vmctl.vm.statefile import VMRecord, write_record
 
 
@@ -191,6 +192,15 @@ class StateStore:
         """The VM's controller of this kind, or a new one (on a free port) to add."""
         existing = self._inventory.controller(make(None).id)
         return existing if existing is not None else make(self.free_port(make(None).id))
+
+    def secret_object(self, disk: DiskSpec) -> dict[str, Any] | None:
+        """The ``object-add`` of a disk's passphrase, encrypted with this VM's master key."""
+        if disk.encryption is None:
+            return None
+        key = load_master_key(self.run_dir)
+        if key is None:
+            raise InvalidArgument(f"disk {disk.id}: this VM has no master key for secrets (launched by an older vmctl)")
+        return secret_object(secret_object_id(disk.id), disk.encryption, key)
 
     def refuse_duplicate(self, device_id: str) -> None:
         if device_id in self._inventory.device_ids() or device_present(self._qmp, device_id):
