@@ -16,6 +16,8 @@ ensure_system() {
     command -v qemu-img >/dev/null || missing+=(qemu-utils)
     command -v ip >/dev/null || missing+=(iproute2)
     [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || missing+=(ovmf)  # UEFI guests
+    command -v openssl >/dev/null || missing+=(openssl)           # the tests' throwaway CAs
+    command -v tcpdump >/dev/null || missing+=(tcpdump)           # the tests read the migration stream
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     local sudo=""

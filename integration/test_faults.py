@@ -20,7 +20,7 @@ import attrs
 import pytest
 
 from integration.conftest import VMFactory, make_image, running_side
-from vmctl import VM, DiskSpec, Throttle
+from vmctl import VM, DiskSpec, Secret, Throttle, create_image
 from vmctl.errors import InvalidArgument, VmctlError
 from vmctl.testing import GuestShell
 from vmctl.testing.faults import Fault, inject, record
@@ -187,7 +187,10 @@ def held(vms: VMFactory) -> Held:
 def test_every_step_of_disk_hotplug_and_unplug(held: Held, tmp_path: Path) -> None:
     virtio = DiskSpec(id="fd1", path=make_image(tmp_path / "a.qcow2", "qcow2"), throttle=Throttle(iops=100))
     scsi = DiskSpec(id="fs1", path=make_image(tmp_path / "b.qcow2", "qcow2"), bus="scsi", cache="none")
-    for disk in (virtio, scsi):
+    create_image(tmp_path / "c.qcow2", 16 << 20, encryption=Secret(b"fault-matrix"))
+    # Its passphrase is one more step (a secret object); after a drop, attach unseals the intent.
+    encrypted = DiskSpec(id="fe1", path=tmp_path / "c.qcow2", encryption=Secret(b"fault-matrix"))
+    for disk in (virtio, scsi, encrypted):
 
         def plug(vm: VM, disk: DiskSpec = disk) -> None:
             vm.hotplug_disk(disk)

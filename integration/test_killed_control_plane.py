@@ -97,7 +97,10 @@ class Kills:
         """Read what the child said; returns the last operation it began (and its details)."""
         begun: dict[str, float] = {}
         last = ["none"]
-        for entry in said.splitlines():
+        lines = said.splitlines()
+        if not said.endswith("\n"):  # the kill cut the last line short
+            lines = lines[:-1]
+        for entry in lines:
             kind, operation, at, *details = [*entry.split(), "", "", ""][:3] + entry.split()[3:]
             if kind == "op":
                 begun[operation], last = float(at), [operation, *details]

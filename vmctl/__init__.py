@@ -5,6 +5,7 @@ from vmctl.errors import VmctlError
 from vmctl.model import DiskSpec, Inventory, NicSpec, Throttle, VMSpec
 from vmctl.model.secret import Secret
 from vmctl.model.status import ExitStatus
+from vmctl.model.tls import TLSCreds
 from vmctl.ops.chains import create_image
 from vmctl.vm import VM, ResetEvent, RunState, ShutdownEvent, ShutdownMethod, ShutdownResult, VMStatus
 
@@ -20,6 +21,7 @@ __all__ = [
     "ShutdownEvent",
     "ShutdownMethod",
     "ShutdownResult",
+    "TLSCreds",
     "Throttle",
     "VMSpec",
     "VMStatus",

@@ -106,6 +106,12 @@ def create_image(
     os.rename(staging, path)
 
 
+def _create_overlay(path: Path, size: int, disk: DiskSpec, below: int) -> None:
+    """A new qcow2 on the disk's layer ``below``, encrypted as the disk is."""
+    backing, backing_fmt = disk.layer_path(below), disk.layer_format(below)
+    create_image(path, size, backing=backing, backing_fmt=backing_fmt, encryption=disk.encryption)
+
+
 def _add_layer(
     qmp: Monitor, steps: Steps, disk: DiskSpec, layer: int, path: Path, fmt: str, backing: str | None
 ) -> str:
@@ -173,13 +179,7 @@ def snapshot_disks(
                 if not path.exists():
                     top = disk.layers[-1]
                     size = virtual_size(qmp, disk.active_node)
-                    create_image(
-                        path,
-                        size,
-                        backing=disk.layer_path(top),
-                        backing_fmt=disk.layer_format(top),
-                        encryption=disk.encryption,
-                    )
+                    _create_overlay(path, size, disk, top)
                     created.append(path)
                 overlay_node = _add_layer(qmp, steps, disk, layer, path, "qcow2", backing=None)
                 actions.append(
@@ -323,13 +323,7 @@ def start_mirror(
     if disk.encryption is not None and fmt != "qcow2":  # a raw copy would hold the guest's data in clear
         raise InvalidArgument(f"disk {disk.id} is encrypted: mirror it to a qcow2 target (encrypted too)")
     if below is not None:
-        create_image(
-            path,
-            size,
-            backing=disk.layer_path(below),
-            backing_fmt=disk.layer_format(below),
-            encryption=disk.encryption,
-        )
+        _create_overlay(path, size, disk, below)
     else:
         create_image(path, size, fmt=fmt, encryption=disk.encryption)
     try:

@@ -49,6 +49,11 @@ class MigrationOptions:
     multifd_channels: int | None = None
     xbzrle: bool = False
     copy_storage: bool = False
+    #: TLS: the ids of the credentials objects on each side, and the name the target's
+    #: certificate must bear (the host the source connects to).
+    tls_server: str | None = None
+    tls_client: str | None = None
+    tls_hostname: str | None = None
 
     def __attrs_post_init__(self) -> None:
         for name in ("bandwidth", "downtime_limit", "multifd_channels"):
@@ -74,8 +79,13 @@ class MigrationOptions:
             )
         return caps
 
-    def parameters(self, *, source: bool) -> dict[str, int]:
-        params: dict[str, int] = {}
+    def parameters(self, *, source: bool) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if not source and self.tls_server is not None:
+            params["tls-creds"] = self.tls_server
+        if source and self.tls_client is not None:
+            params["tls-creds"] = self.tls_client
+            params["tls-hostname"] = self.tls_hostname or ""
         if self.multifd_channels:
             params["multifd-channels"] = self.multifd_channels
         if source and self.bandwidth is not None:
@@ -172,7 +182,7 @@ def set_capabilities(
 
 
 def set_parameters(
-    qmp: Monitor, wanted: Mapping[str, int], *, replaced: dict[str, Any] | None = None
+    qmp: Monitor, wanted: Mapping[str, Any], *, replaced: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Set migration parameters; returns the previous values, for restoring (and puts them in
     ``replaced`` first). A parameter this QEMU's schema lacks is refused before anything is set

@@ -46,8 +46,12 @@ def export_uri(address: NbdAddress, name: str) -> str:
     return f"nbd+unix:///{name}?socket={address}"
 
 
-def start_server(qmp: Monitor, address: NbdAddress) -> None:
-    qmp.execute("nbd-server-start", {"addr": server_address(address)})
+def start_server(qmp: Monitor, address: NbdAddress, *, tls_creds: str | None = None) -> None:
+    """Start the NBD server; with ``tls_creds`` (a tls-creds-x509 object) it speaks only TLS."""
+    arguments: dict[str, Any] = {"addr": server_address(address)}
+    if tls_creds is not None:
+        arguments["tls-creds"] = tls_creds
+    qmp.execute("nbd-server-start", arguments)
 
 
 def stop_server(qmp: Monitor) -> None:

@@ -16,12 +16,14 @@ import attrs
 from vmctl.errors import DeviceExists, HotplugError, InvalidArgument, QMPError, UnknownDevice
 from vmctl.model import DiskSpec, Inventory
 from vmctl.model.names import NBD_SOCKET
+from vmctl.model.tls import TLSCreds
 from vmctl.ops import bitmaps as bitmap_ops
 from vmctl.ops import chains as chain_ops
 from vmctl.ops import nbd as nbd_ops
 from vmctl.ops.blockjobs import Job, JobProgress, query_jobs
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
+from vmctl.vm import tls as tls_ops
 from vmctl.vm.journal import Intent
 from vmctl.vm.store import StateStore
 
@@ -34,6 +36,7 @@ class Blocks:
         self._log = log
         self._nbd_address: nbd_ops.NbdAddress | None = None
         self._exports: dict[str, nbd_ops.Export] = {}
+        self._nbd_tls = False
 
     def _replace_chain(self, disk: DiskSpec) -> None:
         """A job's new chain for the disk, onto what the inventory has of it now (its other
@@ -135,10 +138,19 @@ class Blocks:
         bitmap_ops.merge_bitmaps(self._qmp, self._store.require_disk(id), target, sources)
 
     def export_disk(
-        self, id: str, *, address: nbd_ops.NbdAddress | None = None, writable: bool = False, name: str | None = None
+        self,
+        id: str,
+        *,
+        address: nbd_ops.NbdAddress | None = None,
+        writable: bool = False,
+        name: str | None = None,
+        tls: TLSCreds | None = None,
     ) -> nbd_ops.Export:
         """Export a disk over NBD (the VM's NBD server starts on first use: ``address`` is a unix
-        socket path or (host, port); default: nbd.sock in the run dir)."""
+        socket path or (host, port); default: nbd.sock in the run dir). With ``tls`` the server
+        speaks only TLS and takes only clients whose certificate the CA signed."""
+        if tls is not None:
+            tls.paths("server")
         with self._store.lock:
             disk = self._store.require_disk(id)
             if id in self._exports:
@@ -146,13 +158,22 @@ class Blocks:
             if self._nbd_address is not None and address is not None and address != self._nbd_address:
                 raise InvalidArgument(f"the NBD server already listens on {self._nbd_address}")
             listening = self._nbd_address
+            if listening is not None and (tls is not None) != self._nbd_tls:
+                raise InvalidArgument(f"the NBD server already runs {'with' if self._nbd_tls else 'without'} TLS")
             wanted = listening or address or str(self._store.run_dir / NBD_SOCKET)
             try:
                 with Steps(self._log) as steps:
+                    creds = None
+                    if listening is None and tls is not None:
+                        creds = steps.run(
+                            "object-add tls-creds",
+                            lambda: tls_ops.load(self._qmp, tls, self._store.run_dir, "nbd", "server"),
+                            lambda _: tls_ops.unload(self._qmp, "nbd", "server"),
+                        )
                     if listening is None:  # the first export starts the server; its undo stops it
                         steps.run(
                             "nbd-server-start",
-                            lambda: nbd_ops.start_server(self._qmp, wanted),
+                            lambda: nbd_ops.start_server(self._qmp, wanted, tls_creds=creds),
                             lambda _: nbd_ops.stop_server(self._qmp),
                         )
                     export = steps.run(
@@ -165,6 +186,7 @@ class Blocks:
                     f"the NBD export of disk {id} failed and was undone: {exc}", remaining=tuple(steps.leftovers)
                 ) from exc
             self._nbd_address = wanted
+            self._nbd_tls = tls is not None
             self._exports[id] = export
             self._log.info("disk.exported", disk=id, uri=export.uri, writable=writable)
             return export
@@ -182,6 +204,8 @@ class Blocks:
             nbd_ops.remove_export(self._qmp, id)
             if len(self._exports) == 1:
                 nbd_ops.stop_server(self._qmp)
+                if self._nbd_tls:
+                    tls_ops.unload(self._qmp, "nbd", "server")
                 self._nbd_address = None
             del self._exports[id]
 

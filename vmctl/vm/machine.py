@@ -32,6 +32,7 @@ from vmctl.model.status import (
     ShutdownResult,
     VMStatus,
 )
+from vmctl.model.tls import TLSCreds
 from vmctl.ops.blockjobs import JobProgress, query_jobs
 from vmctl.ops.devices import pin_pci_address
 from vmctl.ops.migration import Migration
@@ -423,6 +424,7 @@ class VM:
         stop_source: bool = True,
         copy_storage: bool = False,
         storage_timeout: float = 600.0,
+        tls: TLSCreds | None = None,
     ) -> Migration:
         """Start migrating to ``target``: a VM from ``launch_incoming`` or a migration URI (see
         :meth:`vmctl.vm.migration.Migrations.migrate`)."""
@@ -439,6 +441,7 @@ class VM:
             stop_source=stop_source,
             copy_storage=copy_storage,
             storage_timeout=storage_timeout,
+            tls=tls,
         )
 
 

@@ -17,9 +17,11 @@ from vmctl.errors import InvalidArgument, QMPError
 from vmctl.model import Inventory, VMSpec
 from vmctl.model.names import MIGRATION_SOCKET, UEFI_VARS_FILE
 from vmctl.model.status import ShutdownMethod
+from vmctl.model.tls import TLSCreds
 from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import migration as migration_ops
 from vmctl.qmp import Monitor
+from vmctl.vm import tls as tls_ops
 from vmctl.vm.blocks import Blocks
 from vmctl.vm.journal import MIGRATION, Intent
 from vmctl.vm.lifecycle import Lifecycle
@@ -114,6 +116,7 @@ class Migrations:
         stop_source: bool = True,
         copy_storage: bool = False,
         storage_timeout: float = 600.0,
+        tls: TLSCreds | None = None,
     ) -> migration_ops.Migration:
         """Start migrating to ``target``: a VM from ``launch_incoming`` (it listens on a unix
         socket in its run dir, or on ``listen`` = (host, port) over TCP) or a migration URI.
@@ -124,7 +127,19 @@ class Migrations:
 
         ``copy_storage`` copies the disks whose image differs on the target (see
         ``migration_target_spec(disk_paths=...)``) first: each is mirrored into the target's NBD
-        export until in sync (``storage_timeout``), then RAM follows."""
+        export until in sync (``storage_timeout``), then RAM follows.
+
+        ``tls`` encrypts the stream: the target gets the server credentials, the source the
+        client ones, and each verifies the other against the CA; the target's certificate must
+        name the host the source connects to (``listen``'s, or a ``tcp:`` URI's)."""
+        hostname = None
+        if tls is not None:
+            hostname = _tls_hostname(target, listen)
+            tls.paths("client")
+            if isinstance(target, Migrations):
+                tls.paths("server")
+            if copy_storage:
+                raise InvalidArgument("tls with copy_storage is not supported yet (the NBD copy would go in clear)")
         options = migration_ops.MigrationOptions(
             postcopy=postcopy,
             auto_converge=auto_converge,
@@ -133,6 +148,11 @@ class Migrations:
             pause_before_switchover=pause_before_switchover,
             multifd_channels=multifd_channels,
             copy_storage=copy_storage,
+            tls_server=tls_ops.creds_id("migration", "server")
+            if tls is not None and isinstance(target, Migrations)
+            else None,
+            tls_client=tls_ops.creds_id("migration", "client") if tls is not None else None,
+            tls_hostname=hostname,
         )
         if isinstance(target, Migrations):
             mismatch = _device_mismatch(self._store.inventory, target.inventory)
@@ -189,9 +209,15 @@ class Migrations:
                 migration_ops.set_capabilities(self.qmp, previous_caps)
             if previous_params:
                 migration_ops.set_parameters(self.qmp, previous_params)
+            if tls is not None:
+                tls_ops.unload(self.qmp, "migration", "client")
 
         target_events = events = None
         try:
+            if tls is not None:
+                if isinstance(target, Migrations):
+                    tls_ops.load(target.qmp, tls, target.run_dir, "migration", "server")
+                tls_ops.load(self.qmp, tls, self.run_dir, "migration", "client")
             if isinstance(target, Migrations):
                 uri = f"tcp:{listen[0]}:{listen[1]}" if listen else f"unix:{target.run_dir / MIGRATION_SOCKET}"
                 migration_ops.set_capabilities(target.qmp, options.capabilities(source=False))
@@ -258,6 +284,18 @@ class Migrations:
         """The guest runs elsewhere now: quit this QEMU (an expected exit)."""
         self._lifecycle.escalate((ShutdownMethod.QUIT, ShutdownMethod.KILL), step_timeout=timeout)
         self._log.info("vm.migrated_away")
+
+
+def _tls_hostname(target: Migrations | str, listen: tuple[str, int] | None) -> str:
+    """The host the source connects to, which the target's certificate must name."""
+    if isinstance(target, Migrations):
+        if listen is None:
+            raise InvalidArgument("tls needs a TCP migration: give listen=(host, port)")
+        return listen[0]
+    kind, _, rest = target.partition(":")
+    if kind != "tcp":
+        raise InvalidArgument(f"tls needs a tcp: URI, not {target!r}")
+    return rest.rpartition(":")[0].strip("[]")
 
 
 def _runs(qmp: Monitor) -> bool:

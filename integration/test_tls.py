@@ -1,0 +1,131 @@
+"""TLS for migration and NBD: the stream between two hosts (network namespaces) is encrypted and
+each end verifies the other against the CA; a peer the CA did not sign is refused."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from integration.conftest import TwoHosts, VMFactory, make_image
+from integration.test_migration import incoming, pattern_intact, write_pattern
+from vmctl import TLSCreds
+from vmctl.errors import InvalidArgument, MigrationError
+from vmctl.testing import GuestShell
+from vmctl.testing.certs import make_ca, make_tls_creds
+
+#: A string the guest holds in RAM (a tmpfs file): in clear on the wire unless the stream is encrypted.
+MARKER = "vmctl-ram-marker-6e1f0b93"
+
+
+@contextlib.contextmanager
+def captured(namespace: str, link: str, port: int, out: Path) -> Iterator[Path]:
+    """The TCP traffic to and from ``port`` on ``link``, as tcpdump writes it."""
+    dump = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            namespace,
+            "tcpdump",
+            "-i",
+            link,
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            str(out),
+            "tcp",
+            "port",
+            str(port),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert dump.stderr is not None
+        assert "listening on" in dump.stderr.readline()  # it captures from here on
+        yield out
+    finally:
+        time.sleep(0.5)  # what is in flight reaches the file
+        dump.terminate()
+        dump.wait(10)
+
+
+def test_a_tls_migration_between_hosts_moves_the_guest_and_never_its_ram_in_clear(
+    vms: VMFactory, two_hosts: TwoHosts, tmp_path: Path
+) -> None:
+    vm = vms.launch(vms.spec("src"), netns=two_hosts.a)
+    write_pattern(vm)
+    with GuestShell(vm) as shell:
+        shell.run(f"yes {MARKER} | head -c 1000000 > /tmp/marker", check=True)
+    # In clear first, to show that the capture would see the guest's RAM.
+    middle = incoming(vms, vm, "middle", netns=two_hosts.b)
+    with captured(two_hosts.b, two_hosts.b_link, 4460, tmp_path / "clear.pcap") as clear:
+        vm.migrate(middle, listen=(two_hosts.b_address, 4460)).wait(120)
+    assert MARKER.encode() in clear.read_bytes()
+    creds = make_tls_creds(tmp_path / "pki", hostname=two_hosts.a_address)  # the next target is on host a
+    final = incoming(vms, middle, "final", netns=two_hosts.a)
+    with captured(two_hosts.b, two_hosts.b_link, 4461, tmp_path / "tls.pcap") as encrypted:
+        result = middle.migrate(final, listen=(two_hosts.a_address, 4461), tls=creds).wait(120)
+    assert result.status == "completed"
+    wire = encrypted.read_bytes()
+    assert len(wire) > 64 << 20  # the whole guest went through the capture
+    assert MARKER.encode() not in wire
+    assert pattern_intact(final)
+    params = final.qmp.execute("query-migrate-parameters")
+    assert params["tls-creds"] == "vmctl-tls-migration-server"
+
+
+def test_a_target_whose_certificate_another_ca_signed_is_refused_and_the_source_runs_on(
+    vms: VMFactory, two_hosts: TwoHosts, tmp_path: Path
+) -> None:
+    vm = vms.launch(vms.spec("src"), netns=two_hosts.a)
+    write_pattern(vm)
+    impostor = make_tls_creds(
+        tmp_path / "pki", hostname=two_hosts.b_address, server_ca=make_ca(tmp_path / "other-ca", name="another CA")
+    )
+    before = vm.qmp.execute("query-migrate-parameters")
+    target = incoming(vms, vm, "dst", netns=two_hosts.b)
+    with pytest.raises(MigrationError):
+        vm.migrate(target, listen=(two_hosts.b_address, 4462), tls=impostor).wait(60)
+    assert vm.status().running and pattern_intact(vm)
+    after = vm.qmp.execute("query-migrate-parameters")
+    assert (after["tls-creds"], after["tls-hostname"]) == (before["tls-creds"], before["tls-hostname"])
+    assert "vmctl-tls-migration-client" not in {o["name"] for o in vm.qmp.execute("qom-list", {"path": "/objects"})}
+
+
+def test_tls_needs_a_tcp_migration(vms: VMFactory, tmp_path: Path) -> None:
+    vm = vms.launch(wait_ready=False)
+    target = incoming(vms, vm, "dst")
+    with pytest.raises(InvalidArgument, match="listen="):
+        vm.migrate(target, tls=make_tls_creds(tmp_path / "pki", hostname="127.0.0.1"))
+    with pytest.raises(InvalidArgument, match="missing"):
+        vm.migrate(target, listen=("127.0.0.1", 4463), tls=TLSCreds(dir=tmp_path / "nothing"))
+
+
+def test_an_nbd_export_over_tls_serves_only_clients_the_ca_signed(vms: VMFactory, tmp_path: Path) -> None:
+    vm = vms.launch(wait_ready=False)
+    vm.hotplug_disk(make_image(tmp_path / "data.qcow2", "qcow2", "8M"), id="n1")
+    creds = make_tls_creds(tmp_path / "pki", hostname="127.0.0.1")
+    export = vm.export_disk("n1", address=("127.0.0.1", 10809), tls=creds)
+
+    def info(*tls: str) -> subprocess.CompletedProcess[str]:
+        image = f"driver=nbd,host=127.0.0.1,port=10809,export={export.name}"
+        if tls:
+            image += ",tls-creds=c"
+        return subprocess.run(
+            ["qemu-img", "info", *tls, "--image-opts", image], capture_output=True, text=True, timeout=30
+        )
+
+    with_creds = info("--object", f"tls-creds-x509,id=c,dir={creds.dir},endpoint=client")
+    assert with_creds.returncode == 0 and "virtual size: 8 MiB" in with_creds.stdout, with_creds.stderr
+    assert info().returncode != 0  # in clear: refused
+    other = make_tls_creds(tmp_path / "other", hostname="127.0.0.1")  # a client another CA signed
+    assert info("--object", f"tls-creds-x509,id=c,dir={other.dir},endpoint=client").returncode != 0
+    vm.unexport_disk("n1")
+    assert "vmctl-tls-nbd-server" not in {o["name"] for o in vm.qmp.execute("qom-list", {"path": "/objects"})}
