@@ -425,6 +425,7 @@ class VM:
         copy_storage: bool = False,
         storage_timeout: float = 600.0,
         tls: TLSCreds | None = None,
+        target_tls: TLSCreds | None = None,
     ) -> Migration:
         """Start migrating to ``target``: a VM from ``launch_incoming`` or a migration URI (see
         :meth:`vmctl.vm.migration.Migrations.migrate`)."""
@@ -442,6 +443,7 @@ class VM:
             copy_storage=copy_storage,
             storage_timeout=storage_timeout,
             tls=tls,
+            target_tls=target_tls,
         )
 
 

@@ -117,6 +117,7 @@ class Migrations:
         copy_storage: bool = False,
         storage_timeout: float = 600.0,
         tls: TLSCreds | None = None,
+        target_tls: TLSCreds | None = None,
     ) -> migration_ops.Migration:
         """Start migrating to ``target``: a VM from ``launch_incoming`` (it listens on a unix
         socket in its run dir, or on ``listen`` = (host, port) over TCP) or a migration URI.
@@ -131,13 +132,17 @@ class Migrations:
 
         ``tls`` encrypts the stream: the target gets the server credentials, the source the
         client ones, and each verifies the other against the CA; the target's certificate must
-        name the host the source connects to (``listen``'s, or a ``tcp:`` URI's)."""
+        name the host the source connects to (``listen``'s, or a ``tcp:`` URI's). ``target_tls``
+        gives the target (another host) its own credentials directory, signed by the same CA."""
+        if target_tls is not None and tls is None:
+            raise InvalidArgument("target_tls needs tls (the source's credentials)")
+        target_tls = target_tls or tls
         hostname = None
         if tls is not None:
             hostname = _tls_hostname(target, listen)
             tls.paths("client")
-            if isinstance(target, Migrations):
-                tls.paths("server")
+            if isinstance(target, Migrations) and target_tls is not None:
+                target_tls.paths("server")
             if copy_storage:
                 raise InvalidArgument("tls with copy_storage is not supported yet (the NBD copy would go in clear)")
         options = migration_ops.MigrationOptions(
@@ -215,8 +220,8 @@ class Migrations:
         target_events = events = None
         try:
             if tls is not None:
-                if isinstance(target, Migrations):
-                    tls_ops.load(target.qmp, tls, target.run_dir, "migration", "server")
+                if isinstance(target, Migrations) and target_tls is not None:
+                    tls_ops.load(target.qmp, target_tls, target.run_dir, "migration", "server")
                 tls_ops.load(self.qmp, tls, self.run_dir, "migration", "client")
             if isinstance(target, Migrations):
                 uri = f"tcp:{listen[0]}:{listen[1]}" if listen else f"unix:{target.run_dir / MIGRATION_SOCKET}"
