@@ -16,7 +16,7 @@ from integration.test_migration import incoming, pattern_intact, write_pattern
 from vmctl import TLSCreds
 from vmctl.errors import InvalidArgument, MigrationError
 from vmctl.testing import GuestShell
-from vmctl.testing.certs import make_ca, make_tls_creds
+from vmctl.testing.certs import make_tls_creds
 
 #: A string the guest holds in RAM (a tmpfs file): in clear on the wire unless the stream is encrypted.
 MARKER = "vmctl-ram-marker-6e1f0b93"
@@ -25,35 +25,16 @@ MARKER = "vmctl-ram-marker-6e1f0b93"
 @contextlib.contextmanager
 def captured(namespace: str, link: str, port: int, out: Path) -> Iterator[Path]:
     """The TCP traffic to and from ``port`` on ``link``, as tcpdump writes it."""
-    dump = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            namespace,
-            "tcpdump",
-            "-i",
-            link,
-            "-U",
-            "-s",
-            "0",
-            "-w",
-            str(out),
-            "tcp",
-            "port",
-            str(port),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert dump.stderr is not None
-        assert "listening on" in dump.stderr.readline()  # it captures from here on
-        yield out
-    finally:
-        time.sleep(0.5)  # what is in flight reaches the file
-        dump.terminate()
-        dump.wait(10)
+    command = ["ip", "netns", "exec", namespace, "tcpdump", "-i", link, "-U", "-s", "0", "-w", str(out)]
+    with subprocess.Popen([*command, "tcp", "port", str(port)], stderr=subprocess.PIPE, text=True) as dump:
+        try:
+            assert dump.stderr is not None
+            assert "listening on" in dump.stderr.readline()  # it captures from here on
+            yield out
+        finally:
+            time.sleep(0.5)  # what is in flight reaches the file
+            dump.terminate()
+            dump.wait(10)
 
 
 def test_a_tls_migration_between_hosts_moves_the_guest_and_never_its_ram_in_clear(
@@ -86,13 +67,12 @@ def test_a_target_whose_certificate_another_ca_signed_is_refused_and_the_source_
 ) -> None:
     vm = vms.launch(vms.spec("src"), netns=two_hosts.a)
     write_pattern(vm)
-    impostor = make_tls_creds(
-        tmp_path / "pki", hostname=two_hosts.b_address, server_ca=make_ca(tmp_path / "other-ca", name="another CA")
-    )
+    ours = make_tls_creds(tmp_path / "ours", hostname=two_hosts.b_address)
+    theirs = make_tls_creds(tmp_path / "theirs", hostname=two_hosts.b_address)  # its own CA
     before = vm.qmp.execute("query-migrate-parameters")
     target = incoming(vms, vm, "dst", netns=two_hosts.b)
     with pytest.raises(MigrationError):
-        vm.migrate(target, listen=(two_hosts.b_address, 4462), tls=impostor).wait(60)
+        vm.migrate(target, listen=(two_hosts.b_address, 4462), tls=ours, target_tls=theirs).wait(60)
     assert vm.status().running and pattern_intact(vm)
     after = vm.qmp.execute("query-migrate-parameters")
     assert (after["tls-creds"], after["tls-hostname"]) == (before["tls-creds"], before["tls-hostname"])
