@@ -13,7 +13,7 @@ import pytest
 
 from integration.conftest import TwoHosts, VMFactory, make_image
 from integration.test_migration import incoming, pattern_intact, write_pattern
-from vmctl import TLSCreds
+from vmctl import VM, Secret, TLSCreds
 from vmctl.errors import InvalidArgument, MigrationError
 from vmctl.testing import GuestShell
 from vmctl.testing.certs import make_tls_creds
@@ -109,3 +109,33 @@ def test_an_nbd_export_over_tls_serves_only_clients_the_ca_signed(vms: VMFactory
     assert info("--object", f"tls-creds-x509,id=c,dir={other.dir},endpoint=client").returncode != 0
     vm.unexport_disk("n1")
     assert "vmctl-tls-nbd-server" not in {o["name"] for o in vm.qmp.execute("qom-list", {"path": "/objects"})}
+
+
+def test_a_storage_copy_migration_over_tls_with_password_protected_keys_carries_the_disk(
+    vms: VMFactory, two_hosts: TwoHosts, tmp_path: Path
+) -> None:
+    source = vms.launch(vms.spec("src"), netns=two_hosts.a)
+    source.hotplug_disk(make_image(tmp_path / "src.qcow2", "qcow2", "32M"), id="data1")
+    with GuestShell(source) as shell:
+        shell.run(f"yes {MARKER} | head -c 4000000 | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+        guest_sum = shell.run("dd if=/dev/vda bs=1M count=4 2>/dev/null | md5sum").output.split()[0]
+    password = Secret(b"tls-key-password")
+    creds = make_tls_creds(tmp_path / "pki", hostname=two_hosts.b_address, key_password=password)
+    assert b"ENCRYPTED PRIVATE KEY" in (tmp_path / "pki" / "server-key.pem").read_bytes()
+    copy = make_image(tmp_path / "dst.qcow2", "qcow2", "32M")
+    target = VM.launch_incoming(
+        source.migration_target_spec(name="dst", disk_paths={"data1": copy}),
+        run_dir=vms.run_dir("dst"),
+        inventory=source.inventory,
+        netns=two_hosts.b,
+    )
+    vms.vms.append(target)
+    listen = (two_hosts.b_address, 4464)  # the disks' NBD copy goes to the port after it
+    with captured(two_hosts.b, two_hosts.b_link, listen[1] + 1, tmp_path / "nbd.pcap") as wire:
+        source.migrate(target, listen=listen, copy_storage=True, tls=creds).wait(180)
+    assert len(wire.read_bytes()) > 4_000_000 and MARKER.encode() not in wire.read_bytes()
+    with GuestShell(target) as shell:
+        assert shell.run("dd if=/dev/vda bs=1M count=4 2>/dev/null | md5sum").output.split()[0] == guest_sum
+    for vm in (target,):  # the password reached QEMU encrypted, never in clear
+        assert b"tls-key-password" not in Path(f"/proc/{vm.pid}/cmdline").read_bytes()
+        assert b"tls-key-password" not in (vm.run_dir / "vm.json").read_bytes()

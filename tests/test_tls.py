@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vmctl import TLSCreds
+from vmctl import Secret, TLSCreds
 from vmctl.errors import InvalidArgument
 from vmctl.ops.migration import MigrationOptions
 from vmctl.vm import tls as tls_ops
@@ -62,3 +62,10 @@ def test_qemus_copy_is_roots_and_readable_by_the_run_dirs_group_only(tmp_path: P
         assert (info.st_uid, info.st_gid) == (os.geteuid(), 64124)
         assert stat.S_IMODE(info.st_mode) & 0o007 == 0  # nothing for others
     assert (copied / "server-key.pem").read_text() == "server-key.pem"
+
+
+def test_a_key_password_is_a_secret_and_never_shows(tmp_path: Path) -> None:
+    protected = TLSCreds(dir=tmp_path, key_password=Secret(b"pw-123"))
+    assert "pw-123" not in repr(protected)
+    with pytest.raises(InvalidArgument, match="Secret"):
+        TLSCreds(dir=tmp_path, key_password=b"pw-123")  # type: ignore[arg-type]

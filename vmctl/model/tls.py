@@ -8,6 +8,7 @@ from typing import Literal
 import attrs
 
 from vmctl.errors import InvalidArgument
+from vmctl.model.secret import Secret
 from vmctl.model.validate import path_text
 
 Endpoint = Literal["server", "client"]
@@ -25,6 +26,13 @@ class TLSCreds:
     ``client-cert.pem``, ``client-key.pem``. Both ends verify their peer against the CA."""
 
     dir: str = attrs.field(converter=path_text)
+    #: The password of the private keys, when they are encrypted (QEMU gets it as a secret
+    #: object, encrypted with the VM's master key).
+    key_password: Secret | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.key_password is not None and not isinstance(self.key_password, Secret):
+            raise InvalidArgument("TLSCreds.key_password is a vmctl.Secret")
 
     def paths(self, endpoint: Endpoint) -> list[str]:
         """The files of one end; ``InvalidArgument`` naming any that is missing."""

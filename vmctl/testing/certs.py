@@ -7,6 +7,7 @@ import ipaddress
 import subprocess
 from pathlib import Path
 
+from vmctl.model.secret import Secret
 from vmctl.model.tls import TLSCreds
 
 _DAYS = "2"
@@ -31,10 +32,12 @@ def make_tls_creds(
     hostname: str,
     ca: tuple[Path, Path] | None = None,
     server_ca: tuple[Path, Path] | None = None,
+    key_password: Secret | None = None,
 ) -> TLSCreds:
     """Credentials in ``directory``: the CA's certificate (a new CA unless ``ca`` is given), and a
     server certificate for ``hostname`` (a name or an IP address) and a client certificate, both
-    signed by the CA, or the server's by ``server_ca`` (a peer the client must refuse)."""
+    signed by the CA, or the server's by ``server_ca`` (a peer the client must refuse); their
+    keys encrypted with ``key_password`` if given."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     ca = ca or make_ca(out / "ca")
@@ -50,9 +53,11 @@ def make_tls_creds(
         extensions.write_text(
             f"subjectAltName={san}\nextendedKeyUsage={usage}\nkeyUsage=digitalSignature,keyEncipherment\n"
         )
+        protection = ["-passout", "stdin"] if key_password is not None else ["-nodes"]
         _openssl(
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={hostname}",
+            "req", "-newkey", "rsa:2048", *protection, "-subj", f"/CN={hostname}",
             "-keyout", str(key), "-out", str(request),
+            stdin=key_password.reveal() if key_password is not None else None,
         )  # fmt: skip
         _openssl(
             "x509", "-req", "-in", str(request), "-CA", str(signer[0]), "-CAkey", str(signer[1]),
@@ -61,10 +66,10 @@ def make_tls_creds(
         request.unlink()
         extensions.unlink()
         key.chmod(0o600)
-    return TLSCreds(dir=out)
+    return TLSCreds(dir=out, key_password=key_password)
 
 
-def _openssl(*args: str) -> None:
-    result = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60, check=False)
+def _openssl(*args: str, stdin: bytes | None = None) -> None:
+    result = subprocess.run(["openssl", *args], input=stdin, capture_output=True, timeout=60, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"openssl {args[0]} failed: {result.stderr.strip()}")
+        raise RuntimeError(f"openssl {args[0]} failed: {result.stderr.decode(errors='replace').strip()}")

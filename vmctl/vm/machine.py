@@ -166,7 +166,7 @@ class VM:
             with contextlib.suppress(FileNotFoundError):
                 (directory / leftover).unlink()
         user = QemuUser.resolve(spec.run_as)
-        if user is not None:  # QEMU reaches its run dir and what it opens by path, nothing else
+        if user is not None:  # its run dir, and the files QEMU reopens itself, must be in its reach
             user.share_run_dir(directory)
             user.check_reachable(directory, what="the run dir")
             for file in spec.passed_files(directory):

@@ -143,8 +143,6 @@ class Migrations:
             tls.paths("client")
             if isinstance(target, Migrations) and target_tls is not None:
                 target_tls.paths("server")
-            if copy_storage:
-                raise InvalidArgument("tls with copy_storage is not supported yet (the NBD copy would go in clear)")
         options = migration_ops.MigrationOptions(
             postcopy=postcopy,
             auto_converge=auto_converge,
@@ -199,7 +197,7 @@ class Migrations:
 
         try:
             storage = (
-                self._copy_storage(target, listen, storage_timeout)
+                self._copy_storage(target, listen, storage_timeout, tls=tls, target_tls=target_tls)
                 if isinstance(target, Migrations) and copy_storage
                 else None
             )
@@ -271,15 +269,35 @@ class Migrations:
             on_ended=ended,
         )
 
-    def _copy_storage(self, target: Migrations, listen: tuple[str, int] | None, timeout: float) -> StorageCopy:
-        """Mirror the disks whose image differs on the target into its NBD exports, until in sync."""
+    def _copy_storage(
+        self,
+        target: Migrations,
+        listen: tuple[str, int] | None,
+        timeout: float,
+        *,
+        tls: TLSCreds | None,
+        target_tls: TLSCreds | None,
+    ) -> StorageCopy:
+        """Mirror the disks whose image differs on the target into its NBD exports, until in
+        sync; with ``tls``, over NBD with TLS (the target serves, the source is the client)."""
         theirs = {d.id: d for d in target.inventory.disks}
         to_copy = [d for d in self._store.inventory.disks if theirs[d.id].path != d.path or theirs[d.id].overlays]
         if not to_copy:
             raise InvalidArgument("copy_storage: the target uses the same images (launch it with disk_paths)")
         # Over TCP the NBD server listens next to the migration port; else on a socket in its run dir.
         address = (listen[0], listen[1] + 1) if listen else None
-        return StorageCopy.start(self.qmp, target.blocks, to_copy, address=address, timeout=timeout, log=self._log)
+        client_tls = None
+        if tls is not None:
+            client_tls = tls_ops.load(self.qmp, tls, self.run_dir, "nbd", "client")
+        return StorageCopy.start(
+            self.qmp,
+            target.blocks,
+            to_copy,
+            address=address,
+            timeout=timeout,
+            log=self._log,
+            tls=(client_tls, target_tls) if client_tls is not None and target_tls is not None else None,
+        )
 
     def adopt_inventory(self, inventory: Inventory) -> None:
         """Take over the device inventory of the VM this one was migrated from."""

@@ -14,16 +14,21 @@ from typing import Any
 from vmctl.errors import QMPError, VmctlError
 from vmctl.model import DiskSpec
 from vmctl.model.names import nbd_client_node as client_node
+from vmctl.model.tls import TLSCreds
 from vmctl.ops import nbd as nbd_ops
 from vmctl.ops.blockjobs import Job
 from vmctl.ops.nodes import block_nodes
 from vmctl.qmp import Monitor
+from vmctl.vm import tls as tls_ops
 from vmctl.vm.blocks import Blocks
 
 
 class StorageCopy:
-    def __init__(self, source: Monitor, target: Blocks, jobs: list[Job], disk_ids: list[str], log: Any) -> None:
+    def __init__(
+        self, source: Monitor, target: Blocks, jobs: list[Job], disk_ids: list[str], log: Any, *, tls: bool = False
+    ) -> None:
         self.source = source
+        self.tls = tls
         self.target = target
         self.jobs = jobs
         self.disk_ids = disk_ids
@@ -39,21 +44,23 @@ class StorageCopy:
         address: nbd_ops.NbdAddress | None,
         timeout: float,
         log: Any,
+        tls: tuple[str, TLSCreds] | None = None,
     ) -> StorageCopy:
-        copy = cls(source, target, [], [d.id for d in disks], log)
+        """``tls``: the source's client credentials object (loaded) and the target's credentials."""
+        copy = cls(source, target, [], [d.id for d in disks], log, tls=tls is not None)
         try:
             for disk in disks:
-                export = target.export_disk(disk.id, address=address, writable=True)
+                export = target.export_disk(disk.id, address=address, writable=True, tls=tls[1] if tls else None)
                 assert target.nbd_address is not None
-                source.execute(
-                    "blockdev-add",
-                    {
-                        "driver": "nbd",
-                        "node-name": client_node(disk.id),
-                        "server": nbd_ops.socket_address(target.nbd_address),
-                        "export": export.name,
-                    },
-                )
+                client: dict[str, Any] = {
+                    "driver": "nbd",
+                    "node-name": client_node(disk.id),
+                    "server": nbd_ops.socket_address(target.nbd_address),
+                    "export": export.name,
+                }
+                if tls is not None:
+                    client["tls-creds"] = tls[0]
+                source.execute("blockdev-add", client)
                 arguments = {
                     "job-id": f"{disk.id}-copy",
                     "device": disk.active_node,
@@ -91,3 +98,6 @@ class StorageCopy:
                     self.source.execute("blockdev-del", {"node-name": client_node(disk_id)})
             with contextlib.suppress(VmctlError):  # not exported yet, or gone
                 self.target.unexport_disk(disk_id)
+        if self.tls:
+            with contextlib.suppress(QMPError):
+                tls_ops.unload(self.source, "nbd", "client")

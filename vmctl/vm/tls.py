@@ -8,10 +8,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
+from vmctl.errors import InvalidArgument
 from vmctl.model.tls import Endpoint, TLSCreds
 from vmctl.ops.disks import object_exists, remove_object
 from vmctl.ops.queries import execute_checked
 from vmctl.qmp import Monitor
+from vmctl.vm.secrets import load_master_key, secret_object
 
 Purpose = Literal["migration", "nbd"]
 
@@ -44,7 +46,7 @@ def load(qmp: Monitor, creds: TLSCreds, run_dir: Path, purpose: Purpose, endpoin
     Credentials loaded earlier are replaced: the files may have changed."""
     object_id = creds_id(purpose, endpoint)
     directory = stage(creds, run_dir, purpose, endpoint)
-    remove_object(qmp, object_id)
+    unload(qmp, purpose, endpoint)
     arguments: dict[str, Any] = {
         "qom-type": "tls-creds-x509",
         "id": object_id,
@@ -52,9 +54,22 @@ def load(qmp: Monitor, creds: TLSCreds, run_dir: Path, purpose: Purpose, endpoin
         "endpoint": endpoint,
         "verify-peer": True,
     }
-    execute_checked(qmp, "object-add", arguments, took=lambda: object_exists(qmp, object_id))
+    if creds.key_password is not None:  # the key's password, encrypted with the master key
+        key = load_master_key(run_dir)
+        if key is None:
+            raise InvalidArgument("this VM has no master key for the TLS key's password (launched by an older vmctl)")
+        password = secret_object(f"{object_id}-password", creds.key_password, key)
+        execute_checked(qmp, "object-add", password, took=lambda: object_exists(qmp, password["id"]))
+        arguments["passwordid"] = password["id"]
+    try:
+        execute_checked(qmp, "object-add", arguments, took=lambda: object_exists(qmp, object_id))
+    except BaseException:
+        remove_object(qmp, f"{object_id}-password")
+        raise
     return object_id
 
 
 def unload(qmp: Monitor, purpose: Purpose, endpoint: Endpoint) -> None:
+    """Take one end's credentials (and their key's password) out of QEMU, if there."""
     remove_object(qmp, creds_id(purpose, endpoint))
+    remove_object(qmp, f"{creds_id(purpose, endpoint)}-password")
