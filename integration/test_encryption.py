@@ -55,8 +55,9 @@ def test_the_guest_writes_through_an_encrypted_disk_and_the_image_holds_only_cip
     assert image_info(image)["encrypted"] is True
     vm = vms.launch(vms.spec(disks=[DiskSpec(id="e1", path=image, encryption=Secret(PASSPHRASE))]))
     with GuestShell(vm) as shell:
-        shell.run(f"echo {MARKER} | dd of=/dev/vda bs=4096 conv=fsync 2>/dev/null", check=True)
-        assert shell.run("head -c 21 /dev/vda").output == MARKER
+        device = shell.block_device("e1")
+        shell.run(f"echo {MARKER} | dd of=/dev/{device} bs=4096 conv=fsync 2>/dev/null", check=True)
+        assert shell.run(f"head -c 21 /dev/{device}").output == MARKER
     vm.kill()
     assert MARKER.encode() not in image.read_bytes()
     assert plaintext_of(image).startswith(MARKER.encode())
@@ -70,10 +71,11 @@ def test_a_passphrase_is_nowhere_in_clear_through_hotplug_snapshot_and_migration
     with record(vm.qmp) as sent:
         vm.hotplug_disk(disk)
         with GuestShell(vm) as shell:
-            shell.run(f"echo {MARKER} | dd of=/dev/vda bs=4096 conv=fsync 2>/dev/null", check=True)
+            device = shell.block_device("e2")  # once the guest has it
+            shell.run(f"echo {MARKER} | dd of=/dev/{device} bs=4096 conv=fsync 2>/dev/null", check=True)
         vm.snapshot_disks(["e2"], overlays={"e2": tmp_path / "hot.s1.qcow2"})
         with GuestShell(vm) as shell:  # written into the new overlay
-            shell.run(f"echo {MARKER}-s1 | dd of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null", check=True)
+            shell.run(f"echo {MARKER}-s1 | dd of=/dev/{device} bs=4096 seek=1 conv=fsync 2>/dev/null", check=True)
     overlay = tmp_path / "hot.s1.qcow2"
     assert image_info(overlay)["encrypted"] is True
     assert MARKER.encode() not in overlay.read_bytes()
@@ -82,9 +84,12 @@ def test_a_passphrase_is_nowhere_in_clear_through_hotplug_snapshot_and_migration
     )
     vms.vms.append(target)
     vm.migrate(target).wait(60)
+    hot = tmp_path / "hot.qcow2"  # the guest's first write is there, encrypted
+    assert MARKER.encode() not in hot.read_bytes() and plaintext_of(hot).startswith(MARKER.encode())
     with GuestShell(target) as shell:  # the target opened the chain with its own master key
-        assert shell.run("head -c 21 /dev/vda").output == MARKER
-        assert shell.run("dd if=/dev/vda bs=4096 skip=1 count=1 2>/dev/null | head -c 24").output == f"{MARKER}-s1"
+        assert shell.run(f"head -c 21 /dev/{device}").output == MARKER
+        second = shell.run(f"dd if=/dev/{device} bs=4096 skip=1 count=1 2>/dev/null | head -c 24").output
+        assert second == f"{MARKER}-s1"
     places = {
         "the QMP commands": json.dumps([arguments for _, arguments in sent.commands]).encode(),
         "the logs": capsys.readouterr().out.encode(),

@@ -117,8 +117,9 @@ def test_a_storage_copy_migration_over_tls_with_password_protected_keys_carries_
     source = vms.launch(vms.spec("src"), netns=two_hosts.a)
     source.hotplug_disk(make_image(tmp_path / "src.qcow2", "qcow2", "32M"), id="data1")
     with GuestShell(source) as shell:
-        shell.run(f"yes {MARKER} | head -c 4000000 | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
-        guest_sum = shell.run("dd if=/dev/vda bs=1M count=4 2>/dev/null | md5sum").output.split()[0]
+        device = shell.block_device("data1")  # once the guest has it
+        shell.run(f"yes {MARKER} | head -c 4000000 | dd of=/dev/{device} bs=1M conv=fsync 2>/dev/null", check=True)
+        guest_sum = shell.run(f"dd if=/dev/{device} bs=1M count=4 2>/dev/null | md5sum").output.split()[0]
     password = Secret(b"tls-key-password")
     creds = make_tls_creds(tmp_path / "pki", hostname=two_hosts.b_address, key_password=password)
     assert b"ENCRYPTED PRIVATE KEY" in (tmp_path / "pki" / "server-key.pem").read_bytes()
@@ -135,7 +136,7 @@ def test_a_storage_copy_migration_over_tls_with_password_protected_keys_carries_
         source.migrate(target, listen=listen, copy_storage=True, tls=creds).wait(180)
     assert len(wire.read_bytes()) > 4_000_000 and MARKER.encode() not in wire.read_bytes()
     with GuestShell(target) as shell:
-        assert shell.run("dd if=/dev/vda bs=1M count=4 2>/dev/null | md5sum").output.split()[0] == guest_sum
+        assert shell.run(f"dd if=/dev/{device} bs=1M count=4 2>/dev/null | md5sum").output.split()[0] == guest_sum
     for vm in (target,):  # the password reached QEMU encrypted, never in clear
         assert b"tls-key-password" not in Path(f"/proc/{vm.pid}/cmdline").read_bytes()
         assert b"tls-key-password" not in (vm.run_dir / "vm.json").read_bytes()
