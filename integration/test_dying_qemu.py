@@ -106,7 +106,8 @@ def test_a_vm_killed_during_a_block_job_ends_its_waiter_at_once(vms: VMFactory, 
     vm = vms.launch(vms.spec("jobs"))
     vm.hotplug_disk(make_image(tmp_path / "big.qcow2", "qcow2", "1G"), id="jd1")
     with GuestShell(vm) as shell:  # data to copy, so that the mirror runs a while at its speed limit
-        shell.run("head -c 8000000 /dev/urandom | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+        device = shell.block_device("jd1")  # once the guest has it (before, dd would make a file)
+        shell.run(f"head -c 8000000 /dev/urandom | dd of=/dev/{device} bs=1M conv=fsync 2>/dev/null", check=True)
     job = vm.mirror_disk("jd1", tmp_path / "copy.qcow2")
     vm.qmp.execute("block-job-set-speed", {"device": job.id, "speed": 1 << 20})
     assert job.progress().status == "running"
