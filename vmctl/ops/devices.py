@@ -74,3 +74,14 @@ def ensure_controller(qmp: Monitor, steps: Steps, controller: Controller, timeou
             lambda: qmp.execute("device_add", controller.device_properties(), timeout=timeout),
             lambda _: remove_device(qmp, controller.id, timeout),
         )
+
+
+def object_exists(qmp: Monitor, object_id: str) -> bool:
+    """Whether QEMU has the user-created object ``object_id`` (a backend, a secret, credentials)."""
+    return any(o.get("name") == object_id for o in ask(qmp, "qom-list", {"path": "/objects"}))
+
+
+def remove_object(qmp: Monitor, object_id: str) -> None:
+    """object-del, unless the object is gone already."""
+    if object_exists(qmp, object_id):
+        qmp.execute("object-del", {"id": object_id})

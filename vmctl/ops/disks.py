@@ -18,7 +18,7 @@ from vmctl.errors import CommandError, CommandTimeout, HotplugError, InvalidArgu
 from vmctl.model import DiskBus, DiskSpec, Throttle
 from vmctl.model.names import fdset_tag, is_disk_fdset, is_disk_node, secret_object_id
 from vmctl.model.pcie import Controller
-from vmctl.ops.devices import ensure_controller, remove_device
+from vmctl.ops.devices import ensure_controller, object_exists, remove_device, remove_object
 from vmctl.ops.nodes import block_nodes
 from vmctl.ops.queries import ask, execute_checked
 from vmctl.ops.rollback import Steps
@@ -118,16 +118,6 @@ def unplug_disk(qmp: Monitor, log: Any, *, disk_id: str, encrypted: bool = False
     if encrypted:
         remove_object(qmp, secret_object_id(disk_id))
     bound.info("disk.unplugged")
-
-
-def object_exists(qmp: Monitor, object_id: str) -> bool:
-    return any(o.get("name") == object_id for o in ask(qmp, "qom-list", {"path": "/objects"}))
-
-
-def remove_object(qmp: Monitor, object_id: str) -> None:
-    """object-del, if the object is there."""
-    if object_exists(qmp, object_id):
-        qmp.execute("object-del", {"id": object_id})
 
 
 def disk_nodes(qmp: Monitor, disk_id: str) -> list[str]:

@@ -10,7 +10,7 @@ import attrs
 from vmctl.errors import HotplugError, InvalidArgument, QMPError, WaitTimeout
 from vmctl.model import MemorySpec, VirtioMemSpec
 from vmctl.model.names import memory_backend_id as backend_id
-from vmctl.ops.devices import device_present, remove_device
+from vmctl.ops.devices import device_present, remove_device, remove_object
 from vmctl.ops.queries import ask, execute_idempotent
 from vmctl.ops.rollback import Steps
 from vmctl.ops.waiting import events_until
@@ -67,14 +67,8 @@ def unplug_memory(qmp: Monitor, log: Any, *, memory_id: str, timeout: float = 30
     """Remove a DIMM (the guest must offline it first; it does when the memory is movable)."""
     bound = log.bind(memory=memory_id)
     remove_device(qmp, memory_id, timeout, kind="memory", also_left=(f"object {backend_id(memory_id)}",))
-    _delete_backend(qmp, backend_id(memory_id))
+    remove_object(qmp, backend_id(memory_id))
     bound.info("memory.unplugged")
-
-
-def _delete_backend(qmp: Monitor, backend: str) -> None:
-    """object-del a memory backend, unless it is gone already."""
-    if any(o.get("name") == backend for o in ask(qmp, "qom-list", {"path": "/objects"})):
-        qmp.execute("object-del", {"id": backend})
 
 
 def _plug(
@@ -98,7 +92,7 @@ def _plug(
                 lambda: qmp.execute(
                     "object-add", {"qom-type": "memory-backend-ram", "id": backend, "size": backend_mib * MIB}
                 ),
-                lambda _: _delete_backend(qmp, backend),
+                lambda _: remove_object(qmp, backend),
             )
             steps.run(
                 "device_add",

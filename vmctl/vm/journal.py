@@ -23,7 +23,7 @@ from vmctl.ops import disks as disk_ops
 from vmctl.ops import migration as migration_ops
 from vmctl.ops import nics as nic_ops
 from vmctl.ops.chains import device_node
-from vmctl.ops.devices import device_present, pin_pci_address
+from vmctl.ops.devices import device_present, object_exists, pin_pci_address
 from vmctl.ops.queries import ask
 from vmctl.qmp import Monitor
 
@@ -103,7 +103,7 @@ def parts(qmp: Monitor, intent: Intent) -> dict[str, bool]:
             found[f"fdset {tag}"] = True
         if intent.disk.encryption is not None:  # its passphrase's secret object
             secret_id = secret_object_id(device_id)
-            found[f"object {secret_id}"] = disk_ops.object_exists(qmp, secret_id)
+            found[f"object {secret_id}"] = object_exists(qmp, secret_id)
     else:
         netdev = re.escape(netdev_id(device_id))
         listed = re.search(rf"^[ \\]*{netdev}: ", qmp.human("info network"), re.MULTILINE)

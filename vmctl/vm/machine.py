@@ -166,10 +166,11 @@ class VM:
             with contextlib.suppress(FileNotFoundError):
                 (directory / leftover).unlink()
         user = QemuUser.resolve(spec.run_as)
+        files = spec.passed_files(directory)
         if user is not None:  # its run dir, and the files QEMU reopens itself, must be in its reach
             user.share_run_dir(directory)
             user.check_reachable(directory, what="the run dir")
-            for file in spec.passed_files(directory):
+            for file in files:
                 if file.read_by_qemu:
                     user.check_readable(file.path)
         prepare_firmware(spec, directory)
@@ -182,7 +183,7 @@ class VM:
             for disk in spec.disks
             if disk.encryption is not None
         ]
-        with opened(spec.passed_files(directory)) as passed, contextlib.closing(Fd(master_key_fd(key))) as key_fd:
+        with opened(files) as passed, contextlib.closing(Fd(master_key_fd(key))) as key_fd:
             passed = {**passed, MASTER_KEY_TAG: key_fd.fd}
             argv = spec.command_line(qemu_binary=binary, run_dir=directory, accel=accel, passed=passed, objects=objects)
             if incoming:

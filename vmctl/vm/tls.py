@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from vmctl.errors import InvalidArgument
 from vmctl.model.tls import Endpoint, TLSCreds
-from vmctl.ops.disks import object_exists, remove_object
+from vmctl.ops.devices import object_exists, remove_object
 from vmctl.ops.queries import execute_checked
 from vmctl.qmp import Monitor
 from vmctl.vm.secrets import load_master_key, secret_object
