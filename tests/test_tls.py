@@ -10,7 +10,7 @@ import pytest
 
 from vmctl import Secret, TLSCreds
 from vmctl.errors import InvalidArgument
-from vmctl.ops.migration import MigrationOptions
+from vmctl.model.migration import MigrationOptions
 from vmctl.vm import tls as tls_ops
 from vmctl.vm.migration import _tls_hostname
 

@@ -2,7 +2,7 @@
 
 from vmctl import errors
 from vmctl.errors import VmctlError
-from vmctl.model import DiskSpec, Inventory, NicSpec, Throttle, VMSpec
+from vmctl.model import DiskSpec, Escalation, Inventory, MigrationProgress, MigrationResult, NicSpec, Throttle, VMSpec
 from vmctl.model.secret import Secret
 from vmctl.model.status import ExitStatus
 from vmctl.model.tls import TLSCreds
@@ -12,8 +12,11 @@ from vmctl.vm import VM, ResetEvent, RunState, ShutdownEvent, ShutdownMethod, Sh
 __all__ = [
     "VM",
     "DiskSpec",
+    "Escalation",
     "ExitStatus",
     "Inventory",
+    "MigrationProgress",
+    "MigrationResult",
     "NicSpec",
     "ResetEvent",
     "RunState",

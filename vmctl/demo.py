@@ -15,7 +15,7 @@ from typing import TextIO
 
 from vmctl.errors import VmctlError
 from vmctl.model import VMSpec
-from vmctl.ops.migration import MigrationProgress
+from vmctl.model.migration import MigrationProgress
 from vmctl.ops.nodes import block_nodes
 from vmctl.qmp import Event
 from vmctl.testing import READY_MARKER, GuestShell, TestGuest

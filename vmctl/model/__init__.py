@@ -9,6 +9,15 @@ from vmctl.model.chardev import Chardev, ChardevKind
 from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, DiskSpec, ErrorPolicy, Overlay, Throttle
 from vmctl.model.inventory import Inventory
 from vmctl.model.memory import MemorySpec, VirtioMemSpec
+from vmctl.model.migration import (
+    ConvergencePolicy,
+    Escalation,
+    MigrationOptions,
+    MigrationProgress,
+    MigrationResult,
+    Skipped,
+    Step,
+)
 from vmctl.model.nic import NicSpec
 from vmctl.model.vm import Accelerator, VMSpec
 
@@ -18,14 +27,21 @@ __all__ = [
     "CacheMode",
     "Chardev",
     "ChardevKind",
+    "ConvergencePolicy",
     "DiskBus",
     "DiskFormat",
     "DiskSpec",
     "ErrorPolicy",
+    "Escalation",
     "Inventory",
     "MemorySpec",
+    "MigrationOptions",
+    "MigrationProgress",
+    "MigrationResult",
     "NicSpec",
     "Overlay",
+    "Skipped",
+    "Step",
     "Throttle",
     "VMSpec",
     "VirtioMemSpec",

@@ -20,6 +20,14 @@ from vmctl.errors import (
     VmctlError,
     WaitTimeout,
 )
+from vmctl.model.migration import (
+    DEFAULT_DOWNTIME_LIMIT_MS,
+    Escalation,
+    MigrationOptions,
+    MigrationProgress,
+    MigrationResult,
+)
+from vmctl.ops import convergence as policy
 from vmctl.ops.queries import ask, execute_checked, execute_idempotent
 from vmctl.ops.waiting import events_until
 from vmctl.qmp import Monitor, Subscription
@@ -37,111 +45,6 @@ _INCOMING_END_TIMEOUT = 0.5
 #: The run states of a source whose own migration completed ("finish-migrate" a moment before
 #: QEMU moves it to "postmigrate").
 _MIGRATED_AWAY = frozenset({"finish-migrate", "postmigrate"})
-
-
-@attrs.frozen(kw_only=True)
-class MigrationOptions:
-    postcopy: bool = False
-    auto_converge: bool = False
-    bandwidth: int | None = None  # bytes per second
-    downtime_limit: int | None = None  # milliseconds
-    pause_before_switchover: bool = False
-    multifd_channels: int | None = None
-    xbzrle: bool = False
-    copy_storage: bool = False
-    #: TLS: the ids of the credentials objects on each side, and the name the target's
-    #: certificate must bear (the host the source connects to).
-    tls_server: str | None = None
-    tls_client: str | None = None
-    tls_hostname: str | None = None
-
-    def __attrs_post_init__(self) -> None:
-        for name in ("bandwidth", "downtime_limit", "multifd_channels"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise InvalidArgument(f"{name} must be a positive whole number, not {value!r}")
-        if self.postcopy and self.multifd_channels:
-            raise InvalidArgument("postcopy and multifd cannot be combined in this QEMU")
-
-    def capabilities(self, *, source: bool) -> dict[str, bool]:
-        caps = {"events": True, "postcopy-ram": self.postcopy, "multifd": bool(self.multifd_channels)}
-        if not source:
-            # With disks copied over NBD, the target must not take its images over (lock and
-            # activate them) before the source's mirrors have ended: not until `cont`.
-            caps["late-block-activate"] = self.copy_storage
-        if source:
-            caps.update(
-                {
-                    "auto-converge": self.auto_converge,
-                    "pause-before-switchover": self.pause_before_switchover,
-                    "xbzrle": self.xbzrle,
-                }
-            )
-        return caps
-
-    def parameters(self, *, source: bool) -> dict[str, Any]:
-        params: dict[str, Any] = {}
-        if not source and self.tls_server is not None:
-            params["tls-creds"] = self.tls_server
-        if source and self.tls_client is not None:
-            params["tls-creds"] = self.tls_client
-            params["tls-hostname"] = self.tls_hostname or ""
-        if self.multifd_channels:
-            params["multifd-channels"] = self.multifd_channels
-        if source and self.bandwidth is not None:
-            params["max-bandwidth"] = self.bandwidth
-        if source and self.downtime_limit is not None:
-            params["downtime-limit"] = self.downtime_limit
-        return params
-
-
-@attrs.frozen(kw_only=True)
-class MigrationProgress:
-    """A snapshot of ``query-migrate`` on the source."""
-
-    status: str
-    total_time_ms: int
-    transferred: int
-    remaining: int
-    total: int
-    dirty_rate: int  # bytes per second being dirtied
-    mbps: float
-    passes: int
-
-    @classmethod
-    def from_qmp(cls, info: Mapping[str, Any]) -> MigrationProgress:
-        ram = info.get("ram", {})
-        return cls(
-            status=str(info.get("status", "none")),
-            total_time_ms=int(info.get("total-time", 0)),
-            transferred=int(ram.get("transferred", 0)),
-            remaining=int(ram.get("remaining", 0)),
-            total=int(ram.get("total", 0)),
-            dirty_rate=int(ram.get("dirty-pages-rate", 0)) * int(ram.get("page-size", 4096)),
-            mbps=float(ram.get("mbps", 0.0)),
-            passes=int(ram.get("dirty-sync-count", 0)),
-        )
-
-
-@attrs.frozen(kw_only=True)
-class MigrationResult:
-    status: str
-    total_time_ms: int
-    downtime_ms: int
-    setup_time_ms: int
-    transferred: int
-    postcopy: bool
-
-    @classmethod
-    def from_qmp(cls, info: Mapping[str, Any], *, postcopy: bool) -> MigrationResult:
-        return cls(
-            status=str(info.get("status")),
-            total_time_ms=int(info.get("total-time", 0)),
-            downtime_ms=int(info.get("downtime", 0)),
-            setup_time_ms=int(info.get("setup-time", 0)),
-            transferred=int(info.get("ram", {}).get("transferred", 0)),
-            postcopy=postcopy,
-        )
 
 
 def _wait_status(events: Subscription, status: str, timeout: float, what: str) -> None:
@@ -291,6 +194,7 @@ class Migration:
         on_completed: Callable[[], Any] | None = None,
         on_aborted: Callable[[], Any] | None = None,
         on_ended: Callable[[], Any] | None = None,
+        convergence: policy.Convergence | None = None,
     ) -> None:
         self.source = source
         self.target = target
@@ -311,14 +215,66 @@ class Migration:
         self._result: MigrationResult | None = None
         self._postcopy_started = False
         self._handed_over = False
-        self.started = time.monotonic()
+        self._convergence = convergence
+        self._forecast = (
+            convergence.forecast
+            if convergence is not None
+            else policy.Forecast(downtime_limit_ms=options.downtime_limit or DEFAULT_DOWNTIME_LIMIT_MS)
+        )
+        self._pass_began = False
+        self._give_up: str | None = None
+        self.started = convergence.started if convergence is not None else time.monotonic()
 
     @property
     def status(self) -> str:
         return self._status
 
+    @property
+    def escalations(self) -> tuple[Escalation, ...]:
+        """The steps the convergence policy took so far (``finish_within``)."""
+        return tuple(self._convergence.escalations) if self._convergence is not None else ()
+
     def progress(self) -> MigrationProgress:
-        return MigrationProgress.from_qmp(self.source.execute("query-migrate"))
+        """The figures now, with vmctl's prediction of the time left (``eta_s``)."""
+        sample = MigrationProgress.from_qmp(self.source.execute("query-migrate"))
+        now = time.monotonic()
+        if self._convergence is not None:
+            self._act(self._convergence.decide(sample, now))
+        else:
+            self._forecast.observe(sample, now)
+        return attrs.evolve(sample, eta_s=self._forecast.eta_s(sample))
+
+    def _act(self, action: policy.Action | None) -> None:
+        """Carry out a step of the convergence policy (one log event with its figures)."""
+        if action is None:
+            return
+        if isinstance(action, policy.GiveUp):
+            self._log.warning("vm.migration_gave_up", reason=action.message)
+            self._give_up = action.message
+            with contextlib.suppress(CommandError):  # it may have just ended
+                self.source.execute("migrate_cancel")
+            return
+        escalation = self.escalations[-1]
+        self._log.info(
+            "vm.migration_escalated",
+            step=escalation.step.value,
+            change=escalation.change,
+            reason=escalation.reason,
+            at_s=escalation.at_s,
+            passes=escalation.passes,
+            remaining=escalation.remaining,
+            dirty_rate=escalation.dirty_rate,
+            bandwidth=escalation.bandwidth,
+            needed_downtime_ms=escalation.needed_downtime_ms,
+            throttle_percent=escalation.throttle_percent,
+        )
+        if isinstance(action, policy.SetDowntime):
+            execute_idempotent(self.source, "migrate-set-parameters", {"downtime-limit": action.limit_ms})
+        elif isinstance(action, policy.ReleaseThrottle):
+            execute_idempotent(self.source, "migrate-set-parameters", action.parameters)
+        else:
+            self.source.execute("migrate-start-postcopy")
+            self._postcopy_started = True
 
     def start_postcopy(self) -> None:
         if not self.options.postcopy:
@@ -359,9 +315,12 @@ class Migration:
         self.source.execute("migrate-continue", {"state": "pre-switchover"})
 
     def cancel(self, *, timeout: float = 30.0) -> None:
-        """Stop the migration; the source goes on running."""
+        """Stop the migration; the source goes on running. Not once postcopy has begun: the
+        guest runs on the target then, with part of its memory still on the source."""
         if self._status in TERMINAL:
             return
+        if self._postcopy_started or self._status in POSTCOPY:
+            raise InvalidArgument("a migration in postcopy cannot be cancelled: the guest runs on the target")
         self.source.execute("migrate_cancel")
         try:
             self.wait(timeout)
@@ -395,9 +354,19 @@ class Migration:
             if remaining <= 0:
                 raise WaitTimeout(f"the migration did not reach {status} within {timeout:g}s (it is {self._status})")
             try:
-                self._status = str(self._events.get(min(remaining, _WATCH_INTERVAL)).data.get("status"))
+                self._read_event(min(remaining, _WATCH_INTERVAL))
             except EventTimeout:
                 self._check_target()
+
+    def _read_event(self, timeout: float) -> bool:
+        """Read the source's next event: a MIGRATION event's status, or (with a convergence
+        policy, which subscribes to them too) a MIGRATION_PASS; True for a MIGRATION event."""
+        event = self._events.get(timeout)
+        if event.name == "MIGRATION_PASS":
+            self._pass_began = True
+            return False
+        self._status = str(event.data.get("status"))
+        return True
 
     def wait(
         self,
@@ -429,17 +398,19 @@ class Migration:
         next_progress = time.monotonic() + progress_interval
         while self._status not in TERMINAL:
             self._check_target()
+            if self._status in POSTCOPY:
+                self._hand_over()  # in postcopy the guest runs on the target
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WaitTimeout(f"the migration is still {self._status} after {timeout:g}s")
-            try:
-                wait = min(remaining, max(0.0, next_progress - time.monotonic()), _WATCH_INTERVAL)
-                self._status = str(self._events.get(wait).data.get("status"))
+            if time.monotonic() < next_progress and not self._pass_began:
+                # A new status is looked at at once, and so is a pass start (with a policy):
+                # sampled while the memory it has to send is all left.
+                with contextlib.suppress(EventTimeout):
+                    self._read_event(min(remaining, next_progress - time.monotonic(), _WATCH_INTERVAL))
                 continue
-            except EventTimeout:
-                if time.monotonic() < next_progress:
-                    continue
             next_progress = time.monotonic() + progress_interval
+            self._pass_began = False
             snapshot = self.progress()
             if on_progress is not None:
                 on_progress(snapshot)
@@ -497,12 +468,9 @@ class Migration:
             setup_time_ms=0,
             transferred=0,
             postcopy=self._postcopy_started,
+            escalations=self.escalations,
         )
-        if self._on_target_ready is not None:
-            self._on_target_ready()
-        if self._resume_target:
-            self._handed_over = True
-            self.target.execute("cont")
+        self._hand_over()
         self._ended()
         return self._result
 
@@ -537,8 +505,9 @@ class Migration:
             self.source.execute("migrate_cancel")
             _wait_terminal(self._events, _CANCEL_TIMEOUT)
         self._end("cancelled")
-        raise MigrationError(
-            "the target QEMU died; the migration was cancelled and the source runs on", status="cancelled"
+        raise MigrationError(  # a target ends its side when the policy cancels: not news then
+            self._give_up or "the target QEMU died; the migration was cancelled and the source runs on",
+            status="cancelled",
         )
 
     def _finish(self) -> MigrationResult:
@@ -552,6 +521,8 @@ class Migration:
         if self._status != "completed":
             self._end(self._status)
             gone = self.target is not None and not self.target.is_connected
+            if self._give_up is not None and self._status == "cancelled":
+                raise MigrationError(self._give_up, status="cancelled")
             raise MigrationError(
                 "the target QEMU died; the migration failed and the source runs on"
                 if gone
@@ -559,7 +530,12 @@ class Migration:
                 status=self._status,
                 error_desc=str(info.get("error-desc", "")),
             )
-        self._result = MigrationResult.from_qmp(info, postcopy=self._postcopy_started)
+        self._result = MigrationResult.from_qmp(
+            info,
+            postcopy=self._postcopy_started,
+            escalations=self.escalations,
+            skipped=self._convergence.plan.skipped if self._convergence is not None else (),
+        )
         self._events.close()
         if self._on_completed is not None:
             self._on_completed()  # e.g. end the storage mirrors in sync, while the source is stopped
@@ -567,15 +543,27 @@ class Migration:
         if target is not None:
             if self._target_events is not None:
                 self._wait_target_completed(self._target_events)
-            if self._on_target_ready is not None:
-                self._on_target_ready()
-            if self._resume_target:
-                self._handed_over = True  # from here the guest may run there
-                target.execute("cont")
+            self._hand_over()
         if self._stop_source:  # before the journal entries go: a source left running is settled at attach
             self._finish_source()
         self._ended()
         return self._result
+
+    def _hand_over(self) -> None:
+        """The target takes the guest (once): its inventory, then ``cont``. At completion, or as
+        soon as postcopy begins (the guest runs on the target, which asks the source for the pages
+        it lacks), unless disks are being copied: those must be in sync first."""
+        if self._handed_over or self.target is None:
+            return
+        if self._status != "completed" and self._on_completed is not None:
+            return
+        if self._on_target_ready is not None:
+            self._on_target_ready()
+            self._on_target_ready = None
+        if self._resume_target:
+            self._handed_over = True  # from here the guest may run there
+            self.target.execute("cont")
+            self._log.info("vm.migration_target_resumed", status=self._status)
 
     def _wait_target_completed(self, events: Subscription) -> None:
         deadline = time.monotonic() + 30

@@ -427,9 +427,13 @@ class VM:
         storage_timeout: float = 600.0,
         tls: TLSCreds | None = None,
         target_tls: TLSCreds | None = None,
+        finish_within: float | None = None,
+        max_downtime_ms: int | None = None,
+        allow_throttle: bool = True,
+        allow_postcopy: bool = False,
     ) -> Migration:
         """Start migrating to ``target``: a VM from ``launch_incoming`` or a migration URI (see
-        :meth:`vmctl.vm.migration.Migrations.migrate`)."""
+        :meth:`vmctl.vm.migration.Migrations.migrate`; ``finish_within`` adds the convergence policy)."""
         return self.migrations.migrate(
             target.migrations if isinstance(target, VM) else target,
             listen=listen,
@@ -445,6 +449,10 @@ class VM:
             storage_timeout=storage_timeout,
             tls=tls,
             target_tls=target_tls,
+            finish_within=finish_within,
+            max_downtime_ms=max_downtime_ms,
+            allow_throttle=allow_throttle,
+            allow_postcopy=allow_postcopy,
         )
 
 

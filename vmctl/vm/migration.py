@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,11 @@ import attrs
 
 from vmctl.errors import InvalidArgument, QMPError
 from vmctl.model import Inventory, VMSpec
+from vmctl.model.migration import DEFAULT_DOWNTIME_LIMIT_MS, ConvergencePolicy, MigrationOptions
 from vmctl.model.names import MIGRATION_SOCKET, UEFI_VARS_FILE
 from vmctl.model.status import ShutdownMethod
 from vmctl.model.tls import TLSCreds
+from vmctl.ops import convergence as convergence_ops
 from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import migration as migration_ops
 from vmctl.qmp import Monitor
@@ -118,6 +121,10 @@ class Migrations:
         storage_timeout: float = 600.0,
         tls: TLSCreds | None = None,
         target_tls: TLSCreds | None = None,
+        finish_within: float | None = None,
+        max_downtime_ms: int | None = None,
+        allow_throttle: bool = True,
+        allow_postcopy: bool = False,
     ) -> migration_ops.Migration:
         """Start migrating to ``target``: a VM from ``launch_incoming`` (it listens on a unix
         socket in its run dir, or on ``listen`` = (host, port) over TCP) or a migration URI.
@@ -133,9 +140,32 @@ class Migrations:
         ``tls`` encrypts the stream: the target gets the server credentials, the source the
         client ones, and each verifies the other against the CA; the target's certificate must
         name the host the source connects to (``listen``'s, or a ``tcp:`` URI's). ``target_tls``
-        gives the target (another host) its own credentials directory, signed by the same CA."""
+        gives the target (another host) its own credentials directory, signed by the same CA.
+
+        ``finish_within`` (seconds) gives the migration a convergence policy: while ``wait()``
+        follows it, vmctl predicts at each pass whether precopy will end in time and, when it will
+        not, escalates: the downtime limit up to ``max_downtime_ms`` (default QEMU's 300), then
+        postcopy if ``allow_postcopy`` (and the target can), else CPU throttling if
+        ``allow_throttle`` (where it is safe on this QEMU). A migration not done by then is
+        cancelled (``MigrationError`` naming the figures; the source runs on). The result lists
+        the steps taken (``result.escalations``) and those this QEMU rules out (``result.skipped``)."""
+        convergence_policy = None
+        if finish_within is not None:
+            convergence_policy = ConvergencePolicy(
+                finish_within=finish_within,
+                max_downtime_ms=DEFAULT_DOWNTIME_LIMIT_MS if max_downtime_ms is None else max_downtime_ms,
+                allow_throttle=allow_throttle,
+                allow_postcopy=allow_postcopy,
+            )
+            if auto_converge:
+                raise InvalidArgument("auto_converge is the convergence policy's to use: give allow_throttle instead")
+            if downtime_limit is not None and downtime_limit > convergence_policy.max_downtime_ms:
+                raise InvalidArgument(f"downtime_limit {downtime_limit} is above max_downtime_ms {max_downtime_ms}")
+        elif max_downtime_ms is not None or allow_postcopy or not allow_throttle:
+            raise InvalidArgument("max_downtime_ms, allow_throttle and allow_postcopy need finish_within")
         if target_tls is not None and tls is None:
             raise InvalidArgument("target_tls needs tls (the source's credentials)")
+        postcopy_refusal: str | None = None
         target_tls = target_tls or tls
         hostname = None
         if tls is not None:
@@ -143,7 +173,7 @@ class Migrations:
             tls.paths("client")
             if isinstance(target, Migrations) and target_tls is not None:
                 target_tls.paths("server")
-        options = migration_ops.MigrationOptions(
+        options = MigrationOptions(
             postcopy=postcopy,
             auto_converge=auto_converge,
             bandwidth=bandwidth,
@@ -164,15 +194,36 @@ class Migrations:
                     f"{target.name} does not have {self.name}'s devices ({mismatch}); "
                     "launch it from source.migration_target_spec() with inventory=source.inventory"
                 )
-            if postcopy:  # QEMU would refuse the capability, saying less
+            if postcopy or allow_postcopy:  # QEMU would refuse the capability, saying less
                 uid, gid = process_owner(target._lifecycle.pid)
-                refusal = userfaultfd_refusal(uid=uid, gid=gid, version=target.qmp.version)
-                if refusal is not None:
-                    raise InvalidArgument(f"postcopy=True: {refusal}")
+                postcopy_refusal = userfaultfd_refusal(uid=uid, gid=gid, version=target.qmp.version)
+                if postcopy and postcopy_refusal is not None:
+                    raise InvalidArgument(f"postcopy=True: {postcopy_refusal}")
         elif not isinstance(target, str) or not target:
             raise InvalidArgument(f"migrate to a VM launched for incoming or a URI, not {target!r}")
         elif copy_storage:
             raise InvalidArgument("copy_storage needs a target VM (launched with launch_incoming)")
+        plan = None
+        if convergence_policy is not None:
+            plan = convergence_ops.plan(
+                self.qmp,
+                policy=convergence_policy,
+                target=target.qmp if isinstance(target, Migrations) else None,
+                postcopy_refusal=postcopy_refusal,
+                multifd=bool(multifd_channels),
+                copy_storage=copy_storage,
+            )
+            for skipped in plan.skipped:
+                self._log.info("vm.migration_step_skipped", step=skipped.step.value, reason=skipped.reason)
+            # Capabilities are fixed when the migration starts: postcopy's on in case it is
+            # needed, and auto-converge's on with its throttle held at 1% until the policy lets it go.
+            options = attrs.evolve(
+                options,
+                postcopy=postcopy or plan.postcopy,
+                throttle_held=plan.throttle,
+                downtime_limit=downtime_limit
+                or min(DEFAULT_DOWNTIME_LIMIT_MS, convergence_policy.max_downtime_ms),
+            )
         # The journal on both sides: a control plane that dies from here on leaves each QEMU
         # with what its next attach needs to settle the migration (see vm.journal).
         self._store.begin(
@@ -231,7 +282,8 @@ class Migrations:
                 uri = target
             migration_ops.set_capabilities(self.qmp, options.capabilities(source=True), replaced=previous_caps)
             migration_ops.set_parameters(self.qmp, options.parameters(source=True), replaced=previous_params)
-            events = self.qmp.events("MIGRATION")
+            events = self.qmp.events("MIGRATION", *(("MIGRATION_PASS",) if plan is not None else ()))
+            started = time.monotonic()
             migration_ops.start(self.qmp, uri)
         except BaseException:
             for subscription in (events, target_events):
@@ -243,7 +295,14 @@ class Migrations:
                 storage.abort()
             ended()
             raise
-        self._log.info("vm.migration_started", uri=uri, postcopy=postcopy, copy_storage=copy_storage)
+        self._log.info(
+            "vm.migration_started",
+            uri=uri,
+            postcopy=options.postcopy,
+            copy_storage=copy_storage,
+            finish_within=finish_within,
+            max_downtime_ms=convergence_policy.max_downtime_ms if convergence_policy is not None else None,
+        )
         on_target_ready = None
         if isinstance(target, Migrations):  # its own images and NIC backends, the source's everything else
             handed_over = attrs.evolve(self._store.inventory, disks=target.inventory.disks, nics=target.inventory.nics)
@@ -267,6 +326,11 @@ class Migrations:
             on_completed=storage.finish if storage is not None else None,
             on_aborted=storage.abort if storage is not None else None,
             on_ended=ended,
+            convergence=convergence_ops.Convergence(
+                convergence_policy, plan, started=started, downtime_limit_ms=options.downtime_limit or 0
+            )
+            if convergence_policy is not None and plan is not None
+            else None,
         )
 
     def _copy_storage(

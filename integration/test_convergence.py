@@ -1,0 +1,190 @@
+"""Migrations that finish: a guest dirtying memory as fast as the link carries it never converges
+by itself; the convergence policy (``migrate(finish_within=...)``) takes it across, or gives up
+in time and leaves the source running. Every test checks the guest after the move."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+
+from integration.conftest import TwoHosts, VMFactory
+from vmctl import VM, RunState
+from vmctl.errors import InvalidArgument, MigrationError, WaitTimeout
+from vmctl.model import Step
+from vmctl.ops.migration import Migration
+from vmctl.testing import GuestShell
+from vmctl.testing.workload import MemoryDirtier, panic_lines
+
+MIB = 1024 * 1024
+#: The link: the guest rewrites 16 MiB (one copy of its file) many times a second, and a
+#: pass of 16 MiB at 16 MiB/s needs about a second of downtime, past QEMU's default 300 ms.
+LINK = 16 * MIB
+
+
+def busy(vms: VMFactory, name: str = "busy", **launch: object) -> tuple[VM, MemoryDirtier]:
+    source = vms.launch(vms.spec(name), **launch)  # type: ignore[arg-type]
+    with GuestShell(source) as shell:
+        return source, MemoryDirtier.start(shell, size_mib=16)
+
+
+def incoming(vms: VMFactory, source: VM, name: str = "dst", **launch: object) -> VM:
+    target = VM.launch_incoming(
+        source.migration_target_spec(name=name),
+        run_dir=vms.run_dir(name),
+        inventory=source.inventory,
+        **launch,  # type: ignore[arg-type]
+    )
+    vms.vms.append(target)
+    return target
+
+
+def assert_intact(vm: VM, dirtier: MemoryDirtier) -> None:
+    """The guest runs here, its shell answers, the data it was rewriting is whole, no panic."""
+    assert vm.status().run_state is RunState.RUNNING
+    with GuestShell(vm) as shell:
+        assert dirtier.stop_and_check(shell) > 0
+    assert panic_lines(vm.console.history) == []
+
+
+def throttle_is_safe(vm: VM) -> bool:
+    return vm.qmp.version.major >= 10  # the suite runs TCG: 7.2's throttle corrupts the guest
+
+
+def wait_for_escalation(migration: Migration, step: Step, *, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while step not in [e.step for e in migration.escalations]:
+        assert time.monotonic() < deadline, f"no {step.value} escalation within {timeout:g}s"
+        with contextlib.suppress(WaitTimeout):
+            migration.wait(0.5)
+
+
+def test_a_busy_guest_finishes_with_the_longer_downtime_it_needs_and_its_data_intact(vms: VMFactory) -> None:
+    source, dirtier = busy(vms)
+    target = incoming(vms, source)
+    started = time.monotonic()
+    result = source.migrate(target, bandwidth=LINK, finish_within=60, max_downtime_ms=2500, allow_throttle=False).wait(
+        90
+    )
+    assert result.status == "completed" and time.monotonic() - started < 60
+    [escalation] = result.escalations
+    assert escalation.step is Step.DOWNTIME
+    assert escalation.needed_downtime_ms > 300  # QEMU's default limit would never have let it end
+    assert escalation.remaining > 8 * MIB and 8 * MIB < escalation.bandwidth < 24 * MIB
+    assert result.downtime_ms <= 2500
+    assert_intact(target, dirtier)
+    assert source.has_exited
+
+
+def test_throttling_carries_a_busy_guest_where_it_is_safe_and_is_refused_on_qemu_7_2_under_tcg(
+    vms: VMFactory,
+) -> None:
+    source, dirtier = busy(vms)
+    target = incoming(vms, source)
+    migration = source.migrate(target, bandwidth=LINK, finish_within=60 if throttle_is_safe(source) else 20)
+    if throttle_is_safe(source):
+        result = migration.wait(90)
+        assert [e.step for e in result.escalations] == [Step.THROTTLE]
+        assert result.downtime_ms <= 300
+        assert_intact(target, dirtier)
+        return
+    with pytest.raises(MigrationError, match="corrupts a busy guest") as failure:
+        migration.wait(90)
+    assert failure.value.status == "cancelled" and migration.escalations == ()
+    assert source.qmp.execute("query-migrate").get("cpu-throttle-percentage", 0) == 0
+    assert_intact(source, dirtier)
+
+
+def test_a_policy_with_no_step_left_cancels_at_the_deadline_naming_the_figures_and_the_source_runs_on(
+    vms: VMFactory,
+) -> None:
+    source, dirtier = busy(vms)
+    target = incoming(vms, source)
+    before = source.qmp.execute("query-migrate-parameters")
+    started = time.monotonic()
+    migration = source.migrate(target, bandwidth=LINK, finish_within=15, allow_throttle=False)
+    with pytest.raises(MigrationError) as failure:
+        migration.wait(60)
+    assert 15 <= time.monotonic() - started < 25
+    message = str(failure.value)
+    assert failure.value.status == "cancelled"
+    assert "did not finish within 15s" in message and "max_downtime_ms is 300" in message
+    assert "MB/s" in message and "ms of downtime" in message and "postcopy: not allowed" in message
+    after = source.qmp.execute("query-migrate-parameters")
+    for name in ("downtime-limit", "max-bandwidth", "max-cpu-throttle", "cpu-throttle-initial"):
+        assert after[name] == before[name]  # what the migration set is put back
+    capabilities = {c["capability"]: c["state"] for c in source.qmp.execute("query-migrate-capabilities")}
+    assert capabilities["auto-converge"] is False
+    assert_intact(source, dirtier)
+
+
+def test_with_postcopy_allowed_a_busy_guest_moves_after_one_pass_with_its_data(vms: VMFactory) -> None:
+    source, dirtier = busy(vms)
+    target = incoming(vms, source)
+    result = source.migrate(target, bandwidth=LINK, finish_within=60, allow_postcopy=True).wait(90)
+    assert [e.step for e in result.escalations] == [Step.POSTCOPY]
+    assert result.postcopy and result.total_time_ms < 15_000
+    assert_intact(target, dirtier)
+
+
+def test_the_target_runs_the_guest_while_postcopy_fetches_the_rest_and_postcopy_cannot_be_cancelled(
+    vms: VMFactory,
+) -> None:
+    source, dirtier = busy(vms)
+    target = incoming(vms, source)
+    source.qmp.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 4 * MIB})  # a long postcopy
+    migration = source.migrate(target, postcopy=True, bandwidth=LINK)
+    migration.wait_for_status("active", timeout=30)
+    migration.start_postcopy()
+    migration.wait_for_status("postcopy-active", timeout=30)
+    with contextlib.suppress(WaitTimeout):
+        migration.wait(0.5)  # follows it: the target gets the guest as postcopy begins
+    assert target.qmp.execute("query-status")["status"] == "running"
+    with GuestShell(target) as shell:
+        assert shell.run("echo running on the target").output == "running on the target\n"
+    assert source.qmp.execute("query-migrate")["status"] == "postcopy-active"  # still fetching
+    with pytest.raises(InvalidArgument, match="cannot be cancelled"):
+        migration.cancel()
+    assert migration.wait(120).postcopy
+    assert_intact(target, dirtier)
+
+
+@pytest.mark.parametrize("step", [Step.DOWNTIME, Step.THROTTLE])
+def test_a_cancel_during_an_escalation_leaves_the_source_running_with_its_data(vms: VMFactory, step: Step) -> None:
+    source, dirtier = busy(vms)
+    target = incoming(vms, source)
+    if step is Step.DOWNTIME:  # the longer downtime ends it at once: held before the switch-over
+        migration = source.migrate(
+            target,
+            bandwidth=LINK,
+            finish_within=60,
+            max_downtime_ms=2500,
+            allow_throttle=False,
+            pause_before_switchover=True,
+        )
+        wait_for_escalation(migration, Step.DOWNTIME)
+        migration.wait_for_status("pre-switchover", timeout=30)
+    elif throttle_is_safe(source):
+        migration = source.migrate(target, bandwidth=LINK, finish_within=60)
+        wait_for_escalation(migration, Step.THROTTLE)
+    else:  # no throttle here: the cancel comes while the policy has no step left to take
+        migration = source.migrate(target, bandwidth=LINK, finish_within=60)
+        time.sleep(12)
+        assert source.qmp.execute("query-migrate")["status"] == "active" and migration.escalations == ()
+    migration.cancel()
+    assert migration.status == "cancelled"
+    assert source.qmp.execute("query-migrate").get("cpu-throttle-percentage", 0) == 0
+    assert_intact(source, dirtier)
+
+
+def test_the_policy_carries_a_busy_guest_over_tcp_between_two_hosts(vms: VMFactory, two_hosts: TwoHosts) -> None:
+    source, dirtier = busy(vms, netns=two_hosts.a)
+    target = incoming(vms, source, netns=two_hosts.b)
+    migration = source.migrate(
+        target, listen=(two_hosts.b_address, 4450), bandwidth=LINK, finish_within=60, max_downtime_ms=2500
+    )
+    result = migration.wait(90)
+    assert migration.uri == f"tcp:{two_hosts.b_address}:4450"
+    assert result.escalations and result.escalations[0].step is Step.DOWNTIME
+    assert_intact(target, dirtier)

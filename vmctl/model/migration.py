@@ -1,0 +1,224 @@
+"""The values of a live migration: its options, a convergence policy, progress, escalations, result."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from vmctl.errors import InvalidArgument
+
+#: QEMU's own limits: downtime-limit is at most 2000 s; a CPU throttle is 1-99 percent.
+MAX_DOWNTIME_LIMIT_MS = 2_000_000
+#: QEMU's default downtime-limit (ms), what a migration gets when nobody sets one.
+DEFAULT_DOWNTIME_LIMIT_MS = 300
+#: The auto-converge parameters that hold QEMU's throttle at its 1% minimum until the policy
+#: lets it go (QEMU fixes capabilities when the migration starts, parameters it reads at each pass).
+THROTTLE_HELD = {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1, "max-cpu-throttle": 1}
+
+
+def _positive_int(value: object, name: str, *, maximum: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidArgument(f"{name} must be a positive whole number, not {value!r}")
+    if maximum is not None and value > maximum:
+        raise InvalidArgument(f"{name} must be at most {maximum}, not {value!r}")
+
+
+class Step(enum.Enum):
+    """An escalation of the convergence policy, in the order it takes them."""
+
+    #: Raise QEMU's downtime-limit to what the last pass needs, up to ``max_downtime_ms``.
+    DOWNTIME = "downtime"
+    #: Switch to postcopy: the guest runs on the target, which fetches what is left on demand.
+    POSTCOPY = "postcopy"
+    #: Let QEMU's auto-converge throttle the guest's vCPUs on the source, more at each pass.
+    THROTTLE = "throttle"
+    #: QEMU's dirty-limit (KVM's dirty ring): asked for, never taken in this version.
+    DIRTY_LIMIT = "dirty-limit"
+
+
+@attrs.frozen(kw_only=True)
+class ConvergencePolicy:
+    """What a migration may do to finish in time (``vm.migrate(finish_within=...)``).
+
+    At each pass vmctl predicts from QEMU's figures whether precopy will end in time, and when it
+    will not, takes the next step: a longer downtime (up to ``max_downtime_ms``), then postcopy
+    (when allowed and possible), else throttling the guest (when allowed and safe on this QEMU).
+    A migration still running at ``finish_within`` seconds is cancelled: the source runs on."""
+
+    finish_within: float
+    max_downtime_ms: int = DEFAULT_DOWNTIME_LIMIT_MS
+    allow_throttle: bool = True
+    allow_postcopy: bool = False
+    max_throttle: int = 99
+
+    def __attrs_post_init__(self) -> None:
+        if (
+            not isinstance(self.finish_within, (int, float))
+            or isinstance(self.finish_within, bool)
+            or not self.finish_within > 0
+        ):
+            raise InvalidArgument(f"finish_within must be a positive number of seconds, not {self.finish_within!r}")
+        _positive_int(self.max_downtime_ms, "max_downtime_ms", maximum=MAX_DOWNTIME_LIMIT_MS)
+        _positive_int(self.max_throttle, "max_throttle", maximum=99)
+        for name in ("allow_throttle", "allow_postcopy"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgument(f"{name} must be True or False, not {getattr(self, name)!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Skipped:
+    """A step the policy will not take on this migration, and why (logged when it starts)."""
+
+    step: Step
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
+class Escalation:
+    """A step the policy took, with the figures that made it take it."""
+
+    step: Step
+    at_s: float  # seconds since the migration began
+    passes: int
+    remaining: int  # bytes left to send in this pass
+    dirty_rate: int  # bytes per second the guest dirtied in the last pass
+    bandwidth: int  # bytes per second the link carried
+    needed_downtime_ms: int  # what sending the last pass's dirty memory at once would take
+    throttle_percent: int
+    change: str  # what was set, in words
+    reason: str
+
+
+@attrs.frozen(kw_only=True)
+class MigrationOptions:
+    postcopy: bool = False
+    auto_converge: bool = False
+    #: Auto-converge on with the throttle held at 1% (``THROTTLE_HELD``) until the policy lets it go.
+    throttle_held: bool = False
+    bandwidth: int | None = None  # bytes per second
+    downtime_limit: int | None = None  # milliseconds
+    pause_before_switchover: bool = False
+    multifd_channels: int | None = None
+    xbzrle: bool = False
+    copy_storage: bool = False
+    #: TLS: the ids of the credentials objects on each side, and the name the target's
+    #: certificate must bear (the host the source connects to).
+    tls_server: str | None = None
+    tls_client: str | None = None
+    tls_hostname: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("bandwidth", "multifd_channels"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive_int(value, name)
+        if self.downtime_limit is not None:
+            _positive_int(self.downtime_limit, "downtime_limit", maximum=MAX_DOWNTIME_LIMIT_MS)
+        if self.postcopy and self.multifd_channels:
+            raise InvalidArgument("postcopy and multifd cannot be combined in this QEMU")
+
+    def capabilities(self, *, source: bool) -> dict[str, bool]:
+        caps = {"events": True, "postcopy-ram": self.postcopy, "multifd": bool(self.multifd_channels)}
+        if not source:
+            # With disks copied over NBD, the target must not take its images over (lock and
+            # activate them) before the source's mirrors have ended: not until `cont`.
+            caps["late-block-activate"] = self.copy_storage
+        if source:
+            caps.update(
+                {
+                    "auto-converge": self.auto_converge or self.throttle_held,
+                    "pause-before-switchover": self.pause_before_switchover,
+                    "xbzrle": self.xbzrle,
+                }
+            )
+        return caps
+
+    def parameters(self, *, source: bool) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if not source and self.tls_server is not None:
+            params["tls-creds"] = self.tls_server
+        if source and self.tls_client is not None:
+            params["tls-creds"] = self.tls_client
+            params["tls-hostname"] = self.tls_hostname or ""
+        if self.multifd_channels:
+            params["multifd-channels"] = self.multifd_channels
+        if source and self.bandwidth is not None:
+            params["max-bandwidth"] = self.bandwidth
+        if source and self.downtime_limit is not None:
+            params["downtime-limit"] = self.downtime_limit
+        if source and self.throttle_held:
+            params.update(THROTTLE_HELD)
+        return params
+
+
+@attrs.frozen(kw_only=True)
+class MigrationProgress:
+    """A snapshot of ``query-migrate`` on the source, for a progress bar (``wait(on_progress=)``)."""
+
+    status: str
+    total_time_ms: int
+    transferred: int  # bytes sent so far
+    remaining: int  # bytes left to send in this pass
+    total: int  # the guest's RAM
+    dirty_rate: int  # bytes per second the guest dirtied in the last pass
+    bandwidth: int  # bytes per second the link carries
+    mbps: float
+    passes: int
+    throttle_percent: int  # how much auto-converge slows the guest's vCPUs
+    expected_downtime_ms: int  # QEMU's estimate, were it to stop the guest now
+    #: Seconds until the end as vmctl predicts it; None while it cannot tell (or never, as things go).
+    eta_s: float | None = None
+
+    @classmethod
+    def from_qmp(cls, info: Mapping[str, Any]) -> MigrationProgress:
+        ram = info.get("ram", {})
+        mbps = float(ram.get("mbps", 0.0))
+        return cls(
+            status=str(info.get("status", "none")),
+            total_time_ms=int(info.get("total-time", 0)),
+            transferred=int(ram.get("transferred", 0)),
+            remaining=int(ram.get("remaining", 0)),
+            total=int(ram.get("total", 0)),
+            dirty_rate=int(ram.get("dirty-pages-rate", 0)) * int(ram.get("page-size", 4096)),
+            bandwidth=int(mbps * 1e6 / 8),
+            mbps=mbps,
+            passes=int(ram.get("dirty-sync-count", 0)),
+            throttle_percent=int(info.get("cpu-throttle-percentage", 0)),
+            expected_downtime_ms=int(info.get("expected-downtime", 0)),
+        )
+
+
+@attrs.frozen(kw_only=True)
+class MigrationResult:
+    status: str
+    total_time_ms: int
+    downtime_ms: int
+    setup_time_ms: int
+    transferred: int
+    postcopy: bool
+    #: What the convergence policy did, in order, and what it would not do on this QEMU.
+    escalations: tuple[Escalation, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
+
+    @classmethod
+    def from_qmp(
+        cls,
+        info: Mapping[str, Any],
+        *,
+        postcopy: bool,
+        escalations: tuple[Escalation, ...] = (),
+        skipped: tuple[Skipped, ...] = (),
+    ) -> MigrationResult:
+        return cls(
+            status=str(info.get("status")),
+            total_time_ms=int(info.get("total-time", 0)),
+            downtime_ms=int(info.get("downtime", 0)),
+            setup_time_ms=int(info.get("setup-time", 0)),
+            transferred=int(info.get("ram", {}).get("transferred", 0)),
+            postcopy=postcopy,
+            escalations=escalations,
+            skipped=skipped,
+        )
