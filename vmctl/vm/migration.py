@@ -221,8 +221,7 @@ class Migrations:
                 options,
                 postcopy=postcopy or plan.postcopy,
                 throttle_held=plan.throttle,
-                downtime_limit=downtime_limit
-                or min(DEFAULT_DOWNTIME_LIMIT_MS, convergence_policy.max_downtime_ms),
+                downtime_limit=downtime_limit or min(DEFAULT_DOWNTIME_LIMIT_MS, convergence_policy.max_downtime_ms),
             )
         # The journal on both sides: a control plane that dies from here on leaves each QEMU
         # with what its next attach needs to settle the migration (see vm.journal).
