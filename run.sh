@@ -171,12 +171,16 @@ test)
     ;;
 bench)
     setup
+    .venv/bin/python -m pip install -q -e '.[bench]' # matplotlib, for the convergence picture
+    uffd_keep_machine
+    uffd_for_qemu72 # postcopy as QEMU's user, for bench/convergence.py
     .venv/bin/python bench/qmp_throughput.py
     .venv/bin/python bench/event_latency.py
     .venv/bin/python bench/qmp_scale.py
     .venv/bin/python bench/hotplug.py
     .venv/bin/python bench/migration.py
-    exec .venv/bin/python bench/soak.py
+    .venv/bin/python bench/convergence.py
+    .venv/bin/python bench/soak.py
     ;;
 *)
     sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'

@@ -143,7 +143,8 @@ def _migrate(printer: _Printer, source: VM, work: Path) -> VM:
         )
         target.qmp.on_event(_event_printer(printer, target.name))
         try:
-            migration = source.migrate(target, bandwidth=64 * 1024 * 1024)
+            # The convergence policy: this idle guest needs none of its steps (result.escalations is empty).
+            migration = source.migrate(target, bandwidth=64 * 1024 * 1024, finish_within=120, max_downtime_ms=1000)
             result = migration.wait(300, on_progress=lambda p: printer.say("    " + _bar(p)), progress_interval=0.4)
         except BaseException:
             target.kill()
@@ -151,6 +152,7 @@ def _migrate(printer: _Printer, source: VM, work: Path) -> VM:
             raise
         printer.say(
             f"    completed: {result.total_time_ms} ms total, {result.downtime_ms} ms downtime, "
+            f"escalations: {', '.join(e.change for e in result.escalations) or 'none needed'}, "
             f"{result.transferred / 1e6:.0f} MB sent; {source.name} quit, {target.name} is "
             f"{target.status().run_state.value}"
         )
@@ -166,10 +168,12 @@ def _bar(progress: MigrationProgress) -> str:
     done = progress.total - progress.remaining if progress.total else 0
     fraction = done / progress.total if progress.total else 0.0
     filled = int(fraction * 30)
+    eta = "ETA   --" if progress.eta_s is None else f"ETA {progress.eta_s:4.1f}s"
+    throttle = f", throttled {progress.throttle_percent}%" if progress.throttle_percent else ""
     return (
-        f"[{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%}  "
+        f"[{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%} {eta}  "
         f"sent {progress.transferred / 1e6:6.1f} MB, left {progress.remaining / 1e6:6.1f} MB, "
-        f"dirtying {progress.dirty_rate / 1e6:5.1f} MB/s, pass {progress.passes}"
+        f"dirtying {progress.dirty_rate / 1e6:5.1f} MB/s, pass {progress.passes}{throttle}"
     )
 
 
