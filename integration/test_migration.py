@@ -16,6 +16,7 @@ from vmctl.errors import AbnormalExit, InvalidArgument, MigrationError
 from vmctl.ops import migration as migration_ops
 from vmctl.qmp import Monitor
 from vmctl.testing import GuestShell
+from vmctl.testing.workload import panic_lines
 
 MIB = 1024 * 1024
 SLOW = 4 * MIB  # bytes/s: a 256 MiB guest then needs about a minute, time enough to interfere
@@ -28,8 +29,10 @@ def write_pattern(vm: VM) -> None:
 
 
 def pattern_intact(vm: VM) -> bool:
+    """The pattern's checksum matches, the guest's shell answers, and its kernel never broke."""
     with GuestShell(vm) as shell:
-        return shell.run("sha256sum -c /tmp/sum").output.strip() == "/tmp/pattern: OK"
+        intact = shell.run("sha256sum -c /tmp/sum").output.strip() == "/tmp/pattern: OK"
+    return intact and panic_lines(vm.console.history) == []
 
 
 def incoming(vms: VMFactory, source: VM, name: str, **kwargs: object) -> VM:
