@@ -13,7 +13,7 @@ from integration.conftest import TwoHosts, VMFactory
 from vmctl import VM, RunState
 from vmctl.errors import InvalidArgument, MigrationError, WaitTimeout
 from vmctl.model import Step
-from vmctl.ops.migration import Migration
+from vmctl.ops.live_migration import Migration
 from vmctl.testing import GuestShell
 from vmctl.testing.workload import MemoryDirtier, panic_lines
 

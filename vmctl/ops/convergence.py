@@ -225,18 +225,20 @@ class Convergence:
         self._throttling = False
         self._postcopy = False
         self._gave_up = False
+        self._decided_pass = 0  # the last pass start decided on (others may feed the forecast too)
 
     def decide(self, progress: MigrationProgress, now: float) -> Action | None:
         """The step to take on this sample, if any (recorded in ``escalations`` when taken)."""
-        new_pass = self.forecast.observe(progress, now)
+        self.forecast.observe(progress, now)
         elapsed = now - self.started
         if progress.status in _BEYOND_CANCEL or self._postcopy or self._gave_up:
             return None
         if elapsed >= self.policy.finish_within:
             self._gave_up = True
             return GiveUp(message=self._give_up_message(progress, elapsed))
-        if not new_pass or self.forecast.passes < 2 or progress.status != "active":
+        if self.forecast.passes <= self._decided_pass or self.forecast.passes < 2 or progress.status != "active":
             return None
+        self._decided_pass = self.forecast.passes
         return self._next_step(progress, elapsed)
 
     def _next_step(self, progress: MigrationProgress, elapsed: float) -> Action | None:

@@ -35,7 +35,7 @@ from vmctl.model.status import (
 from vmctl.model.tls import TLSCreds
 from vmctl.ops.blockjobs import JobProgress, query_jobs
 from vmctl.ops.devices import pin_pci_address
-from vmctl.ops.migration import Migration
+from vmctl.ops.live_migration import Migration
 from vmctl.ops.nbd import NbdAddress
 from vmctl.qmp import Event, Monitor, connect
 from vmctl.vm.blocks import Blocks

@@ -23,6 +23,7 @@ from vmctl.model.tls import TLSCreds
 from vmctl.ops import convergence as convergence_ops
 from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import migration as migration_ops
+from vmctl.ops.live_migration import Migration
 from vmctl.qmp import Monitor
 from vmctl.vm import tls as tls_ops
 from vmctl.vm.blocks import Blocks
@@ -125,7 +126,7 @@ class Migrations:
         max_downtime_ms: int | None = None,
         allow_throttle: bool = True,
         allow_postcopy: bool = False,
-    ) -> migration_ops.Migration:
+    ) -> Migration:
         """Start migrating to ``target``: a VM from ``launch_incoming`` (it listens on a unix
         socket in its run dir, or on ``listen`` = (host, port) over TCP) or a migration URI.
 
@@ -309,7 +310,7 @@ class Migrations:
             def on_target_ready() -> None:
                 target.adopt_inventory(handed_over)
 
-        return migration_ops.Migration(
+        return Migration(
             source=self.qmp,
             target=target.qmp if isinstance(target, Migrations) else None,
             log=self._log,
