@@ -19,6 +19,7 @@ draws remaining memory, dirty rate and throttle over time to ``bench/convergence
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import subprocess
@@ -193,13 +194,15 @@ def draw(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
             ax.plot(t, [s[2] for s in result["samples"]], color=colour, linestyle=":", alpha=0.7)
             if any(s[3] for s in result["samples"]):
                 throttle_ax.plot(t, [s[3] for s in result["samples"]], color=colour, linestyle="--", alpha=0.6)
+        ax.set_yscale("symlog", linthresh=10)
+        ax.set_ylim(0, 600)
+        for index, result in enumerate(results):
             for at, step, _change in result["escalations"]:
-                ax.axvline(at, color=colour, linestyle="-.", alpha=0.5)
-                ax.annotate(step, (at, ax.get_ylim()[1] * 0.9), color=colour, rotation=90, fontsize=8)
+                ax.axvline(at, color=f"C{index}", linestyle="-.", alpha=0.6)
+                ax.annotate(f" {step}", (at, 300 / (1 + index)), color=f"C{index}", fontsize=8)
         ax.set_title(f"QEMU {qemu}: busy 512 MiB guest, 32 MiB/s link (solid: MiB left, dotted: dirty MiB/s)")
         ax.set_xlabel("seconds since migrate")
         ax.set_ylabel("MiB / MiB/s")
-        ax.set_yscale("symlog", linthresh=10)
         throttle_ax.set_ylabel("CPU throttle % (dashed)")
         throttle_ax.set_ylim(0, 100)
         ax.legend(loc="upper right", fontsize=8)
@@ -215,7 +218,12 @@ def main() -> int:
     parser.add_argument("--link-mib", type=int, default=32)
     parser.add_argument("--qemu", action="append")
     parser.add_argument("--png", type=Path, default=REPO / "bench" / "convergence.png")
+    parser.add_argument("--draw-only", action="store_true", help="draw the figures of the last run again")
     args = parser.parse_args()
+    figures = args.png.with_suffix(".json")  # the samples behind the picture
+    if args.draw_only:
+        draw(json.loads(figures.read_text()), args.png)
+        return 0
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     qemus = args.qemu or [
         q for q in (shutil.which("qemu-system-x86_64"), str(REPO / ".cache/qemu-10.0/qemu-system-x86_64")) if q
@@ -243,6 +251,7 @@ def main() -> int:
                 print(f"{'':30}   at {at:5.1f} s: {step}: {change}")
             for step, reason in r.get("skipped", []):
                 print(f"{'':30}   skipped {step}: {reason}")
+    figures.write_text(json.dumps(runs))
     try:
         draw(runs, args.png)
         print(f"\ndrawn: {args.png}")

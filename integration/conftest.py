@@ -152,6 +152,17 @@ class VMFactory:
             vm.console.wait_for(READY_MARKER, timeout=BOOT_TIMEOUT)
         return vm
 
+    def incoming(self, source: VM, name: str = "dst", **kwargs: object) -> VM:
+        """A migration target for ``source``: its devices as they are now, waiting for the guest."""
+        target = VM.launch_incoming(
+            source.migration_target_spec(name=name),
+            run_dir=self.run_dir(name),
+            inventory=source.inventory,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        self.vms.append(target)
+        return target
+
     def cleanup(self) -> None:
         for vm in self.vms:
             if not vm.has_exited:

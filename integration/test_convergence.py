@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,17 +28,6 @@ def busy(vms: VMFactory, name: str = "busy", **launch: object) -> tuple[VM, Memo
     source = vms.launch(vms.spec(name), **launch)  # type: ignore[arg-type]
     with GuestShell(source) as shell:
         return source, MemoryDirtier.start(shell, size_mib=16)
-
-
-def incoming(vms: VMFactory, source: VM, name: str = "dst", **launch: object) -> VM:
-    target = VM.launch_incoming(
-        source.migration_target_spec(name=name),
-        run_dir=vms.run_dir(name),
-        inventory=source.inventory,
-        **launch,  # type: ignore[arg-type]
-    )
-    vms.vms.append(target)
-    return target
 
 
 def assert_intact(vm: VM, dirtier: MemoryDirtier) -> None:
@@ -62,7 +52,7 @@ def wait_for_escalation(migration: Migration, step: Step, *, timeout: float = 60
 
 def test_a_busy_guest_finishes_with_the_longer_downtime_it_needs_and_its_data_intact(vms: VMFactory) -> None:
     source, dirtier = busy(vms)
-    target = incoming(vms, source)
+    target = vms.incoming(source)
     started = time.monotonic()
     result = source.migrate(target, bandwidth=LINK, finish_within=60, max_downtime_ms=2500, allow_throttle=False).wait(
         90
@@ -81,7 +71,7 @@ def test_throttling_carries_a_busy_guest_where_it_is_safe_and_is_refused_on_qemu
     vms: VMFactory,
 ) -> None:
     source, dirtier = busy(vms)
-    target = incoming(vms, source)
+    target = vms.incoming(source)
     migration = source.migrate(target, bandwidth=LINK, finish_within=60 if throttle_is_safe(source) else 20)
     if throttle_is_safe(source):
         result = migration.wait(90)
@@ -100,7 +90,7 @@ def test_a_policy_with_no_step_left_cancels_at_the_deadline_naming_the_figures_a
     vms: VMFactory,
 ) -> None:
     source, dirtier = busy(vms)
-    target = incoming(vms, source)
+    target = vms.incoming(source)
     before = source.qmp.execute("query-migrate-parameters")
     started = time.monotonic()
     migration = source.migrate(target, bandwidth=LINK, finish_within=15, allow_throttle=False)
@@ -121,7 +111,7 @@ def test_a_policy_with_no_step_left_cancels_at_the_deadline_naming_the_figures_a
 
 def test_with_postcopy_allowed_a_busy_guest_moves_after_one_pass_with_its_data(vms: VMFactory) -> None:
     source, dirtier = busy(vms)
-    target = incoming(vms, source)
+    target = vms.incoming(source)
     result = source.migrate(target, bandwidth=LINK, finish_within=60, allow_postcopy=True).wait(90)
     assert [e.step for e in result.escalations] == [Step.POSTCOPY]
     assert result.postcopy and result.total_time_ms < 15_000
@@ -132,7 +122,7 @@ def test_the_target_runs_the_guest_while_postcopy_fetches_the_rest_and_postcopy_
     vms: VMFactory,
 ) -> None:
     source, dirtier = busy(vms)
-    target = incoming(vms, source)
+    target = vms.incoming(source)
     source.qmp.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 4 * MIB})  # a long postcopy
     migration = source.migrate(target, postcopy=True, bandwidth=LINK)
     migration.wait_for_status("active", timeout=30)
@@ -153,7 +143,7 @@ def test_the_target_runs_the_guest_while_postcopy_fetches_the_rest_and_postcopy_
 @pytest.mark.parametrize("step", [Step.DOWNTIME, Step.THROTTLE])
 def test_a_cancel_during_an_escalation_leaves_the_source_running_with_its_data(vms: VMFactory, step: Step) -> None:
     source, dirtier = busy(vms)
-    target = incoming(vms, source)
+    target = vms.incoming(source)
     if step is Step.DOWNTIME:  # the longer downtime ends it at once: held before the switch-over
         migration = source.migrate(
             target,
@@ -180,7 +170,7 @@ def test_a_cancel_during_an_escalation_leaves_the_source_running_with_its_data(v
 
 def test_the_policy_carries_a_busy_guest_over_tcp_between_two_hosts(vms: VMFactory, two_hosts: TwoHosts) -> None:
     source, dirtier = busy(vms, netns=two_hosts.a)
-    target = incoming(vms, source, netns=two_hosts.b)
+    target = vms.incoming(source, netns=two_hosts.b)
     migration = source.migrate(
         target, listen=(two_hosts.b_address, 4450), bandwidth=LINK, finish_within=60, max_downtime_ms=2500
     )
@@ -188,3 +178,22 @@ def test_the_policy_carries_a_busy_guest_over_tcp_between_two_hosts(vms: VMFacto
     assert migration.uri == f"tcp:{two_hosts.b_address}:4450"
     assert result.escalations and result.escalations[0].step is Step.DOWNTIME
     assert_intact(target, dirtier)
+
+
+def test_policy_arguments_are_refused_before_anything_is_sent(vms: VMFactory, tmp_path: Path) -> None:
+    vm = vms.launch(vms.spec("args"), wait_ready=False)
+    uri = f"unix:{tmp_path}/nobody-listens.sock"
+    refused = [
+        ({"allow_postcopy": True}, "need finish_within"),
+        ({"max_downtime_ms": 500}, "need finish_within"),
+        ({"finish_within": 0}, "finish_within must be a positive number"),
+        ({"finish_within": 60, "max_downtime_ms": 0}, "max_downtime_ms must be a positive whole number"),
+        ({"finish_within": 60, "auto_converge": True}, "give allow_throttle instead"),
+        ({"finish_within": 60, "downtime_limit": 1000, "max_downtime_ms": 500}, "above max_downtime_ms 500"),
+    ]
+    for arguments, message in refused:
+        with pytest.raises(InvalidArgument, match=message):
+            vm.migrate(uri, **arguments)  # type: ignore[arg-type]
+    assert vm.qmp.execute("query-migrate").get("status", "none") == "none"  # no migration was ever started
+    capabilities = {c["capability"]: c["state"] for c in vm.qmp.execute("query-migrate-capabilities")}
+    assert capabilities["auto-converge"] is False and capabilities["postcopy-ram"] is False

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from integration.conftest import VMFactory, make_image
-from integration.test_migration import SLOW, incoming, pattern_intact, write_pattern
+from integration.test_migration import SLOW, pattern_intact, write_pattern
 from vmctl import VM, RunState
 from vmctl.errors import MigrationError, StaleState, VmctlError, WaitTimeout
 from vmctl.testing import GuestShell
@@ -58,7 +58,7 @@ def reach(migration: Any, phase: str) -> None:
 def test_a_qemu_killed_during_a_migration_phase(vms: VMFactory, phase: str, victim: str) -> None:
     source = vms.launch(vms.spec("src"))
     write_pattern(source)
-    target = incoming(vms, source, "dst")
+    target = vms.incoming(source, "dst")
     options: dict[str, Any] = {"bandwidth": SLOW}
     if phase == "postcopy-active":
         options["postcopy"] = True

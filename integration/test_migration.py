@@ -35,17 +35,6 @@ def pattern_intact(vm: VM) -> bool:
     return intact and panic_lines(vm.console.history) == []
 
 
-def incoming(vms: VMFactory, source: VM, name: str, **kwargs: object) -> VM:
-    target = VM.launch_incoming(
-        source.migration_target_spec(name=name),
-        run_dir=vms.run_dir(name),
-        inventory=source.inventory,
-        **kwargs,  # type: ignore[arg-type]
-    )
-    vms.vms.append(target)
-    return target
-
-
 def test_precopy_keeps_memory_and_hotplugged_devices(vms: VMFactory, tmp_path: Path) -> None:
     source = vms.launch(vms.spec("src", cpus=1, max_cpus=2, memory_mib=256, max_memory_mib=768, memory_slots=2))
     image = tmp_path / "data.qcow2"
@@ -57,7 +46,7 @@ def test_precopy_keeps_memory_and_hotplugged_devices(vms: VMFactory, tmp_path: P
         assert shell.block_device("data1") == "vda"
         shell.run("echo before-migration | dd of=/dev/vda conv=sync,fsync 2>/dev/null", check=True)
     write_pattern(source)
-    target = incoming(vms, source, "dst")
+    target = vms.incoming(source, "dst")
     result = source.migrate(target, downtime_limit=300).wait(120)
     assert result.status == "completed" and result.transferred > 0 and result.total_time_ms > 0
     assert source.has_exited and source.wait(1).code == 0  # quit after handing over, not a crash
@@ -78,7 +67,7 @@ def test_precopy_keeps_memory_and_hotplugged_devices(vms: VMFactory, tmp_path: P
 def test_precopy_over_tcp_between_two_hosts(vms: VMFactory, two_hosts: TwoHosts) -> None:
     source = vms.launch(vms.spec("src"), netns=two_hosts.a)
     write_pattern(source)
-    target = incoming(vms, source, "dst", netns=two_hosts.b)
+    target = vms.incoming(source, "dst", netns=two_hosts.b)
     migration = source.migrate(target, listen=(two_hosts.b_address, 4444))
     assert migration.uri == f"tcp:{two_hosts.b_address}:4444"
     migration.wait(120)
@@ -88,7 +77,7 @@ def test_precopy_over_tcp_between_two_hosts(vms: VMFactory, two_hosts: TwoHosts)
 def test_postcopy(vms: VMFactory) -> None:
     source = vms.launch(vms.spec("src"))
     write_pattern(source)
-    target = incoming(vms, source, "dst")
+    target = vms.incoming(source, "dst")
     migration = source.migrate(target, postcopy=True, bandwidth=SLOW)
     migration.wait_for_status("active", timeout=30)
     migration.start_postcopy()
@@ -99,7 +88,7 @@ def test_postcopy(vms: VMFactory) -> None:
 
 def test_pause_before_switchover(vms: VMFactory) -> None:
     source = vms.launch(vms.spec("src"))
-    target = incoming(vms, source, "dst")
+    target = vms.incoming(source, "dst")
     migration = source.migrate(target, pause_before_switchover=True)
     migration.wait_for_status("pre-switchover", timeout=60)
     assert source.status().run_state is RunState.FINISH_MIGRATE  # stopped, devices not yet handed over
@@ -111,7 +100,7 @@ def test_pause_before_switchover(vms: VMFactory) -> None:
 def test_cancel_leaves_the_source_running(vms: VMFactory) -> None:
     source = vms.launch(vms.spec("src"))
     write_pattern(source)
-    target = incoming(vms, source, "dst")
+    target = vms.incoming(source, "dst")
     migration = source.migrate(target, bandwidth=SLOW)
     migration.wait_for_status("active", timeout=30)
     migration.cancel()
@@ -124,7 +113,7 @@ def test_cancel_leaves_the_source_running(vms: VMFactory) -> None:
 
 def test_destination_killed_midway(vms: VMFactory) -> None:
     source = vms.launch(vms.spec("src"))
-    target = incoming(vms, source, "dst")
+    target = vms.incoming(source, "dst")
     migration = source.migrate(target, bandwidth=SLOW)
     migration.wait_for_status("active", timeout=30)
     target.kill()
@@ -136,7 +125,7 @@ def test_destination_killed_midway(vms: VMFactory) -> None:
 
 def test_link_cut_midway_fails_in_bounded_time(vms: VMFactory, two_hosts: TwoHosts) -> None:
     source = vms.launch(vms.spec("src"), netns=two_hosts.a)
-    target = incoming(vms, source, "dst", netns=two_hosts.b)
+    target = vms.incoming(source, "dst", netns=two_hosts.b)
     crashes: list[AbnormalExit] = []
     target.on_crash(crashes.append)
     migration = source.migrate(target, listen=(two_hosts.b_address, 4445), bandwidth=SLOW)
@@ -153,7 +142,7 @@ def test_ten_migrations_back_and_forth(vms: VMFactory) -> None:
     vm = vms.launch(vms.spec("hop0"))
     write_pattern(vm)
     for hop in range(1, 11):
-        target = incoming(vms, vm, f"hop{hop}")
+        target = vms.incoming(vm, f"hop{hop}")
         vm.migrate(target).wait(120)
         vm = target
     assert pattern_intact(vm)
@@ -162,7 +151,7 @@ def test_ten_migrations_back_and_forth(vms: VMFactory) -> None:
 
 def test_progress_reports_while_running(vms: VMFactory) -> None:
     source = vms.launch(vms.spec("src"))
-    target = incoming(vms, source, "dst")
+    target = vms.incoming(source, "dst")
     seen = []
     lock = threading.Lock()
 
@@ -177,7 +166,7 @@ def test_progress_reports_while_running(vms: VMFactory) -> None:
 def test_postcopy_recovers_after_the_link_breaks(vms: VMFactory, two_hosts: TwoHosts) -> None:
     source = vms.launch(vms.spec("src"), netns=two_hosts.a)
     write_pattern(source)
-    target = incoming(vms, source, "dst", netns=two_hosts.b)
+    target = vms.incoming(source, "dst", netns=two_hosts.b)
     migration = source.migrate(target, listen=(two_hosts.b_address, 4446), postcopy=True, bandwidth=SLOW)
     migration.wait_for_status("active", timeout=30)
     migration.start_postcopy()
@@ -197,7 +186,7 @@ def test_postcopy_recovers_after_the_link_breaks(vms: VMFactory, two_hosts: TwoH
 def test_multifd(vms: VMFactory) -> None:
     source = vms.launch(vms.spec("src"))
     write_pattern(source)
-    target = incoming(vms, source, "dst")
+    target = vms.incoming(source, "dst")
     assert source.migrate(target, multifd_channels=2).wait(120).status == "completed"
     assert pattern_intact(target)
 
@@ -257,7 +246,7 @@ def test_a_guest_moves_from_qemu_7_2_to_10_0_on_a_pinned_machine_type_with_its_d
     with GuestShell(source) as shell:
         shell.run(f"echo on-7.2 | dd of=/dev/{shell.block_device('data1')} conv=sync,fsync 2>/dev/null", check=True)
     write_pattern(source)
-    target = incoming(vms, source, "new", qemu_binary=str(new))
+    target = vms.incoming(source, "new", qemu_binary=str(new))
     assert target.qmp.version.major == 10
     result = source.migrate(target).wait(120)
     assert result.status == "completed"

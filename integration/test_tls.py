@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import TwoHosts, VMFactory, make_image
-from integration.test_migration import incoming, pattern_intact, write_pattern
+from integration.test_migration import pattern_intact, write_pattern
 from vmctl import VM, Secret, TLSCreds
 from vmctl.errors import InvalidArgument, MigrationError
 from vmctl.testing import GuestShell
@@ -45,12 +45,12 @@ def test_a_tls_migration_between_hosts_moves_the_guest_and_never_its_ram_in_clea
     with GuestShell(vm) as shell:
         shell.run(f"yes {MARKER} | head -c 1000000 > /tmp/marker", check=True)
     # In clear first, to show that the capture would see the guest's RAM.
-    middle = incoming(vms, vm, "middle", netns=two_hosts.b)
+    middle = vms.incoming(vm, "middle", netns=two_hosts.b)
     with captured(two_hosts.b, two_hosts.b_link, 4460, tmp_path / "clear.pcap") as clear:
         vm.migrate(middle, listen=(two_hosts.b_address, 4460)).wait(120)
     assert MARKER.encode() in clear.read_bytes()
     creds = make_tls_creds(tmp_path / "pki", hostname=two_hosts.a_address)  # the next target is on host a
-    final = incoming(vms, middle, "final", netns=two_hosts.a)
+    final = vms.incoming(middle, "final", netns=two_hosts.a)
     with captured(two_hosts.b, two_hosts.b_link, 4461, tmp_path / "tls.pcap") as encrypted:
         result = middle.migrate(final, listen=(two_hosts.a_address, 4461), tls=creds).wait(120)
     assert result.status == "completed"
@@ -70,7 +70,7 @@ def test_a_target_whose_certificate_another_ca_signed_is_refused_and_the_source_
     ours = make_tls_creds(tmp_path / "ours", hostname=two_hosts.b_address)
     theirs = make_tls_creds(tmp_path / "theirs", hostname=two_hosts.b_address)  # its own CA
     before = vm.qmp.execute("query-migrate-parameters")
-    target = incoming(vms, vm, "dst", netns=two_hosts.b)
+    target = vms.incoming(vm, "dst", netns=two_hosts.b)
     with pytest.raises(MigrationError):
         vm.migrate(target, listen=(two_hosts.b_address, 4462), tls=ours, target_tls=theirs).wait(60)
     assert vm.status().running and pattern_intact(vm)
@@ -81,7 +81,7 @@ def test_a_target_whose_certificate_another_ca_signed_is_refused_and_the_source_
 
 def test_tls_needs_a_tcp_migration(vms: VMFactory, tmp_path: Path) -> None:
     vm = vms.launch(wait_ready=False)
-    target = incoming(vms, vm, "dst")
+    target = vms.incoming(vm, "dst")
     with pytest.raises(InvalidArgument, match="listen="):
         vm.migrate(target, tls=make_tls_creds(tmp_path / "pki", hostname="127.0.0.1"))
     with pytest.raises(InvalidArgument, match="missing"):

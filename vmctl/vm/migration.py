@@ -161,7 +161,9 @@ class Migrations:
             if auto_converge:
                 raise InvalidArgument("auto_converge is the convergence policy's to use: give allow_throttle instead")
             if downtime_limit is not None and downtime_limit > convergence_policy.max_downtime_ms:
-                raise InvalidArgument(f"downtime_limit {downtime_limit} is above max_downtime_ms {max_downtime_ms}")
+                raise InvalidArgument(
+                    f"downtime_limit {downtime_limit} is above max_downtime_ms {convergence_policy.max_downtime_ms}"
+                )
         elif max_downtime_ms is not None or allow_postcopy or not allow_throttle:
             raise InvalidArgument("max_downtime_ms, allow_throttle and allow_postcopy need finish_within")
         if target_tls is not None and tls is None:
