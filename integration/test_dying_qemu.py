@@ -67,6 +67,7 @@ def test_a_qemu_killed_during_a_migration_phase(vms: VMFactory, phase: str, vict
     migration = source.migrate(target, **options)
     reach(migration, phase)
     dead, survivor = (source, target) if victim == "source" else (target, source)
+    target_events = target.qmp.events("MIGRATION")
     killed = time.monotonic()
     os.kill(dead.pid, signal.SIGKILL)
     try:
@@ -92,8 +93,9 @@ def test_a_qemu_killed_during_a_migration_phase(vms: VMFactory, phase: str, vict
             survivor.wait(5)
         except WaitTimeout:  # or it still waits:
             if phase == "postcopy-active":  # with part of the guest, for a postcopy recovery
-                assert survivor.qmp.execute("query-migrate")["status"] == "postcopy-paused"
-                assert not survivor.status().running
+                # It ran the guest from the start of postcopy, so its main loop may be stuck on a
+                # page that never comes (then only out-of-band commands answer): its event says it.
+                assert "postcopy-paused" in [str(e.data.get("status")) for e in target_events.drain()]
             else:  # empty, the source having died before it connected
                 assert survivor.status().run_state is RunState.INMIGRATE
         except VmctlError:  # its exit, an abnormal one
