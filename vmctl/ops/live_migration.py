@@ -117,11 +117,13 @@ class Migration:
         return attrs.evolve(sample, eta_s=self._forecast.eta_s(sample))
 
     def _follow(self) -> MigrationProgress:
-        """A sample for the waiter: the convergence policy decides on it, and its step is taken."""
-        sample = self.progress()
-        if self._convergence is not None:
-            self._act(self._convergence.decide(sample, time.monotonic()))
-        return sample
+        """A sample for the waiter: the convergence policy decides on it (its forecast takes the
+        sample in), and its step is taken."""
+        if self._convergence is None:
+            return self.progress()
+        sample = MigrationProgress.from_qmp(self.source.execute("query-migrate"))
+        self._act(self._convergence.decide(sample, time.monotonic()))
+        return attrs.evolve(sample, eta_s=self._forecast.eta_s(sample))
 
     def _act(self, action: policy.Action | None) -> None:
         """Carry out a step of the convergence policy (one log event with its figures)."""
