@@ -54,7 +54,7 @@ class Bench:
         self.guest = TestGuest.ensure()
         self.count = 0
 
-    def busy_pair(self, qemu: str) -> tuple[VM, VM, MemoryDirtier]:
+    def busy_pair(self, qemu: str, *, in_place: bool = False) -> tuple[VM, VM, MemoryDirtier]:
         self.count += 1
         src_dir, dst_dir = self.work / f"src{self.count}", self.work / f"dst{self.count}"
         spec = VMSpec(
@@ -70,7 +70,7 @@ class Bench:
         source = VM.launch(spec, run_dir=src_dir, qemu_binary=qemu)
         source.console.wait_for(READY_MARKER, timeout=120)
         with GuestShell(source) as shell:
-            dirtier = MemoryDirtier.start(shell, size_mib=self.args.file_mib)
+            dirtier = MemoryDirtier.start(shell, size_mib=self.args.file_mib, in_place=in_place)
         target_spec = source.migration_target_spec(name=f"dst{self.count}")
         target_spec = VMSpec.from_dict({**target_spec.to_dict(), "extra_args": raw_monitor_args(dst_dir)})
         target = VM.launch_incoming(target_spec, run_dir=dst_dir, inventory=source.inventory, qemu_binary=qemu)

@@ -13,7 +13,7 @@ import pytest
 from integration.conftest import TwoHosts, VMFactory
 from vmctl import VM, RunState
 from vmctl.errors import InvalidArgument, MigrationError, WaitTimeout
-from vmctl.model import Step
+from vmctl.model import Escalation, Step
 from vmctl.ops.live_migration import Migration
 from vmctl.testing import GuestShell
 from vmctl.testing.workload import MemoryDirtier, panic_lines
@@ -24,10 +24,23 @@ MIB = 1024 * 1024
 LINK = 16 * MIB
 
 
-def busy(vms: VMFactory, name: str = "busy", **launch: object) -> tuple[VM, MemoryDirtier]:
+def busy(vms: VMFactory, name: str = "busy", *, in_place: bool = False, **launch: object) -> tuple[VM, MemoryDirtier]:
     source = vms.launch(vms.spec(name), **launch)  # type: ignore[arg-type]
     with GuestShell(source) as shell:
-        return source, MemoryDirtier.start(shell, size_mib=16)
+        return source, MemoryDirtier.start(shell, size_mib=16, in_place=in_place)
+
+
+def steps(escalations: tuple[Escalation, ...]) -> list[Step]:
+    return [e.step for e in escalations]
+
+
+def compression_is_safe(vm: VM) -> bool:
+    return vm.qmp.version.major >= 10  # the suite runs TCG: 7.2's XBZRLE breaks a guest rewriting in place
+
+
+def taken(vm: VM, *later: Step) -> list[Step]:
+    """The steps a policy takes: compression from the start where it is safe, then ``later``."""
+    return ([Step.COMPRESSION] if compression_is_safe(vm) else []) + list(later)
 
 
 def assert_intact(vm: VM, dirtier: MemoryDirtier) -> None:
@@ -58,8 +71,8 @@ def test_a_busy_guest_finishes_with_the_longer_downtime_it_needs_and_its_data_in
         90
     )
     assert result.status == "completed" and time.monotonic() - started < 60
-    [escalation] = result.escalations
-    assert escalation.step is Step.DOWNTIME
+    assert steps(result.escalations) == taken(source, Step.DOWNTIME)  # compression cannot help this guest
+    escalation = result.escalations[-1]
     assert escalation.needed_downtime_ms > 300  # QEMU's default limit would never have let it end
     assert escalation.remaining > 8 * MIB and 8 * MIB < escalation.bandwidth < 24 * MIB
     assert result.downtime_ms <= 2500
@@ -75,13 +88,13 @@ def test_throttling_carries_a_busy_guest_where_it_is_safe_and_is_refused_on_qemu
     migration = source.migrate(target, bandwidth=LINK, finish_within=60 if throttle_is_safe(source) else 20)
     if throttle_is_safe(source):
         result = migration.wait(90)
-        assert [e.step for e in result.escalations] == [Step.THROTTLE]
+        assert steps(result.escalations) == taken(source, Step.THROTTLE)
         assert result.downtime_ms <= 300
         assert_intact(target, dirtier)
         return
     with pytest.raises(MigrationError, match="corrupts a busy guest") as failure:
         migration.wait(90)
-    assert failure.value.status == "cancelled" and migration.escalations == ()
+    assert failure.value.status == "cancelled" and steps(migration.escalations) == taken(source)
     assert source.qmp.execute("query-migrate").get("cpu-throttle-percentage", 0) == 0
     assert_intact(source, dirtier)
 
@@ -102,10 +115,42 @@ def test_a_policy_with_no_step_left_cancels_at_the_deadline_naming_the_figures_a
     assert "did not finish within 15s" in message and "max_downtime_ms is 300" in message
     assert "MB/s" in message and "ms of downtime" in message and "postcopy: not allowed" in message
     after = source.qmp.execute("query-migrate-parameters")
-    for name in ("downtime-limit", "max-bandwidth", "max-cpu-throttle", "cpu-throttle-initial"):
+    for name in ("downtime-limit", "max-bandwidth", "max-cpu-throttle", "cpu-throttle-initial", "xbzrle-cache-size"):
         assert after[name] == before[name]  # what the migration set is put back
     capabilities = {c["capability"]: c["state"] for c in source.qmp.execute("query-migrate-capabilities")}
-    assert capabilities["auto-converge"] is False
+    assert capabilities["auto-converge"] is False and capabilities["xbzrle"] is False
+    assert_intact(source, dirtier)
+
+
+def test_compression_carries_a_guest_rewriting_its_pages_in_place_where_safe_and_is_refused_on_qemu_7_2_under_tcg(
+    vms: VMFactory,
+) -> None:
+    source, dirtier = busy(vms, in_place=True)
+    target = vms.incoming(source)
+    if not compression_is_safe(source):
+        migration = source.migrate(target, bandwidth=LINK, finish_within=15, allow_throttle=False)
+        with pytest.raises(MigrationError, match="XBZRLE's page deltas break"):
+            migration.wait(60)
+        assert migration.escalations == ()
+        assert_intact(source, dirtier)
+        return
+    migration = source.migrate(target, bandwidth=LINK, finish_within=60, allow_throttle=False, stop_source=False)
+    result = migration.wait(90)
+    assert steps(result.escalations) == [Step.COMPRESSION] and result.downtime_ms <= 300
+    xbzrle = source.qmp.execute("query-migrate")["xbzrle-cache"]  # the source stayed to be asked
+    assert xbzrle["cache-size"] == 64 * MIB and xbzrle["pages"] > 0  # pages went as their differences
+    assert_intact(target, dirtier)
+
+
+def test_without_compression_the_guest_rewriting_in_place_is_cancelled_at_the_deadline_and_runs_on(
+    vms: VMFactory,
+) -> None:
+    source, dirtier = busy(vms, in_place=True)
+    target = vms.incoming(source)
+    migration = source.migrate(target, bandwidth=LINK, finish_within=15, allow_throttle=False, allow_compression=False)
+    with pytest.raises(MigrationError, match="did not finish within 15s") as failure:
+        migration.wait(60)
+    assert "compression: not allowed" in str(failure.value) and migration.escalations == ()
     assert_intact(source, dirtier)
 
 
@@ -113,7 +158,7 @@ def test_with_postcopy_allowed_a_busy_guest_moves_after_one_pass_with_its_data(v
     source, dirtier = busy(vms)
     target = vms.incoming(source)
     result = source.migrate(target, bandwidth=LINK, finish_within=60, allow_postcopy=True).wait(90)
-    assert [e.step for e in result.escalations] == [Step.POSTCOPY]
+    assert steps(result.escalations) == taken(source, Step.POSTCOPY)
     assert result.postcopy and result.total_time_ms < 15_000
     assert_intact(target, dirtier)
 
@@ -161,7 +206,8 @@ def test_a_cancel_during_an_escalation_leaves_the_source_running_with_its_data(v
     else:  # no throttle here: the cancel comes while the policy has no step left to take
         migration = source.migrate(target, bandwidth=LINK, finish_within=60)
         time.sleep(12)
-        assert source.qmp.execute("query-migrate")["status"] == "active" and migration.escalations == ()
+        assert source.qmp.execute("query-migrate")["status"] == "active"
+        assert steps(migration.escalations) == taken(source)
     migration.cancel()
     assert migration.status == "cancelled"
     assert source.qmp.execute("query-migrate").get("cpu-throttle-percentage", 0) == 0
@@ -176,7 +222,7 @@ def test_the_policy_carries_a_busy_guest_over_tcp_between_two_hosts(vms: VMFacto
     )
     result = migration.wait(90)
     assert migration.uri == f"tcp:{two_hosts.b_address}:4450"
-    assert result.escalations and result.escalations[0].step is Step.DOWNTIME
+    assert Step.DOWNTIME in steps(result.escalations)
     assert_intact(target, dirtier)
 
 
@@ -186,6 +232,7 @@ def test_policy_arguments_are_refused_before_anything_is_sent(vms: VMFactory, tm
     refused = [
         ({"allow_postcopy": True}, "need finish_within"),
         ({"max_downtime_ms": 500}, "need finish_within"),
+        ({"allow_compression": False}, "need finish_within"),
         ({"finish_within": 0}, "finish_within must be a positive number"),
         ({"finish_within": 60, "max_downtime_ms": 0}, "max_downtime_ms must be a positive whole number"),
         ({"finish_within": 60, "auto_converge": True}, "give allow_throttle instead"),

@@ -29,6 +29,7 @@ from vmctl.ops.convergence import (
     ReleaseThrottle,
     SetDowntime,
     StartPostcopy,
+    compression_cache,
     plan,
 )
 from vmctl.qmp import Monitor
@@ -237,6 +238,7 @@ def test_a_first_sample_past_pass_1_with_no_dirty_rate_yet_is_decided_on_without
         {"allow_throttle": 1},
         {"allow_postcopy": "yes"},
         {"allow_postcopy": None},
+        {"allow_compression": 0},
     ],
 )
 def test_convergence_policy_rejects_with_invalid_argument(bad: dict[str, Any]) -> None:
@@ -273,6 +275,70 @@ def test_progress_from_qmp_reads_query_migrate() -> None:
     assert progress.throttle_percent == 30
     empty = MigrationProgress.from_qmp({})
     assert (empty.status, empty.passes, empty.bandwidth, empty.dirty_rate) == ("none", 0, 0, 0)
+    assert (empty.compressed_pages, empty.compression_cache_miss_rate) == (0, 0.0)
+
+
+def test_progress_from_qmp_reads_the_xbzrle_cache_figures() -> None:
+    progress = MigrationProgress.from_qmp(
+        {"status": "active", "xbzrle-cache": {"pages": 4321, "cache-miss-rate": 0.25, "cache-size": 64 * MiB}}
+    )
+    assert (progress.compressed_pages, progress.compression_cache_miss_rate) == (4321, 0.25)
+
+
+def test_xbzrle_options_set_the_capability_and_the_cache_on_the_source_only() -> None:
+    options = MigrationOptions(xbzrle=True, xbzrle_cache=64 * MiB)
+    assert options.capabilities(source=True)["xbzrle"] is True
+    assert options.parameters(source=True)["xbzrle-cache-size"] == 64 * MiB
+    assert "xbzrle" not in options.capabilities(source=False)
+    assert "xbzrle-cache-size" not in options.parameters(source=False)
+    assert "xbzrle-cache-size" not in MigrationOptions().parameters(source=True)
+    with pytest.raises(InvalidArgument, match="xbzrle_cache"):
+        MigrationOptions(xbzrle=True, xbzrle_cache=0)
+
+
+@pytest.mark.parametrize(
+    ("memory", "cache"),
+    [(256 * MiB, 64 * MiB), (32 * MiB, 16 * MiB), (1000 * MiB, 128 * MiB), (3 << 30, 256 * MiB), (64 << 30, 256 * MiB)],
+)
+def test_compression_cache_is_a_quarter_of_the_guest_as_a_power_of_two_within_16_to_256_mib(
+    memory: int, cache: int
+) -> None:
+    assert compression_cache(memory) == cache
+
+
+def test_plan_turns_compression_on_with_a_cache_for_the_guests_ram(monitor: Monitor, fake: FakeQEMU) -> None:
+    answer(fake, ["xbzrle", "auto-converge"], kvm=True, memory=512 * MiB)
+    policy = ConvergencePolicy(finish_within=60.0)
+    steps = plan(monitor, policy=policy, target=monitor, postcopy_refusal=None, multifd=False, copy_storage=False)
+    assert (steps.compression_cache, steps.memory) == (128 * MiB, 512 * MiB)
+    assert Step.COMPRESSION not in [s.step for s in steps.skipped]
+
+
+@pytest.mark.parametrize(
+    ("allow", "capabilities", "multifd", "kvm", "reason"),
+    [
+        (False, ["xbzrle"], False, True, "allow_compression=False"),
+        (True, [], False, True, "has no xbzrle"),
+        (True, ["xbzrle"], True, True, "not with multifd"),
+        (True, ["xbzrle"], False, False, "QEMU 7.2.0 under TCG: XBZRLE's page deltas break"),
+    ],
+)
+def test_plan_skips_compression_when_not_allowed_absent_with_multifd_or_on_7_2_under_tcg(
+    monitor: Monitor, fake: FakeQEMU, allow: bool, capabilities: list[str], multifd: bool, kvm: bool, reason: str
+) -> None:
+    answer(fake, capabilities, kvm=kvm)
+    policy = ConvergencePolicy(finish_within=60.0, allow_compression=allow)
+    steps = plan(monitor, policy=policy, target=monitor, postcopy_refusal=None, multifd=multifd, copy_storage=False)
+    assert steps.compression_cache is None
+    assert reason in {s.step: s.reason for s in steps.skipped}[Step.COMPRESSION]
+
+
+def test_compression_is_the_first_escalation_taken_at_the_start_with_its_cache() -> None:
+    steps = Plan(throttle=False, postcopy=False, skipped=(), compression_cache=64 * MiB, memory=RAM)
+    conv = Convergence(ConvergencePolicy(finish_within=60.0), steps, started=0.0, downtime_limit_ms=300)
+    [escalation] = conv.escalations
+    assert (escalation.step, escalation.at_s, escalation.passes, escalation.remaining) == (Step.COMPRESSION, 0, 0, RAM)
+    assert "64 MiB cache" in escalation.change and "only when a migration starts" in escalation.reason
 
 
 def test_throttle_held_turns_auto_converge_on_at_1_percent_on_the_source_only() -> None:
@@ -285,13 +351,14 @@ def test_throttle_held_turns_auto_converge_on_at_1_percent_on_the_source_only() 
     assert not MigrationOptions().parameters(source=True).keys() & THROTTLE_HELD.keys()
 
 
-def answer(fake: FakeQEMU, capabilities: Sequence[str], *, kvm: bool) -> None:
+def answer(fake: FakeQEMU, capabilities: Sequence[str], *, kvm: bool, memory: int = RAM) -> None:
     fake.on("query-migrate-capabilities", returns=[{"capability": c, "state": False} for c in capabilities])
     fake.on("query-kvm", returns={"enabled": kvm, "present": kvm})
+    fake.on("query-memory-size-summary", returns={"base-memory": memory, "plugged-memory": 0})
 
 
 def test_plan_on_kvm_with_every_capability_may_throttle_and_postcopy(monitor: Monitor, fake: FakeQEMU) -> None:
-    answer(fake, ["auto-converge", "postcopy-ram", "dirty-limit"], kvm=True)
+    answer(fake, ["auto-converge", "postcopy-ram", "dirty-limit", "xbzrle"], kvm=True)
     policy = ConvergencePolicy(finish_within=60.0, allow_postcopy=True)
     steps = plan(monitor, policy=policy, target=monitor, postcopy_refusal=None, multifd=False, copy_storage=False)
     assert (steps.throttle, steps.postcopy) == (True, True)

@@ -29,6 +29,9 @@ def _positive_int(value: object, name: str, *, maximum: int | None = None) -> No
 class Step(enum.Enum):
     """An escalation of the convergence policy, in the order it takes them."""
 
+    #: XBZRLE: a page sent again goes as its difference to the copy sent before. On from the start,
+    #: as QEMU sizes its cache only when a migration starts (a resize during one is taken, not applied).
+    COMPRESSION = "compression"
     #: Raise QEMU's downtime-limit to what the last pass needs, up to ``max_downtime_ms``.
     DOWNTIME = "downtime"
     #: Switch to postcopy: the guest runs on the target, which fetches what is left on demand.
@@ -46,12 +49,15 @@ class ConvergencePolicy:
     At each pass vmctl predicts from QEMU's figures whether precopy will end in time, and when it
     will not, takes the next step: a longer downtime (up to ``max_downtime_ms``), then postcopy
     (when allowed and possible), else throttling the guest (when allowed and safe on this QEMU).
-    A migration still running at ``finish_within`` seconds is cancelled: the source runs on."""
+    A migration still running at ``finish_within`` seconds is cancelled: the source runs on.
+    ``allow_compression`` has XBZRLE on from the start where it is safe (its cache costs the
+    source host a quarter of the guest's RAM, 16-256 MiB, while the migration runs)."""
 
     finish_within: float
     max_downtime_ms: int = DEFAULT_DOWNTIME_LIMIT_MS
     allow_throttle: bool = True
     allow_postcopy: bool = False
+    allow_compression: bool = True
     max_throttle: int = 99
 
     def __attrs_post_init__(self) -> None:
@@ -63,7 +69,7 @@ class ConvergencePolicy:
             raise InvalidArgument(f"finish_within must be a positive number of seconds, not {self.finish_within!r}")
         _positive_int(self.max_downtime_ms, "max_downtime_ms", maximum=MAX_DOWNTIME_LIMIT_MS)
         _positive_int(self.max_throttle, "max_throttle", maximum=99)
-        for name in ("allow_throttle", "allow_postcopy"):
+        for name in ("allow_throttle", "allow_postcopy", "allow_compression"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgument(f"{name} must be True or False, not {getattr(self, name)!r}")
 
@@ -103,6 +109,7 @@ class MigrationOptions:
     pause_before_switchover: bool = False
     multifd_channels: int | None = None
     xbzrle: bool = False
+    xbzrle_cache: int | None = None  # bytes
     copy_storage: bool = False
     #: TLS: the ids of the credentials objects on each side, and the name the target's
     #: certificate must bear (the host the source connects to).
@@ -111,7 +118,7 @@ class MigrationOptions:
     tls_hostname: str | None = None
 
     def __attrs_post_init__(self) -> None:
-        for name in ("bandwidth", "multifd_channels"):
+        for name in ("bandwidth", "multifd_channels", "xbzrle_cache"):
             value = getattr(self, name)
             if value is not None:
                 _positive_int(value, name)
@@ -151,6 +158,8 @@ class MigrationOptions:
             params["downtime-limit"] = self.downtime_limit
         if source and self.throttle_held:
             params.update(THROTTLE_HELD)
+        if source and self.xbzrle and self.xbzrle_cache is not None:
+            params["xbzrle-cache-size"] = self.xbzrle_cache
         return params
 
 
@@ -171,10 +180,15 @@ class MigrationProgress:
     expected_downtime_ms: int  # QEMU's estimate, were it to stop the guest now
     #: Seconds until the end as vmctl predicts it; None while it cannot tell (or never, as things go).
     eta_s: float | None = None
+    #: XBZRLE: pages sent as their difference to the last copy, and the share of pages sent
+    #: again that were not in its cache (sent whole).
+    compressed_pages: int = 0
+    compression_cache_miss_rate: float = 0.0
 
     @classmethod
     def from_qmp(cls, info: Mapping[str, Any]) -> MigrationProgress:
         ram = info.get("ram", {})
+        xbzrle = info.get("xbzrle-cache", {})
         mbps = float(ram.get("mbps", 0.0))
         return cls(
             status=str(info.get("status", "none")),
@@ -188,6 +202,8 @@ class MigrationProgress:
             passes=int(ram.get("dirty-sync-count", 0)),
             throttle_percent=int(info.get("cpu-throttle-percentage", 0)),
             expected_downtime_ms=int(info.get("expected-downtime", 0)),
+            compressed_pages=int(xbzrle.get("pages", 0)),
+            compression_cache_miss_rate=float(xbzrle.get("cache-miss-rate", 0.0)),
         )
 
 

@@ -100,6 +100,8 @@ class Migration:
         self._pass_began = False
         self._give_up: str | None = None
         self.started = convergence.started if convergence is not None else time.monotonic()
+        for escalation in self.escalations:  # those taken when it started (compression)
+            self._log_escalation(escalation)
 
     @property
     def status(self) -> str:
@@ -135,7 +137,16 @@ class Migration:
             with contextlib.suppress(CommandError):  # it may have just ended
                 self.source.execute("migrate_cancel")
             return
-        escalation = self.escalations[-1]
+        self._log_escalation(self.escalations[-1])
+        if isinstance(action, policy.SetDowntime):
+            execute_idempotent(self.source, "migrate-set-parameters", {"downtime-limit": action.limit_ms})
+        elif isinstance(action, policy.ReleaseThrottle):
+            execute_idempotent(self.source, "migrate-set-parameters", action.parameters)
+        elif not self._postcopy_started:  # the caller may have switched by hand (start_postcopy)
+            self.source.execute("migrate-start-postcopy")
+            self._postcopy_started = True
+
+    def _log_escalation(self, escalation: Escalation) -> None:
         self._log.info(
             "vm.migration_escalated",
             step=escalation.step.value,
@@ -149,13 +160,6 @@ class Migration:
             needed_downtime_ms=escalation.needed_downtime_ms,
             throttle_percent=escalation.throttle_percent,
         )
-        if isinstance(action, policy.SetDowntime):
-            execute_idempotent(self.source, "migrate-set-parameters", {"downtime-limit": action.limit_ms})
-        elif isinstance(action, policy.ReleaseThrottle):
-            execute_idempotent(self.source, "migrate-set-parameters", action.parameters)
-        elif not self._postcopy_started:  # the caller may have switched by hand (start_postcopy)
-            self.source.execute("migrate-start-postcopy")
-            self._postcopy_started = True
 
     def start_postcopy(self) -> None:
         if not self.options.postcopy:

@@ -3,7 +3,13 @@ afterwards that the data it was rewriting came through whole.
 
 The guest copies a file of random bytes over another in tmpfs (guest RAM), again and again:
 each copy rewrites ``size`` bytes of memory, and ``pause`` seconds between copies set how busy
-it is. The host keeps the file's checksum; after a migration both files must still match it."""
+it is. The host keeps the file's checksum; after a migration both files must still match it.
+
+``cp`` gives the copy new pages each time (tmpfs frees a truncated file's), so no two passes of a
+migration see the same page twice. ``in_place=True`` is the other kind of guest, a database's:
+the same pages rewritten, each time with a few bytes changed (the copy alternates between the
+file and a variant of it with every zero byte made 1, about 16 bytes in each 4 KiB page), which
+is what XBZRLE compression is for."""
 
 from __future__ import annotations
 
@@ -24,16 +30,26 @@ class WorkloadCorrupted(VmctlError):
 class MemoryDirtier:
     """``start`` it in the guest, migrate, then ``stop_and_check`` it on whichever side runs the guest."""
 
-    def __init__(self, *, directory: str, size: int, pause: float, checksum: str) -> None:
+    def __init__(
+        self, *, directory: str, size: int, pause: float, checksum: str, variant_checksum: str | None = None
+    ) -> None:
         self.directory = directory
         self.size = size
         self.pause = pause
         self.checksum = checksum
+        #: ``in_place``: the checksum of the variant the copy alternates with.
+        self.variant_checksum = variant_checksum
         self._started = time.monotonic()
 
     @classmethod
     def start(
-        cls, shell: GuestShell, *, size_mib: int = 16, pause: float = 0.0, directory: str = "/tmp/vmctl-dirty"
+        cls,
+        shell: GuestShell,
+        *,
+        size_mib: int = 16,
+        pause: float = 0.0,
+        directory: str = "/tmp/vmctl-dirty",
+        in_place: bool = False,
     ) -> MemoryDirtier:
         """Write the random file, note its checksum, and start copying it in the background;
         returns once the first copy is done."""
@@ -41,14 +57,22 @@ class MemoryDirtier:
         size = size_mib * 1024 * 1024
         shell.run(f"rm -rf {d} && mkdir -p {d} && head -c {size} /dev/urandom > {d}/a", check=True, timeout=60)
         checksum = shell.run(f"sha256sum < {d}/a", check=True).output.split()[0]
+        variant_checksum = None
         nap = f"sleep {pause:g}; " if pause > 0 else ""
-        loop = (
-            f"n=0; while [ ! -e {d}/stop ]; do cp {d}/a {d}/b; n=$((n+1)); echo $n > {d}/count; {nap}done; "
-            f"touch {d}/stopped"
-        )
+        copy = f"cp {d}/a {d}/b; n=$((n+1)); echo $n > {d}/count; {nap}"
+        if in_place:
+            shell.run(f"tr '\\000' '\\001' < {d}/a > {d}/c && cp {d}/a {d}/b", check=True, timeout=60)
+            variant_checksum = shell.run(f"sha256sum < {d}/c", check=True).output.split()[0]
+            if variant_checksum == checksum:
+                raise WorkloadCorrupted("the variant file is the file itself: tr changed nothing")
+            copy = "".join(
+                f"dd if={d}/{source} of={d}/b bs=1M conv=notrunc 2>/dev/null; n=$((n+1)); echo $n > {d}/count; {nap}"
+                for source in ("c", "a")
+            )
+        loop = f"n=0; while [ ! -e {d}/stop ]; do {copy}done; touch {d}/stopped"
         shell.run(f"( {loop} ) </dev/null >/dev/null 2>&1 &", check=True)
         shell.poll(f"cat {d}/count 2>/dev/null", timeout=60)
-        return cls(directory=directory, size=size, pause=pause, checksum=checksum)
+        return cls(directory=directory, size=size, pause=pause, checksum=checksum, variant_checksum=variant_checksum)
 
     def copies(self, shell: GuestShell) -> int:
         """How many times the guest has rewritten the file so far."""
@@ -64,10 +88,16 @@ class MemoryDirtier:
         d = shlex.quote(self.directory)
         shell.run(f"touch {d}/stop", check=True)
         shell.poll(f"ls {d}/stopped 2>/dev/null", timeout=timeout)
-        sums = shell.run(f"sha256sum < {d}/a; sha256sum < {d}/b", check=True, timeout=timeout).output.split()
+        files = "a b" if self.variant_checksum is None else "a b c"
+        listing = "; ".join(f"sha256sum < {d}/{name}" for name in files.split())
+        sums = shell.run(listing, check=True, timeout=timeout).output.split()
         found = [word for word in sums if word != "-"]
-        if found != [self.checksum, self.checksum]:
-            raise WorkloadCorrupted(f"the guest's files changed: expected {self.checksum} twice, found {found}")
+        if self.variant_checksum is None:
+            expected = [[self.checksum, self.checksum]]
+        else:  # the copy stopped after either file
+            expected = [[self.checksum, b, self.variant_checksum] for b in (self.checksum, self.variant_checksum)]
+        if found not in expected:
+            raise WorkloadCorrupted(f"the guest's files changed: expected one of {expected}, found {found}")
         return self.copies(shell)
 
 

@@ -431,6 +431,7 @@ class VM:
         max_downtime_ms: int | None = None,
         allow_throttle: bool = True,
         allow_postcopy: bool = False,
+        allow_compression: bool = True,
     ) -> Migration:
         """Start migrating to ``target``: a VM from ``launch_incoming`` or a migration URI (see
         :meth:`vmctl.vm.migration.Migrations.migrate`; ``finish_within`` adds the convergence policy)."""
@@ -453,6 +454,7 @@ class VM:
             max_downtime_ms=max_downtime_ms,
             allow_throttle=allow_throttle,
             allow_postcopy=allow_postcopy,
+            allow_compression=allow_compression,
         )
 
 

@@ -126,6 +126,7 @@ class Migrations:
         max_downtime_ms: int | None = None,
         allow_throttle: bool = True,
         allow_postcopy: bool = False,
+        allow_compression: bool = True,
     ) -> Migration:
         """Start migrating to ``target``: a VM from ``launch_incoming`` (it listens on a unix
         socket in its run dir, or on ``listen`` = (host, port) over TCP) or a migration URI.
@@ -147,7 +148,8 @@ class Migrations:
         follows it, vmctl predicts at each pass whether precopy will end in time and, when it will
         not, escalates: the downtime limit up to ``max_downtime_ms`` (default QEMU's 300), then
         postcopy if ``allow_postcopy`` (and the target can), else CPU throttling if
-        ``allow_throttle`` (where it is safe on this QEMU). A migration not done by then is
+        ``allow_throttle`` (where it is safe on this QEMU); ``allow_compression`` has XBZRLE on
+        from the start where it is safe (QEMU sizes its cache only then). A migration not done by then is
         cancelled (``MigrationError`` naming the figures; the source runs on). The result lists
         the steps taken (``result.escalations``) and those this QEMU rules out (``result.skipped``)."""
         convergence_policy = None
@@ -157,6 +159,7 @@ class Migrations:
                 max_downtime_ms=DEFAULT_DOWNTIME_LIMIT_MS if max_downtime_ms is None else max_downtime_ms,
                 allow_throttle=allow_throttle,
                 allow_postcopy=allow_postcopy,
+                allow_compression=allow_compression,
             )
             if auto_converge:
                 raise InvalidArgument("auto_converge is the convergence policy's to use: give allow_throttle instead")
@@ -164,8 +167,10 @@ class Migrations:
                 raise InvalidArgument(
                     f"downtime_limit {downtime_limit} is above max_downtime_ms {convergence_policy.max_downtime_ms}"
                 )
-        elif max_downtime_ms is not None or allow_postcopy or not allow_throttle:
-            raise InvalidArgument("max_downtime_ms, allow_throttle and allow_postcopy need finish_within")
+        elif max_downtime_ms is not None or allow_postcopy or not allow_throttle or not allow_compression:
+            raise InvalidArgument(
+                "max_downtime_ms, allow_throttle, allow_postcopy and allow_compression need finish_within"
+            )
         if target_tls is not None and tls is None:
             raise InvalidArgument("target_tls needs tls (the source's credentials)")
         postcopy_refusal: str | None = None
@@ -224,6 +229,8 @@ class Migrations:
                 options,
                 postcopy=postcopy or plan.postcopy,
                 throttle_held=plan.throttle,
+                xbzrle=plan.compression_cache is not None,
+                xbzrle_cache=plan.compression_cache,
                 downtime_limit=downtime_limit or min(DEFAULT_DOWNTIME_LIMIT_MS, convergence_policy.max_downtime_ms),
             )
         # The journal on both sides: a control plane that dies from here on leaves each QEMU
