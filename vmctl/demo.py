@@ -143,7 +143,8 @@ def _migrate(printer: _Printer, source: VM, work: Path) -> VM:
         )
         target.qmp.on_event(_event_printer(printer, target.name))
         try:
-            # The convergence policy: this idle guest needs none of its steps (result.escalations is empty).
+            # The convergence policy: this idle guest needs none of its later steps (compression, where
+            # it is safe, is on from the start).
             migration = source.migrate(target, bandwidth=64 * 1024 * 1024, finish_within=120, max_downtime_ms=1000)
             result = migration.wait(300, on_progress=lambda p: printer.say("    " + _bar(p)), progress_interval=0.4)
         except BaseException:
