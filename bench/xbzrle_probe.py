@@ -39,15 +39,15 @@ def migrate(bench: Bench, qemu: str, *, start_cache: int, grown_cache: int | Non
         dst.call("migrate-incoming", {"uri": uri})
         started = time.monotonic()
         src.call("migrate", {"uri": uri})
-        grown_at = None
+        grown = False
         info: dict[str, Any] = {}
         while time.monotonic() - started < seconds:
             info = src.call("query-migrate")
             if info["status"] in ("completed", "failed"):
                 break
-            if grown_cache and grown_at is None and info.get("ram", {}).get("dirty-sync-count", 0) >= 3:
+            if grown_cache and not grown and info.get("ram", {}).get("dirty-sync-count", 0) >= 3:
                 src.call("migrate-set-parameters", {"xbzrle-cache-size": grown_cache})
-                grown_at = info.get("xbzrle-cache", {}).get("cache-miss", 0)
+                grown = True
             time.sleep(0.5)
         total = time.monotonic() - started
         cache = info.get("xbzrle-cache", {})

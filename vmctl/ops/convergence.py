@@ -113,10 +113,12 @@ def plan(
     if refusal is not None:
         skipped.append(Skipped(step=Step.POSTCOPY, reason=refusal))
     skipped.append(Skipped(step=Step.DIRTY_LIMIT, reason=_dirty_limit_refusal(capabilities, source.version, tcg=tcg)))
-    memory = int(ask(source, "query-memory-size-summary").get("base-memory", 0))
     compression_refusal = _compression_refusal(policy, capabilities, source.version, tcg=tcg, multifd=multifd)
+    memory = 0  # asked only when compression is on: its cache is sized from it
     if compression_refusal is not None:
         skipped.append(Skipped(step=Step.COMPRESSION, reason=compression_refusal))
+    else:
+        memory = int(ask(source, "query-memory-size-summary").get("base-memory", 0))
     return Plan(
         throttle=throttle_refusal is None,
         postcopy=refusal is None,

@@ -88,8 +88,8 @@ class MemoryDirtier:
         d = shlex.quote(self.directory)
         shell.run(f"touch {d}/stop", check=True)
         shell.poll(f"ls {d}/stopped 2>/dev/null", timeout=timeout)
-        files = "a b" if self.variant_checksum is None else "a b c"
-        listing = "; ".join(f"sha256sum < {d}/{name}" for name in files.split())
+        files = ("a", "b") if self.variant_checksum is None else ("a", "b", "c")
+        listing = "; ".join(f"sha256sum < {d}/{name}" for name in files)
         sums = shell.run(listing, check=True, timeout=timeout).output.split()
         found = [word for word in sums if word != "-"]
         if self.variant_checksum is None:
