@@ -18,8 +18,15 @@ ensure_system() {
     [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || missing+=(ovmf)  # UEFI guests
     command -v openssl >/dev/null || missing+=(openssl)           # the tests' throwaway CAs
     command -v tcpdump >/dev/null || missing+=(tcpdump)           # the tests read the migration stream
+    command -v xmllint >/dev/null || missing+=(libxml2-utils)     # virt-xml-validate checks domain XML with it
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    # vmctl.testing.PrivateLibvirtd (see DEVELOPERS.md): the daemon, its QEMU driver, virsh; and what
+    # pip needs to build libvirt-python (no wheels) against the system's libvirt.
+    local package
+    for package in libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc python3-dev; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || missing+=("$package")
+    done
     local sudo=""
     [ "$(id -u)" = 0 ] || sudo=sudo
     # The test guest is fetched with `apt-get download`, which needs the package lists.
@@ -32,6 +39,15 @@ ensure_system() {
     if ((${#missing[@]})); then
         echo "==> installing Debian packages: ${missing[*]}"
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    # libvirt's QEMU driver refuses to start without its user and group, even with QEMU as root.
+    if ! getent group libvirt-qemu >/dev/null; then
+        echo "==> creating the system group libvirt-qemu (libvirt's QEMU driver wants it)"
+        $sudo groupadd --system libvirt-qemu
+    fi
+    if ! getent passwd libvirt-qemu >/dev/null; then
+        echo "==> creating the system user libvirt-qemu (libvirt's QEMU driver wants it)"
+        $sudo useradd --system -g libvirt-qemu -s /usr/sbin/nologin -M -d /nonexistent libvirt-qemu
     fi
 }
 
@@ -51,7 +67,7 @@ QEMU10_DIR="$PWD/.cache/qemu-10.0"
 QEMU10="$QEMU10_DIR/qemu-system-x86_64"
 
 ensure_qemu10() {
-    [ -x "$QEMU10" ] && [ -x "$QEMU10_DIR/usr/bin/qemu-system-x86_64" ] && return
+    [ -x "$QEMU10" ] && [ -x "$QEMU10_DIR/usr/bin/qemu-system-x86_64" ] && grep -q QEMU_MODULE_DIR "$QEMU10" && return
     echo "==> QEMU 10.0 (Debian bookworm-backports) into .cache/qemu-10.0/"
     local apt_dir="$PWD/.cache/apt-backports"
     rm -rf "$apt_dir" "$QEMU10_DIR"
@@ -80,12 +96,15 @@ PY
         -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o APT::Sandbox::User=root)
     apt-get "${opts[@]}" -qq update
     (cd "$apt_dir/debs" && apt-get "${opts[@]}" -qq download \
-        qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports qemu-system-data/bookworm-backports)
+        qemu-system-x86/bookworm-backports qemu-system-common/bookworm-backports qemu-system-data/bookworm-backports \
+        qemu-system-modules-opengl/bookworm-backports qemu-system-modules-spice/bookworm-backports)
     for deb in "$apt_dir"/debs/*.deb; do dpkg-deb -x "$deb" "$QEMU10_DIR"; done
     cat >"$QEMU10" <<'SH'
 #!/bin/sh
-# QEMU 10.0 unpacked by run.sh: its own firmware and data first, then the system's.
+# QEMU 10.0 unpacked by run.sh: its own firmware and data first, then the system's. Its own
+# modules only (libvirt's probe loads them all; 7.2's abort it), set here: libvirt clears the environment.
 here=$(dirname "$(readlink -f "$0")")
+export QEMU_MODULE_DIR="$here/usr/lib/x86_64-linux-gnu/qemu"
 exec "$here/usr/bin/qemu-system-x86_64" -L "$here/usr/share/qemu" -L /usr/share/qemu "$@"
 SH
     chmod +x "$QEMU10"

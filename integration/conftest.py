@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from vmctl import VM, RunState, VMSpec, VMStatus
+from vmctl import VM, Domain, RunState, VMSpec, VMStatus
 from vmctl.errors import QMPError, StaleState
+from vmctl.libvirt import LibvirtVM
 from vmctl.qmp import Monitor, connect
 from vmctl.testing import READY_MARKER, TestGuest
+from vmctl.testing.libvirtd import PrivateLibvirtd
 from vmctl.vm.process import qemu_binary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -207,6 +209,45 @@ def _status(vm: VM) -> VMStatus | None:
 @pytest.fixture
 def vms(guest: TestGuest, tmp_path: Path) -> Iterator[VMFactory]:
     factory = VMFactory(guest, tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+class DomainFactory:
+    """Launches test-guest VMs as ``Domain``s: vmctl's own (``VM``) or libvirt's (``LibvirtVM``,
+    on a private libvirtd of the test's own), and makes sure every one of them is gone after."""
+
+    def __init__(self, kind: str, vms: VMFactory) -> None:
+        self.kind = kind
+        self.vms = vms
+        self.spec = vms.spec
+        self.daemon: PrivateLibvirtd | None = None
+        self.libvirt_vms: list[LibvirtVM] = []
+
+    def launch(self, spec: VMSpec | None = None) -> Domain:
+        spec = spec or self.spec()
+        if self.kind == "vmctl":
+            return self.vms.launch(spec)
+        if self.daemon is None:
+            self.daemon = PrivateLibvirtd(self.vms.tmp_path / "libvirtd").start()
+        vm = LibvirtVM.define(self.daemon.uri, spec, run_dir=self.vms.run_dir(spec.name))
+        self.libvirt_vms.append(vm)
+        vm.console.wait_for(READY_MARKER, timeout=BOOT_TIMEOUT)
+        return vm
+
+    def cleanup(self) -> None:
+        for vm in self.libvirt_vms:
+            vm.close()
+        if self.daemon is not None:
+            self.daemon.stop()  # destroys what still runs, then reaps the daemon
+
+
+@pytest.fixture(params=["vmctl", "libvirt"])
+def domains(request: pytest.FixtureRequest, vms: VMFactory) -> Iterator[DomainFactory]:
+    """The same test on a VM vmctl runs and on one libvirt runs."""
+    factory = DomainFactory(request.param, vms)
     try:
         yield factory
     finally:

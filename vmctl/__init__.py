@@ -8,10 +8,12 @@ from vmctl.model.status import ExitStatus
 from vmctl.model.tls import TLSCreds
 from vmctl.ops.chains import create_image
 from vmctl.vm import VM, ResetEvent, RunState, ShutdownEvent, ShutdownMethod, ShutdownResult, VMStatus
+from vmctl.vm.domain import Domain
 
 __all__ = [
     "VM",
     "DiskSpec",
+    "Domain",
     "Escalation",
     "ExitStatus",
     "Inventory",

@@ -1,4 +1,5 @@
-"""The ``vmctl`` command line: the demo, a QMP shell, an event tail and a VM's status."""
+"""The ``vmctl`` command line: the demo, a QMP shell, an event tail (on vmctl's socket or through
+libvirt) and a VM's status."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import structlog
 
 from vmctl.errors import InvalidArgument, StaleState, VmctlError
-from vmctl.qmp import Event, connect
+from vmctl.qmp import Event, QMPMonitor, connect
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,11 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="boot two tiny guests: hotplug, events, live migration")
     demo.add_argument("--cache-dir", type=Path, default=None, help="where the test guest is built and kept")
     qmp = commands.add_parser("qmp", help="an interactive QMP shell, or one command")
-    qmp.add_argument("socket", help="the QMP unix socket (a VM's run_dir/qmp.sock)")
+    qmp.add_argument("socket", help="the QMP unix socket (a VM's run_dir/qmp.sock), or with --libvirt a domain")
     qmp.add_argument("qmp_command", nargs="?", help="run this command and exit")
     qmp.add_argument("arguments", nargs="?", help="its arguments as a JSON object")
     events = commands.add_parser("events", help="print QMP events as JSON lines until interrupted")
-    events.add_argument("socket")
+    events.add_argument("socket", help="the QMP unix socket, or with --libvirt a domain")
+    for through_libvirt in (qmp, events):
+        through_libvirt.add_argument("--libvirt", metavar="URI", help="the domain's QMP through libvirtd at URI")
+        through_libvirt.add_argument("--virsh", action="store_true", help="with --libvirt: through the virsh command")
     status = commands.add_parser("status", help="what a run directory's VM is doing")
     status.add_argument("run_dir", type=Path)
     status.add_argument("--query", action="store_true", help="also ask QEMU (needs its monitor to be free)")
@@ -39,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(sys.stdout, cache_dir=args.cache_dir)
         if args.command == "qmp":
-            return _qmp(args.socket, args.qmp_command, args.arguments)
+            return _qmp(_monitor(args), args.qmp_command, args.arguments)
         if args.command == "events":
-            return _events(args.socket)
+            return _events(_monitor(args))
         if args.command == "status":
             return _status(args.run_dir, query=args.query)
     except KeyboardInterrupt:
@@ -52,20 +56,34 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _qmp(socket_path: str, command: str | None, arguments: str | None) -> int:
+def _monitor(args: argparse.Namespace) -> QMPMonitor:
+    if args.libvirt is None:
+        if args.virsh:
+            raise InvalidArgument("--virsh needs --libvirt URI")
+        return connect(args.socket, name="cli", timeout=5)
+    from vmctl.libvirt import LibvirtMonitor, VirshMonitor
+
+    if args.virsh:
+        return VirshMonitor(args.libvirt, args.socket)
+    return LibvirtMonitor.open(args.libvirt, args.socket)
+
+
+def _qmp(monitor: QMPMonitor, command: str | None, arguments: str | None) -> int:
     from vmctl import qmpshell
 
-    with connect(socket_path, name="cli", timeout=5) as monitor:
+    try:
         if command is None:
             return qmpshell.interactive(monitor)
         parsed = json.loads(arguments) if arguments else {}
         if not isinstance(parsed, dict):
             raise InvalidArgument("the arguments must be a JSON object")
         return qmpshell.run_one(monitor, command, parsed, sys.stdout)
+    finally:
+        monitor.close()
 
 
-def _events(socket_path: str) -> int:
-    with connect(socket_path, name="cli", timeout=5) as monitor:
+def _events(monitor: QMPMonitor) -> int:
+    try:
         gone = threading.Event()
 
         def show(event: Event) -> None:
@@ -75,6 +93,8 @@ def _events(socket_path: str) -> int:
         monitor.on_event(show)
         monitor.on_disconnect(lambda error: gone.set())
         gone.wait()
+    finally:
+        monitor.close()
     return 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from vmctl.errors import CommandError, InvalidArgument, QMPError
-from vmctl.qmp import Event, Monitor
+from vmctl.qmp import Event, QMPMonitor
 
 HISTORY_FILE = Path(os.environ.get("VMCTL_QMP_HISTORY", Path.home() / ".vmctl_qmp_history"))
 
@@ -72,7 +72,7 @@ def format_result(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True)
 
 
-def run_one(qmp: Monitor, command: str, arguments: Mapping[str, Any], out: TextIO) -> int:
+def run_one(qmp: QMPMonitor, command: str, arguments: Mapping[str, Any], out: TextIO) -> int:
     try:
         result = qmp.execute(command, arguments or None)
     except CommandError as exc:
@@ -85,7 +85,7 @@ def run_one(qmp: Monitor, command: str, arguments: Mapping[str, Any], out: TextI
     return 0
 
 
-def interactive(qmp: Monitor, out: TextIO = sys.stdout) -> int:
+def interactive(qmp: QMPMonitor, out: TextIO = sys.stdout) -> int:
     """Read commands until EOF, with readline history and completion of command names."""
     import readline
 

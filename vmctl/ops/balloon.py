@@ -6,12 +6,12 @@ from typing import Any
 
 from vmctl.errors import BalloonUnavailable, DeviceNotActive, InvalidArgument, WaitTimeout
 from vmctl.ops.waiting import events_until
-from vmctl.qmp import Monitor
+from vmctl.qmp import QMPMonitor
 
 PAGE = 4096
 
 
-def balloon_bytes(qmp: Monitor) -> int:
+def balloon_bytes(qmp: QMPMonitor) -> int:
     """The guest's memory as the balloon sees it now (``query-balloon`` ``actual``)."""
     try:
         return int(qmp.execute("query-balloon")["actual"])
@@ -19,7 +19,7 @@ def balloon_bytes(qmp: Monitor) -> int:
         raise BalloonUnavailable("no balloon device: launch the VM with VMSpec(balloon=True)") from None
 
 
-def set_balloon(qmp: Monitor, log: Any, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int:
+def set_balloon(qmp: QMPMonitor, log: Any, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int:
     """Set the balloon target; with ``wait``, return once the guest reports reaching it.
 
     Returns the guest memory the balloon reports. A guest without the virtio_balloon driver never

@@ -12,7 +12,7 @@ from vmctl.errors import CommandTimeout, DeviceExists, InvalidArgument
 from vmctl.model import DiskSpec
 from vmctl.ops.nodes import block_nodes
 from vmctl.ops.queries import barrier, execute_checked, execute_idempotent
-from vmctl.qmp import Monitor
+from vmctl.qmp import QMPMonitor
 
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -41,13 +41,13 @@ def _check_name(name: str) -> None:
         raise InvalidArgument(f"bitmap name {name!r} must be 1-64 letters, digits, _ . : -")
 
 
-def bitmaps(qmp: Monitor, disk: DiskSpec) -> list[Bitmap]:
+def bitmaps(qmp: QMPMonitor, disk: DiskSpec) -> list[Bitmap]:
     node = block_nodes(qmp).get(disk.active_node)
     return [Bitmap.from_qmp(b) for b in node.get("dirty-bitmaps", ())] if node is not None else []
 
 
 def add_bitmap(
-    qmp: Monitor, disk: DiskSpec, name: str, *, persistent: bool = True, granularity: int | None = None
+    qmp: QMPMonitor, disk: DiskSpec, name: str, *, persistent: bool = True, granularity: int | None = None
 ) -> None:
     """Start a bitmap; ``persistent`` ones are stored in the qcow2 image (raw images cannot hold them)."""
     _check_name(name)
@@ -64,13 +64,13 @@ def add_bitmap(
     execute_checked(qmp, "block-dirty-bitmap-add", arguments, took=lambda: _has(qmp, disk, name))
 
 
-def remove_bitmap(qmp: Monitor, disk: DiskSpec, name: str) -> None:
+def remove_bitmap(qmp: QMPMonitor, disk: DiskSpec, name: str) -> None:
     _check_name(name)
     arguments = {"node": disk.active_node, "name": name}
     execute_checked(qmp, "block-dirty-bitmap-remove", arguments, took=lambda: not _has(qmp, disk, name))
 
 
-def clear_bitmap(qmp: Monitor, disk: DiskSpec, name: str) -> None:
+def clear_bitmap(qmp: QMPMonitor, disk: DiskSpec, name: str) -> None:
     """Empty a bitmap. Not sent twice: a second clear would drop what the guest wrote in between
     (an incremental backup would miss it). A late reply is waited out instead."""
     _check_name(name)
@@ -80,11 +80,11 @@ def clear_bitmap(qmp: Monitor, disk: DiskSpec, name: str) -> None:
         barrier(qmp)
 
 
-def _has(qmp: Monitor, disk: DiskSpec, name: str) -> bool:
+def _has(qmp: QMPMonitor, disk: DiskSpec, name: str) -> bool:
     return any(b.name == name for b in bitmaps(qmp, disk))
 
 
-def merge_bitmaps(qmp: Monitor, disk: DiskSpec, target: str, sources: Sequence[str]) -> None:
+def merge_bitmaps(qmp: QMPMonitor, disk: DiskSpec, target: str, sources: Sequence[str]) -> None:
     """Add the dirty blocks of ``sources`` into ``target`` (all on this disk)."""
     for name in (target, *sources):
         _check_name(name)

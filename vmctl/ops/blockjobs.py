@@ -13,7 +13,7 @@ import attrs
 from vmctl.errors import BlockJobError, CommandError, CommandTimeout, VmctlError, WaitTimeout
 from vmctl.ops.queries import ask, execute_checked
 from vmctl.ops.waiting import events_until
-from vmctl.qmp import Monitor, Subscription
+from vmctl.qmp import QMPMonitor, Subscription
 
 
 @attrs.frozen(kw_only=True)
@@ -37,7 +37,7 @@ class JobProgress:
         )
 
 
-def query_jobs(qmp: Monitor) -> list[JobProgress]:
+def query_jobs(qmp: QMPMonitor) -> list[JobProgress]:
     return [JobProgress.from_qmp(j) for j in ask(qmp, "query-jobs")]
 
 
@@ -48,7 +48,7 @@ _RUNNING = frozenset({"created", "running", "paused", "ready", "standby"})
 class Job:
     """A block job. ``wait`` (or ``complete``/``cancel``) ends it; it is dismissed either way."""
 
-    def __init__(self, qmp: Monitor, job_id: str, job_type: str, events: Subscription, log: Any) -> None:
+    def __init__(self, qmp: QMPMonitor, job_id: str, job_type: str, events: Subscription, log: Any) -> None:
         self.qmp = qmp
         self.id = job_id
         self.type = job_type
@@ -62,7 +62,7 @@ class Job:
         self._outcome: tuple[str | None] | None = None  # QEMU's error, once read (before dismissal)
 
     @classmethod
-    def start(cls, qmp: Monitor, log: Any, command: str, arguments: Mapping[str, Any], *, job_type: str) -> Job:
+    def start(cls, qmp: QMPMonitor, log: Any, command: str, arguments: Mapping[str, Any], *, job_type: str) -> Job:
         job_id = str(arguments["job-id"])
         events = qmp.events("JOB_STATUS_CHANGE", match={"id": job_id}, maxsize=1024)
         try:  # a late reply: if QEMU has the job, it is ours to follow

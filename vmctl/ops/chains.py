@@ -35,7 +35,7 @@ from vmctl.ops.disks import delete_disk_nodes, remove_disk_fdsets, remove_fdset
 from vmctl.ops.nodes import block_nodes
 from vmctl.ops.queries import ask
 from vmctl.ops.rollback import Steps
-from vmctl.qmp import Monitor
+from vmctl.qmp import QMPMonitor
 
 MirrorSync = Literal["full", "top"]
 
@@ -44,7 +44,7 @@ MirrorSync = Literal["full", "top"]
 _DIES_WITH_US = ("setpriv", "--pdeathsig", "KILL", "--") if shutil.which("setpriv") else ()
 
 
-def virtual_size(qmp: Monitor, node: str) -> int:
+def virtual_size(qmp: QMPMonitor, node: str) -> int:
     entry = block_nodes(qmp).get(node)
     if entry is None:
         raise InvalidArgument(f"no block node {node}")
@@ -113,7 +113,7 @@ def _create_overlay(path: Path, size: int, disk: DiskSpec, below: int) -> None:
 
 
 def _add_layer(
-    qmp: Monitor, steps: Steps, disk: DiskSpec, layer: int, path: Path, fmt: str, backing: str | None
+    qmp: QMPMonitor, steps: Steps, disk: DiskSpec, layer: int, path: Path, fmt: str, backing: str | None
 ) -> str:
     """Open ``path``, pass it by fd and add its protocol and format nodes; returns the format node."""
     file_node, format_node = disk_node_names(disk.id, layer)
@@ -147,7 +147,7 @@ def _add_layer(
 
 
 def snapshot_disks(
-    qmp: Monitor,
+    qmp: QMPMonitor,
     log: Any,
     disks: Sequence[DiskSpec],
     overlays: Mapping[str, str | os.PathLike[str]],
@@ -213,7 +213,7 @@ def snapshot_disks(
     return updated
 
 
-def _switch(qmp: Monitor, actions: list[dict[str, Any]], disks: list[DiskSpec]) -> None:
+def _switch(qmp: QMPMonitor, actions: list[dict[str, Any]], disks: list[DiskSpec]) -> None:
     """Run the snapshot's transaction. It is atomic, so when its reply comes too late, the
     devices tell whether it ran: every disk on its new overlay, or none."""
     try:
@@ -227,7 +227,7 @@ def _switch(qmp: Monitor, actions: list[dict[str, Any]], disks: list[DiskSpec]) 
             raise
 
 
-def device_node(qmp: Monitor, disk_id: str) -> str | None:
+def device_node(qmp: QMPMonitor, disk_id: str) -> str | None:
     """The format node a disk's device reads and writes now."""
     # QEMU names the device by its id when it has one (a scsi-hd), else by its QOM path (the
     # virtio-blk device inside the PCI proxy that has the id).
@@ -240,7 +240,7 @@ def device_node(qmp: Monitor, disk_id: str) -> str | None:
 
 
 def start_commit(
-    qmp: Monitor, log: Any, disk: DiskSpec, *, top: int | None = None, base: int | None = None
+    qmp: QMPMonitor, log: Any, disk: DiskSpec, *, top: int | None = None, base: int | None = None
 ) -> tuple[Job, DiskSpec]:
     """Commit layers ``top`` (default: the active one) down into ``base`` (default: the base image).
 
@@ -270,7 +270,7 @@ def start_commit(
     return job, result
 
 
-def start_stream(qmp: Monitor, log: Any, disk: DiskSpec, *, base: int | None = None) -> tuple[Job, DiskSpec]:
+def start_stream(qmp: QMPMonitor, log: Any, disk: DiskSpec, *, base: int | None = None) -> tuple[Job, DiskSpec]:
     """Pull the data of the layers below the active one (down to ``base``, exclusive) into it."""
     layers = disk.layers
     if len(layers) < 2:
@@ -293,7 +293,7 @@ def start_stream(qmp: Monitor, log: Any, disk: DiskSpec, *, base: int | None = N
 
 
 def start_mirror(
-    qmp: Monitor,
+    qmp: QMPMonitor,
     log: Any,
     disk: DiskSpec,
     target: str | os.PathLike[str],
@@ -360,7 +360,7 @@ def start_mirror(
     return job, result
 
 
-def _drop_layers(qmp: Monitor, disk: DiskSpec, layers: Sequence[int]) -> None:
+def _drop_layers(qmp: QMPMonitor, disk: DiskSpec, layers: Sequence[int]) -> None:
     """Delete the nodes and fdsets of layers that left the chain."""
     nodes = {name for layer in layers for name in disk_node_names(disk.id, layer)}
     delete_disk_nodes(qmp, disk.id, only=nodes)

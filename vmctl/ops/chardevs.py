@@ -15,7 +15,7 @@ from vmctl.model.validate import check_unix_path
 from vmctl.ops.devices import ensure_controller, remove_device
 from vmctl.ops.queries import ask
 from vmctl.ops.rollback import Steps
-from vmctl.qmp import Monitor
+from vmctl.qmp import QMPMonitor
 
 Kind = ChardevKind
 _PORT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -23,7 +23,7 @@ _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 
 
 def hotplug_chardev(
-    qmp: Monitor,
+    qmp: QMPMonitor,
     log: Any,
     *,
     chardev_id: str,
@@ -73,7 +73,7 @@ def hotplug_chardev(
     return chardev
 
 
-def unplug_chardev(qmp: Monitor, log: Any, *, chardev: Chardev, timeout: float = 30.0) -> None:
+def unplug_chardev(qmp: QMPMonitor, log: Any, *, chardev: Chardev, timeout: float = 30.0) -> None:
     """Remove the port (if any), then the chardev. Idempotent."""
     if chardev.port_name is not None:
         remove_device(qmp, chardev.port_id, timeout)
@@ -100,7 +100,7 @@ def _validated(
     raise InvalidArgument(f"chardev {chardev_id}: kind must be socket or ringbuf, not {kind!r}")
 
 
-def _remove_chardev(qmp: Monitor, chardev_id: str) -> None:
+def _remove_chardev(qmp: QMPMonitor, chardev_id: str) -> None:
     """chardev-remove, unless it is gone already."""
     if any(c.get("label") == chardev_id for c in ask(qmp, "query-chardev")):
         qmp.execute("chardev-remove", {"id": chardev_id})

@@ -28,7 +28,7 @@ from vmctl.model.migration import (
     Step,
 )
 from vmctl.ops.queries import ask
-from vmctl.qmp import Monitor, QEMUVersion
+from vmctl.qmp import QEMUVersion, QMPMonitor
 
 #: Margin on the downtime a pass needs (QEMU's bandwidth estimate and the pass sizes vary).
 _DOWNTIME_MARGIN = 1.5
@@ -84,10 +84,10 @@ class Plan:
 
 
 def plan(
-    source: Monitor,
+    source: QMPMonitor,
     *,
     policy: ConvergencePolicy,
-    target: Monitor | None,
+    target: QMPMonitor | None,
     postcopy_refusal: str | None,
     multifd: bool,
     copy_storage: bool,

@@ -10,7 +10,7 @@ from vmctl.errors import ConnectionLost, HotplugError, InvalidArgument, QMPError
 from vmctl.model.names import CPU_ID_PREFIX
 from vmctl.ops.devices import remove_device
 from vmctl.ops.queries import ask
-from vmctl.qmp import Monitor
+from vmctl.qmp import QMPMonitor
 
 _ID_PREFIX = CPU_ID_PREFIX
 
@@ -38,11 +38,11 @@ class CpuSlot:
         return self.qom_path is not None and self.qom_path.startswith(f"/machine/peripheral/{_ID_PREFIX}")
 
 
-def cpu_slots(qmp: Monitor) -> list[CpuSlot]:
+def cpu_slots(qmp: QMPMonitor) -> list[CpuSlot]:
     return sorted((CpuSlot.from_qmp(e) for e in ask(qmp, "query-hotpluggable-cpus")), key=lambda s: s.key)
 
 
-def hotplug_cpus(qmp: Monitor, log: Any, count: int, *, timeout: float = 30.0) -> list[str]:
+def hotplug_cpus(qmp: QMPMonitor, log: Any, count: int, *, timeout: float = 30.0) -> list[str]:
     """Plug ``count`` CPUs into the lowest free slots; all or none (a failure unplugs the added ones)."""
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise InvalidArgument(f"CPU count must be a positive whole number, not {count!r}")
@@ -61,7 +61,7 @@ def hotplug_cpus(qmp: Monitor, log: Any, count: int, *, timeout: float = 30.0) -
     return added
 
 
-def unplug_cpus(qmp: Monitor, log: Any, count: int, *, timeout: float = 30.0) -> list[str]:
+def unplug_cpus(qmp: QMPMonitor, log: Any, count: int, *, timeout: float = 30.0) -> list[str]:
     """Unplug the ``count`` most recently plugged CPUs (those vmctl plugged); the guest must release them."""
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise InvalidArgument(f"CPU count must be a positive whole number, not {count!r}")
@@ -80,7 +80,7 @@ def unplug_cpus(qmp: Monitor, log: Any, count: int, *, timeout: float = 30.0) ->
     return removed
 
 
-def _remove(qmp: Monitor, device_id: str, timeout: float) -> bool:
+def _remove(qmp: QMPMonitor, device_id: str, timeout: float) -> bool:
     """Whether the CPU is gone (``False`` when QEMU cannot be asked: it may still be there)."""
     try:
         remove_device(qmp, device_id, timeout)

@@ -13,17 +13,17 @@ from vmctl.model.names import pci_addr_from_devfn
 from vmctl.model.pcie import Controller
 from vmctl.ops.queries import ask
 from vmctl.ops.rollback import Steps
-from vmctl.qmp import Monitor
+from vmctl.qmp import QMPMonitor
 
 
-def device_present(qmp: Monitor, device_id: str) -> bool:
+def device_present(qmp: QMPMonitor, device_id: str) -> bool:
     """Whether a device with this id is in QEMU's device tree (under /machine/peripheral)."""
     children = ask(qmp, "qom-list", {"path": "/machine/peripheral"})
     return any(child.get("name") == device_id for child in children)
 
 
 def remove_device(
-    qmp: Monitor, device_id: str, timeout: float, *, kind: str = "device", also_left: Sequence[str] = ()
+    qmp: QMPMonitor, device_id: str, timeout: float, *, kind: str = "device", also_left: Sequence[str] = ()
 ) -> None:
     """device_del and wait for the guest to let go (DEVICE_DELETED for this id). If it does not,
     ``HotplugError`` names the device and ``also_left`` (what the caller would remove after it)."""
@@ -49,7 +49,7 @@ def remove_device(
                 ) from None
 
 
-def pci_address(qmp: Monitor, device_id: str) -> str:
+def pci_address(qmp: QMPMonitor, device_id: str) -> str:
     """The slot.function a PCI device got, as ``-device ...,addr=`` takes it."""
     devfn = qmp.execute("qom-get", {"path": f"/machine/peripheral/{device_id}", "property": "addr"})
     return pci_addr_from_devfn(int(devfn))
@@ -58,7 +58,7 @@ def pci_address(qmp: Monitor, device_id: str) -> str:
 Placed = TypeVar("Placed", DiskSpec, NicSpec, VirtioMemSpec)
 
 
-def pin_pci_address(qmp: Monitor, device: Placed) -> Placed:
+def pin_pci_address(qmp: QMPMonitor, device: Placed) -> Placed:
     """``device`` with the PCI address QEMU chose for it, so that a migration target lays out its
     bus alike; a device behind a root port (q35), one already pinned, or a SCSI disk is as it is."""
     if device.port is not None or device.pci_addr is not None or getattr(device, "bus", None) == "scsi":
@@ -66,7 +66,7 @@ def pin_pci_address(qmp: Monitor, device: Placed) -> Placed:
     return attrs.evolve(device, pci_addr=pci_address(qmp, device.id))
 
 
-def ensure_controller(qmp: Monitor, steps: Steps, controller: Controller, timeout: float) -> None:
+def ensure_controller(qmp: QMPMonitor, steps: Steps, controller: Controller, timeout: float) -> None:
     """Add a bus controller (virtio-scsi, virtio-serial) unless it is there, as an undoable step."""
     if not device_present(qmp, controller.id):
         steps.run(
@@ -76,12 +76,12 @@ def ensure_controller(qmp: Monitor, steps: Steps, controller: Controller, timeou
         )
 
 
-def object_exists(qmp: Monitor, object_id: str) -> bool:
+def object_exists(qmp: QMPMonitor, object_id: str) -> bool:
     """Whether QEMU has the user-created object ``object_id`` (a backend, a secret, credentials)."""
     return any(o.get("name") == object_id for o in ask(qmp, "qom-list", {"path": "/objects"}))
 
 
-def remove_object(qmp: Monitor, object_id: str) -> None:
+def remove_object(qmp: QMPMonitor, object_id: str) -> None:
     """object-del, unless the object is gone already."""
     if object_exists(qmp, object_id):
         qmp.execute("object-del", {"id": object_id})

@@ -22,14 +22,14 @@ from vmctl.ops.devices import ensure_controller, object_exists, remove_device, r
 from vmctl.ops.nodes import block_nodes
 from vmctl.ops.queries import ask, execute_checked
 from vmctl.ops.rollback import Steps
-from vmctl.qmp import Monitor
+from vmctl.qmp import QMPMonitor
 
 #: How long a block node may stay in use after its device is gone.
 NODE_RELEASE_TIMEOUT = 5.0
 
 
 def hotplug_disk(
-    qmp: Monitor,
+    qmp: QMPMonitor,
     log: Any,
     disk: DiskSpec,
     *,
@@ -89,7 +89,7 @@ def hotplug_disk(
     return disk
 
 
-def _add_node(qmp: Monitor, steps: Steps, disk_id: str, node: dict[str, Any], timeout: float) -> None:
+def _add_node(qmp: QMPMonitor, steps: Steps, disk_id: str, node: dict[str, Any], timeout: float) -> None:
     name = node["node-name"]
     steps.run(
         f"blockdev-add {name}",
@@ -98,7 +98,7 @@ def _add_node(qmp: Monitor, steps: Steps, disk_id: str, node: dict[str, Any], ti
     )
 
 
-def unplug_disk(qmp: Monitor, log: Any, *, disk_id: str, encrypted: bool = False, timeout: float = 30.0) -> None:
+def unplug_disk(qmp: QMPMonitor, log: Any, *, disk_id: str, encrypted: bool = False, timeout: float = 30.0) -> None:
     """Remove the device (waiting for the guest to release it), then its nodes and fdset (and
     an ``encrypted`` disk's secret object).
 
@@ -120,11 +120,11 @@ def unplug_disk(qmp: Monitor, log: Any, *, disk_id: str, encrypted: bool = False
     bound.info("disk.unplugged")
 
 
-def disk_nodes(qmp: Monitor, disk_id: str) -> list[str]:
+def disk_nodes(qmp: QMPMonitor, disk_id: str) -> list[str]:
     return [name for name in block_nodes(qmp) if is_disk_node(name, disk_id)]
 
 
-def delete_disk_nodes(qmp: Monitor, disk_id: str, *, only: set[str] | None = None) -> None:
+def delete_disk_nodes(qmp: QMPMonitor, disk_id: str, *, only: set[str] | None = None) -> None:
     """blockdev-del this disk's nodes (or just ``only``), users before what they use: a node
     still in use (a backing or protocol node) is retried after the nodes above it are gone. A
     device that has just gone may hold its node a moment longer: that is waited out (bounded)."""
@@ -148,7 +148,7 @@ def delete_disk_nodes(qmp: Monitor, disk_id: str, *, only: set[str] | None = Non
             time.sleep(0.05)
 
 
-def remove_disk_fdsets(qmp: Monitor, disk_id: str, *, layers: set[int] | None = None) -> None:
+def remove_disk_fdsets(qmp: QMPMonitor, disk_id: str, *, layers: set[int] | None = None) -> None:
     """remove-fd the fdsets of this disk's layers (all of them, or just ``layers``)."""
     wanted = {fdset_tag(disk_id, layer) for layer in layers} if layers is not None else None
 
@@ -172,7 +172,7 @@ def remove_disk_fdsets(qmp: Monitor, disk_id: str, *, layers: set[int] | None = 
                 raise
 
 
-def remove_fdset(qmp: Monitor, fdset_id: int | None, disk_id: str, layer: int) -> None:
+def remove_fdset(qmp: QMPMonitor, fdset_id: int | None, disk_id: str, layer: int) -> None:
     """Undo an add-fd: the fdset it made, or (when its reply never came) the layer's fdset by tag."""
     if fdset_id is None:
         remove_disk_fdsets(qmp, disk_id, layers={layer})
@@ -180,14 +180,14 @@ def remove_fdset(qmp: Monitor, fdset_id: int | None, disk_id: str, layer: int) -
         qmp.execute("remove-fd", {"fdset-id": fdset_id})
 
 
-def set_throttle(qmp: Monitor, *, disk_id: str, throttle: Throttle, bus: DiskBus = "virtio-blk") -> None:
+def set_throttle(qmp: QMPMonitor, *, disk_id: str, throttle: Throttle, bus: DiskBus = "virtio-blk") -> None:
     # A virtio-blk disk's block backend hangs off the virtio device inside the PCI proxy that
     # carries the id; a SCSI disk holds it itself.
     device_path = f"/machine/peripheral/{disk_id}" + ("/virtio-backend" if bus == "virtio-blk" else "")
     qmp.execute("block_set_io_throttle", {"id": device_path, **throttle.arguments()})
 
 
-def resize_disk(qmp: Monitor, log: Any, *, disk: DiskSpec, size: int, allow_shrink: bool = False) -> int:
+def resize_disk(qmp: QMPMonitor, log: Any, *, disk: DiskSpec, size: int, allow_shrink: bool = False) -> int:
     """Grow the disk's active image to ``size`` bytes (the guest is told); returns the old size."""
     disk_id = disk.id
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 512:

@@ -35,7 +35,7 @@ from vmctl.ops.migration import (
     wait_terminal,
 )
 from vmctl.ops.queries import execute_idempotent
-from vmctl.qmp import Monitor, Subscription
+from vmctl.qmp import QMPMonitor, Subscription
 
 # How long a completed migration's final figures may take to appear in query-migrate.
 _RESULT_SETTLE = 2.0
@@ -55,8 +55,8 @@ class Migration:
     def __init__(
         self,
         *,
-        source: Monitor,
-        target: Monitor | None,
+        source: QMPMonitor,
+        target: QMPMonitor | None,
         log: Any,
         uri: str,
         options: MigrationOptions,
@@ -192,7 +192,7 @@ class Migration:
         self.uri = uri
         self._log.info("vm.migration_recovering", uri=uri)
 
-    def _monitors(self) -> list[Monitor]:
+    def _monitors(self) -> list[QMPMonitor]:
         return [self.source] + ([self.target] if self.target is not None else [])
 
     def continue_(self) -> None:

@@ -14,7 +14,7 @@ from vmctl.ops.devices import device_present, remove_device, remove_object
 from vmctl.ops.queries import ask, execute_idempotent
 from vmctl.ops.rollback import Steps
 from vmctl.ops.waiting import events_until
-from vmctl.qmp import Monitor, Subscription
+from vmctl.qmp import QMPMonitor, Subscription
 
 MIB = 1024 * 1024
 ACPI_INSERT = 1  # ACPI_DEVICE_OST source: the guest handled an insertion
@@ -41,7 +41,7 @@ class MemoryDevice:
         )
 
 
-def hotplug_memory(qmp: Monitor, log: Any, *, memory_id: str, size_mib: int, timeout: float = 30.0) -> MemorySpec:
+def hotplug_memory(qmp: QMPMonitor, log: Any, *, memory_id: str, size_mib: int, timeout: float = 30.0) -> MemorySpec:
     # The guest onlines memory in 128 MiB blocks: a smaller DIMM would never be usable.
     if not isinstance(size_mib, int) or isinstance(size_mib, bool) or size_mib <= 0 or size_mib % 128:
         raise InvalidArgument(f"memory {memory_id}: size must be a positive multiple of 128 MiB, not {size_mib!r}")
@@ -63,7 +63,7 @@ def hotplug_memory(qmp: Monitor, log: Any, *, memory_id: str, size_mib: int, tim
     return memory
 
 
-def unplug_memory(qmp: Monitor, log: Any, *, memory_id: str, timeout: float = 30.0) -> None:
+def unplug_memory(qmp: QMPMonitor, log: Any, *, memory_id: str, timeout: float = 30.0) -> None:
     """Remove a DIMM (the guest must offline it first; it does when the memory is movable)."""
     bound = log.bind(memory=memory_id)
     remove_device(qmp, memory_id, timeout, kind="memory", also_left=(f"object {backend_id(memory_id)}",))
@@ -72,7 +72,7 @@ def unplug_memory(qmp: Monitor, log: Any, *, memory_id: str, timeout: float = 30
 
 
 def _plug(
-    qmp: Monitor,
+    qmp: QMPMonitor,
     log: Any,
     *,
     memory_id: str,
@@ -106,7 +106,7 @@ def _plug(
         ) from exc
 
 
-def _undo_plug(qmp: Monitor, memory_id: str, ost: Subscription | None, timeout: float) -> None:
+def _undo_plug(qmp: QMPMonitor, memory_id: str, ost: Subscription | None, timeout: float) -> None:
     """Remove a memory device just added. A guest asked to eject a DIMM it is still onlining
     refuses: first wait (bounded) until it reports the insertion handled."""
     if not device_present(qmp, memory_id):
@@ -119,12 +119,12 @@ def _undo_plug(qmp: Monitor, memory_id: str, ost: Subscription | None, timeout: 
     remove_device(qmp, memory_id, timeout, kind="memory")
 
 
-def memory_devices(qmp: Monitor) -> list[MemoryDevice]:
+def memory_devices(qmp: QMPMonitor) -> list[MemoryDevice]:
     return [MemoryDevice.from_qmp(e) for e in ask(qmp, "query-memory-devices") if e.get("type") == "dimm"]
 
 
 def add_virtio_mem(
-    qmp: Monitor,
+    qmp: QMPMonitor,
     log: Any,
     *,
     memory_id: str,
@@ -147,7 +147,7 @@ def add_virtio_mem(
 
 
 def resize_virtio_mem(
-    qmp: Monitor,
+    qmp: QMPMonitor,
     log: Any,
     device: VirtioMemSpec,
     size_mib: int,

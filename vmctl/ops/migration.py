@@ -16,7 +16,7 @@ from vmctl.errors import (
 )
 from vmctl.ops.queries import ask, execute_checked, execute_idempotent
 from vmctl.ops.waiting import events_until
-from vmctl.qmp import Monitor, Subscription
+from vmctl.qmp import QMPMonitor, Subscription
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 POSTCOPY = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
@@ -46,7 +46,7 @@ def wait_terminal(events: Subscription, timeout: float) -> str:
 
 
 def set_capabilities(
-    qmp: Monitor, wanted: Mapping[str, bool], *, replaced: dict[str, bool] | None = None
+    qmp: QMPMonitor, wanted: Mapping[str, bool], *, replaced: dict[str, bool] | None = None
 ) -> dict[str, bool]:
     """Set the capabilities this QEMU knows; returns the previous states, for restoring (also put
     in ``replaced`` before anything is sent, so that a caller can restore after any failure)."""
@@ -63,7 +63,7 @@ def set_capabilities(
 
 
 def set_parameters(
-    qmp: Monitor, wanted: Mapping[str, Any], *, replaced: dict[str, Any] | None = None
+    qmp: QMPMonitor, wanted: Mapping[str, Any], *, replaced: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Set migration parameters; returns the previous values, for restoring (and puts them in
     ``replaced`` first). A parameter this QEMU's schema lacks is refused before anything is set
@@ -84,7 +84,7 @@ def set_parameters(
     return previous
 
 
-def cancel_orphan(qmp: Monitor, *, timeout: float = 10.0) -> str:
+def cancel_orphan(qmp: QMPMonitor, *, timeout: float = 10.0) -> str:
     """Cancel a migration that nobody follows any more (its control plane died) and wait for it
     to end; returns how it ended. Cancelled, the source keeps the guest (QEMU resumes it if it
     was running); but a cancel can come too late: then it ``completed``."""
@@ -95,7 +95,7 @@ def cancel_orphan(qmp: Monitor, *, timeout: float = 10.0) -> str:
         return status if status in TERMINAL or status == "none" else wait_terminal(events, timeout)
 
 
-def outgoing_status(qmp: Monitor) -> str:
+def outgoing_status(qmp: QMPMonitor) -> str:
     """The status of this QEMU's own outgoing migration ("none" if it has begun none).
     ``query-migrate`` reports the incoming migration a QEMU was started for as "completed" until
     an outgoing one begins, so a guest that migrated in would pass for one that migrated away:
@@ -106,7 +106,7 @@ def outgoing_status(qmp: Monitor) -> str:
     return status
 
 
-def wait_for_end(qmp: Monitor, *, timeout: float, outgoing: bool) -> str:
+def wait_for_end(qmp: QMPMonitor, *, timeout: float, outgoing: bool) -> str:
     """Wait until this side's migration (its ``outgoing`` one, or its incoming one) is no
     longer under way; returns its status."""
     with qmp.events("MIGRATION") as events:
@@ -116,7 +116,7 @@ def wait_for_end(qmp: Monitor, *, timeout: float, outgoing: bool) -> str:
         return wait_terminal(events, timeout)
 
 
-def listen_incoming(target: Monitor, uri: str) -> None:
+def listen_incoming(target: QMPMonitor, uri: str) -> None:
     """Make an incoming QEMU (``-incoming defer``) listen on ``uri``. QEMU takes this once: a
     retry after a late reply finds it listening already, which is fine on the same address."""
     listening = _incoming_addresses(target)
@@ -127,7 +127,7 @@ def listen_incoming(target: Monitor, uri: str) -> None:
         raise MigrationError(f"the target listens for the migration on {listening} already, not {uri}", status="setup")
 
 
-def _incoming_addresses(target: Monitor) -> list[dict[str, Any]] | None:
+def _incoming_addresses(target: QMPMonitor) -> list[dict[str, Any]] | None:
     info = ask(target, "query-migrate")
     return list(info["socket-address"]) if "socket-address" in info else None
 
@@ -141,7 +141,7 @@ def _same_address(uri: str, address: Mapping[str, Any]) -> bool:
     return address.get("type") == "inet" and str(address.get("port")) == rest.rpartition(":")[2]
 
 
-def start(source: Monitor, uri: str) -> None:
+def start(source: QMPMonitor, uri: str) -> None:
     """``migrate``; when its reply is late, QEMU's own status tells whether it has begun (then
     it is followed like any other) or not (then the caller's error stands)."""
     execute_checked(

@@ -11,7 +11,7 @@ from vmctl.model import DiskSpec
 from vmctl.model.names import export_id
 from vmctl.model.validate import check_unix_path
 from vmctl.ops.queries import ask, execute_checked
-from vmctl.qmp import Monitor
+from vmctl.qmp import QMPMonitor
 
 NbdAddress = str | tuple[str, int]
 
@@ -46,7 +46,7 @@ def export_uri(address: NbdAddress, name: str) -> str:
     return f"nbd+unix:///{name}?socket={address}"
 
 
-def start_server(qmp: Monitor, address: NbdAddress, *, tls_creds: str | None = None) -> None:
+def start_server(qmp: QMPMonitor, address: NbdAddress, *, tls_creds: str | None = None) -> None:
     """Start the NBD server; with ``tls_creds`` (a tls-creds-x509 object) it speaks only TLS."""
     arguments: dict[str, Any] = {"addr": server_address(address)}
     if tls_creds is not None:
@@ -54,7 +54,7 @@ def start_server(qmp: Monitor, address: NbdAddress, *, tls_creds: str | None = N
     qmp.execute("nbd-server-start", arguments)
 
 
-def stop_server(qmp: Monitor) -> None:
+def stop_server(qmp: QMPMonitor) -> None:
     """Stop the NBD server; one that is not running is fine (a late reply: asked again)."""
     for attempt in range(2):
         try:
@@ -69,7 +69,7 @@ def stop_server(qmp: Monitor) -> None:
                 raise
 
 
-def add_export(qmp: Monitor, disk: DiskSpec, address: NbdAddress, *, writable: bool, name: str | None) -> Export:
+def add_export(qmp: QMPMonitor, disk: DiskSpec, address: NbdAddress, *, writable: bool, name: str | None) -> Export:
     export_name = name or disk.id
     arguments = {
         "type": "nbd",
@@ -84,7 +84,7 @@ def add_export(qmp: Monitor, disk: DiskSpec, address: NbdAddress, *, writable: b
     )
 
 
-def remove_export(qmp: Monitor, disk_id: str, *, timeout: float = 10.0) -> None:
+def remove_export(qmp: QMPMonitor, disk_id: str, *, timeout: float = 10.0) -> None:
     """Remove the export once its clients let go (BLOCK_EXPORT_DELETED)."""
     with qmp.events("BLOCK_EXPORT_DELETED", match={"id": export_id(disk_id)}) as deleted:
         try:
@@ -102,5 +102,5 @@ def remove_export(qmp: Monitor, disk_id: str, *, timeout: float = 10.0) -> None:
                 raise DeviceError(f"the NBD export of {disk_id} is still there after {timeout:g}s") from None
 
 
-def exported(qmp: Monitor, disk_id: str) -> bool:
+def exported(qmp: QMPMonitor, disk_id: str) -> bool:
     return any(e.get("id") == export_id(disk_id) for e in ask(qmp, "query-block-exports"))

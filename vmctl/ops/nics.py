@@ -29,7 +29,7 @@ from vmctl.model import NicSpec
 from vmctl.model.names import netdev_id, tap_fd_name
 from vmctl.ops.devices import remove_device
 from vmctl.ops.rollback import Steps
-from vmctl.qmp import Monitor
+from vmctl.qmp import QMPMonitor
 
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
@@ -63,7 +63,7 @@ def open_tap(name: str | None, queues: int) -> tuple[str, list[int]]:
 
 
 def hotplug_nic(
-    qmp: Monitor,
+    qmp: QMPMonitor,
     log: Any,
     *,
     nic_id: str,
@@ -113,7 +113,7 @@ def hotplug_nic(
     return nic
 
 
-def _getfd(qmp: Monitor, fd: int, fd_name: str) -> Callable[[], str]:
+def _getfd(qmp: QMPMonitor, fd: int, fd_name: str) -> Callable[[], str]:
     def give() -> str:
         qmp.execute("getfd", {"fdname": fd_name}, fds=[fd])
         return fd_name
@@ -121,17 +121,17 @@ def _getfd(qmp: Monitor, fd: int, fd_name: str) -> Callable[[], str]:
     return give
 
 
-def _closefd_step(qmp: Monitor, fd_name: str) -> Callable[[object], None]:
+def _closefd_step(qmp: QMPMonitor, fd_name: str) -> Callable[[object], None]:
     return lambda _: _closefd(qmp, fd_name)
 
 
-def _closefd(qmp: Monitor, fd_name: str) -> None:
+def _closefd(qmp: QMPMonitor, fd_name: str) -> None:
     # netdev_add takes the named fd out of the monitor's list; then there is nothing to close.
     with contextlib.suppress(CommandError):
         qmp.execute("closefd", {"fdname": fd_name})
 
 
-def unplug_nic(qmp: Monitor, log: Any, *, nic_id: str, timeout: float = 30.0) -> None:
+def unplug_nic(qmp: QMPMonitor, log: Any, *, nic_id: str, timeout: float = 30.0) -> None:
     """Remove the NIC once the guest releases it, then its tap backend. Idempotent."""
     bound = log.bind(nic=nic_id)
     remove_device(qmp, nic_id, timeout, kind="nic", also_left=(f"netdev {netdev_id(nic_id)}",))
@@ -139,12 +139,12 @@ def unplug_nic(qmp: Monitor, log: Any, *, nic_id: str, timeout: float = 30.0) ->
     bound.info("nic.unplugged")
 
 
-def _delete_netdev(qmp: Monitor, netdev: str) -> None:
+def _delete_netdev(qmp: QMPMonitor, netdev: str) -> None:
     with contextlib.suppress(DeviceNotFound):  # gone already
         qmp.execute("netdev_del", {"id": netdev})
 
 
-def set_link(qmp: Monitor, log: Any, *, nic_id: str, up: bool) -> None:
+def set_link(qmp: QMPMonitor, log: Any, *, nic_id: str, up: bool) -> None:
     """Raise or drop a NIC's link: the guest sees its carrier come or go (so does the backend)."""
     qmp.execute("set_link", {"name": nic_id, "up": up})
     log.bind(nic=nic_id).info("nic.link", up=up)

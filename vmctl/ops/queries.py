@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from vmctl.errors import CommandError, CommandTimeout, ConnectionLost, OutcomeUnknown, QMPError
-from vmctl.qmp import Monitor
+from vmctl.qmp import QMPMonitor
 
 
-def ask(qmp: Monitor, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+def ask(qmp: QMPMonitor, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
     try:
         return qmp.execute(command, arguments)
     except (CommandError, CommandTimeout):
@@ -23,7 +23,7 @@ def ask(qmp: Monitor, command: str, arguments: Mapping[str, Any] | None = None) 
 
 
 def execute_checked(
-    qmp: Monitor, command: str, arguments: Mapping[str, Any] | None = None, *, took: Callable[[], bool]
+    qmp: QMPMonitor, command: str, arguments: Mapping[str, Any] | None = None, *, took: Callable[[], bool]
 ) -> Any:
     """Send ``command``; if its reply is late, ``took()`` tells from QEMU's state whether it took
     effect (then it is done, and its result ``None``) or not (then the ``CommandTimeout`` stands).
@@ -42,7 +42,7 @@ def execute_checked(
         return None
 
 
-def execute_idempotent(qmp: Monitor, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+def execute_idempotent(qmp: QMPMonitor, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
     """Send a command that does the same when sent twice; if its reply is late, once more, so
     that the caller knows it took."""
     try:
@@ -51,7 +51,7 @@ def execute_idempotent(qmp: Monitor, command: str, arguments: Mapping[str, Any] 
         return qmp.execute(command, arguments)
 
 
-def barrier(qmp: Monitor) -> None:
+def barrier(qmp: QMPMonitor) -> None:
     """Return once QEMU has run every command sent before (it runs them in order): after a late
     reply, the command is then known to be done, though not whether it succeeded."""
     ask(qmp, "query-status")

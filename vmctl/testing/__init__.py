@@ -2,6 +2,7 @@
 
 from vmctl.testing.fake_qemu import FakeCall, FakeCommandError, FakeQEMU
 from vmctl.testing.guest import READY_MARKER, GuestBuildError, TestGuest
+from vmctl.testing.libvirtd import LibvirtdError, PrivateLibvirtd
 from vmctl.testing.shell import GuestCommandFailed, GuestShell, ShellResult
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "GuestBuildError",
     "GuestCommandFailed",
     "GuestShell",
+    "LibvirtdError",
+    "PrivateLibvirtd",
     "ShellResult",
     "TestGuest",
 ]

@@ -13,7 +13,7 @@ import attrs
 from vmctl.errors import InvalidArgument, VmctlError, WaitTimeout
 from vmctl.model.names import SHELL_SOCKET
 from vmctl.qmp.transport import open_socket
-from vmctl.vm import VM
+from vmctl.vm.domain import Domain
 
 _END = re.compile(rb"VMCTL-END (\d+) (\d+)\r?$")
 _BEGIN = re.compile(rb"VMCTL-BEGIN (\d+)\r?$")
@@ -38,7 +38,7 @@ class GuestCommandFailed(VmctlError):
 class GuestShell:
     """A command shell in the test guest (the VM needs ``shell_serial=True``)."""
 
-    def __init__(self, vm: VM, *, timeout: float = 10.0) -> None:
+    def __init__(self, vm: Domain, *, timeout: float = 10.0) -> None:
         if not vm.spec.shell_serial:
             raise InvalidArgument(f"{vm.name} has no shell serial port (launch it with shell_serial=True)")
         self._vm = vm

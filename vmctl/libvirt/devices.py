@@ -1,0 +1,214 @@
+"""Disks, NICs, vCPUs and the balloon of a libvirt domain, changed through libvirt's own APIs.
+
+libvirt's live domain XML is the record: what a disk or NIC is, vmctl reads back from it after
+each change, so the values vmctl returns are what libvirt would migrate or restart the domain
+with. QMP (through libvirtd) only reads: the vCPU ids, the balloon's size.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, TypeVar
+
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from vmctl.errors import DeviceExists, InvalidArgument, WaitTimeout
+from vmctl.libvirt.calls import bounded
+from vmctl.libvirt.devicexml import (
+    device_alias,
+    disk_xml,
+    disks_from_xml,
+    next_target_dev,
+    nic_xml,
+    nics_from_xml,
+    target_devs,
+)
+from vmctl.libvirt.errors import LibvirtDeviceNotFound, LibvirtHotplugError
+from vmctl.libvirt.eventloop import libvirt_module
+from vmctl.libvirt.events import DomainEvents
+from vmctl.libvirt.monitor import LibvirtMonitor
+from vmctl.model import DiskSpec, NicSpec, Throttle
+from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, ErrorPolicy
+from vmctl.ops import balloon as balloon_ops
+from vmctl.ops.nics import random_mac
+
+log: FilteringBoundLogger = structlog.get_logger(__name__)
+
+Device = TypeVar("Device", DiskSpec, NicSpec)
+
+
+class LibvirtDevices:
+    """The devices part of a ``LibvirtVM``: it owns the device lock and the XML reads."""
+
+    def __init__(self, *, name: str, domain: Any, events: DomainEvents, qmp: LibvirtMonitor, vhost: bool) -> None:
+        self.name = name
+        self._vhost = vhost  # vhost-net needs KVM
+        self._domain = domain
+        self._events = events
+        self._qmp = qmp
+        self._log = log.bind(vm=name)
+        self._lock = threading.RLock()
+        libvirt = libvirt_module()
+        self._libvirt = libvirt
+        # A persistent domain keeps its devices in its config too, as `virsh attach-device --persistent`.
+        self._flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if domain.isPersistent():
+            self._flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+
+    def xml(self, timeout: float = 10.0) -> str:
+        """The live domain XML."""
+        return str(bounded(f"{self.name}: XMLDesc", timeout, self._domain.XMLDesc, 0))
+
+    # -- disks ------------------------------------------------------------------------------
+
+    def disks(self) -> tuple[DiskSpec, ...]:
+        return disks_from_xml(self.xml())
+
+    def hotplug_disk(
+        self,
+        disk: DiskSpec | str | os.PathLike[str],
+        *,
+        id: str | None = None,
+        format: DiskFormat = "qcow2",
+        read_only: bool = False,
+        bus: DiskBus = "virtio-blk",
+        cache: CacheMode = "writeback",
+        aio: Aio = "threads",
+        discard: bool = False,
+        on_error: ErrorPolicy | None = None,
+        throttle: Throttle | None = None,
+        timeout: float = 30.0,
+    ) -> DiskSpec:
+        """Attach a disk (``attachDeviceFlags``): a ``DiskSpec`` or an image path with its options.
+        Returns the disk as libvirt's XML now records it (with the root port libvirt chose)."""
+        if not isinstance(disk, DiskSpec):
+            if id is None:
+                raise InvalidArgument("hotplug_disk(path) needs an id=")
+            disk = DiskSpec(
+                id=id, path=disk, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio,
+                discard=discard, on_error=on_error, throttle=throttle,
+            )  # fmt: skip
+        elif id is not None and id != disk.id:
+            raise InvalidArgument(f"id={id!r} contradicts the DiskSpec's id {disk.id!r}")
+        if disk.encryption is not None:
+            raise InvalidArgument(f"disk {disk.id}: an encrypted disk needs a libvirt secret; not supported yet")
+        with self._lock:
+            xml = self.xml()
+            self._refuse_duplicate(xml, disk.id)
+            target = next_target_dev(target_devs(xml).values(), disk.bus)
+            device = disk_xml(disk, target_dev=target)
+            self._log.info("libvirt.hotplug_disk", disk=disk.id, target=target)
+            bounded(f"{self.name}: attach disk {disk.id}", timeout, self._domain.attachDeviceFlags, device, self._flags)
+            return self._require(disks_from_xml(self.xml()), disk.id)
+
+    def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None:
+        """Detach a disk (``detachDeviceAlias``) and wait until the guest has let it go."""
+        with self._lock:
+            self._require(self.disks(), id)
+            self._detach(id, timeout)
+
+    # -- NICs -------------------------------------------------------------------------------
+
+    def nics(self) -> tuple[NicSpec, ...]:
+        return nics_from_xml(self.xml())
+
+    def hotplug_nic(
+        self,
+        *,
+        id: str,
+        tap: str | None = None,
+        mac: str | None = None,
+        model: str = "virtio-net-pci",
+        queues: int = 1,
+        timeout: float = 30.0,
+    ) -> NicSpec:
+        """Add a NIC on an existing tap (``tap``), or on a new tap libvirt makes; a MAC is made when none is given."""
+        nic = NicSpec(id=id, mac=mac or random_mac(), model=model, tap=tap, queues=queues)
+        with self._lock:
+            self._refuse_duplicate(self.xml(), id)
+            device = nic_xml(nic, vhost=self._vhost, new_tap=True)
+            self._log.info("libvirt.hotplug_nic", nic=id, tap=tap)
+            bounded(f"{self.name}: attach NIC {id}", timeout, self._domain.attachDeviceFlags, device, self._flags)
+            return self._require(self.nics(), id)
+
+    def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
+        with self._lock:
+            self._require(self.nics(), id)
+            self._detach(id, timeout)
+
+    # -- vCPUs and the balloon --------------------------------------------------------------
+
+    def vcpu_count(self) -> int:
+        return len(self._qmp.execute("query-cpus-fast"))
+
+    def hotplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
+        """Add ``count`` vCPUs (``setVcpusFlags``); returns the QOM paths of the new ones."""
+        return self._set_vcpus(count, timeout)
+
+    def unplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
+        """Remove ``count`` vCPUs (the guest must release them); returns the QOM paths removed."""
+        return self._set_vcpus(-count, timeout)
+
+    def _set_vcpus(self, change: int, timeout: float) -> list[str]:
+        if isinstance(change, bool) or not isinstance(change, int) or change == 0:
+            raise InvalidArgument(f"the vCPU count must be a positive integer, not {abs(change)!r}")
+        with self._lock:
+            before = {str(cpu["qom-path"]) for cpu in self._qmp.execute("query-cpus-fast")}
+            wanted = len(before) + change
+            self._log.info("libvirt.set_vcpus", count=wanted)
+            bounded(f"{self.name}: set {wanted} vCPUs", timeout, self._domain.setVcpusFlags, wanted, self._flags)
+            after = {str(cpu["qom-path"]) for cpu in self._qmp.execute("query-cpus-fast")}
+            return sorted(after - before) if change > 0 else sorted(before - after)
+
+    def balloon(self) -> int:
+        """The guest memory in bytes as the balloon reports it."""
+        return balloon_ops.balloon_bytes(self._qmp)
+
+    def set_balloon(self, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int:
+        """Set the balloon's target (``setMemoryFlags``); by default wait until the guest reaches it."""
+        if isinstance(target_bytes, bool) or not isinstance(target_bytes, int) or target_bytes < 1 << 20:
+            raise InvalidArgument(f"the balloon target must be at least 1 MiB in bytes, not {target_bytes!r}")
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            kib = target_bytes // 1024
+            bounded(f"{self.name}: balloon to {kib} KiB", timeout, self._domain.setMemoryFlags, kib, self._flags)
+            reached = self.balloon()
+            while wait and reached != target_bytes:
+                if time.monotonic() >= deadline:
+                    raise WaitTimeout(
+                        f"{self.name}: the guest has {reached} bytes, not {target_bytes}, after {timeout:g}s"
+                    )
+                time.sleep(0.05)
+                reached = self.balloon()
+            return reached
+
+    # -- shared -----------------------------------------------------------------------------
+
+    def _detach(self, id: str, timeout: float) -> None:
+        alias = device_alias(id)
+        deadline = time.monotonic() + timeout
+        with self._events.waiting(lambda e: e.alias == alias) as removal:
+            self._log.info("libvirt.unplug", device=id)
+            bounded(f"{self.name}: detach {id}", timeout, self._domain.detachDeviceAlias, alias, self._flags)
+            try:
+                outcome = removal.until(deadline, f"{self.name}: detach {id}")
+            except WaitTimeout:
+                raise LibvirtHotplugError(
+                    f"{self.name}: the guest did not release {id} within {timeout:g}s (retry to finish)",
+                    remaining=(id,),
+                ) from None
+        if outcome.kind == "device-removal-failed":
+            raise LibvirtHotplugError(f"{self.name}: QEMU could not remove {id}", remaining=(id,))
+
+    def _refuse_duplicate(self, xml: str, id: str) -> None:
+        if any(d.id == id for d in disks_from_xml(xml)) or any(n.id == id for n in nics_from_xml(xml)):
+            raise DeviceExists(f"{self.name} already has a device {id!r}")
+
+    def _require(self, devices: tuple[Device, ...], id: str) -> Device:
+        for device in devices:
+            if device.id == id:
+                return device
+        raise LibvirtDeviceNotFound(f"{self.name} has no device {id!r}")

@@ -1,0 +1,99 @@
+"""``Domain``: the VM API a control plane codes against, whoever runs QEMU.
+
+``vmctl.VM`` (vmctl runs QEMU) and ``vmctl.libvirt.LibvirtVM`` (libvirt does) both satisfy it, and
+mypy checks that they do; a control plane that holds a ``Domain`` switches between them without
+changing its code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+from vmctl.model import DiskSpec, NicSpec, Throttle, VMSpec
+from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, ErrorPolicy
+from vmctl.model.status import ExitStatus, ShutdownResult, VMStatus
+from vmctl.qmp.interface import QMPMonitor
+from vmctl.vm.console import Console
+
+
+class Domain(Protocol):
+    """A running VM: its run state, its devices, its console, and QMP to read from it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def spec(self) -> VMSpec: ...
+
+    @property
+    def run_dir(self) -> Path: ...
+
+    @property
+    def qmp(self) -> QMPMonitor: ...
+
+    @property
+    def console(self) -> Console: ...
+
+    @property
+    def has_exited(self) -> bool: ...
+
+    def status(self) -> VMStatus: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def shutdown(self, timeout: float = 30.0, *, step_timeout: float = 5.0) -> ShutdownResult: ...
+
+    def kill(self, *, timeout: float = 10.0) -> ExitStatus: ...
+
+    def wait(self, timeout: float) -> ExitStatus: ...
+
+    def disks(self) -> tuple[DiskSpec, ...]: ...
+
+    def hotplug_disk(
+        self,
+        disk: DiskSpec | str | os.PathLike[str],
+        *,
+        id: str | None = None,
+        format: DiskFormat = "qcow2",
+        read_only: bool = False,
+        bus: DiskBus = "virtio-blk",
+        cache: CacheMode = "writeback",
+        aio: Aio = "threads",
+        discard: bool = False,
+        on_error: ErrorPolicy | None = None,
+        throttle: Throttle | None = None,
+        timeout: float = 30.0,
+    ) -> DiskSpec: ...
+
+    def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None: ...
+
+    def nics(self) -> tuple[NicSpec, ...]: ...
+
+    def hotplug_nic(
+        self,
+        *,
+        id: str,
+        tap: str | None = None,
+        mac: str | None = None,
+        model: str = "virtio-net-pci",
+        queues: int = 1,
+        timeout: float = 30.0,
+    ) -> NicSpec: ...
+
+    def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None: ...
+
+    def hotplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]: ...
+
+    def unplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]: ...
+
+    def balloon(self) -> int: ...
+
+    def set_balloon(self, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int: ...
+
+    def close(self) -> None: ...
