@@ -22,6 +22,8 @@ from vmctl.vm.process import qemu_binary
 
 REPO = Path(__file__).resolve().parent.parent
 BOOT_TIMEOUT = 60.0
+#: libvirt's probe of each QEMU, shared by the tests' private daemons (only the first one probes).
+CAPABILITIES_CACHE = REPO / ".cache" / "libvirt-capabilities"
 
 QEMU = qemu_binary()  # $VMCTL_QEMU selects another QEMU for the whole suite
 _started: list[subprocess.Popen[bytes]] = []
@@ -231,7 +233,7 @@ class DomainFactory:
         if self.kind == "vmctl":
             return self.vms.launch(spec)
         if self.daemon is None:
-            self.daemon = PrivateLibvirtd(self.vms.tmp_path / "libvirtd").start()
+            self.daemon = PrivateLibvirtd(self.vms.tmp_path / "libvirtd", capabilities_cache=CAPABILITIES_CACHE).start()
         vm = LibvirtVM.define(self.daemon.uri, spec, run_dir=self.vms.run_dir(spec.name))
         self.libvirt_vms.append(vm)
         vm.console.wait_for(READY_MARKER, timeout=BOOT_TIMEOUT)

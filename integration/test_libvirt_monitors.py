@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from integration.conftest import BOOT_TIMEOUT, make_image
+from integration.conftest import BOOT_TIMEOUT, CAPABILITIES_CACHE, make_image
 from vmctl import DiskSpec, VMSpec
 from vmctl.errors import CommandNotFound, CommandTimeout, ConnectionLost, DeviceNotFound, GenericError, InvalidArgument
 from vmctl.libvirt import DomainNotFound, LibvirtMonitor, VirshMonitor
@@ -55,7 +55,7 @@ def booted(guest: TestGuest, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         name="mon1", kernel=guest.kernel, initrd=guest.initrd, append=guest.append, balloon=True,
         disks=[DiskSpec(id="data", path=image)],
     )  # fmt: skip
-    with PrivateLibvirtd(root / "daemon") as daemon:
+    with PrivateLibvirtd(root / "daemon", capabilities_cache=CAPABILITIES_CACHE) as daemon:
         conn = daemon.connect()
         domain = conn.createXML(domain_xml(spec, run_dir=run_dir, emulator=str(qemu_binary())), 0)
         console = run_dir / "console.log"

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from integration.conftest import BOOT_TIMEOUT, REPO, TwoHosts
+from integration.conftest import BOOT_TIMEOUT, CAPABILITIES_CACHE, TwoHosts
 from vmctl.testing import READY_MARKER, PrivateLibvirtd, TestGuest
 from vmctl.testing.libvirtd import LIBVIRT_DIRS
 from vmctl.vm.process import qemu_binary
 
 # Shared by every daemon of every session: libvirt checks each entry against its QEMU's and its
 # own ctime, and the kernel, before it uses it, so only the first daemon ever probes a QEMU.
-CAPABILITIES_CACHE = REPO / ".cache" / "libvirt-capabilities"
 
 
 @pytest.fixture

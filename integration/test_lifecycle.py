@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.conftest import BOOT_TIMEOUT, VMFactory
+from integration.conftest import BOOT_TIMEOUT, DomainFactory, VMFactory
 from vmctl import VM, DiskSpec, RunState, ShutdownMethod, VMSpec
 from vmctl.errors import AbnormalExit, LaunchError, SpecError, StaleState
 from vmctl.testing import READY_MARKER, GuestShell
@@ -28,8 +28,8 @@ def test_boot_to_ready_and_run_a_command(vms: VMFactory) -> None:
     assert "console=ttyS0" in result.output
 
 
-def test_pause_and_resume_with_events_and_status(vms: VMFactory) -> None:
-    vm = vms.launch()
+def test_pause_and_resume_with_events_and_status(domains: DomainFactory) -> None:
+    vm = domains.launch()
     with vm.qmp.events("STOP", "RESUME") as events:
         vm.pause()
         assert vm.status().run_state is RunState.PAUSED
