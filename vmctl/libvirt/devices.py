@@ -51,7 +51,7 @@ class LibvirtDevices:
         self._events = events
         self._qmp = qmp
         self._log = log.bind(vm=name)
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         libvirt = libvirt_module()
         self._libvirt = libvirt
         # A persistent domain keeps its devices in its config too, as `virsh attach-device --persistent`.
@@ -96,7 +96,7 @@ class LibvirtDevices:
             raise InvalidArgument(f"id={id!r} contradicts the DiskSpec's id {disk.id!r}")
         if disk.encryption is not None:
             raise InvalidArgument(f"disk {disk.id}: an encrypted disk needs a libvirt secret; not supported yet")
-        with self._lock:
+        with self.lock:
             xml = self.xml()
             self._refuse_duplicate(xml, disk.id)
             target = next_target_dev(target_devs(xml).values(), disk.bus)
@@ -107,7 +107,7 @@ class LibvirtDevices:
 
     def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None:
         """Detach a disk (``detachDeviceAlias``) and wait until the guest has let it go."""
-        with self._lock:
+        with self.lock:
             self._require(self.disks(), id)
             self._detach(id, timeout)
 
@@ -128,7 +128,7 @@ class LibvirtDevices:
     ) -> NicSpec:
         """Add a NIC on an existing tap (``tap``), or on a new tap libvirt makes; a MAC is made when none is given."""
         nic = NicSpec(id=id, mac=mac or random_mac(), model=model, tap=tap, queues=queues)
-        with self._lock:
+        with self.lock:
             self._refuse_duplicate(self.xml(), id)
             device = nic_xml(nic, vhost=self._vhost, new_tap=True)
             self._log.info("libvirt.hotplug_nic", nic=id, tap=tap)
@@ -136,7 +136,7 @@ class LibvirtDevices:
             return self._require(self.nics(), id)
 
     def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
-        with self._lock:
+        with self.lock:
             self._require(self.nics(), id)
             self._detach(id, timeout)
 
@@ -159,7 +159,7 @@ class LibvirtDevices:
     def _set_vcpus(self, change: int, timeout: float) -> list[str]:
         if isinstance(change, bool) or not isinstance(change, int) or change == 0:
             raise InvalidArgument(f"the vCPU count must be a positive integer, not {abs(change)!r}")
-        with self._lock:
+        with self.lock:
             present, most = self.vcpus()
             if change > 0 and present + change > most:
                 raise InvalidArgument(f"only {most - present} more CPU(s) fit (raise max_cpus in the VM spec)")
@@ -210,7 +210,7 @@ class LibvirtDevices:
         if isinstance(target_bytes, bool) or not isinstance(target_bytes, int) or target_bytes < 1 << 20:
             raise InvalidArgument(f"the balloon target must be at least 1 MiB in bytes, not {target_bytes!r}")
         deadline = time.monotonic() + timeout
-        with self._lock:
+        with self.lock:
             kib = target_bytes // 1024
             bounded(f"{self.name}: balloon to {kib} KiB", timeout, self._domain.setMemoryFlags, kib, self._flags)
             reached = self.balloon()

@@ -15,6 +15,7 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from vmctl.errors import InvalidArgument, WaitTimeout
+from vmctl.libvirt.blocks import LibvirtBlocks
 from vmctl.libvirt.calls import bounded
 from vmctl.libvirt.devices import LibvirtDevices
 from vmctl.libvirt.domainxml import CONSOLE_LOG, domain_xml
@@ -65,6 +66,11 @@ class LibvirtVM:
         self.unplug_cpus = self.devices.unplug_cpus
         self.balloon = self.devices.balloon
         self.set_balloon = self.devices.set_balloon
+        self.blocks = LibvirtBlocks(name=self.name, domain=domain, events=self.events, devices=self.devices)
+        self.snapshot_disks = self.blocks.snapshot_disks
+        self.commit_disk = self.blocks.commit_disk
+        self.stream_disk = self.blocks.stream_disk
+        self.mirror_disk = self.blocks.mirror_disk
         self._console = LogConsole(run_dir / CONSOLE_LOG) if run_dir is not None and spec.serial_console else None
 
     # -- define and open --------------------------------------------------------------------

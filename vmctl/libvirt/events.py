@@ -81,16 +81,24 @@ class DomainEvents:
             self.close()
             raise
 
-    @contextlib.contextmanager
-    def waiting(self, match: Match) -> Iterator[EventWait]:
+    def subscribe(self, match: Match) -> EventWait:
+        """Events that ``match`` accepts, from now on, until ``unsubscribe``."""
         wait = EventWait(match)
         with self._lock:
             self._waits = (*self._waits, wait)
+        return wait
+
+    def unsubscribe(self, wait: EventWait) -> None:
+        with self._lock:
+            self._waits = tuple(w for w in self._waits if w is not wait)
+
+    @contextlib.contextmanager
+    def waiting(self, match: Match) -> Iterator[EventWait]:
+        wait = self.subscribe(match)
         try:
             yield wait
         finally:
-            with self._lock:
-                self._waits = tuple(w for w in self._waits if w is not wait)
+            self.unsubscribe(wait)
 
     def close(self) -> None:
         libvirt = libvirt_module()

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from vmctl.model import DiskSpec, NicSpec, Throttle, VMSpec
 from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, ErrorPolicy
 from vmctl.model.status import ExitStatus, ShutdownResult, VMStatus
 from vmctl.qmp.interface import QMPMonitor
 from vmctl.vm.console import Console
+
+
+class BlockJob(Protocol):
+    """A mirror under way: ``wait_ready`` then ``complete`` pivots onto the copy, ``cancel`` keeps the source."""
+
+    def wait_ready(self, timeout: float) -> None: ...
+
+    def complete(self, timeout: float = 60.0) -> None: ...
+
+    def cancel(self, timeout: float = 60.0) -> None: ...
 
 
 class Domain(Protocol):
@@ -95,5 +105,24 @@ class Domain(Protocol):
     def balloon(self) -> int: ...
 
     def set_balloon(self, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int: ...
+
+    def snapshot_disks(
+        self, ids: list[str], *, overlays: dict[str, str | os.PathLike[str]], bitmap: str | None = None
+    ) -> list[DiskSpec]: ...
+
+    def commit_disk(
+        self, id: str, *, top: int | None = None, base: int | None = None, timeout: float = 300
+    ) -> None: ...
+
+    def stream_disk(self, id: str, *, base: int | None = None, timeout: float = 300) -> None: ...
+
+    def mirror_disk(
+        self,
+        id: str,
+        target_path: str | os.PathLike[str],
+        *,
+        sync: Literal["full", "top"] = "full",
+        format: Literal["qcow2", "raw"] = "qcow2",
+    ) -> BlockJob: ...
 
     def close(self) -> None: ...
