@@ -55,9 +55,10 @@ class LibvirtDevices:
         libvirt = libvirt_module()
         self._libvirt = libvirt
         # A persistent domain keeps its devices in its config too, as `virsh attach-device --persistent`.
-        self._flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        self.live_flag = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        self.flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
         if domain.isPersistent():
-            self._flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            self.flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
 
     def xml(self, timeout: float = 10.0) -> str:
         """The live domain XML."""
@@ -102,14 +103,14 @@ class LibvirtDevices:
             target = next_target_dev(target_devs(xml).values(), disk.bus)
             device = disk_xml(disk, target_dev=target)
             self._log.info("libvirt.hotplug_disk", disk=disk.id, target=target)
-            bounded(f"{self.name}: attach disk {disk.id}", timeout, self._domain.attachDeviceFlags, device, self._flags)
+            bounded(f"{self.name}: attach disk {disk.id}", timeout, self._domain.attachDeviceFlags, device, self.flags)
             return self._require(disks_from_xml(self.xml()), disk.id)
 
     def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None:
         """Detach a disk (``detachDeviceAlias``) and wait until the guest has let it go."""
         with self.lock:
             self._require(self.disks(), id)
-            self._detach(id, timeout)
+            self.detach(id, timeout)
 
     # -- NICs -------------------------------------------------------------------------------
 
@@ -132,13 +133,13 @@ class LibvirtDevices:
             self._refuse_duplicate(self.xml(), id)
             device = nic_xml(nic, vhost=self._vhost, new_tap=True)
             self._log.info("libvirt.hotplug_nic", nic=id, tap=tap)
-            bounded(f"{self.name}: attach NIC {id}", timeout, self._domain.attachDeviceFlags, device, self._flags)
+            bounded(f"{self.name}: attach NIC {id}", timeout, self._domain.attachDeviceFlags, device, self.flags)
             return self._require(self.nics(), id)
 
     def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
         with self.lock:
             self._require(self.nics(), id)
-            self._detach(id, timeout)
+            self.detach(id, timeout)
 
     # -- vCPUs and the balloon --------------------------------------------------------------
 
@@ -177,7 +178,7 @@ class LibvirtDevices:
             before = self._vcpu_paths()
             self._log.info("libvirt.set_vcpus", count=wanted)
             try:
-                bounded(f"{self.name}: set {wanted} vCPUs", timeout, self._domain.setVcpusFlags, wanted, self._flags)
+                bounded(f"{self.name}: set {wanted} vCPUs", timeout, self._domain.setVcpusFlags, wanted, self.flags)
             except LibvirtTimeout:
                 # libvirt waits 5 s for the guest to release a vCPU, then gives up waiting (not the
                 # unplug): under TCG a guest takes longer. The rest of the caller's time is for it.
@@ -212,7 +213,7 @@ class LibvirtDevices:
         deadline = time.monotonic() + timeout
         with self.lock:
             kib = target_bytes // 1024
-            bounded(f"{self.name}: balloon to {kib} KiB", timeout, self._domain.setMemoryFlags, kib, self._flags)
+            bounded(f"{self.name}: balloon to {kib} KiB", timeout, self._domain.setMemoryFlags, kib, self.flags)
             reached = self.balloon()
             while wait and reached != target_bytes:
                 if time.monotonic() >= deadline:
@@ -225,12 +226,12 @@ class LibvirtDevices:
 
     # -- shared -----------------------------------------------------------------------------
 
-    def _detach(self, id: str, timeout: float) -> None:
+    def detach(self, id: str, timeout: float) -> None:
         alias = device_alias(id)
         deadline = time.monotonic() + timeout
         with self._events.waiting(lambda e: e.alias == alias) as removal:
             self._log.info("libvirt.unplug", device=id)
-            bounded(f"{self.name}: detach {id}", timeout, self._domain.detachDeviceAlias, alias, self._flags)
+            bounded(f"{self.name}: detach {id}", timeout, self._domain.detachDeviceAlias, alias, self.flags)
             try:
                 outcome = removal.until(deadline, f"{self.name}: detach {id}")
             except WaitTimeout:

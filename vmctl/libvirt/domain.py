@@ -7,9 +7,11 @@ migration, restart or hotplug is built from it); QMP, through libvirtd, only rea
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from structlog.typing import FilteringBoundLogger
@@ -22,12 +24,16 @@ from vmctl.libvirt.domainxml import CONSOLE_LOG, domain_xml
 from vmctl.libvirt.errors import LibvirtError, libvirt_error
 from vmctl.libvirt.eventloop import libvirt_module, open_connection
 from vmctl.libvirt.events import DomainEvents
+from vmctl.libvirt.memory import LibvirtMemory
 from vmctl.libvirt.monitor import LibvirtMonitor
 from vmctl.model import VMSpec
 from vmctl.model.names import SHELL_SOCKET
 from vmctl.model.status import ExitStatus, ShutdownMethod, ShutdownResult, VMStatus
 from vmctl.vm.console import Console, LogConsole
 from vmctl.vm.process import qemu_binary
+
+if TYPE_CHECKING:
+    from vmctl.libvirt.migration import LibvirtMigration
 
 log: FilteringBoundLogger = structlog.get_logger(__name__)
 
@@ -66,6 +72,12 @@ class LibvirtVM:
         self.unplug_cpus = self.devices.unplug_cpus
         self.balloon = self.devices.balloon
         self.set_balloon = self.devices.set_balloon
+        self.memory = LibvirtMemory(name=self.name, domain=domain, devices=self.devices, qmp=self.qmp)
+        self.memory_devices = self.memory.memory_devices
+        self.hotplug_memory = self.memory.hotplug_memory
+        self.unplug_memory = self.memory.unplug_memory
+        self.add_virtio_mem = self.memory.add_virtio_mem
+        self.resize_virtio_mem = self.memory.resize_virtio_mem
         self.blocks = LibvirtBlocks(name=self.name, domain=domain, events=self.events, devices=self.devices)
         self.snapshot_disks = self.blocks.snapshot_disks
         self.commit_disk = self.blocks.commit_disk
@@ -215,6 +227,38 @@ class LibvirtVM:
     def undefine(self, *, timeout: float = 30.0) -> None:
         """Remove the domain's persistent definition (a running domain becomes transient)."""
         bounded(f"{self.name}: undefine", timeout, self._domain.undefine)
+
+    # -- migration --------------------------------------------------------------------------
+
+    def migrate(
+        self,
+        target_uri: str,
+        *,
+        postcopy: bool = False,
+        bandwidth: int | None = None,
+        downtime_limit: int | None = None,
+        copy_storage: bool = False,
+        persistent: bool = True,
+        unsafe: bool = False,
+        target_run_dir: str | os.PathLike[str] | None = None,
+        target_disks: Mapping[str, str | os.PathLike[str]] | None = None,
+        timeout: float = 30.0,
+    ) -> LibvirtMigration:
+        """Start a live peer-to-peer migration to the libvirt host ``target_uri`` (as the source's
+        libvirtd reaches it, e.g. ``qemu+tcp://10.0.0.2:16509/system``); ``wait`` on what it returns,
+        then ``.target(uri)`` is the domain there. ``bandwidth`` in bytes/s (libvirt's unit is MiB/s,
+        rounded up), ``downtime_limit`` in ms; ``copy_storage`` copies the disks into images that
+        exist on the target (``target_disks``: other paths there, by disk id); ``persistent``
+        defines it on the target and undefines it here; ``unsafe`` migrates disks on a local
+        filesystem that both hosts share; ``target_run_dir``: the console log and shell socket go
+        there on the target. See :mod:`vmctl.libvirt.migration`."""
+        from vmctl.libvirt.migration import start_migration
+
+        return start_migration(
+            self, target_uri, postcopy=postcopy, bandwidth=bandwidth, downtime_limit=downtime_limit,
+            copy_storage=copy_storage, persistent=persistent, unsafe=unsafe, target_run_dir=target_run_dir,
+            target_disks=target_disks, timeout=timeout,
+        )  # fmt: skip
 
     # -- closing ----------------------------------------------------------------------------
 

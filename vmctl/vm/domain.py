@@ -13,7 +13,9 @@ from typing import Literal, Protocol
 
 from vmctl.model import DiskSpec, NicSpec, Throttle, VMSpec
 from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, ErrorPolicy
+from vmctl.model.memory import MemorySpec, VirtioMemSpec
 from vmctl.model.status import ExitStatus, ShutdownResult, VMStatus
+from vmctl.ops.memory import MemoryDevice
 from vmctl.qmp.interface import QMPMonitor
 from vmctl.vm.console import Console
 
@@ -101,6 +103,18 @@ class Domain(Protocol):
     def hotplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]: ...
 
     def unplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]: ...
+
+    def memory_devices(self) -> list[MemoryDevice]: ...
+
+    def hotplug_memory(self, size_mib: int, *, id: str, timeout: float = 30.0) -> MemorySpec: ...
+
+    def unplug_memory(self, id: str, *, timeout: float = 30.0) -> None: ...
+
+    def add_virtio_mem(
+        self, id: str, *, max_size_mib: int, size_mib: int = 0, timeout: float = 30.0
+    ) -> VirtioMemSpec: ...
+
+    def resize_virtio_mem(self, id: str, size_mib: int, *, wait: bool = True, timeout: float = 30.0) -> None: ...
 
     def balloon(self) -> int: ...
 
