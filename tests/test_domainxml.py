@@ -19,6 +19,7 @@ from vmctl.libvirt.domainxml import (
     next_target_dev,
     nic_xml,
     nics_from_xml,
+    spec_from_xml,
     target_devs,
     vmctl_id,
 )
@@ -488,3 +489,27 @@ def test_next_target_dev_skips_the_used_names() -> None:
     assert next_target_dev([f"vd{chr(c)}" for c in range(ord("a"), ord("z") + 1)], "virtio-blk") == "vdaa"
     with pytest.raises(InvalidArgument):
         next_target_dev([], "ide")  # type: ignore[arg-type]
+
+
+# -- hotplug and taking over a domain ---------------------------------------------------------
+
+
+def test_a_hotplugged_nic_without_tap_asks_libvirt_for_a_new_tap_not_user_networking() -> None:
+    element = ET.fromstring(nic_xml(NicSpec(id="net1", mac="52:54:00:00:00:01", queues=2), new_tap=True))
+    assert element.get("type") == "ethernet" and element.find("target") is None
+    assert one(element, "driver").get("queues") == "2"
+
+
+def test_a_domain_xml_reads_back_as_the_spec_and_the_run_dir_of_its_shell() -> None:
+    original = full_spec()
+    parsed, run_dir = spec_from_xml(domain_xml(original, run_dir=RUN, emulator=QEMU))
+    assert run_dir == RUN
+    for field in ("name", "memory_mib", "max_memory_mib", "memory_slots", "cpus", "max_cpus", "machine", "kernel",
+                  "initrd", "append", "balloon", "shell_serial", "serial_console", "disks", "nics"):  # fmt: skip
+        assert getattr(parsed, field) == getattr(original, field), field
+    assert parsed.accel == "tcg"
+
+
+def test_a_domain_without_serial_ports_reads_back_without_a_run_dir() -> None:
+    parsed, run_dir = spec_from_xml(domain_xml(spec(serial_console=False), run_dir=RUN, emulator=QEMU))
+    assert run_dir is None and not parsed.serial_console and not parsed.shell_serial
