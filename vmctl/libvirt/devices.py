@@ -32,7 +32,7 @@ from vmctl.libvirt.eventloop import libvirt_module
 from vmctl.libvirt.events import DomainEvents
 from vmctl.libvirt.monitor import LibvirtMonitor
 from vmctl.model import DiskSpec, NicSpec, Throttle
-from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, ErrorPolicy
+from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, ErrorPolicy, hotplug_request
 from vmctl.ops import balloon as balloon_ops
 from vmctl.ops.nics import random_mac
 
@@ -86,15 +86,10 @@ class LibvirtDevices:
     ) -> DiskSpec:
         """Attach a disk (``attachDeviceFlags``): a ``DiskSpec`` or an image path with its options.
         Returns the disk as libvirt's XML now records it (with the root port libvirt chose)."""
-        if not isinstance(disk, DiskSpec):
-            if id is None:
-                raise InvalidArgument("hotplug_disk(path) needs an id=")
-            disk = DiskSpec(
-                id=id, path=disk, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio,
-                discard=discard, on_error=on_error, throttle=throttle,
-            )  # fmt: skip
-        elif id is not None and id != disk.id:
-            raise InvalidArgument(f"id={id!r} contradicts the DiskSpec's id {disk.id!r}")
+        disk = hotplug_request(
+            disk, id=id, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio, discard=discard,
+            on_error=on_error, throttle=throttle,
+        )  # fmt: skip
         if disk.encryption is not None:
             raise InvalidArgument(f"disk {disk.id}: an encrypted disk needs a libvirt secret; not supported yet")
         with self.lock:

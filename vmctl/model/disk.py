@@ -259,3 +259,30 @@ class DiskSpec:
                 argv += ["-blockdev", json.dumps(node, separators=(",", ":"))]
             below = disk_node_names(self.id, layer)[1]
         return [*argv, "-device", json.dumps(self.device_properties(), separators=(",", ":"))]
+
+
+def hotplug_request(
+    disk: DiskSpec | str | os.PathLike[str],
+    *,
+    id: str | None,
+    format: DiskFormat,
+    read_only: bool,
+    bus: DiskBus,
+    cache: CacheMode,
+    aio: Aio,
+    discard: bool,
+    on_error: ErrorPolicy | None,
+    throttle: Throttle | None,
+) -> DiskSpec:
+    """The disk a ``hotplug_disk`` call asks for: its ``DiskSpec``, or one made of an image path and
+    the options given with it (every VM's hotplug takes the same arguments)."""
+    if not isinstance(disk, DiskSpec):
+        if id is None:
+            raise InvalidArgument("hotplug_disk(path) needs an id=")
+        return DiskSpec(
+            id=id, path=disk, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio,
+            discard=discard, on_error=on_error, throttle=throttle,
+        )  # fmt: skip
+    if id is not None and id != disk.id:
+        raise InvalidArgument(f"id={id!r} contradicts the DiskSpec's id {disk.id!r}")
+    return disk

@@ -24,6 +24,7 @@ from vmctl.model import (
     Throttle,
     VirtioMemSpec,
 )
+from vmctl.model.disk import hotplug_request
 from vmctl.model.pcie import Controller
 from vmctl.ops import balloon as balloon_ops
 from vmctl.ops import chardevs as chardev_ops
@@ -72,15 +73,10 @@ class Devices:
         """Attach a disk: a ``DiskSpec`` (the same value a VM can be launched with), or an image
         path with the disk's options. On any failure every step is undone (``HotplugError``).
         Returns the disk as the inventory records it (its PCI address pinned)."""
-        if not isinstance(disk, DiskSpec):
-            if id is None:
-                raise InvalidArgument("hotplug_disk(path) needs an id=")
-            disk = DiskSpec(
-                id=id, path=disk, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio,
-                discard=discard, on_error=on_error, throttle=throttle,
-            )  # fmt: skip
-        elif id is not None and id != disk.id:
-            raise InvalidArgument(f"id={id!r} contradicts the DiskSpec's id {disk.id!r}")
+        disk = hotplug_request(
+            disk, id=id, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio, discard=discard,
+            on_error=on_error, throttle=throttle,
+        )  # fmt: skip
         with self._store.lock:
             self._store.refuse_duplicate(disk.id)
             controller = None
