@@ -200,6 +200,7 @@ bench)
     .venv/bin/python bench/migration.py
     .venv/bin/python bench/convergence.py
     .venv/bin/python bench/soak.py
+    .venv/bin/python bench/libvirt_overhead.py
     ;;
 *)
     sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'

@@ -106,8 +106,8 @@ class LibvirtVM:
         conn = open_connection(uri)
         libvirt = libvirt_module()
         try:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.lookupByName(spec.name)
+            # Listed, not looked up: a failed lookup is an error libvirt's default handler prints.
+            if spec.name in (d.name() for d in bounded(f"{uri}: list domains", timeout, conn.listAllDomains, 0)):
                 raise InvalidArgument(f"{uri} already has a domain called {spec.name!r}")
             domain = bounded(f"{spec.name}: define", timeout, conn.defineXML, xml)
             try:

@@ -112,7 +112,7 @@ class LibvirtMonitor(RelayedMonitor):
 
     def domain_stopped(self) -> None:
         """The domain's QEMU is gone: waiters and later commands get ``DomainNotRunning``."""
-        self._lost(DomainNotRunning(f"{self.name}: the domain stopped"))
+        self._lost(DomainNotRunning(f"{self.name}: the domain stopped"), expected=True)
 
     def _on_connection_closed(self, conn: Any, reason: int, opaque: Any) -> None:
         self._lost(LibvirtConnectionLost(f"{self.name}: the connection to libvirtd closed", code=reason))

@@ -214,14 +214,15 @@ class RelayedMonitor:
         if callbacks is not None:
             callbacks.offer_event(event)
 
-    def _lost(self, error: QMPError) -> None:
-        """The go-between is gone: every waiter learns it, and the disconnect callbacks run once."""
+    def _lost(self, error: QMPError, *, expected: bool = False) -> None:
+        """The go-between is gone: every waiter learns it, and the disconnect callbacks run once.
+        ``expected``: the domain stopped (a shutdown, a migration away), logged at info."""
         with self._lock:
             if self._closed or self._failure is not None:
                 return
             self._failure = error
             subscriptions, callbacks = self._subscriptions, self._callbacks
-        self._log.warning("qmp.disconnected", error=str(error))
+        (self._log.info if expected else self._log.warning)("qmp.disconnected", error=str(error))
         for subscription in subscriptions:
             subscription.fail(error)
         if callbacks is not None:
