@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from structlog.typing import FilteringBoundLogger
@@ -20,20 +20,18 @@ from vmctl.errors import InvalidArgument, WaitTimeout
 from vmctl.libvirt.blocks import LibvirtBlocks
 from vmctl.libvirt.calls import bounded
 from vmctl.libvirt.devices import LibvirtDevices
-from vmctl.libvirt.domainxml import CONSOLE_LOG, domain_xml
-from vmctl.libvirt.errors import LibvirtError, libvirt_error
+from vmctl.libvirt.domainxml import CONSOLE_LOG, domain_xml, spec_from_xml
+from vmctl.libvirt.errors import DomainNotFound, LibvirtError, libvirt_error
 from vmctl.libvirt.eventloop import libvirt_module, open_connection
 from vmctl.libvirt.events import DomainEvents
 from vmctl.libvirt.memory import LibvirtMemory
+from vmctl.libvirt.migration import LibvirtMigration, start_migration
 from vmctl.libvirt.monitor import LibvirtMonitor
 from vmctl.model import VMSpec
 from vmctl.model.names import SHELL_SOCKET
 from vmctl.model.status import ExitStatus, ShutdownMethod, ShutdownResult, VMStatus
 from vmctl.vm.console import Console, LogConsole
 from vmctl.vm.process import qemu_binary
-
-if TYPE_CHECKING:
-    from vmctl.libvirt.migration import LibvirtMigration
 
 log: FilteringBoundLogger = structlog.get_logger(__name__)
 
@@ -126,8 +124,6 @@ class LibvirtVM:
     def open(cls, uri: str, name: str, *, run_dir: str | Path | None = None) -> LibvirtVM:
         """Take over the running domain ``name`` at ``uri``. Its spec is read back from libvirt's
         XML (disks, NICs, memory, vCPUs); ``run_dir`` defaults to where its shell socket is."""
-        from vmctl.libvirt.domainxml import spec_from_xml
-
         conn = open_connection(uri)
         libvirt = libvirt_module()
         try:
@@ -155,6 +151,14 @@ class LibvirtVM:
         return self._run_dir
 
     @property
+    def known_run_dir(self) -> Path | None:
+        return self._run_dir
+
+    def reopened(self, uri: str, run_dir: Path | None) -> LibvirtVM:
+        """This domain, found again at ``uri`` (where a migration moved it)."""
+        return LibvirtVM.open(uri, self.name, run_dir=run_dir)
+
+    @property
     def shell_socket(self) -> Path:
         return self.run_dir / SHELL_SOCKET
 
@@ -169,7 +173,10 @@ class LibvirtVM:
 
     @property
     def has_exited(self) -> bool:
-        return not bool(bounded(f"{self.name}: isActive", 10.0, self._domain.isActive))
+        try:
+            return not bool(bounded(f"{self.name}: isActive", 10.0, self._domain.isActive))
+        except DomainNotFound:
+            return True  # undefined after it stopped (migrated away, or transient)
 
     # -- run state --------------------------------------------------------------------------
 
@@ -243,7 +250,7 @@ class LibvirtVM:
         target_run_dir: str | os.PathLike[str] | None = None,
         target_disks: Mapping[str, str | os.PathLike[str]] | None = None,
         timeout: float = 30.0,
-    ) -> LibvirtMigration:
+    ) -> LibvirtMigration[LibvirtVM]:
         """Start a live peer-to-peer migration to the libvirt host ``target_uri`` (as the source's
         libvirtd reaches it, e.g. ``qemu+tcp://10.0.0.2:16509/system``); ``wait`` on what it returns,
         then ``.target(uri)`` is the domain there. ``bandwidth`` in bytes/s (libvirt's unit is MiB/s,
@@ -252,8 +259,6 @@ class LibvirtVM:
         defines it on the target and undefines it here; ``unsafe`` migrates disks on a local
         filesystem that both hosts share; ``target_run_dir``: the console log and shell socket go
         there on the target. See :mod:`vmctl.libvirt.migration`."""
-        from vmctl.libvirt.migration import start_migration
-
         return start_migration(
             self, target_uri, postcopy=postcopy, bandwidth=bandwidth, downtime_limit=downtime_limit,
             copy_storage=copy_storage, persistent=persistent, unsafe=unsafe, target_run_dir=target_run_dir,

@@ -38,20 +38,35 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 from structlog.typing import FilteringBoundLogger
 
 from vmctl.errors import InvalidArgument, MigrationError, WaitTimeout
 from vmctl.libvirt.calls import bounded
-from vmctl.libvirt.devicexml import ALIAS_PREFIX, device_alias
+from vmctl.libvirt.devicexml import device_alias
 from vmctl.libvirt.errors import LibvirtError, LibvirtMigrationError, libvirt_error
 from vmctl.libvirt.eventloop import libvirt_module
 from vmctl.model.migration import MAX_DOWNTIME_LIMIT_MS, MigrationProgress, MigrationResult
 
-if TYPE_CHECKING:
-    from vmctl.libvirt.domain import LibvirtVM
+Target = TypeVar("Target", covariant=True)
+
+
+class MigrationSource(Protocol[Target]):
+    """What a migration needs of the VM it moves (a ``LibvirtVM``), and how to reach it once moved."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def domain(self) -> Any: ...
+
+    @property
+    def known_run_dir(self) -> Path | None: ...
+
+    def reopened(self, uri: str, run_dir: Path | None) -> Target: ...
+
 
 log: FilteringBoundLogger = structlog.get_logger(__name__)
 
@@ -65,9 +80,8 @@ _RETRY_INTERVAL = 0.05
 PARAM_BANDWIDTH = "bandwidth"
 PARAM_DEST_XML = "destination_xml"
 PARAM_PERSIST_XML = "persistent_xml"
-JOB_TYPE = "type"
-JOB_NONE = 0
-JOB_TYPES = {0: "none", 1: "active", 2: "active", 3: "completed", 4: "failed", 5: "cancelled"}
+#: The devices whose files (logs, sockets) are the VM's own, in its run dir.
+_CHARDEVS = ("serial", "console", "channel", "parallel")
 
 
 # -- the pure parts ---------------------------------------------------------------------------
@@ -130,13 +144,13 @@ def retarget_xml(
             path = Path(value)
             return str(target_run_dir / path.relative_to(run_dir)) if path.is_relative_to(run_dir) else None
 
-        for element in domain.iter():
-            for key in ("path", "file"):
-                value = element.get(key)
-                if value and element.tag != "source" or value is None:
-                    continue
-                if (new := moved(value)) is not None:
-                    element.set(key, new)
+        for kind in _CHARDEVS:  # not a disk: an image in the run dir is the same image on shared storage
+            for device in domain.iterfind(f"devices/{kind}"):
+                for element in device.iter():
+                    for key in ("path", "file"):
+                        value = element.get(key)
+                        if value is not None and (new := moved(value)) is not None:
+                            element.set(key, new)
         nvram = domain.find("os/nvram")
         if nvram is not None and nvram.text and (new := moved(nvram.text.strip())) is not None:
             nvram.text = new
@@ -197,14 +211,14 @@ def result_from_stats(stats: Mapping[str, Any], *, postcopy: bool) -> MigrationR
 # -- a migration under way --------------------------------------------------------------------
 
 
-class LibvirtMigration:
+class LibvirtMigration(Generic[Target]):
     """A migration of a ``LibvirtVM`` under way (``vm.migrate(target_uri, ...)``): ``wait`` for its
     ``MigrationResult``, ``progress``, ``cancel`` (the source runs on), ``start_postcopy``, and once
     completed, ``target()``: the domain on the target as a ``LibvirtVM``."""
 
     def __init__(
         self,
-        vm: LibvirtVM,
+        vm: MigrationSource[Target],
         target_uri: str,
         *,
         flags: int,
@@ -216,7 +230,8 @@ class LibvirtMigration:
         self.target_uri = target_uri
         self.postcopy = postcopy
         self.target_run_dir = target_run_dir
-        self._source_run_dir = vm._run_dir
+        self._source_run_dir = vm.known_run_dir
+        self._reopened = vm.reopened
         self._domain = vm.domain
         self._flags = flags
         self._params = params
@@ -243,7 +258,8 @@ class LibvirtMigration:
 
     @property
     def status(self) -> str:
-        """``active``, ``postcopy-active``, then ``completed``, ``failed`` or ``cancelled``."""
+        """``active`` (``progress()`` tells ``setup`` from it), ``postcopy-active``, then
+        ``completed``, ``failed`` or ``cancelled``."""
         if not self._done.is_set():
             return "postcopy-active" if self._postcopy_started else "active"
         if self._error is None:
@@ -258,7 +274,10 @@ class LibvirtMigration:
                 bandwidth=0, mbps=0.0, passes=0, throttle_percent=0, expected_downtime_ms=0,
             )  # fmt: skip
         stats = bounded(f"{self.name}: jobStats", timeout, self._domain.jobStats, 0)
-        return progress_from_stats(stats, status=self.status)
+        status = self.status
+        if status == "active" and not _int(stats, "memory_total"):
+            status = "setup"  # libvirt's job has begun (talking to the target), QEMU's migration not yet
+        return progress_from_stats(stats, status=status)
 
     # -- waiting ----------------------------------------------------------------------------
 
@@ -359,29 +378,25 @@ class LibvirtMigration:
                 bounded(f"{self.name}: {what}", max(0.1, deadline - time.monotonic()), call, *args)
                 return
             except LibvirtError as exc:
-                if exc.code != self._libvirt.VIR_ERR_OPERATION_INVALID or self._done.is_set():
-                    if self._done.is_set():
-                        return  # it ended meanwhile: wait() tells how
-                    raise
-                if time.monotonic() >= deadline:
+                if self._done.is_set():
+                    return  # it ended meanwhile: wait() tells how
+                if exc.code != self._libvirt.VIR_ERR_OPERATION_INVALID or time.monotonic() >= deadline:
                     raise
             time.sleep(_RETRY_INTERVAL)
 
     # -- the target -------------------------------------------------------------------------
 
-    def target(self, uri: str | None = None, *, run_dir: str | os.PathLike[str] | None = None) -> LibvirtVM:
+    def target(self, uri: str | None = None, *, run_dir: str | os.PathLike[str] | None = None) -> Target:
         """The migrated domain on the target, as a ``LibvirtVM`` (close it when done). ``uri``: how
         this process reaches the target's libvirtd (default: the URI the source used); ``run_dir``:
         the target's (default: ``target_run_dir``, else the source's, which the XML carried)."""
-        from vmctl.libvirt.domain import LibvirtVM
-
         if self.status != "completed":
             raise MigrationError(
                 f"{self.name}: the migration is {self.status}; the domain is on the target once it has completed",
                 status=self.status,
             )
         where = Path(run_dir) if run_dir is not None else (self.target_run_dir or self._source_run_dir)
-        return LibvirtVM.open(uri or self.target_uri, self.name, run_dir=where)
+        return self._reopened(uri or self.target_uri, where)
 
     # -- the worker and libvirt's event -----------------------------------------------------
 
@@ -389,10 +404,11 @@ class LibvirtMigration:
         try:
             self._domain.migrateToURI3(self.target_uri, self._params, self._flags)
         except self._libvirt.libvirtError as exc:
-            error = libvirt_error(exc, f"{self.name}: migration to {self.target_uri}")
+            error = libvirt_error(exc, "")
             status = "cancelled" if self._cancelled else "failed"
-            self._error = LibvirtMigrationError(str(error), code=error.code, reason="", status=status)
-            self._error.error_desc = error.reason
+            self._error = LibvirtMigrationError(
+                f"{self.name}: migration to {self.target_uri}", code=error.code, reason=error.reason, status=status
+            )
             self._log.warning("libvirt.migrate_failed", status=status, reason=error.reason)
         except BaseException as exc:  # never leave a waiter without an end
             self._error = LibvirtMigrationError(f"{self.name}: migration to {self.target_uri}", reason=repr(exc))
@@ -419,7 +435,7 @@ def _positive_seconds(value: object, name: str) -> None:
 
 
 def start_migration(
-    vm: LibvirtVM,
+    vm: MigrationSource[Target],
     target_uri: str,
     *,
     postcopy: bool = False,
@@ -431,7 +447,7 @@ def start_migration(
     target_run_dir: str | os.PathLike[str] | None = None,
     target_disks: Mapping[str, str | os.PathLike[str]] | None = None,
     timeout: float = 30.0,
-) -> LibvirtMigration:
+) -> LibvirtMigration[Target]:
     """Start migrating ``vm`` live to the libvirt host ``target_uri`` (see ``LibvirtVM.migrate``).
     Everything is checked before libvirt is asked anything that changes the domain."""
     if not isinstance(target_uri, str) or "://" not in target_uri:
@@ -449,7 +465,9 @@ def start_migration(
     if target_disks is not None and not isinstance(target_disks, Mapping):
         raise InvalidArgument(f"target_disks must map disk ids to paths, not {type(target_disks).__name__}")
     disks = {id: Path(path).absolute() for id, path in (target_disks or {}).items()}
-    run_dir = vm.run_dir.absolute() if target_run_dir is not None else None  # InvalidArgument if unknown
+    if target_run_dir is not None and vm.known_run_dir is None:
+        raise InvalidArgument(f"{vm.name}: no run_dir is known to move from (open it with run_dir=...)")
+    run_dir = vm.known_run_dir.absolute() if target_run_dir is not None and vm.known_run_dir else None
     target_dir = Path(target_run_dir).absolute() if target_run_dir is not None else None
     if target_dir is not None and target_dir == run_dir:
         target_dir = run_dir = None  # the same paths: nothing to render
@@ -474,13 +492,10 @@ def start_migration(
     if downtime is not None:
         # No migrateToURI3 parameter for it: set on the source's QEMU, which the migration then uses.
         bounded(f"{vm.name}: set downtime {downtime} ms", timeout, vm.domain.migrateSetMaxDowntime, downtime, 0)
-    return LibvirtMigration(
-        vm, target_uri, flags=flags, params=params, postcopy=postcopy, target_run_dir=target_dir or None
-    )
+    return LibvirtMigration(vm, target_uri, flags=flags, params=params, postcopy=postcopy, target_run_dir=target_dir)
 
 
 __all__ = [
-    "ALIAS_PREFIX",
     "LibvirtMigration",
     "bandwidth_mib",
     "migration_flags",

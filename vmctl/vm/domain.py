@@ -8,10 +8,11 @@ changing its code.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from vmctl.model import DiskSpec, NicSpec, Throttle, VMSpec
+from vmctl.model import DiskSpec, MigrationProgress, MigrationResult, NicSpec, Throttle, VMSpec
 from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, ErrorPolicy
 from vmctl.model.memory import MemorySpec, VirtioMemSpec
 from vmctl.model.status import ExitStatus, ShutdownResult, VMStatus
@@ -28,6 +29,24 @@ class BlockJob(Protocol):
     def complete(self, timeout: float = 60.0) -> None: ...
 
     def cancel(self, timeout: float = 60.0) -> None: ...
+
+
+class MigrationJob(Protocol):
+    """A migration under way: ``wait`` for its result, follow its ``progress``, ``cancel`` it."""
+
+    def wait(
+        self,
+        timeout: float,
+        *,
+        on_progress: Callable[[MigrationProgress], Any] | None = None,
+        progress_interval: float = 0.5,
+    ) -> MigrationResult: ...
+
+    def progress(self) -> MigrationProgress: ...
+
+    def cancel(self, *, timeout: float = 30.0) -> None: ...
+
+    def start_postcopy(self) -> None: ...
 
 
 class Domain(Protocol):
@@ -138,5 +157,19 @@ class Domain(Protocol):
         sync: Literal["full", "top"] = "full",
         format: Literal["qcow2", "raw"] = "qcow2",
     ) -> BlockJob: ...
+
+    def migrate(
+        self,
+        target: str,
+        /,
+        *,
+        postcopy: bool = False,
+        bandwidth: int | None = None,
+        downtime_limit: int | None = None,
+        copy_storage: bool = False,
+    ) -> MigrationJob:
+        """``target``: for a ``VM``, the URI its incoming QEMU listens on; for a ``LibvirtVM``, the
+        target host's libvirt URI."""
+        ...
 
     def close(self) -> None: ...
