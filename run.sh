@@ -182,9 +182,11 @@ test)
     uffd_keep_machine
     uffd_for_qemu72
     .venv/bin/python -m pytest || first=$?
+    # libvirt's tests run in the first stage only: Debian 12's libvirt 9.0 goes with its QEMU 7.2
+    # (they pass on 10.0 too, by hand: `VMCTL_QEMU=.cache/qemu-10.0/qemu-system-x86_64 ./run.sh test -m libvirt`).
     echo "==> pytest: integration tests again, on QEMU 10.0 (VMCTL_QEMU=.cache/qemu-10.0/qemu-system-x86_64)"
     uffd_for_qemu10
-    VMCTL_QEMU="$QEMU10" .venv/bin/python -m pytest integration || second=$?
+    VMCTL_QEMU="$QEMU10" .venv/bin/python -m pytest integration -m "not libvirt" || second=$?
     if [ "$first" != 0 ]; then exit "$first"; fi
     exit "$second"
     ;;

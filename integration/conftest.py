@@ -33,6 +33,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in str(item.path):
             item.add_marker(pytest.mark.integration)
+            callspec = getattr(item, "callspec", None)
+            on_libvirt = callspec is not None and callspec.params.get("domains") == "libvirt"
+            if item.path.name.startswith("test_libvirt") or on_libvirt:
+                item.add_marker(pytest.mark.libvirt)
             # Guests boot and migrate under TCG: allow a slow machine more than the unit tests' 60 s.
             if item.get_closest_marker("timeout") is None:
                 item.add_marker(pytest.mark.timeout(180))
