@@ -110,12 +110,15 @@ class LibvirtVM:
             domain = bounded(f"{spec.name}: define", timeout, conn.defineXML, xml)
             try:
                 bounded(f"{spec.name}: start", timeout, domain.create)
+                vm = cls(conn, domain, spec=spec, run_dir=run_dir, uri=uri)
             except BaseException:
-                with contextlib.suppress(libvirt.libvirtError):
-                    domain.undefine()
+                # A start that timed out may still happen: end what runs, then forget the definition.
+                for undo in (domain.destroy, domain.undefine):
+                    with contextlib.suppress(libvirt.libvirtError):
+                        undo()
                 raise
             log.info("libvirt.defined", vm=spec.name, uri=uri)
-            return cls(conn, domain, spec=spec, run_dir=run_dir, uri=uri)
+            return vm
         except BaseException:
             conn.close()
             raise
