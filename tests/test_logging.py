@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -81,3 +84,54 @@ def test_redaction_rules() -> None:
     assert redact_hmp("object_add secret,id=s0,data=abc") == f"object_add secret,id=s0,data={REDACTED}"
     assert redact_hmp("set_password vnc abc") == f"set_password vnc {REDACTED}"
     assert redact_hmp("info status") == "info status"
+
+
+def test_an_oversized_event_is_dropped_counted_and_logged_and_the_monitor_carries_on(fake: FakeQEMU) -> None:
+    with capture_logs() as logs, connect(fake.address, timeout=5, max_message_size=4096) as mon:
+        fake.emit_event("BIG", {"x": "y" * 10_000})
+        fake.emit_event("STOP")
+        assert mon.wait_event("STOP", timeout=5).name == "STOP"
+        assert mon.oversized_events == 1
+        assert mon.execute("query-status") is not None
+    [dropped] = [e for e in logs if e["event"] == "qmp.oversized_message_dropped"]
+    assert dropped["is_event"] is True and dropped["log_level"] == "warning"
+
+
+LOGGING_SCRIPT = """
+import sys
+from vmctl.qmp import connect
+from vmctl.testing import FakeQEMU
+
+{setup}
+with FakeQEMU() as fake, connect(fake.address, name="vm1", timeout=5) as monitor:
+    monitor.execute("query-status")
+"""
+
+
+def run_script(setup: str) -> subprocess.CompletedProcess[str]:
+    script = LOGGING_SCRIPT.format(setup=textwrap.dedent(setup))
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+
+
+def test_an_application_that_configures_no_logging_sees_nothing_of_vmctls_commands() -> None:
+    done = run_script("")
+    assert (done.stdout, done.stderr) == ("", "")
+
+
+def test_stdlib_logging_configured_for_debug_gets_each_command_with_its_context() -> None:
+    done = run_script("import logging; logging.basicConfig(level=logging.DEBUG, stream=sys.stdout)")
+    [line] = [line for line in done.stdout.splitlines() if "qmp.command" in line]
+    assert line.startswith("DEBUG:vmctl.qmp.protocol:qmp.command ")
+    assert "cmd='query-status'" in line and "monitor='vm1'" in line and "id='vmctl-" in line
+
+
+def test_structlog_configured_for_json_gets_each_command_as_a_json_object() -> None:
+    done = run_script(
+        """
+        import structlog
+        structlog.configure(processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()])
+        """
+    )
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    [command] = [e for e in events if e["event"] == "qmp.command"]
+    assert command["cmd"] == "query-status" and command["monitor"] == "vm1" and command["level"] == "debug"

@@ -14,7 +14,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Literal
 
-import structlog
 from structlog.typing import FilteringBoundLogger
 
 from vmctl.errors import BlockJobError, InvalidArgument, SnapshotError, WaitTimeout
@@ -24,9 +23,10 @@ from vmctl.libvirt.devicexml import target_devs
 from vmctl.libvirt.errors import LibvirtDeviceNotFound, LibvirtError
 from vmctl.libvirt.eventloop import libvirt_module
 from vmctl.libvirt.events import DomainEvent, DomainEvents, EventWait
+from vmctl.logs import get_logger
 from vmctl.model import DiskSpec
 
-log: FilteringBoundLogger = structlog.get_logger(__name__)
+log: FilteringBoundLogger = get_logger(__name__)
 
 
 class LibvirtBlockJob:

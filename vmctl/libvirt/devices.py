@@ -13,7 +13,6 @@ import time
 import xml.etree.ElementTree as ET
 from typing import Any, TypeVar
 
-import structlog
 from structlog.typing import FilteringBoundLogger
 
 from vmctl.errors import DeviceError, DeviceExists, InvalidArgument, WaitTimeout
@@ -31,12 +30,13 @@ from vmctl.libvirt.errors import LibvirtDeviceNotFound, LibvirtHotplugError, Lib
 from vmctl.libvirt.eventloop import libvirt_module
 from vmctl.libvirt.events import DomainEvents
 from vmctl.libvirt.monitor import LibvirtMonitor
+from vmctl.logs import get_logger
 from vmctl.model import DiskSpec, NicSpec, Throttle
 from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, ErrorPolicy, hotplug_request
 from vmctl.ops import balloon as balloon_ops
 from vmctl.ops.nics import random_mac
 
-log: FilteringBoundLogger = structlog.get_logger(__name__)
+log: FilteringBoundLogger = get_logger(__name__)
 
 Device = TypeVar("Device", DiskSpec, NicSpec)
 

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import structlog
 from structlog.typing import FilteringBoundLogger
 
 from vmctl.errors import InvalidArgument, WaitTimeout
@@ -27,13 +26,14 @@ from vmctl.libvirt.events import DomainEvents
 from vmctl.libvirt.memory import LibvirtMemory
 from vmctl.libvirt.migration import LibvirtMigration, start_migration
 from vmctl.libvirt.monitor import LibvirtMonitor
+from vmctl.logs import get_logger
 from vmctl.model import VMSpec
 from vmctl.model.names import SHELL_SOCKET
 from vmctl.model.status import ExitStatus, ShutdownMethod, ShutdownResult, VMStatus
 from vmctl.vm.console import Console, LogConsole
 from vmctl.vm.process import qemu_binary
 
-log: FilteringBoundLogger = structlog.get_logger(__name__)
+log: FilteringBoundLogger = get_logger(__name__)
 
 _UNKNOWN_EXIT = ExitStatus(code=None, signal=None)  # libvirt reaps QEMU; vmctl never sees its status
 

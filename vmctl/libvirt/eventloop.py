@@ -10,10 +10,11 @@ import os
 import threading
 from typing import Any
 
-import structlog
 from structlog.typing import FilteringBoundLogger
 
-log: FilteringBoundLogger = structlog.get_logger(__name__)
+from vmctl.logs import get_logger
+
+log: FilteringBoundLogger = get_logger(__name__)
 
 _lock = threading.Lock()
 _registered = False

@@ -40,7 +40,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-import structlog
 from structlog.typing import FilteringBoundLogger
 
 from vmctl.errors import InvalidArgument, MigrationError, WaitTimeout
@@ -48,6 +47,7 @@ from vmctl.libvirt.calls import bounded
 from vmctl.libvirt.devicexml import device_alias
 from vmctl.libvirt.errors import LibvirtError, LibvirtMigrationError, libvirt_error
 from vmctl.libvirt.eventloop import libvirt_module
+from vmctl.logs import get_logger
 from vmctl.model.migration import MAX_DOWNTIME_LIMIT_MS, MigrationProgress, MigrationResult
 
 Target = TypeVar("Target", covariant=True)
@@ -68,7 +68,7 @@ class MigrationSource(Protocol[Target]):
     def reopened(self, uri: str, run_dir: Path | None) -> Target: ...
 
 
-log: FilteringBoundLogger = structlog.get_logger(__name__)
+log: FilteringBoundLogger = get_logger(__name__)
 
 MIB = 1 << 20
 #: How long the completed job's figures (libvirt's JOB_COMPLETED event) may lag behind the end.

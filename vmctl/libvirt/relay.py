@@ -15,7 +15,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-import structlog
 from structlog.typing import FilteringBoundLogger
 
 from vmctl.errors import (
@@ -27,6 +26,7 @@ from vmctl.errors import (
     QMPError,
     command_error,
 )
+from vmctl.logs import get_logger
 from vmctl.qmp.callbacks import CallbackRunner, DisconnectCallback, EventCallback
 from vmctl.qmp.events import EventFilter, Match, Subscription
 from vmctl.qmp.messages import Event, QEMUVersion
@@ -34,7 +34,7 @@ from vmctl.qmp.schema import QMPSchema
 from vmctl.qmp.timeouts import TimeoutPolicy, check_timeout
 from vmctl.qmp.transport import FileDescriptor, fd_numbers
 
-log: FilteringBoundLogger = structlog.get_logger(__name__)
+log: FilteringBoundLogger = get_logger(__name__)
 
 _WORKERS = 4  # calls in flight at once per monitor (a timed-out one may still hold a worker)
 

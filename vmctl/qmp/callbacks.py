@@ -13,9 +13,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final
 
-import structlog
-
 from vmctl.errors import QMPError
+from vmctl.logs import get_logger
 from vmctl.qmp.events import EventFilter
 from vmctl.qmp.messages import Event
 from vmctl.qmp.perprocess import PerProcess
@@ -23,7 +22,7 @@ from vmctl.qmp.perprocess import PerProcess
 EventCallback = Callable[[Event], Any]
 DisconnectCallback = Callable[[QMPError | None], Any]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _DEFAULT_BACKLOG: Final = 1024
 

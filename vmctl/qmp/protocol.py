@@ -33,8 +33,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
-import structlog
-
 from vmctl.errors import (
     ConnectError,
     ConnectionLost,
@@ -45,6 +43,7 @@ from vmctl.errors import (
     StateError,
     command_error,
 )
+from vmctl.logs import get_logger
 from vmctl.qmp.codec import DEFAULT_MAX_MESSAGE_SIZE, Phase, QMPCodec
 from vmctl.qmp.connstate import ConnectionState, ConnectionStateMachine
 from vmctl.qmp.events import EventFilter, EventHistory
@@ -66,7 +65,7 @@ from vmctl.qmp.transcript import Transcript
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "Command", "ConnectionState", "EventSink", "QMPProtocol", "Waker"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_QUIET_COMMANDS: Final = frozenset({"ringbuf-read", "query-migrate"})
 DEFAULT_QUIET_EVENTS: Final = frozenset({"RTC_CHANGE"})
@@ -386,7 +385,7 @@ class QMPProtocol:
             if message.id is None:
                 self.oversized_events += 1
             self._log.warning(
-                "qmp.oversized_message_dropped", id=message.id, size=message.size, limit=limit, event=message.is_event
+                "qmp.oversized_message_dropped", id=message.id, size=message.size, limit=limit, is_event=message.is_event
             )
 
     def _undecodable(self, message: UndecodableMessage) -> None:

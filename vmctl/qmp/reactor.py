@@ -16,11 +16,10 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
-import structlog
-
+from vmctl.logs import get_logger
 from vmctl.qmp.perprocess import PerProcess
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 READABLE: Final = select.EPOLLIN | select.EPOLLRDHUP
 WRITABLE: Final = select.EPOLLOUT

@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
-import structlog
 
 from vmctl.errors import VmctlError
+from vmctl.logs import get_logger
 from vmctl.testing.cpio import NewcArchive
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 READY_MARKER = "VMCTL-GUEST-READY"
 #: Loaded in this order (each needs the ones before it).

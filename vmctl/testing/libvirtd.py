@@ -25,16 +25,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-import structlog
 from structlog.typing import FilteringBoundLogger
 
 from vmctl.errors import VmctlError
+from vmctl.logs import get_logger
 from vmctl.vm.process import qemu_binary
 
 if TYPE_CHECKING:
     import libvirt
 
-log: FilteringBoundLogger = structlog.get_logger(__name__)
+log: FilteringBoundLogger = get_logger(__name__)
 
 #: libvirt's compiled-in directories; in the namespace, each is ``root_dir`` + its path.
 LIBVIRT_DIRS = tuple(

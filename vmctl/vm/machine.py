@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import structlog
 import tenacity
 
 from vmctl.errors import AbnormalExit, ConnectError, LaunchError, StaleState, StateError
+from vmctl.logs import get_logger
 from vmctl.model import Accelerator, Inventory, VMSpec
 from vmctl.model.names import CONSOLE_CHARDEV, LOG_FILE, MASTER_KEY_TAG, QMP_SOCKET, SHELL_SOCKET, secret_object_id
 from vmctl.model.pcie import Controller
@@ -53,7 +53,7 @@ from vmctl.vm.secrets import create_master_key, master_key_fd, secret_object
 from vmctl.vm.statefile import STATE_FILE, VMRecord, read_record
 from vmctl.vm.store import StateStore
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 #: How long attach waits, after its connection fails, for a QEMU that may be exiting.
