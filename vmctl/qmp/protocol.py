@@ -385,7 +385,11 @@ class QMPProtocol:
             if message.id is None:
                 self.oversized_events += 1
             self._log.warning(
-                "qmp.oversized_message_dropped", id=message.id, size=message.size, limit=limit, is_event=message.is_event
+                "qmp.oversized_message_dropped",
+                id=message.id,
+                size=message.size,
+                limit=limit,
+                is_event=message.is_event,
             )
 
     def _undecodable(self, message: UndecodableMessage) -> None:
