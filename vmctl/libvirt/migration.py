@@ -49,6 +49,7 @@ from vmctl.libvirt.errors import LibvirtError, LibvirtMigrationError, libvirt_er
 from vmctl.libvirt.eventloop import libvirt_module
 from vmctl.logs import get_logger
 from vmctl.model.migration import MAX_DOWNTIME_LIMIT_MS, MigrationProgress, MigrationResult
+from vmctl.qmp.timeouts import check_timeout
 
 Target = TypeVar("Target", covariant=True)
 
@@ -292,8 +293,8 @@ class LibvirtMigration(Generic[Target]):
         (``status`` failed or cancelled, libvirt's message) if it did not complete; ``WaitTimeout``
         if it still runs after ``timeout`` (it goes on: wait again, or cancel it).
         ``on_progress`` is called every ``progress_interval`` seconds meanwhile."""
-        _positive_seconds(timeout, "timeout")
-        _positive_seconds(progress_interval, "progress_interval")
+        check_timeout(timeout, "timeout")
+        check_timeout(progress_interval, "progress_interval")
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -338,7 +339,7 @@ class LibvirtMigration(Generic[Target]):
         """Abort the migration (``abortJob``) and wait until it has ended; the source goes on
         running. Not once postcopy has begun (the guest runs on the target then): ``InvalidArgument``.
         Of a migration that has already ended, nothing."""
-        _positive_seconds(timeout, "timeout")
+        check_timeout(timeout, "timeout")
         if self._done.is_set():
             return
         if self._postcopy_started:
@@ -356,7 +357,7 @@ class LibvirtMigration(Generic[Target]):
         waits (at most ``timeout``) until QEMU's migration has begun."""
         if not self.postcopy:
             raise InvalidArgument("start_postcopy needs a migration started with postcopy=True")
-        _positive_seconds(timeout, "timeout")
+        check_timeout(timeout, "timeout")
         deadline = time.monotonic() + timeout
         while not self._done.is_set():  # QEMU refuses it before its own migration has begun
             with contextlib.suppress(LibvirtError):
@@ -429,11 +430,6 @@ class LibvirtMigration(Generic[Target]):
                 self._conn.domainEventDeregisterAny(callback)
 
 
-def _positive_seconds(value: object, name: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise InvalidArgument(f"{name} must be a positive number of seconds, not {value!r}")
-
-
 def start_migration(
     vm: MigrationSource[Target],
     target_uri: str,
@@ -455,7 +451,7 @@ def start_migration(
     for value, name in ((postcopy, "postcopy"), (copy_storage, "copy_storage"), (persistent, "persistent")):
         _flag(value, name)
     _flag(unsafe, "unsafe")
-    _positive_seconds(timeout, "timeout")
+    check_timeout(timeout, "timeout")
     mib = bandwidth_mib(bandwidth)
     downtime = check_downtime_limit(downtime_limit)
     if postcopy and copy_storage:
