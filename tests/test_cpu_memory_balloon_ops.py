@@ -108,6 +108,47 @@ def test_memory_rollback_removes_the_backend(monitor: Monitor, fake: FakeQEMU) -
     assert [c.command for c in fake.calls[1:]] == ["object-add", "device_add", "qom-list", "object-del"]
 
 
+class DimmGuest:
+    """A guest that refuses the first ``refusals`` eject requests (ACPI _OST 0x82, busy), then lets go."""
+
+    def __init__(self, fake: FakeQEMU, refusals: int) -> None:
+        self.fake = fake
+        self.refusals = refusals
+        self.requests = 0
+        self.present = {"dimm1"}
+        fake.on("qom-list", lambda call: [{"name": name, "type": "child<pc-dimm>"} for name in self.present])
+        fake.on("device_del", self.device_del)
+        fake.on("object-del", lambda call: {})
+
+    def device_del(self, call: FakeCall) -> Any:
+        self.requests += 1
+        device = call.arguments["id"]
+        if self.requests <= self.refusals:
+            info = {"device": device, "slot": "0", "slot-type": "DIMM", "source": 3, "status": 0x82}
+            self.fake.emit_event("ACPI_DEVICE_OST", {"info": info})
+        else:
+            self.present.discard(device)
+            self.fake.emit_event("DEVICE_DELETED", {"device": device, "path": f"/machine/peripheral/{device}"})
+        return {}
+
+
+def test_a_dimm_eject_the_guest_refused_is_asked_again_until_it_lets_go(monitor: Monitor, fake: FakeQEMU) -> None:
+    guest = DimmGuest(fake, refusals=2)
+    memory_ops.unplug_memory(monitor, log, memory_id="dimm1", timeout=5)
+    assert guest.requests == 3
+    assert guest.present == set()
+
+
+def test_a_dimm_the_guest_keeps_refusing_is_a_hotplug_error_naming_its_refusals(
+    monitor: Monitor, fake: FakeQEMU
+) -> None:
+    guest = DimmGuest(fake, refusals=100)
+    with pytest.raises(HotplugError, match=r"refused to release memory dimm1 \(6 times; ACPI _OST status 0x82") as info:
+        memory_ops.unplug_memory(monitor, log, memory_id="dimm1", timeout=5)
+    assert guest.requests == memory_ops.EJECT_RETRIES + 1
+    assert info.value.remaining == ("device dimm1", "object dimm1-ram")
+
+
 class Balloon:
     def __init__(self, fake: FakeQEMU, *, guest_driver: bool = True, device: bool = True) -> None:
         self.actual = 512 * MIB

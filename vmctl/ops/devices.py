@@ -30,23 +30,35 @@ def remove_device(
     if not device_present(qmp, device_id):
         return
     with qmp.events("DEVICE_DELETED", match={"device": device_id}) as deleted:
-        try:
-            qmp.execute("device_del", {"id": device_id})
-        except DeviceNotFound:
+        if not request_removal(qmp, device_id):
             return
-        except CommandTimeout:
-            pass  # QEMU may have asked the guest all the same: wait for the outcome below
-        except CommandError as exc:
-            if "in the process of unplug" not in exc.desc and "already" not in exc.desc:
-                raise
         try:
             deleted.get(timeout)
         except EventTimeout:
             if device_present(qmp, device_id):
-                raise HotplugError(
-                    f"the guest did not release {kind} {device_id} within {timeout:g}s",
-                    remaining=(f"device {device_id}", *also_left),
-                ) from None
+                raise not_released(kind, device_id, timeout, also_left) from None
+
+
+def request_removal(qmp: QMPMonitor, device_id: str) -> bool:
+    """Send device_del; False when the device is already gone. Asking again while an unplug is
+    under way, or a request whose reply is late, is no error: the outcome is the guest's."""
+    try:
+        qmp.execute("device_del", {"id": device_id})
+    except DeviceNotFound:
+        return False
+    except CommandTimeout:
+        pass  # QEMU may have asked the guest all the same: wait for the outcome
+    except CommandError as exc:
+        if "in the process of unplug" not in exc.desc and "already" not in exc.desc:
+            raise
+    return True
+
+
+def not_released(kind: str, device_id: str, timeout: float, also_left: Sequence[str]) -> HotplugError:
+    return HotplugError(
+        f"the guest did not release {kind} {device_id} within {timeout:g}s",
+        remaining=(f"device {device_id}", *also_left),
+    )
 
 
 def pci_address(qmp: QMPMonitor, device_id: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -10,14 +11,19 @@ import attrs
 from vmctl.errors import HotplugError, InvalidArgument, QMPError, WaitTimeout
 from vmctl.model import MemorySpec, VirtioMemSpec
 from vmctl.model.names import memory_backend_id as backend_id
-from vmctl.ops.devices import device_present, remove_device, remove_object
+from vmctl.ops.devices import device_present, not_released, remove_object, request_removal
 from vmctl.ops.queries import ask, execute_idempotent
 from vmctl.ops.rollback import Steps
 from vmctl.ops.waiting import events_until
-from vmctl.qmp import QMPMonitor, Subscription
+from vmctl.qmp import Event, QMPMonitor, Subscription
 
 MIB = 1024 * 1024
 ACPI_INSERT = 1  # ACPI_DEVICE_OST source: the guest handled an insertion
+ACPI_EJECT = 3  # ACPI_DEVICE_OST source: the guest handled an eject request
+#: ACPI _OST status codes that are not a refusal: success, and "ejection in progress".
+_OST_NOT_REFUSED = frozenset({0, 0x84})
+#: How many times an eject the guest refused is asked again.
+EJECT_RETRIES = 5
 T = TypeVar("T")
 
 
@@ -66,7 +72,7 @@ def hotplug_memory(qmp: QMPMonitor, log: Any, *, memory_id: str, size_mib: int, 
 def unplug_memory(qmp: QMPMonitor, log: Any, *, memory_id: str, timeout: float = 30.0) -> None:
     """Remove a DIMM (the guest must offline it first; it does when the memory is movable)."""
     bound = log.bind(memory=memory_id)
-    remove_device(qmp, memory_id, timeout, kind="memory", also_left=(f"object {backend_id(memory_id)}",))
+    remove_dimm(qmp, bound, memory_id, timeout, also_left=(f"object {backend_id(memory_id)}",))
     remove_object(qmp, backend_id(memory_id))
     bound.info("memory.unplugged")
 
@@ -97,7 +103,7 @@ def _plug(
             steps.run(
                 "device_add",
                 lambda: qmp.execute("device_add", {**device, "id": memory_id, "memdev": backend}, timeout=timeout),
-                lambda _: _undo_plug(qmp, memory_id, ost if acpi else None, timeout),
+                lambda _: _undo_plug(qmp, log, memory_id, ost if acpi else None, timeout),
             )
             return then()
     except QMPError as exc:
@@ -106,7 +112,7 @@ def _plug(
         ) from exc
 
 
-def _undo_plug(qmp: QMPMonitor, memory_id: str, ost: Subscription | None, timeout: float) -> None:
+def _undo_plug(qmp: QMPMonitor, log: Any, memory_id: str, ost: Subscription | None, timeout: float) -> None:
     """Remove a memory device just added. A guest asked to eject a DIMM it is still onlining
     refuses: first wait (bounded) until it reports the insertion handled."""
     if not device_present(qmp, memory_id):
@@ -116,7 +122,63 @@ def _undo_plug(qmp: QMPMonitor, memory_id: str, ost: Subscription | None, timeou
             info = event.data.get("info", {})
             if info.get("device") == memory_id and info.get("source") == ACPI_INSERT:
                 break
-    remove_device(qmp, memory_id, timeout, kind="memory")
+    remove_dimm(qmp, log, memory_id, timeout)
+
+
+def remove_dimm(qmp: QMPMonitor, log: Any, memory_id: str, timeout: float, also_left: tuple[str, ...] = ()) -> None:
+    """``remove_device`` for a DIMM, whose eject the guest may refuse for a while (it says so in
+    ACPI_DEVICE_OST; it refuses one that comes while it still onlines the DIMM, which a plug
+    followed at once by an unplug can meet): a refused eject is asked again, within ``timeout``."""
+    if not device_present(qmp, memory_id):
+        return
+    deadline = time.monotonic() + min(timeout, 1e9)
+    refusals: list[int] = []
+
+    def outcome(event: Event) -> bool:
+        return event.name == "DEVICE_DELETED" or _refused_eject(event) is not None
+
+    with qmp.events("DEVICE_DELETED", "ACPI_DEVICE_OST", match=_about(memory_id, outcome)) as outcomes:
+        if not request_removal(qmp, memory_id):
+            return
+        for event in events_until(outcomes, max(0.0, deadline - time.monotonic())):
+            status = _refused_eject(event)
+            if status is None:
+                return  # DEVICE_DELETED
+            refusals.append(status)
+            if len(refusals) > EJECT_RETRIES:
+                break
+            log.warning("memory.eject_refused", status=status, asked=len(refusals))
+            if not request_removal(qmp, memory_id):
+                return
+    if not device_present(qmp, memory_id):
+        return
+    if refusals:
+        statuses = ", ".join(f"{s:#x}" for s in refusals)
+        raise HotplugError(
+            f"the guest refused to release memory {memory_id} ({len(refusals)} times; ACPI _OST status {statuses})",
+            remaining=(f"device {memory_id}", *also_left),
+        )
+    raise not_released("memory", memory_id, timeout, also_left)
+
+
+def _about(memory_id: str, wanted: Callable[[Event], bool]) -> Callable[[Event], bool]:
+    def match(event: Event) -> bool:
+        data = event.data if event.name == "DEVICE_DELETED" else event.data.get("info", {})
+        device = data.get("device")
+        return device == memory_id and wanted(event)
+
+    return match
+
+
+def _refused_eject(event: Event) -> int | None:
+    """The guest's status code if ``event`` is its refusal of an eject request, else None."""
+    if event.name != "ACPI_DEVICE_OST":
+        return None
+    info = event.data.get("info", {})
+    status = info.get("status")
+    if info.get("source") == ACPI_EJECT and isinstance(status, int) and status not in _OST_NOT_REFUSED:
+        return status
+    return None
 
 
 def memory_devices(qmp: QMPMonitor) -> list[MemoryDevice]:
