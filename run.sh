@@ -19,6 +19,7 @@ ensure_system() {
     command -v openssl >/dev/null || missing+=(openssl)           # the tests' throwaway CAs
     command -v tcpdump >/dev/null || missing+=(tcpdump)           # the tests read the migration stream
     command -v xmllint >/dev/null || missing+=(libxml2-utils)     # virt-xml-validate checks domain XML with it
+    command -v debugfs >/dev/null || missing+=(e2fsprogs)         # the agent tests make and read ext2 images
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     # vmctl.testing.PrivateLibvirtd (see DEVELOPERS.md): the daemon, its QEMU driver, virsh; and what

@@ -174,6 +174,15 @@ def test_a_balloon_renders_a_virtio_memballoon() -> None:
     assert one(render(balloon=True), "devices/memballoon").get("model") == "virtio"
 
 
+def test_a_guest_agent_is_libvirts_own_agent_channel(tmp_path: Path) -> None:
+    validate(domain_xml(spec(guest_agent=True), run_dir=RUN, emulator=QEMU), tmp_path)
+    parsed, _ = spec_from_xml(domain_xml(spec(guest_agent=True), run_dir=RUN, emulator=QEMU))
+    assert parsed.guest_agent
+    channel = one(render(guest_agent=True), "devices/channel")
+    assert (channel.get("type"), channel.find("source").get("mode")) == ("unix", "bind")  # type: ignore[union-attr]
+    assert channel.find("target").attrib == {"type": "virtio", "name": "org.qemu.guest_agent.0"}  # type: ignore[union-attr]
+
+
 def test_q35_gets_a_root_port_per_device_plus_the_hotplug_slots() -> None:
     full = full_spec()
     domain = ET.fromstring(domain_xml(full, run_dir=RUN, emulator=QEMU))

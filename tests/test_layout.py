@@ -13,9 +13,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vmctl"
 ALLOWED = {
     "model": set(),
     "qmp": {"model"},
+    "agent": {"model", "qmp"},  # the guest agent's protocol and client: beside the QMP transport
     "ops": {"model", "qmp"},
-    "vm": {"model", "qmp", "ops"},
-    "libvirt": {"model", "qmp", "ops", "vm"},  # the same VM API, on libvirt: beside vm, not under it
+    "vm": {"model", "qmp", "ops", "agent"},
+    "libvirt": {"model", "qmp", "ops", "vm", "agent"},  # the same VM API, on libvirt: beside vm, not under it
 }
 
 

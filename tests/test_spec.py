@@ -209,3 +209,22 @@ def test_an_io_error_names_its_disk_from_the_block_node() -> None:
     error = DiskIOError.from_event(data, 1.0)
     assert (error.disk_id, error.operation, error.nospace) == ("data-1", "write", True)
     assert DiskIOError.from_event({"node-name": "#block123"}, 1.0).disk_id is None
+
+
+def test_a_guest_agent_gets_a_virtio_serial_port_on_a_controller_with_a_root_port_of_its_own() -> None:
+    spec = VMSpec(name="vm1", kernel="/k", guest_agent=True)
+    assert [c.id for c in spec.layout().controllers] == ["vmctl-vserial"]
+    assert spec.layout().controllers[0].port == 0
+    argv = spec.command_line(qemu_binary="qemu", run_dir=Path("/run/vm1"), accel="tcg")
+    assert "socket,id=vmctl-agent,path=/run/vm1/agent.sock,server=on,wait=off" in option(argv, "-chardev")
+    port = json.loads(option(argv, "-device")[-1])
+    assert port == {
+        "driver": "virtserialport",
+        "id": "vmctl-agent-port",
+        "chardev": "vmctl-agent",
+        "name": "org.qemu.guest_agent.0",
+        "bus": "vmctl-vserial.0",
+    }
+    assert VMSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(SpecError, match="guest_agent"):
+        VMSpec(name="vm1", kernel="/k", guest_agent="yes")  # type: ignore[arg-type]

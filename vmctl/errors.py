@@ -29,6 +29,10 @@
     +-- BlockJobError                          a block job failed (QEMU's message)
     +-- SnapshotError                          a snapshot failed; ``remaining`` says what is left, if anything
     +-- MigrationError                         a migration failed or was cancelled; the error says where the guest is
+    +-- AgentError                             talking to the QEMU guest agent inside the guest
+        +-- AgentUnavailable                   no agent answers: none configured, not running, or it went away
+        +-- AgentTimeout (also TimeoutError)   the agent did not answer (or a guest command not end) in time
+        +-- AgentCommandError                  the agent's own error reply (``error_class``, ``desc``)
 """
 
 from __future__ import annotations
@@ -250,3 +254,25 @@ class MigrationError(VmctlError):
         super().__init__(f"{message}: {error_desc}" if error_desc else message)
         self.status = status
         self.error_desc = error_desc
+
+
+class AgentError(VmctlError):
+    """Talking to the QEMU guest agent failed."""
+
+
+class AgentUnavailable(AgentError):
+    """No agent answers: the VM has none, the guest has not started it, or it went away."""
+
+
+class AgentTimeout(AgentError, TimeoutError):
+    """The agent did not answer in time (it may be hung), or a guest command did not end in time."""
+
+
+class AgentCommandError(AgentError):
+    """The agent answered with an error: ``error_class`` and ``desc`` are its own."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"guest agent: {command} failed: {desc} ({error_class})")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc

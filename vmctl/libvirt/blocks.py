@@ -80,10 +80,16 @@ class LibvirtBlocks:
     # -- snapshots --------------------------------------------------------------------------
 
     def snapshot_disks(
-        self, ids: list[str], *, overlays: dict[str, str | os.PathLike[str]], bitmap: str | None = None
+        self,
+        ids: list[str],
+        *,
+        overlays: dict[str, str | os.PathLike[str]],
+        bitmap: str | None = None,
+        quiesce: bool = False,
     ) -> list[DiskSpec]:
         """External snapshots of these disks, taken atomically (``snapshotCreateXML`` DISK_ONLY |
-        ATOMIC): each disk's new writes go to its overlay (a qcow2 file libvirt makes)."""
+        ATOMIC): each disk's new writes go to its overlay (a qcow2 file libvirt makes). With
+        ``quiesce``, libvirt freezes the guest through its agent channel (QUIESCE)."""
         libvirt = libvirt_module()
         if bitmap is not None:
             raise InvalidArgument(
@@ -106,6 +112,7 @@ class LibvirtBlocks:
                 libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
                 | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
                 | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+                | (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE if quiesce else 0)
             )
             self._log.info("libvirt.snapshot_disks", disks=list(targets))
             try:

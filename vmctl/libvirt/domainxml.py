@@ -43,6 +43,7 @@ from vmctl.libvirt.devicexml import (
     target_devs,
     vmctl_id,
 )
+from vmctl.model.agent import AGENT_PORT_NAME
 from vmctl.model.names import SHELL_SOCKET, UEFI_VARS_FILE
 from vmctl.model.validate import check_unix_path
 from vmctl.model.vm import VMSpec
@@ -177,6 +178,10 @@ def domain_xml(
     # libvirt adds a USB controller by default, which would take one of the root ports.
     ET.SubElement(devices, "controller", type="usb", model="none")
     _serials(devices, spec, run_dir)
+    if spec.guest_agent:  # libvirt's own agent channel: it places the socket and watches the port
+        channel = ET.SubElement(devices, "channel", type="unix")
+        ET.SubElement(channel, "source", mode="bind")
+        ET.SubElement(channel, "target", type="virtio", name=AGENT_PORT_NAME)
     ET.SubElement(ET.SubElement(devices, "video"), "model", type="none")
     ET.SubElement(devices, "memballoon", model="virtio" if spec.balloon else "none")
     ET.indent(domain)
@@ -225,6 +230,7 @@ def spec_from_xml(xml: str) -> tuple[VMSpec, Path | None]:
         serial_console=console_path is not None,
         shell_serial=shell_path is not None,
         balloon=balloon is not None and balloon.get("model") != "none",
+        guest_agent=any(target.get("name") == AGENT_PORT_NAME for target in domain.iterfind("devices/channel/target")),
     )
     return spec, run_dir
 

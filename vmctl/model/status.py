@@ -109,6 +109,7 @@ class ShutdownEvent:
 
 
 class ShutdownMethod(enum.Enum):
+    AGENT = "agent"  # the guest powered off when its guest agent asked it to
     POWERDOWN = "powerdown"  # the guest powered off after an ACPI power button press
     QUIT = "quit"  # QEMU quit on a QMP quit
     TERMINATE = "terminate"  # QEMU exited on SIGTERM

@@ -12,8 +12,11 @@ from typing import Any, Literal
 import attrs
 
 from vmctl.errors import SpecError
+from vmctl.model.agent import AGENT_PORT_NAME
 from vmctl.model.disk import DiskSpec
 from vmctl.model.names import (
+    AGENT_CHARDEV,
+    AGENT_SOCKET,
     CONSOLE_CHARDEV,
     INITRD_TAG,
     KERNEL_TAG,
@@ -22,6 +25,7 @@ from vmctl.model.names import (
     MONITOR_CHARDEV,
     PID_FILE,
     QMP_SOCKET,
+    SERIAL_CONTROLLER,
     SHELL_CHARDEV,
     SHELL_SOCKET,
     UEFI_CODE_NODE,
@@ -29,6 +33,7 @@ from vmctl.model.names import (
     UEFI_VARS_FILE,
     UEFI_VARS_NODE,
     UEFI_VARS_TAG,
+    chardev_port_id,
     fdset_tag,
 )
 from vmctl.model.nic import NicSpec
@@ -108,6 +113,8 @@ class VMSpec:
     shell_serial: bool = False
     no_shutdown: bool = False
     balloon: bool = False
+    #: A virtio-serial port for the QEMU guest agent (``vm.agent``); the guest runs qemu-ga on it.
+    guest_agent: bool = False
     extra_args: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     #: Who QEMU runs as: "user[:group]" (names or numbers), "auto" (vmctl-qemu when vmctl is
     #: root, else vmctl's own user), or None (vmctl's own user, root included).
@@ -138,6 +145,8 @@ class VMSpec:
             raise SpecError(f"run_as must be 'user[:group]', 'auto' or None, not {self.run_as!r}")
         if self.run_as is not None and self.run_as.startswith("auto:"):
             raise SpecError("run_as='auto' takes no group")
+        if not isinstance(self.guest_agent, bool):
+            raise SpecError(f"guest_agent must be True or False, not {self.guest_agent!r}")
         if not isinstance(self.sandbox, bool):
             raise SpecError(f"sandbox must be True or False, not {self.sandbox!r}")
         if not NAME.fullmatch(self.machine):
@@ -167,6 +176,8 @@ class VMSpec:
         controllers = [Controller.balloon()] if self.balloon else []
         if any(disk.bus == "scsi" for disk in self.disks):
             controllers.append(Controller.scsi())
+        if self.guest_agent:
+            controllers.append(Controller.serial())
         placeable = [d for d in self.disks if d.bus != "scsi"] + list(self.nics)
         given = [d.port for d in placeable if d.port is not None]
         if not self.pcie:
@@ -281,6 +292,12 @@ class VMSpec:
             argv.append("-no-shutdown")
         for controller in layout.controllers:
             argv += controller.arguments()
+        if self.guest_agent:
+            agent_path = escape_option(str(run_dir / AGENT_SOCKET))
+            port = {"driver": "virtserialport", "id": chardev_port_id(AGENT_CHARDEV), "chardev": AGENT_CHARDEV,
+                    "name": AGENT_PORT_NAME, "bus": f"{SERIAL_CONTROLLER}.0"}  # fmt: skip
+            argv += ["-chardev", f"socket,id={AGENT_CHARDEV},path={agent_path},server=on,wait=off"]
+            argv += ["-device", json.dumps(port, separators=(",", ":"))]
         for disk in layout.disks:
             argv += disk.arguments({layer: fdsets[fdset_tag(disk.id, layer)] for layer in disk.layers if passed})
         for nic in layout.nics:

@@ -12,13 +12,15 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
 
 import attrs
 
 from vmctl.errors import (
+    AgentError,
     CommandTimeout,
     ConnectionLost,
     HotplugError,
@@ -154,8 +156,10 @@ def snapshot_disks(
     *,
     bitmap: str | None = None,
     bitmap_granularity: int | None = None,
+    quiesce: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> list[DiskSpec]:
-    """External snapshots of ``disks``, switched atomically in one ``transaction``.
+    """External snapshots of ``disks``, switched atomically in one ``transaction``; with
+    ``quiesce`` (the guest agent's freeze), inside it: the guest is held only for the switch.
 
     ``overlays`` maps each disk id to the path of its new qcow2 overlay (created here if missing,
     with the current top image as its backing file). With ``bitmap``, a persistent dirty bitmap
@@ -191,8 +195,13 @@ def snapshot_disks(
                         data["granularity"] = bitmap_granularity
                     actions.append({"type": "block-dirty-bitmap-add", "data": data})
                 updated.append(planned)
-            steps.run("transaction", lambda: _switch(qmp, actions, updated))
-    except (QMPError, InvalidArgument, OSError) as exc:
+
+            def switch() -> None:
+                with quiesce() if quiesce is not None else contextlib.nullcontext():
+                    _switch(qmp, actions, updated)
+
+            steps.run("transaction", switch)
+    except (QMPError, InvalidArgument, OSError, AgentError) as exc:
         names = ", ".join(d.id for d in disks)
         if isinstance(exc, (ConnectionLost, OutcomeUnknown)):  # it may have switched: keep every file
             raise SnapshotError(

@@ -104,3 +104,9 @@ def _remove_chardev(qmp: QMPMonitor, chardev_id: str) -> None:
     """chardev-remove, unless it is gone already."""
     if any(c.get("label") == chardev_id for c in ask(qmp, "query-chardev")):
         qmp.execute("chardev-remove", {"id": chardev_id})
+
+
+def frontend_open(qmp: QMPMonitor, chardev_id: str) -> bool:
+    """Whether the guest has opened its end of the chardev's device (a virtio-serial port: a
+    program in the guest holds it open). False for a chardev QEMU does not have."""
+    return any(c.get("label") == chardev_id and c.get("frontend-open") for c in ask(qmp, "query-chardev"))

@@ -55,6 +55,8 @@ MODULES = (
 EFI_MODULES = ("efivarfs",)
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
+AGENT_PACKAGE = "qemu-guest-agent"
+AGENT_LOG = "/tmp/qemu-ga.log"
 KERNEL_APPEND = "console=ttyS0 loglevel=3 panic=-1"
 
 _INIT = f"""#!/bin/busybox sh
@@ -81,6 +83,20 @@ if ! grep -q vmctl.noacpi /proc/cmdline; then
         [ -e "$event" ] && (dd if="$event" of=/dev/null bs=24 count=1 2>/dev/null; poweroff -f) &
     done
 fi
+# The guest agent, on its virtio-serial port when the VM has one (its ports come up just after
+# the driver binds, so wait a little for them; a VM without a virtio-serial device waits not at all).
+if [ -n "$(ls /sys/bus/virtio/drivers/virtio_console/ 2>/dev/null | grep virtio)" ]; then
+    for i in $(seq 30); do
+        for port in /sys/class/virtio-ports/*; do
+            if [ "$(cat "$port/name" 2>/dev/null)" = org.qemu.guest_agent.0 ]; then
+                /usr/sbin/qemu-ga -m virtio-serial -p "/dev/${{port##*/}}" -v -l {AGENT_LOG} \
+                    -f /run/qemu-ga.pid -t /run &
+                break 2
+            fi
+        done
+        sleep 0.1
+    done
+fi
 # Hold the shell port open for good: the 8250 driver empties the UART's FIFO whenever the port is
 # opened after having been closed, which would eat a command the host sent in between.
 exec 3<>/dev/ttyS1
@@ -104,7 +120,16 @@ while read -r id encoded; do
 done
 """
 
-_RECIPE = hashlib.sha256((_INIT + _SHELL + KERNEL_APPEND).encode()).hexdigest()[:12]
+# What qemu-ga runs to power the guest off (a distribution's shutdown(8), for busybox).
+_SHUTDOWN = """#!/bin/sh
+case " $* " in
+    *" -r "*) exec reboot -f ;;
+    *" -H "*) exec halt -f ;;
+    *) exec poweroff -f ;;
+esac
+"""
+
+_RECIPE = hashlib.sha256((_INIT + _SHELL + _SHUTDOWN + KERNEL_APPEND + AGENT_PACKAGE).encode()).hexdigest()[:12]
 
 
 class GuestBuildError(VmctlError):
@@ -175,7 +200,7 @@ def _build(root: Path, target: Path) -> None:
     log.info("test_guest.build", target=str(target))
     with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as scratch:
         work = Path(scratch)
-        packages = [kernel_package(), BUSYBOX_PACKAGE]
+        packages = [kernel_package(), BUSYBOX_PACKAGE, AGENT_PACKAGE]
         _run("apt-get", "download", *packages, cwd=work)
         unpacked = work / "root"
         for deb in sorted(work.glob("*.deb")):
@@ -188,6 +213,13 @@ def _build(root: Path, target: Path) -> None:
         archive.file("init", _INIT.encode(), mode=0o755)
         archive.file("bin/busybox", busybox.read_bytes(), mode=0o755)
         archive.file("bin/vmctl-shell", _SHELL.encode(), mode=0o755)
+        archive.file("sbin/shutdown", _SHUTDOWN.encode(), mode=0o755)
+        archive.symlink("sbin/hwclock", "/bin/busybox")
+        archive.symlink("var/run", "/run")
+        agent = unpacked / "usr" / "sbin" / "qemu-ga"
+        archive.file("usr/sbin/qemu-ga", agent.read_bytes(), mode=0o755)
+        for library in shared_libraries(agent):
+            archive.file(str(library).lstrip("/"), library.read_bytes(), mode=0o755)
         archive.char_device("dev/console", 5, 1)
         archive.char_device("dev/null", 1, 3, mode=0o666)
         for module in (*MODULES, *EFI_MODULES):
@@ -201,6 +233,21 @@ def _build(root: Path, target: Path) -> None:
             shutil.rmtree(target)
         os.rename(staging, target)
     log.info("test_guest.built", target=str(target), kernel=kernels[-1].name)
+
+
+def shared_libraries(binary: Path) -> list[Path]:
+    """The shared libraries ``binary`` loads (the dynamic loader included), as ``ldd`` finds
+    them on this host, by the paths the loader asks for."""
+    found: list[Path] = []
+    for line in _run("ldd", str(binary)).splitlines():
+        words = line.split()
+        if "not found" in line:
+            raise GuestBuildError(f"{binary.name} needs {words[0]}, which this host lacks (install it with apt)")
+        if "=>" in words and len(words) > words.index("=>") + 1 and words[words.index("=>") + 1].startswith("/"):
+            found.append(Path(words[words.index("=>") + 1]))
+        elif words and words[0].startswith("/"):
+            found.append(Path(words[0]))  # the loader, by its absolute name
+    return found
 
 
 def _module_bytes(unpacked: Path, module: str) -> bytes:

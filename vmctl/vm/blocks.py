@@ -8,12 +8,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import attrs
 
-from vmctl.errors import DeviceExists, HotplugError, InvalidArgument, QMPError, UnknownDevice
+from vmctl.agent.guest import GuestAgent
+from vmctl.errors import AgentError, DeviceExists, HotplugError, InvalidArgument, QMPError, UnknownDevice
 from vmctl.model import DiskSpec, Inventory
 from vmctl.model.names import NBD_SOCKET
 from vmctl.model.tls import TLSCreds
@@ -29,8 +30,11 @@ from vmctl.vm.store import StateStore
 
 
 class Blocks:
-    def __init__(self, *, name: str, qmp: Monitor, store: StateStore, log: Any) -> None:
+    def __init__(
+        self, *, name: str, qmp: Monitor, store: StateStore, log: Any, agent: Callable[[], GuestAgent]
+    ) -> None:
         self.name = name
+        self._agent = agent  # vm.agent: raises AgentUnavailable for a VM launched without one
         self._qmp = qmp
         self._store = store
         self._log = log
@@ -58,10 +62,32 @@ class Blocks:
         *,
         overlays: dict[str, str | os.PathLike[str]],
         bitmap: str | None = None,
+        quiesce: bool = False,
     ) -> list[DiskSpec]:
         """External snapshots of these disks, switched atomically (one transaction); ``overlays``
         maps each id to its new qcow2 file. On failure nothing changes (``SnapshotError``), unless its
-        ``remaining`` names what is left: then ``vm.leftovers`` tells how the journal settled it."""
+        ``remaining`` names what is left: then ``vm.leftovers`` tells how the journal settled it.
+
+        With ``quiesce``, the guest agent flushes and freezes the guest's filesystems for the
+        switch, so each snapshot is consistent (not just crash-consistent); they are always
+        thawed. A thaw that fails after the switch is an ``AgentError`` raised after the
+        snapshot is recorded."""
+        agent = self._agent() if quiesce else None  # AgentUnavailable before anything is done
+        thaw_failures: list[AgentError] = []
+
+        @contextlib.contextmanager
+        def frozen() -> Iterator[None]:
+            assert agent is not None
+            switched = False
+            try:
+                with agent.frozen():
+                    yield
+                    switched = True
+            except AgentError as exc:
+                if not switched:
+                    raise
+                thaw_failures.append(exc)
+
         with self._store.lock, contextlib.ExitStack() as intents:
             disks = [self._store.require_disk(i) for i in ids]
             done = {}
@@ -72,10 +98,14 @@ class Blocks:
                     files = () if os.path.exists(path) else (path, chain_ops.staging_path(path))
                     intent = Intent(operation="snapshot_disk", disk=planned, files=files)
                     done[disk.id] = intents.enter_context(self._store.intent(intent))
-            updated = chain_ops.snapshot_disks(self._qmp, self._log, disks, overlays, bitmap=bitmap)
+            updated = chain_ops.snapshot_disks(
+                self._qmp, self._log, disks, overlays, bitmap=bitmap, quiesce=frozen if quiesce else None
+            )
             for disk in updated:
                 done[disk.id](functools.partial(Inventory.with_disk, disk=disk))
-            return updated
+        if thaw_failures:
+            raise AgentError(f"{self.name}: the snapshot was taken, but the guest was not thawed: {thaw_failures[0]}")
+        return updated
 
     def commit_disk(self, id: str, *, top: int | None = None, base: int | None = None, timeout: float = 300) -> None:
         """Commit layers down (``top``/``base`` are layer numbers, see ``DiskSpec.layers``): an

@@ -140,7 +140,12 @@ class Domain(Protocol):
     def set_balloon(self, target_bytes: int, *, wait: bool = True, timeout: float = 30.0) -> int: ...
 
     def snapshot_disks(
-        self, ids: list[str], *, overlays: dict[str, str | os.PathLike[str]], bitmap: str | None = None
+        self,
+        ids: list[str],
+        *,
+        overlays: dict[str, str | os.PathLike[str]],
+        bitmap: str | None = None,
+        quiesce: bool = False,
     ) -> list[DiskSpec]: ...
 
     def commit_disk(

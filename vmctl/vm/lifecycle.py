@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
+import functools
 import signal
 import threading
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from vmctl.errors import AbnormalExit, CommandError, QMPError, StateError, WaitTimeout
+from vmctl.errors import AbnormalExit, AgentError, AgentUnavailable, CommandError, QMPError, StateError, WaitTimeout
 from vmctl.model.status import DiskIOError, ExitStatus, ResetEvent, ShutdownEvent, ShutdownMethod, ShutdownResult
 from vmctl.qmp import Event, Monitor
 from vmctl.qmp.callbacks import callback_thread
@@ -134,12 +135,18 @@ class Lifecycle:
     # -- ending it, escalating -----------------------------------------------------------
 
     def escalate(
-        self, steps: Sequence[ShutdownMethod], *, powerdown_timeout: float = 0.0, step_timeout: float = 5.0
+        self,
+        steps: Sequence[ShutdownMethod],
+        *,
+        powerdown_timeout: float = 0.0,
+        step_timeout: float = 5.0,
+        agent_shutdown: Callable[..., None] | None = None,
     ) -> ShutdownResult:
         """Make QEMU go, trying ``steps`` in order (each bounded), and say how it ended.
 
-        POWERDOWN presses the ACPI button and waits ``powerdown_timeout`` for the guest; QUIT asks
-        QEMU; TERMINATE and KILL send SIGTERM and SIGKILL. Every step's exit is expected."""
+        AGENT asks the guest agent (``agent_shutdown``) and POWERDOWN presses the ACPI button;
+        each waits ``powerdown_timeout`` for the guest. QUIT asks QEMU; TERMINATE and KILL send
+        SIGTERM and SIGKILL. Every step's exit is expected."""
         if self._state is Life.DETACHED:
             raise StateError(f"{self.name}: this VM object is detached (closed); VM.attach() it again")
         started = time.monotonic()
@@ -147,8 +154,12 @@ class Lifecycle:
             return self._ended_by(ShutdownMethod.ALREADY_EXITED, started)
         self.transition(Life.STOPPING)
         for method in steps:
-            if method is ShutdownMethod.POWERDOWN:
-                gone = self._powerdown(powerdown_timeout, step_timeout)
+            if method is ShutdownMethod.AGENT:
+                ask_agent = functools.partial(agent_shutdown or _no_agent, timeout=step_timeout)
+                gone = self._powerdown(ask_agent, "agent", powerdown_timeout, step_timeout)
+            elif method is ShutdownMethod.POWERDOWN:
+                press = functools.partial(self._qmp.execute, "system_powerdown", timeout=step_timeout)
+                gone = self._powerdown(press, "acpi", powerdown_timeout, step_timeout)
             elif method is ShutdownMethod.QUIT:
                 with contextlib.suppress(QMPError):
                     self._qmp.execute("quit", timeout=step_timeout)
@@ -160,12 +171,12 @@ class Lifecycle:
                 return self._ended_by(method, started)
         raise WaitTimeout(f"{self.name}: QEMU (pid {self._process.pid}) survived {steps[-1].value}")
 
-    def _powerdown(self, timeout: float, step_timeout: float) -> bool:
-        """Press the power button; True if the guest powered off (QEMU then exits, or with
-        ``-no-shutdown`` is quit here)."""
+    def _powerdown(self, request: Callable[[], None], what: str, timeout: float, step_timeout: float) -> bool:
+        """Ask the guest to power off (``request``: the ACPI button, or the guest agent); True if
+        it did within ``timeout`` (QEMU then exits, or with ``-no-shutdown`` is quit here)."""
         try:
             with self._qmp.events("SHUTDOWN") as shutdown_events:
-                self._qmp.execute("system_powerdown", timeout=step_timeout)
+                request()
                 deadline = time.monotonic() + timeout
                 while time.monotonic() < deadline:
                     if self._process.wait(0.05) is not None:
@@ -173,9 +184,10 @@ class Lifecycle:
                     if shutdown_events.get_nowait() is not None:
                         break
                 else:
-                    self._log.info("vm.powerdown_ignored", timeout=timeout)
+                    self._log.info("vm.powerdown_ignored", by=what, timeout=timeout)
                     return False
-        except QMPError:
+        except (QMPError, AgentError) as exc:
+            self._log.info("vm.powerdown_failed", by=what, error=str(exc))
             return self._process.poll() is not None
         # The guest powered off but QEMU stays (-no-shutdown): finish with quit.
         with contextlib.suppress(QMPError):
@@ -319,3 +331,7 @@ class Lifecycle:
         self.transition(Life.CRASHED)
         self._log.error("vm.crashed", reason=message)
         self._notify("crash", crash)
+
+
+def _no_agent(*, timeout: float) -> None:
+    raise AgentUnavailable("this VM has no guest agent")

@@ -18,10 +18,29 @@ from typing import Any
 import attrs
 import tenacity
 
-from vmctl.errors import AbnormalExit, ConnectError, LaunchError, StaleState, StateError
+from vmctl.agent.client import AgentClient
+from vmctl.agent.guest import GuestAgent
+from vmctl.errors import (
+    AbnormalExit,
+    AgentUnavailable,
+    ConnectError,
+    LaunchError,
+    QMPError,
+    StaleState,
+    StateError,
+)
 from vmctl.logs import get_logger
 from vmctl.model import Accelerator, Inventory, VMSpec
-from vmctl.model.names import CONSOLE_CHARDEV, LOG_FILE, MASTER_KEY_TAG, QMP_SOCKET, SHELL_SOCKET, secret_object_id
+from vmctl.model.names import (
+    AGENT_CHARDEV,
+    AGENT_SOCKET,
+    CONSOLE_CHARDEV,
+    LOG_FILE,
+    MASTER_KEY_TAG,
+    QMP_SOCKET,
+    SHELL_SOCKET,
+    secret_object_id,
+)
 from vmctl.model.pcie import Controller
 from vmctl.model.status import (
     DiskIOError,
@@ -33,6 +52,7 @@ from vmctl.model.status import (
     VMStatus,
 )
 from vmctl.model.tls import TLSCreds
+from vmctl.ops import chardevs as chardev_ops
 from vmctl.ops.blockjobs import JobProgress, query_jobs
 from vmctl.ops.devices import pin_pci_address
 from vmctl.ops.live_migration import Migration
@@ -87,7 +107,8 @@ class VM:
         )
         self.lifecycle = Lifecycle(name=self.name, process=process, qmp=qmp, log_path=run_dir / LOG_FILE, log=self.log)
         self.devices = Devices(name=self.name, qmp=qmp, store=self.store, log=self.log)
-        self.blocks = Blocks(name=self.name, qmp=qmp, store=self.store, log=self.log)
+        self._agent = _guest_agent(run_dir, record.spec, qmp)
+        self.blocks = Blocks(name=self.name, qmp=qmp, store=self.store, log=self.log, agent=lambda: self.agent)
         self.migrations = Migrations(
             name=self.name, qmp=qmp, store=self.store, blocks=self.blocks, lifecycle=self.lifecycle, log=self.log
         )
@@ -296,6 +317,9 @@ class VM:
         vm.leftover_jobs = query_jobs(qmp)
         for job in vm.leftover_jobs:
             vm.log.warning("vm.leftover_block_job", job=job.id, type=job.type, status=job.status, error=job.error)
+        # A control plane that died inside a quiesced snapshot left the guest's writes waiting.
+        if vm._agent is not None:
+            vm._agent.thaw_if_frozen()
         return vm
 
     def close(self) -> None:
@@ -317,6 +341,13 @@ class VM:
         self.store.update(pinned)
 
     # -- what it is ---------------------------------------------------------------------------
+
+    @property
+    def agent(self) -> GuestAgent:
+        """The QEMU guest agent in this VM (``VMSpec(guest_agent=True)``)."""
+        if self._agent is None:
+            raise AgentUnavailable(f"{self.name}: this VM has no guest agent port (launch it with guest_agent=True)")
+        return self._agent
 
     @property
     def inventory(self) -> Inventory:
@@ -378,9 +409,18 @@ class VM:
         return result.exit
 
     def shutdown(self, timeout: float = 30.0, *, step_timeout: float = 5.0) -> ShutdownResult:
-        """Shut down, escalating: ACPI powerdown (``timeout``), then quit, SIGTERM, SIGKILL
-        (``step_timeout`` each). Returns how it ended."""
-        return self.lifecycle.escalate(STEPS, powerdown_timeout=timeout, step_timeout=step_timeout)
+        """Shut down, escalating: the guest agent's shutdown when it answers, then ACPI powerdown
+        (``timeout`` each), then quit, SIGTERM, SIGKILL (``step_timeout`` each). Returns how it ended."""
+        steps: tuple[ShutdownMethod, ...] = STEPS
+        agent = self._agent
+        if agent is not None and not self.lifecycle.has_exited and agent.answers(timeout=min(step_timeout, 2.0)):
+            steps = (ShutdownMethod.AGENT, *STEPS)
+        return self.lifecycle.escalate(
+            steps,
+            powerdown_timeout=timeout,
+            step_timeout=step_timeout,
+            agent_shutdown=agent.shutdown if agent is not None else None,
+        )
 
     def wait(self, timeout: float) -> ExitStatus:
         """Wait for QEMU to exit. Raises ``AbnormalExit`` if it crashed, ``WaitTimeout`` if it still runs."""
@@ -456,6 +496,19 @@ class VM:
             allow_postcopy=allow_postcopy,
             allow_compression=allow_compression,
         )
+
+
+def _guest_agent(run_dir: Path, spec: VMSpec, qmp: Monitor) -> GuestAgent | None:
+    if not spec.guest_agent:
+        return None
+
+    def port_open() -> bool:
+        try:
+            return chardev_ops.frontend_open(qmp, AGENT_CHARDEV)
+        except QMPError:
+            return True  # QEMU cannot say: the agent's socket will
+
+    return GuestAgent(AgentClient(run_dir / AGENT_SOCKET, name=spec.name, port_open=port_open))
 
 
 def _merged(launched: tuple[Controller, ...], handed_over: tuple[Controller, ...]) -> tuple[Controller, ...]:
