@@ -20,6 +20,7 @@ ensure_system() {
     command -v tcpdump >/dev/null || missing+=(tcpdump)           # the tests read the migration stream
     command -v xmllint >/dev/null || missing+=(libxml2-utils)     # virt-xml-validate checks domain XML with it
     command -v debugfs >/dev/null || missing+=(e2fsprogs)         # the agent tests make and read ext2 images
+    command -v tmux >/dev/null || missing+=(tmux)                 # vmctl top is tested in a real terminal
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     # vmctl.testing.PrivateLibvirtd (see DEVELOPERS.md): the daemon, its QEMU driver, virsh; and what
@@ -200,6 +201,7 @@ bench)
     .venv/bin/python bench/event_latency.py
     .venv/bin/python bench/qmp_scale.py
     .venv/bin/python bench/hotplug.py
+    .venv/bin/python bench/stats.py
     .venv/bin/python bench/migration.py
     .venv/bin/python bench/convergence.py
     .venv/bin/python bench/soak.py

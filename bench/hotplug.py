@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/hotplug.py [--rounds N]
 
-One booted test guest (TCG) with a second QMP monitor for the raw client; the two take turns,
+One booted test guest (TCG); the raw client is on its second QMP monitor (tools.sock); the two take turns,
 N rounds each. The raw client does the minimum: add-fd (SCM_RIGHTS), blockdev-add x2, device_add,
 then device_del, wait for DEVICE_DELETED, blockdev-del x2, remove-fd. vmctl adds its checks
 (duplicate id, device present, nodes and fdsets left) and keeps its state file.
@@ -24,17 +24,18 @@ import structlog
 from rawqmp import RawQMP
 
 from vmctl import VM, VMSpec
+from vmctl.model.names import TOOLS_SOCKET, root_port_id
 from vmctl.testing import READY_MARKER, TestGuest
 
 
-def raw_round(raw: RawQMP, image: str) -> float:
+def raw_round(raw: RawQMP, image: str, bus: str) -> float:
     started = time.perf_counter()
     fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
     fdset = raw.call("add-fd", {"opaque": "raw"}, fds=[fd])["fdset-id"]
     os.close(fd)
     raw.call("blockdev-add", {"driver": "file", "node-name": "r-file", "filename": f"/dev/fdset/{fdset}"})
     raw.call("blockdev-add", {"driver": "qcow2", "node-name": "r-fmt", "file": "r-file"})
-    raw.call("device_add", {"driver": "virtio-blk-pci", "id": "r1", "drive": "r-fmt"})
+    raw.call("device_add", {"driver": "virtio-blk-pci", "id": "r1", "drive": "r-fmt", "bus": bus})
     raw.call("device_del", {"id": "r1"})
     raw.wait_event("DEVICE_DELETED", device="r1")
     raw.call("blockdev-del", {"node-name": "r-fmt"})
@@ -58,30 +59,24 @@ def main() -> int:
     guest = TestGuest.ensure()
     work = Path(tempfile.mkdtemp(prefix="vmctl-bench-"))
     work.chmod(0o711)  # QEMU's unprivileged user goes through to its run dir
-    raw_socket = str(work / "raw.sock")
     spec = VMSpec(
         name="bench",
         kernel=guest.kernel,
         initrd=guest.initrd,
         append=guest.append,
         accel="tcg",
-        extra_args=(
-            "-chardev",
-            f"socket,id=raw,path={raw_socket},server=on,wait=off",
-            "-mon",
-            "chardev=raw,mode=control",
-        ),
     )
     image = str(work / "disk.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "64M"], check=True)
     vm = VM.launch(spec, run_dir=work / "vm")
     try:
         vm.console.wait_for(READY_MARKER, timeout=120)
-        raw = RawQMP(raw_socket)
+        raw = RawQMP(str(vm.run_dir / TOOLS_SOCKET))  # the VM's second monitor
+        bus = root_port_id(spec.layout().root_ports - 1)  # q35: the last free root port
         vmctl_times, raw_times = [], []
         for _ in range(args.rounds):
             vmctl_times.append(vmctl_round(vm, image))
-            raw_times.append(raw_round(raw, image))
+            raw_times.append(raw_round(raw, image, bus))
         raw.close()
     finally:
         vm.kill()

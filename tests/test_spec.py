@@ -33,7 +33,9 @@ def test_minimal_command_line() -> None:
     assert "-S" in argv and "-nodefaults" in argv
     assert option(argv, "-pidfile") == [str(RUN / "qemu.pid")]
     assert f"socket,id=vmctl-qmp,path={RUN}/qmp.sock,server=on,wait=off" in option(argv, "-chardev")
-    assert option(argv, "-mon") == ["chardev=vmctl-qmp,mode=control"]
+    # The control plane's monitor, and a second one for operators' tools (QEMU serves one client each).
+    assert f"socket,id=vmctl-tools,path={RUN}/tools.sock,server=on,wait=off" in option(argv, "-chardev")
+    assert option(argv, "-mon") == ["chardev=vmctl-qmp,mode=control", "chardev=vmctl-tools,mode=control"]
     assert option(argv, "-serial") == ["chardev:vmctl-console"]
     assert option(argv, "-kernel") == ["/boot/vmlinuz"]
 
@@ -228,3 +230,8 @@ def test_a_guest_agent_gets_a_virtio_serial_port_on_a_controller_with_a_root_por
     assert VMSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(SpecError, match="guest_agent"):
         VMSpec(name="vm1", kernel="/k", guest_agent="yes")  # type: ignore[arg-type]
+
+
+def test_vga_renders_a_display_device_and_is_off_by_default() -> None:
+    assert not any("VGA" in a for a in render())
+    assert {"driver": "VGA", "id": "vmctl-vga"} in [json.loads(d) for d in option(render(vga=True), "-device")]

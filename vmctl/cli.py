@@ -1,5 +1,6 @@
 """The ``vmctl`` command line: the demo, a QMP shell, an event tail (on vmctl's socket or through
-libvirt) and a VM's status."""
+libvirt), a VM's status; and the operator's tools (``ls``, ``top``, ``screenshot``, ``agent``),
+which reach each VM on its tools monitor, beside the control plane."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import attrs
 import structlog
 
 from vmctl.errors import InvalidArgument, StaleState, VmctlError
@@ -34,6 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser("status", help="what a run directory's VM is doing")
     status.add_argument("run_dir", type=Path)
     status.add_argument("--query", action="store_true", help="also ask QEMU (needs its monitor to be free)")
+    listing = commands.add_parser("ls", help="every VM whose run dir is under RUN_ROOT: state, pid, vCPUs, memory")
+    listing.add_argument("run_root", type=Path, nargs="?", default=Path("."))
+    listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    top = commands.add_parser("top", help="a live view of every VM under RUN_ROOT: CPU, disk and network (q quits)")
+    top.add_argument("run_root", type=Path, nargs="?", default=Path("."))
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    screenshot = commands.add_parser("screenshot", help="the VM's screen as a PNG (a VM launched with vga=True)")
+    screenshot.add_argument("run_dir", type=Path)
+    screenshot.add_argument("output", type=Path)
+    agent = commands.add_parser("agent", help="the guest agent: exec -- CMD..., ping, info, interfaces, thaw")
+    agent.add_argument("run_dir", type=Path)
+    agent.add_argument("action", choices=["exec", "ping", "info", "interfaces", "fsfreeze-status", "thaw"])
+    agent.add_argument("argv", nargs="*", help="exec: the command and its arguments (after --)")
+    agent.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
     # The CLI is an application, so it (unlike the library) decides how logs look.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if args.verbose else 40))
@@ -48,6 +64,16 @@ def main(argv: list[str] | None = None) -> int:
             return _events(_monitor(args))
         if args.command == "status":
             return _status(args.run_dir, query=args.query)
+        if args.command == "ls":
+            return _ls(args.run_root, as_json=args.json)
+        if args.command == "top":
+            from vmctl.top import run_top
+
+            return run_top(args.run_root, interval=args.interval)
+        if args.command == "screenshot":
+            return _screenshot(args.run_dir, args.output)
+        if args.command == "agent":
+            return _agent(args.run_dir, args.action, args.argv, timeout=args.timeout)
     except KeyboardInterrupt:
         return 130
     except VmctlError as exc:
@@ -121,6 +147,74 @@ def _status(run_dir: Path, *, query: bool) -> int:
             report["status"] = monitor.execute("query-status")["status"]
     print(json.dumps(report, indent=2))
     return 0 if alive else 3
+
+
+def _ls(root: Path, *, as_json: bool) -> int:
+    from vmctl.listing import rows, table
+
+    listed = rows(root)
+    if as_json:
+        for row in listed:
+            fields = {**attrs.asdict(row), "run_dir": str(row.run_dir), "disks": list(row.disks)}
+            print(json.dumps(fields))
+    elif listed:
+        print(table(listed))
+    else:
+        print(f"no VM under {root}", file=sys.stderr)
+    return 0
+
+
+def _screenshot(run_dir: Path, output: Path) -> int:
+    from vmctl.listing import tools_monitor
+    from vmctl.ops.screen import screendump
+    from vmctl.vm.statefile import read_record
+
+    if not read_record(run_dir).spec.vga:
+        raise InvalidArgument(f"{run_dir}: this VM has no display (launch it with VMSpec(vga=True))")
+    with tools_monitor(run_dir) as monitor:
+        print(screendump(monitor, structlog.get_logger("vmctl.cli"), output))
+    return 0
+
+
+def _agent(run_dir: Path, action: str, argv: list[str], *, timeout: float) -> int:
+    from vmctl.agent.client import AgentClient
+    from vmctl.agent.guest import GuestAgent
+    from vmctl.listing import tools_monitor
+    from vmctl.model.names import AGENT_CHARDEV, AGENT_SOCKET
+    from vmctl.ops.chardevs import frontend_open
+    from vmctl.vm.statefile import read_record
+
+    record = read_record(run_dir)
+    if not record.spec.guest_agent:
+        raise InvalidArgument(f"{run_dir}: this VM has no guest agent (launch it with VMSpec(guest_agent=True))")
+    if (action == "exec") != bool(argv):
+        raise InvalidArgument("exec takes a command after --, and only exec does")
+    with tools_monitor(run_dir) as monitor:
+        client = AgentClient(
+            run_dir / AGENT_SOCKET, name=record.spec.name, port_open=lambda: frontend_open(monitor, AGENT_CHARDEV)
+        )
+        guest = GuestAgent(client)
+        if action == "exec":
+            result = guest.exec(argv, timeout=timeout)
+            sys.stdout.buffer.write(result.stdout)
+            sys.stderr.buffer.write(result.stderr)
+            sys.stdout.flush()
+            return result.exit_code if result.exit_code is not None else 128 + (result.signal or 0)
+        if action == "ping":
+            guest.ping(timeout=timeout)
+            print("ok")
+        elif action == "info":
+            info = guest.info(timeout=timeout)
+            print(json.dumps({"version": info.version, "commands": list(info.commands)}, indent=2))
+        elif action == "interfaces":
+            for interface in guest.network_interfaces(timeout=timeout):
+                addresses = " ".join(f"{a.address}/{a.prefix}" for a in interface.addresses)
+                print(f"{interface.name:16} {interface.mac or '-':18} {addresses}".rstrip())
+        elif action == "fsfreeze-status":
+            print(guest.fsfreeze_status(timeout=timeout).value)
+        else:
+            print(f"thawed {guest.thaw(timeout=timeout)} filesystems")
+    return 0
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ def domain_xml(
         channel = ET.SubElement(devices, "channel", type="unix")
         ET.SubElement(channel, "source", mode="bind")
         ET.SubElement(channel, "target", type="virtio", name=AGENT_PORT_NAME)
-    ET.SubElement(ET.SubElement(devices, "video"), "model", type="none")
+    ET.SubElement(ET.SubElement(devices, "video"), "model", type="vga" if spec.vga else "none")
     ET.SubElement(devices, "memballoon", model="virtio" if spec.balloon else "none")
     ET.indent(domain)
     return ET.tostring(domain, encoding="unicode")
@@ -230,6 +230,7 @@ def spec_from_xml(xml: str) -> tuple[VMSpec, Path | None]:
         serial_console=console_path is not None,
         shell_serial=shell_path is not None,
         balloon=balloon is not None and balloon.get("model") != "none",
+        vga=any(model.get("type") == "vga" for model in domain.iterfind("devices/video/model")),
         guest_agent=any(target.get("name") == AGENT_PORT_NAME for target in domain.iterfind("devices/channel/target")),
     )
     return spec, run_dir

@@ -12,6 +12,7 @@ from typing import Final
 
 # Files in a VM's run directory.
 QMP_SOCKET: Final = "qmp.sock"
+TOOLS_SOCKET: Final = "tools.sock"  # a second QMP monitor, for operators' tools beside the control plane
 SHELL_SOCKET: Final = "shell.sock"
 MIGRATION_SOCKET: Final = "migrate.sock"
 NBD_SOCKET: Final = "nbd.sock"
@@ -24,6 +25,8 @@ UEFI_VARS_FILE: Final = "uefi-vars.fd"  # the VM's own copy of the UEFI variable
 CONSOLE_CHARDEV: Final = "vmctl-console"
 SHELL_CHARDEV: Final = "vmctl-shell"
 MONITOR_CHARDEV: Final = "vmctl-qmp"
+TOOLS_CHARDEV: Final = "vmctl-tools"
+VGA_DEVICE: Final = "vmctl-vga"
 AGENT_CHARDEV: Final = "vmctl-agent"
 BALLOON_DEVICE: Final = "vmctl-balloon"
 SCSI_CONTROLLER: Final = "vmctl-scsi"

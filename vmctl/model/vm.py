@@ -28,11 +28,14 @@ from vmctl.model.names import (
     SERIAL_CONTROLLER,
     SHELL_CHARDEV,
     SHELL_SOCKET,
+    TOOLS_CHARDEV,
+    TOOLS_SOCKET,
     UEFI_CODE_NODE,
     UEFI_CODE_TAG,
     UEFI_VARS_FILE,
     UEFI_VARS_NODE,
     UEFI_VARS_TAG,
+    VGA_DEVICE,
     chardev_port_id,
     fdset_tag,
 )
@@ -115,6 +118,8 @@ class VMSpec:
     balloon: bool = False
     #: A virtio-serial port for the QEMU guest agent (``vm.agent``); the guest runs qemu-ga on it.
     guest_agent: bool = False
+    #: A VGA display (for ``vm.screendump`` and ``vm.send_keys``); none shows on the host.
+    vga: bool = False
     extra_args: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     #: Who QEMU runs as: "user[:group]" (names or numbers), "auto" (vmctl-qemu when vmctl is
     #: root, else vmctl's own user), or None (vmctl's own user, root included).
@@ -145,8 +150,9 @@ class VMSpec:
             raise SpecError(f"run_as must be 'user[:group]', 'auto' or None, not {self.run_as!r}")
         if self.run_as is not None and self.run_as.startswith("auto:"):
             raise SpecError("run_as='auto' takes no group")
-        if not isinstance(self.guest_agent, bool):
-            raise SpecError(f"guest_agent must be True or False, not {self.guest_agent!r}")
+        for flag in ("guest_agent", "vga"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SpecError(f"{flag} must be True or False, not {getattr(self, flag)!r}")
         if not isinstance(self.sandbox, bool):
             raise SpecError(f"sandbox must be True or False, not {self.sandbox!r}")
         if not NAME.fullmatch(self.machine):
@@ -244,6 +250,7 @@ class VMSpec:
         if self.max_cpus is not None:
             smp += f",maxcpus={self.max_cpus}"
         monitor_path = escape_option(str(run_dir / QMP_SOCKET))
+        tools_path = escape_option(str(run_dir / TOOLS_SOCKET))
         layout = self.layout()
         machine = self.machine
         if self.firmware == "uefi":
@@ -261,6 +268,9 @@ class VMSpec:
             "-pidfile", str(run_dir / PID_FILE),
             "-chardev", f"socket,id={MONITOR_CHARDEV},path={monitor_path},server=on,wait=off",
             "-mon", f"chardev={MONITOR_CHARDEV},mode=control",
+            # QEMU serves one client per monitor: operators' tools get one of their own.
+            "-chardev", f"socket,id={TOOLS_CHARDEV},path={tools_path},server=on,wait=off",
+            "-mon", f"chardev={TOOLS_CHARDEV},mode=control",
             *extra,
         ]  # fmt: skip
         if self.sandbox:
@@ -292,6 +302,8 @@ class VMSpec:
             argv.append("-no-shutdown")
         for controller in layout.controllers:
             argv += controller.arguments()
+        if self.vga:
+            argv += ["-device", json.dumps({"driver": "VGA", "id": VGA_DEVICE}, separators=(",", ":"))]
         if self.guest_agent:
             agent_path = escape_option(str(run_dir / AGENT_SOCKET))
             port = {"driver": "virtserialport", "id": chardev_port_id(AGENT_CHARDEV), "chardev": AGENT_CHARDEV,

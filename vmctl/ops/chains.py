@@ -59,6 +59,12 @@ def staging_path(path: str | os.PathLike[str]) -> str:
     return str(final.with_name(f".{final.name}.vmctl-new"))
 
 
+#: qemu-img create: how often it is tried, and for how long each time.
+_CREATE_ATTEMPTS = 3
+_CREATE_TIMEOUT = 120.0
+_UNTIMED = "Unable to get accurate CPU usage"
+
+
 def create_image(
     path: str | os.PathLike[str],
     size: int,
@@ -91,13 +97,23 @@ def create_image(
         ]  # fmt: skip
     staging = staging_path(path)
     try:
-        result = subprocess.run(
-            [*command, staging, str(size)],
-            capture_output=True,
-            text=True,
-            check=False,
-            pass_fds=(passphrase,) if passphrase >= 0 else (),
-        )
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                result = subprocess.run(
+                    [*command, staging, str(size)],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                    timeout=_CREATE_TIMEOUT,
+                    pass_fds=(passphrase,) if passphrase >= 0 else (),
+                )
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    os.unlink(staging)
+                raise InvalidArgument(f"cannot create {path}: qemu-img took over {_CREATE_TIMEOUT:g}s") from None
+            # LUKS times its key derivation on the CPU; on a busy host the measurement can fail.
+            if result.returncode == 0 or _UNTIMED not in result.stderr or attempt == _CREATE_ATTEMPTS - 1:
+                break
     finally:
         if passphrase >= 0:
             os.close(passphrase)

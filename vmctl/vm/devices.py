@@ -25,6 +25,7 @@ from vmctl.model import (
     VirtioMemSpec,
 )
 from vmctl.model.disk import hotplug_request
+from vmctl.model.names import BALLOON_DEVICE
 from vmctl.model.pcie import Controller
 from vmctl.ops import balloon as balloon_ops
 from vmctl.ops import chardevs as chardev_ops
@@ -32,6 +33,7 @@ from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import disks as disk_ops
 from vmctl.ops import memory as memory_ops
 from vmctl.ops import nics as nic_ops
+from vmctl.ops import stats as stats_ops
 from vmctl.ops.devices import pin_pci_address
 from vmctl.ops.queries import ask
 from vmctl.qmp import Monitor
@@ -191,6 +193,8 @@ class Devices:
         for nic in self._store.inventory.nics:
             if not nic.link_up:
                 nic_ops.set_link(self._qmp, self._log, nic_id=nic.id, up=False)
+        if self._store.inventory.controller(BALLOON_DEVICE) is not None:  # for vm.stats()
+            stats_ops.start_balloon_stats(self._qmp)
 
     # -- chardevs ----------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from vmctl.errors import (
     AbnormalExit,
     AgentUnavailable,
     ConnectError,
+    InvalidArgument,
     LaunchError,
     QMPError,
     StaleState,
@@ -39,9 +40,11 @@ from vmctl.model.names import (
     MASTER_KEY_TAG,
     QMP_SOCKET,
     SHELL_SOCKET,
+    TOOLS_SOCKET,
     secret_object_id,
 )
 from vmctl.model.pcie import Controller
+from vmctl.model.stats import VMStats
 from vmctl.model.status import (
     DiskIOError,
     ExitStatus,
@@ -53,10 +56,12 @@ from vmctl.model.status import (
 )
 from vmctl.model.tls import TLSCreds
 from vmctl.ops import chardevs as chardev_ops
+from vmctl.ops import screen as screen_ops
 from vmctl.ops.blockjobs import JobProgress, query_jobs
 from vmctl.ops.devices import pin_pci_address
 from vmctl.ops.live_migration import Migration
 from vmctl.ops.nbd import NbdAddress
+from vmctl.ops.screen import ImageFormat
 from vmctl.qmp import Event, Monitor, connect
 from vmctl.vm.blocks import Blocks
 from vmctl.vm.console import Console
@@ -71,6 +76,7 @@ from vmctl.vm.process import QemuProcess
 from vmctl.vm.process import qemu_binary as default_qemu
 from vmctl.vm.secrets import create_master_key, master_key_fd, secret_object
 from vmctl.vm.statefile import STATE_FILE, VMRecord, read_record
+from vmctl.vm.stats import take as take_stats
 from vmctl.vm.store import StateStore
 
 log = get_logger(__name__)
@@ -183,7 +189,7 @@ class VM:
             raise LaunchError(
                 "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86, or set VMCTL_QEMU)"
             )
-        for leftover in (QMP_SOCKET, SHELL_SOCKET, STATE_FILE):
+        for leftover in (QMP_SOCKET, TOOLS_SOCKET, SHELL_SOCKET, AGENT_SOCKET, STATE_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (directory / leftover).unlink()
         user = QemuUser.resolve(spec.run_as)
@@ -341,6 +347,31 @@ class VM:
         self.store.update(pinned)
 
     # -- what it is ---------------------------------------------------------------------------
+
+    def screendump(self, path: str | os.PathLike[str], *, format: ImageFormat = "png") -> Path:
+        """The guest's screen as an image file (``VMSpec(vga=True)``)."""
+        self._need_display("a screendump")
+        return screen_ops.screendump(self.qmp, self.log, path, format=format)
+
+    def send_keys(self, keys: Sequence[str], *, hold_ms: int | None = None) -> None:
+        """Press these keys together on the guest's keyboard, then release them."""
+        screen_ops.send_keys(self.qmp, self.log, keys, hold_ms=hold_ms)
+
+    def inject_nmi(self) -> None:
+        screen_ops.inject_nmi(self.qmp, self.log)
+
+    def _need_display(self, what: str) -> None:
+        if not self.spec.vga:
+            raise InvalidArgument(f"{self.name}: {what} needs a display: launch the VM with VMSpec(vga=True)")
+
+    def stats(self) -> VMStats:
+        """What the VM uses now: per-vCPU time, per-disk I/O, per-NIC traffic, memory (see
+        ``VMStats.rates`` for per-second figures between two)."""
+        inventory = self.store.inventory
+        return take_stats(
+            name=self.name, qmp=self.qmp, pid=self.process.pid, disk_ids=[d.id for d in inventory.disks],
+            nics=inventory.nics,
+        )  # fmt: skip
 
     @property
     def agent(self) -> GuestAgent:
