@@ -5,6 +5,7 @@ while the test (the control plane) holds the first one."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import VMFactory
+from vmctl import VM
 from vmctl.errors import InvalidArgument
 from vmctl.testing import GuestShell
 
@@ -128,3 +130,41 @@ def test_top_in_a_real_terminal_shows_each_vms_use_and_quits_on_q(vms: VMFactory
     while subprocess.run([*tmux, "has-session", "-t", "top"], capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "vmctl top did not quit on q"
         time.sleep(0.1)
+
+
+def test_migrate_from_the_cli_moves_the_guest_and_shows_its_progress(vms: VMFactory) -> None:
+    source = vms.launch(vms.spec("cli-move"))
+    with GuestShell(source) as shell:
+        shell.run("echo still-here > /tmp/marker", check=True)
+    vms.vms.remove(source)
+    source.close()  # the operator's case: no control plane holds the VM
+    target_dir = vms.run_dir("cli-move-dst")
+    done = vmctl("migrate", str(source.run_dir), str(target_dir), "--timeout", "240", timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == f"migrating cli-move: {source.run_dir} -> {target_dir}"
+    assert "MiB sent in" in done.stdout and done.stdout.rstrip().endswith("completed")
+    target = VM.attach(target_dir)
+    vms.vms.append(target)
+    assert target.status().running
+    with GuestShell(target) as shell:
+        assert shell.run("cat /tmp/marker").output == "still-here\n"
+    _reap(source.pid)  # the source's QEMU quit after handing over; it was this process's child
+    listed = [json.loads(line) for line in vmctl("ls", "--json", str(vms.tmp_path)).stdout.splitlines()]
+    assert sorted((row["run_dir"], row["state"]) for row in listed) == [
+        (str(source.run_dir), "exited"),
+        (str(target_dir), "running"),
+    ]
+    assert vmctl("migrate", str(source.run_dir), str(target_dir)).returncode == 1  # the target dir is taken
+
+
+def _reap(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} did not exit")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from vmctl.listing import VMRow, duration, run_dirs, table
+from vmctl.model.migration import MigrationProgress
 from vmctl.model.stats import DiskStats, MemoryStats, NicStats, VMStats
+from vmctl.progress import ProgressBar, line
 from vmctl.top import TopRow, render
 
 
@@ -74,3 +77,23 @@ def test_top_rows_show_rates_once_there_are_two_samples() -> None:
     assert lines[0].split() == ["NAME", "STATE", "VCPUS", "CPU%", "RSS", "MiB", "READ/s", "WRITE/s", "RX/s", "TX/s"]
     assert lines[1].split() == ["vm1", "running", "2", "25.0", "300", "0B", "3.0MiB", "2.0KiB", "0B"]
     assert lines[2].split()[:4] == ["vm2", "unreachable", "0", "-"]
+
+
+def progress(remaining: int, eta: float | None) -> MigrationProgress:
+    return MigrationProgress(status="active", total_time_ms=1000, transferred=0, remaining=remaining, total=256 << 20,
+                             dirty_rate=0, bandwidth=0, mbps=800.0, passes=2, throttle_percent=0,
+                             expected_downtime_ms=0, eta_s=eta)  # fmt: skip
+
+
+def test_a_migration_progress_line_shows_the_bar_the_ram_across_the_rate_and_the_eta() -> None:
+    text = line(progress(192 << 20, 3.4))
+    assert text.startswith("[" + "#" * 7 + "." * 23 + "]  25%  64/256 MiB  100.0 MB/s  pass 2  ETA 3s  active")
+    assert "ETA -" in line(progress(0, None)) and "100%" in line(progress(0, None))
+
+
+def test_off_a_terminal_the_progress_bar_writes_a_line_only_every_tenth() -> None:
+    out = io.StringIO()
+    bar = ProgressBar(out)
+    for remaining in (256, 250, 240, 200, 100, 0):
+        bar.update(progress(remaining << 20, None))
+    assert [row.split("]")[1].split()[0] for row in out.getvalue().splitlines()] == ["0%", "22%", "61%", "100%"]

@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     agent.add_argument("action", choices=["exec", "ping", "info", "interfaces", "fsfreeze-status", "thaw"])
     agent.add_argument("argv", nargs="*", help="exec: the command and its arguments (after --)")
     agent.add_argument("--timeout", type=float, default=30.0)
+    migrate = commands.add_parser("migrate", help="live-migrate the VM of SRC_RUN_DIR into a new QEMU in DST_RUN_DIR")
+    migrate.add_argument("source", type=Path, metavar="SRC_RUN_DIR")
+    migrate.add_argument("target", type=Path, metavar="DST_RUN_DIR")
+    migrate.add_argument("--timeout", type=float, default=600.0, help="give up (and cancel) after this many seconds")
+    migrate.add_argument("--finish-within", type=float, default=None, help="the convergence policy's deadline")
+    migrate.add_argument("--postcopy", action="store_true", help="switch to postcopy once the first pass is done")
     args = parser.parse_args(argv)
     # The CLI is an application, so it (unlike the library) decides how logs look.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if args.verbose else 40))
@@ -72,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_top(args.run_root, interval=args.interval)
         if args.command == "screenshot":
             return _screenshot(args.run_dir, args.output)
+        if args.command == "migrate":
+            return _migrate(args.source, args.target, timeout=args.timeout, finish_within=args.finish_within,
+                            postcopy=args.postcopy)  # fmt: skip
         if args.command == "agent":
             return _agent(args.run_dir, args.action, args.argv, timeout=args.timeout)
     except KeyboardInterrupt:
@@ -161,6 +170,36 @@ def _ls(root: Path, *, as_json: bool) -> int:
         print(table(listed))
     else:
         print(f"no VM under {root}", file=sys.stderr)
+    return 0
+
+
+def _migrate(source_dir: Path, target_dir: Path, *, timeout: float, finish_within: float | None, postcopy: bool) -> int:
+    """Attach the source (no control plane may hold it: QEMU serves one client per monitor),
+    start the target from the source's devices as they are now, move the guest, and leave both
+    detached: the target runs on, the source's QEMU quits after handing over."""
+    from vmctl import VM
+    from vmctl.progress import ProgressBar
+
+    if target_dir.exists() and any(target_dir.iterdir()):
+        raise InvalidArgument(f"{target_dir} is not empty: the target's run dir must be new")
+    source = VM.attach(source_dir)
+    target = None
+    try:
+        target = VM.launch_incoming(source.migration_target_spec(), run_dir=target_dir, inventory=source.inventory)
+        bar = ProgressBar(sys.stdout)
+        print(f"migrating {source.name}: {source_dir} -> {target_dir}")
+        result = source.migrate(target, finish_within=finish_within, postcopy=postcopy).wait(
+            timeout, on_progress=bar.update
+        )
+        bar.finish(result)
+    except BaseException:
+        if target is not None and not target.has_exited:
+            target.kill()  # the guest is still on the source (a failed migration says so)
+        raise
+    finally:
+        source.close()
+        if target is not None:
+            target.close()
     return 0
 
 
