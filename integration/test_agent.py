@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.conftest import VMFactory, make_image
+from integration.conftest import DomainFactory, VMFactory, make_image
 from vmctl import VM
 from vmctl.agent.guest import GuestAgent
 from vmctl.errors import AgentCommandError, AgentTimeout, AgentUnavailable
@@ -62,6 +62,10 @@ def test_exec_returns_the_guests_output_stderr_and_exit_code(vms: VMFactory) -> 
     assert agent.info().version.split(".")[0].isdigit()
     assert "guest-fsfreeze-freeze" in agent.info().commands
     assert [i.name for i in agent.network_interfaces()] == ["lo"]
+    agent.set_time(1_900_000_000 * 10**9)  # 2030: the guest's clock (and its RTC) follow
+    assert 1_900_000_000 <= int(agent.exec(["date", "+%s"]).stdout) < 1_900_000_060
+    agent.set_time()  # back to the host's clock
+    assert abs(int(agent.exec(["date", "+%s"]).stdout) - time.time()) < 60
 
 
 def test_a_quiesced_snapshot_holds_what_the_guest_wrote_just_before_it(vms: VMFactory, tmp_path: Path) -> None:
@@ -167,3 +171,20 @@ def test_a_vm_without_an_agent_says_so_before_anything_is_done(vms: VMFactory, t
         vm.snapshot_disks(["data"], overlays={"data": tmp_path / "top.qcow2"}, quiesce=True)
     assert not (tmp_path / "top.qcow2").exists()
     assert [len(d.layers) for d in vm.disks()] == [1]
+
+
+@pytest.mark.parametrize("domains", ["libvirt"], indirect=True)
+def test_libvirt_quiesces_a_snapshot_through_its_own_agent_channel(domains: DomainFactory, tmp_path: Path) -> None:
+    disk = ext2_disk(tmp_path)
+    vm = domains.launch(domains.spec("agent-libvirt", guest_agent=True, disks=[disk]))
+    with GuestShell(vm) as shell:
+        mount_data(shell)
+        shell.poll("pidof qemu-ga")
+        shell.run("echo written-before-the-snapshot > /mnt/data/note", check=True)  # in the page cache only
+        [snapped] = vm.snapshot_disks(["data"], overlays={"data": tmp_path / "top.qcow2"}, quiesce=True)
+        assert len(snapped.layers) == 2
+        log = shell.run(f"cat {AGENT_LOG}", check=True).output
+        assert log.index("disabling logging due to filesystem freeze") < log.index("logging re-enabled")
+        shell.run("echo after > /mnt/data/after && sync", check=True)
+    found = subprocess.run(["debugfs", "-R", "cat /note", str(disk.path)], capture_output=True, text=True, check=True)
+    assert found.stdout == "written-before-the-snapshot\n"

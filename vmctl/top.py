@@ -122,7 +122,8 @@ def run_top(root: Path, *, interval: float = 1.0) -> int:
             rows = top.refresh()
             screen.erase()
             height, width = screen.getmaxyx()
-            title = f"vmctl top - {root} - {len(rows)} VMs - up {duration(time.monotonic() - started)} - q quits"
+            # What the reader needs first comes first: a long root is what the width cuts off.
+            title = f"vmctl top - q quits - {len(rows)} VMs - up {duration(time.monotonic() - started)} - {root}"
             for y, line in enumerate([title, "", *render(rows)][: height - 1]):
                 screen.addnstr(y, 0, line, width - 1, curses.A_BOLD if y in (0, 2) else curses.A_NORMAL)
             screen.refresh()

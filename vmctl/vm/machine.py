@@ -443,8 +443,8 @@ class VM:
         """Shut down, escalating: the guest agent's shutdown when it answers, then ACPI powerdown
         (``timeout`` each), then quit, SIGTERM, SIGKILL (``step_timeout`` each). Returns how it ended."""
         steps: tuple[ShutdownMethod, ...] = STEPS
-        agent = self._agent
-        if agent is not None and not self.lifecycle.has_exited and agent.answers(timeout=min(step_timeout, 2.0)):
+        agent = self._agent_for_shutdown(step_timeout)
+        if agent is not None:
             steps = (ShutdownMethod.AGENT, *STEPS)
         return self.lifecycle.escalate(
             steps,
@@ -452,6 +452,16 @@ class VM:
             step_timeout=step_timeout,
             agent_shutdown=agent.shutdown if agent is not None else None,
         )
+
+    def _agent_for_shutdown(self, step_timeout: float) -> GuestAgent | None:
+        """The agent, if it can shut the guest down now: a paused guest's agent never answers."""
+        if self._agent is None or self.lifecycle.has_exited:
+            return None
+        try:
+            running = self.status().running
+        except QMPError:
+            return None
+        return self._agent if running and self._agent.answers(timeout=min(step_timeout, 2.0)) else None
 
     def wait(self, timeout: float) -> ExitStatus:
         """Wait for QEMU to exit. Raises ``AbnormalExit`` if it crashed, ``WaitTimeout`` if it still runs."""
