@@ -37,7 +37,6 @@ class AgentState(enum.Enum):
     SYNCING = "syncing"  # guest-sync-delimited sent; waiting for its delimiter and token
     READY = "ready"  # synchronised; no command outstanding
     AWAITING_REPLY = "awaiting-reply"  # a command is outstanding
-    FAILED = "failed"
 
 
 @attrs.frozen(kw_only=True)

@@ -27,14 +27,19 @@ def qemu_binary() -> str | None:
     return os.environ.get("VMCTL_QEMU") or shutil.which("qemu-system-x86_64")
 
 
+def stat_fields(stat: str) -> list[str]:
+    """The fields of a ``/proc/PID/stat`` line after the command name, from the state (field 3)
+    on: the name may contain spaces and parentheses, so the split is after its last ")"."""
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def start_time(pid: int) -> int:
     """The process's start time in clock ticks since boot: with the pid, it names one process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         raise StaleState(f"process {pid} does not exist") from None
-    # The command name (field 2) may contain spaces and parentheses: split after its last ")".
-    fields = stat[stat.rindex(")") + 2 :].split()
+    fields = stat_fields(stat)
     if fields[0] in ("Z", "X"):  # exited, not yet reaped by its (new) parent
         raise StaleState(f"process {pid} has exited")
     return int(fields[19])

@@ -16,6 +16,7 @@ from vmctl.model import NicSpec
 from vmctl.model.stats import MemoryStats, NicStats, VcpuStats, VMStats
 from vmctl.ops import stats as stats_ops
 from vmctl.qmp import QMPMonitor
+from vmctl.vm.process import stat_fields
 
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 _TICK_NS: Final = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
@@ -62,8 +63,7 @@ def _process_cpu_ns(proc: str) -> int:
 
 
 def _ticks_ns(stat: str) -> int:
-    # utime and stime are the 14th and 15th fields; the name (2nd) may hold spaces: count after ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
+    fields = stat_fields(stat)  # utime and stime are fields 14 and 15: here 11 and 12
     return (int(fields[11]) + int(fields[12])) * _TICK_NS
 
 
