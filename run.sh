@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # vmctl's one entry point for people and CI:
 #   ./run.sh demo          the demo (installs what it needs first)
-#   ./run.sh test [ARGS]   lint, type-check, unit and integration tests (on QEMU 7.2, then 10.0;
-#                          ARGS go to one pytest run instead)
+#   ./run.sh test [ARGS]   lint, type-check, unit and integration tests (all on QEMU 7.2, then those
+#                          marked versioned on 10.0; two workers); ARGS go to one pytest run instead
 #   ./run.sh bench         the benchmarks under bench/
-#   ./run.sh setup         only install: Debian packages, the virtualenv at .venv/, the test guest
+#   ./run.sh setup         only install: Debian packages, the virtualenv at .venv/, the test guests
 set -euo pipefail
 cd "$(dirname "$0")"
 # The test guest (kernel + initramfs) is built once into this git-ignored directory.
@@ -24,9 +24,12 @@ ensure_system() {
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     # vmctl.testing.PrivateLibvirtd (see DEVELOPERS.md): the daemon, its QEMU driver, virsh; and what
-    # pip needs to build libvirt-python (no wheels) against the system's libvirt.
+    # pip needs to build libvirt-python (no wheels) against the system's libvirt. The Debian test guest
+    # (vmctl.testing.DebianGuest): mmdebstrap (its root), dosfstools and mtools (its EFI system
+    # partition), fdisk (sfdisk: its GPT).
     local package
-    for package in libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc python3-dev; do
+    for package in libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc python3-dev \
+        mmdebstrap dosfstools mtools fdisk; do
         dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || missing+=("$package")
     done
     local sudo=""
@@ -119,6 +122,14 @@ ensure_guest() {
     .venv/bin/python -c 'from vmctl.testing import TestGuest; print("   ", TestGuest.ensure().kernel.parent)'
 }
 
+# The Debian test guest (mmdebstrap's root mode, so as root) for integration/test_debian_guest.py.
+ensure_debian_guest() {
+    echo "==> Debian test guest (mmdebstrap, built once into .cache/)"
+    local sudo=()
+    [ "$(id -u)" = 0 ] || sudo=(sudo env "VMCTL_CACHE_DIR=$VMCTL_CACHE_DIR")
+    "${sudo[@]}" .venv/bin/python -c 'from vmctl.testing import DebianGuest; print("   ", DebianGuest.ensure().image)'
+}
+
 # QEMU runs unprivileged, as this user, when vmctl is root (VMSpec.run_as="auto").
 ensure_qemu_user() {
     [ "$(id -u)" = 0 ] || return 0
@@ -163,14 +174,32 @@ lint() {
     .venv/bin/mypy
 }
 
+# stage NAME PREPARE COMMAND...: runs PREPARE, then COMMAND, and prints the stage's wall time.
+stage_times=()
+stage() {
+    local name=$1 prepare=$2 started=$SECONDS status=0
+    shift 2
+    echo "==> pytest: $name"
+    "$prepare"
+    "$@" || status=$?
+    local took=$((SECONDS - started))
+    stage_times+=("$(printf '%d:%02d' $((took / 60)) $((took % 60)))")
+    echo "==> took $(printf '%d:%02d' $((took / 60)) $((took % 60))): $name"
+    return "$status"
+}
+
 case "${1:-}" in
-setup) setup ;;
+setup)
+    setup
+    ensure_debian_guest
+    ;;
 demo)
     setup
     exec .venv/bin/vmctl demo
     ;;
 test)
     setup
+    ensure_debian_guest
     lint
     shift
     if (($#)); then # a developer's own selection, on the system's QEMU (or $VMCTL_QEMU)
@@ -179,16 +208,20 @@ test)
         .venv/bin/python -m pytest "$@"
         exit 0
     fi
-    echo "==> pytest: unit tests, and integration tests on QEMU $(qemu-system-x86_64 --version | head -n 1 | awk '{print $4}')"
-    first=0 second=0
     uffd_keep_machine
-    uffd_for_qemu72
-    .venv/bin/python -m pytest || first=$?
-    # libvirt's tests run in the first stage only: Debian 12's libvirt 9.0 goes with its QEMU 7.2
-    # (they pass on 10.0 too, by hand: `VMCTL_QEMU=.cache/qemu-10.0/qemu-system-x86_64 ./run.sh test -m libvirt`).
-    echo "==> pytest: integration tests again, on QEMU 10.0 (VMCTL_QEMU=.cache/qemu-10.0/qemu-system-x86_64)"
-    uffd_for_qemu10
-    VMCTL_QEMU="$QEMU10" .venv/bin/python -m pytest integration -m "not libvirt" || second=$?
+    first=0 second=0
+    # Two workers: the suite waits on guests most of the time (README, "The test suite").
+    parallel=(-n "${VMCTL_TEST_WORKERS:-2}" --dist loadgroup --durations=25 --durations-min=5)
+    # A short base directory: QEMU's unix sockets live under the tests' run dirs (108 bytes at most).
+    basetemp=$(mktemp -d /tmp/vmctl-t.XXXX)
+    stage "unit tests, and integration tests on QEMU $(qemu-system-x86_64 --version | head -n 1 | awk '{print $4}')" \
+        uffd_for_qemu72 .venv/bin/python -m pytest "${parallel[@]}" --basetemp="$basetemp/1" || first=$?
+    # On the second QEMU only what depends on the version (integration/versions.py says what differs).
+    stage "integration tests marked versioned, on QEMU 10.0 (VMCTL_QEMU=.cache/qemu-10.0/qemu-system-x86_64)" \
+        uffd_for_qemu10 env VMCTL_QEMU="$QEMU10" .venv/bin/python -m pytest integration -m versioned "${parallel[@]}" \
+        --basetemp="$basetemp/2" || second=$?
+    rm -rf "$basetemp"
+    echo "==> stages took ${stage_times[*]}; the whole run $(printf '%d:%02d' $((SECONDS / 60)) $((SECONDS % 60)))"
     if [ "$first" != 0 ]; then exit "$first"; fi
     exit "$second"
     ;;

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import stat
@@ -9,6 +10,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,6 +127,17 @@ def let_qemu_through(path: Path) -> None:
         mode = stat.S_IMODE(directory.stat().st_mode)
         if not mode & stat.S_IXOTH:
             directory.chmod(mode | stat.S_IXOTH)
+
+
+def taps_held(pid: int) -> set[str]:
+    """The taps a process holds open (the kernel names each in its fd's fdinfo). Counting the
+    host's taps instead would count those of any other VM on it (tests run in parallel); a tap
+    no process holds is gone."""
+    held = set()
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        with contextlib.suppress(OSError):  # an fd closed meanwhile
+            held.update(re.findall(r"^iff:\s*(\S+)$", info.read_text(), re.MULTILINE))
+    return held
 
 
 class VMFactory:
@@ -332,11 +345,25 @@ def _leftover_qemus() -> list[int]:
     return sorted(set(pids))
 
 
+#: QEMUs that pytest-xdist's workers found left running, reported to the controlling process
+#: (a worker's own exit status does not reach the run's).
+_workers_leftovers: list[int] = []
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook
+def pytest_testnodedown(node: Any, error: object) -> None:
+    _workers_leftovers.extend(getattr(node, "workeroutput", {}).get("leftover_qemus", ()))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     alive = _leftover_qemus()
     for pid in alive:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    worker_output = getattr(session.config, "workeroutput", None)
+    if worker_output is not None:  # an xdist worker: its controller fails the run
+        worker_output["leftover_qemus"] = alive
+    alive += _workers_leftovers
     if alive:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print(f"\nERROR: QEMU processes left running after the tests: {alive}")

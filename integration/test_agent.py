@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from vmctl.agent.guest import GuestAgent
 from vmctl.errors import AgentCommandError, AgentTimeout, AgentUnavailable
 from vmctl.model import DiskSpec
 from vmctl.model.agent import FreezeStatus
+from vmctl.model.names import AGENT_CHARDEV
 from vmctl.model.status import ShutdownMethod
 from vmctl.testing import GuestShell
 from vmctl.testing.guest import AGENT_LOG
@@ -30,6 +32,20 @@ def agent_up(vm: VM, timeout: float = 30.0) -> GuestAgent:
         assert time.monotonic() < deadline, "the guest agent never answered"
         time.sleep(0.1)
     return vm.agent
+
+
+def agent_socket_held(vm: VM) -> bool:
+    """Whether a client is connected to QEMU's end of the agent's port (QEMU names the chardev
+    ``disconnected:...`` while none is)."""
+    [chardev] = [c for c in vm.qmp.execute("query-chardev") if c["label"] == AGENT_CHARDEV]
+    return not str(chardev["filename"]).startswith("disconnected:")
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} within {timeout:g}s"
+        time.sleep(0.01)
 
 
 def agent_pid(shell: GuestShell) -> str:
@@ -100,9 +116,13 @@ def test_frozen_thaws_when_its_body_raises_and_writes_wait_while_frozen(vms: VMF
         with pytest.raises(RuntimeError, match="the body failed"), agent.frozen() as count:
             assert count >= 1
             assert agent.fsfreeze_status() is FreezeStatus.FROZEN
-            # A writer in the guest waits on the frozen filesystem (/tmp is tmpfs: not frozen).
-            shell.run("(echo late > /mnt/data/late; touch /tmp/late-done) >/dev/null 2>&1 &", check=True)
-            time.sleep(1.0)
+            # A writer in the guest waits on the frozen filesystem (/tmp is tmpfs: not frozen): it
+            # is blocked in the kernel (uninterruptible sleep), not merely slow to start.
+            started = shell.run(
+                "(echo late > /mnt/data/late; touch /tmp/late-done) >/dev/null 2>&1 & echo $!", check=True
+            )
+            writer = started.output.strip()
+            shell.poll(f"[ \"$(cut -d' ' -f3 /proc/{writer}/stat)\" = D ] && echo blocked")
             assert not shell.run("test -e /tmp/late-done").ok
             raise RuntimeError("the body failed")
         assert agent.fsfreeze_status() is FreezeStatus.THAWED
@@ -132,9 +152,12 @@ def test_a_stopped_agent_times_out_and_a_killed_one_is_unavailable_at_once(vms: 
             agent.ping(timeout=1.0)
         # A call waiting on the hung agent learns at once when the agent dies (not at its timeout).
         outcome: list[BaseException] = []
-        waiter = threading.Thread(target=lambda: _capture(outcome, lambda: agent.ping(timeout=60.0)))
+        waiter = threading.Thread(target=lambda: _capture(outcome, lambda: agent.ping(timeout=60.0)), daemon=True)
+        # QEMU serves one client on the agent's socket: once the timed-out call's connection is
+        # gone, a connection QEMU holds is the waiter's, which passed its port check and waits.
+        wait_until(lambda: not agent_socket_held(vm), "the timed-out call's connection closed")
         waiter.start()
-        time.sleep(0.5)
+        wait_until(lambda: agent_socket_held(vm), "the waiter connected")
         shell.run(f"kill -KILL {pid}", check=True)
         waiter.join(timeout=10.0)
         assert not waiter.is_alive()

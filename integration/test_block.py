@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import VMFactory
+from integration.versions import BLOCK_JOBS
 from vmctl import VM, DiskSpec
 from vmctl.errors import BlockJobError, InvalidArgument, SnapshotError
 from vmctl.ops import chains
 from vmctl.testing import GuestShell
+
+pytestmark = pytest.mark.versioned(BLOCK_JOBS)
 
 MIB = 1024 * 1024
 

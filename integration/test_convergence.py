@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import TwoHosts, VMFactory
+from integration.versions import CONVERGENCE
 from vmctl import VM, RunState
 from vmctl.errors import InvalidArgument, MigrationError, WaitTimeout
 from vmctl.model import Escalation, Step
 from vmctl.ops.live_migration import Migration
 from vmctl.testing import GuestShell
 from vmctl.testing.workload import MemoryDirtier, panic_lines
+
+pytestmark = pytest.mark.versioned(CONVERGENCE)
 
 MIB = 1024 * 1024
 #: The link: the guest rewrites 16 MiB (one copy of its file) many times a second, and a
@@ -73,6 +76,15 @@ def wait_for_escalation(migration: Migration, step: Step, *, timeout: float = 60
     deadline = time.monotonic() + timeout
     while step not in [e.step for e in migration.escalations]:
         assert time.monotonic() < deadline, f"no {step.value} escalation within {timeout:g}s"
+        with contextlib.suppress(WaitTimeout):
+            migration.wait(0.5)
+
+
+def follow_until_pass(source: VM, migration: Migration, passes: int, *, timeout: float = 60.0) -> None:
+    """Follow the migration (its policy deciding as passes begin) until QEMU is on pass ``passes``."""
+    deadline = time.monotonic() + timeout
+    while source.qmp.execute("query-migrate").get("ram", {}).get("dirty-sync-count", 0) < passes:
+        assert time.monotonic() < deadline, f"not at pass {passes} within {timeout:g}s"
         with contextlib.suppress(WaitTimeout):
             migration.wait(0.5)
 
@@ -211,7 +223,7 @@ def test_a_cancel_during_an_escalation_leaves_the_source_running_with_its_data(v
         wait_for_escalation(migration, Step.THROTTLE)
     else:  # no throttle here: the cancel comes while the policy has no step left to take
         migration = source.migrate(target, bandwidth=LINK, finish_within=60)
-        time.sleep(12)
+        follow_until_pass(source, migration, 3)  # it decides from the second pass on: it has, and took none
         assert source.qmp.execute("query-migrate")["status"] == "active"
         assert steps(migration.escalations) == taken(source)
     migration.cancel()

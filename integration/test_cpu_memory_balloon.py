@@ -7,6 +7,7 @@ import time
 import pytest
 
 from integration.conftest import DomainFactory, VMFactory
+from integration.versions import CPU_HOTPLUG, MEMORY_HOTPLUG
 from vmctl import VM, Domain
 from vmctl.errors import BalloonUnavailable, DeviceError, HotplugError, InvalidArgument
 from vmctl.libvirt import LibvirtVM
@@ -33,6 +34,7 @@ def recorded_cpus(vm: Domain) -> int:
     return vm.spec.cpus + len(vm.inventory.hotplugged_cpus)
 
 
+@pytest.mark.versioned(CPU_HOTPLUG)
 def test_cpu_hotplug_and_unplug_seen_by_the_guest(domains: DomainFactory) -> None:
     vm = domains.launch(domains.spec(cpus=1, max_cpus=3))
     with GuestShell(vm) as shell:
@@ -61,6 +63,7 @@ def test_cpu_hotplug_and_unplug_seen_by_the_guest(domains: DomainFactory) -> Non
     assert sum(1 for s in vm.qmp.execute("query-hotpluggable-cpus") if "qom-path" in s) == 2
 
 
+@pytest.mark.versioned(MEMORY_HOTPLUG)
 def test_memory_hotplug_and_unplug_seen_by_the_guest(domains: DomainFactory) -> None:
     vm = domains.launch(domains.spec(memory_mib=256, max_memory_mib=1024, memory_slots=2))
     with GuestShell(vm) as shell:
@@ -104,6 +107,7 @@ def test_balloon_without_a_device_is_a_clear_error(vms: VMFactory) -> None:
         vm.set_balloon(128 * MIB)
 
 
+@pytest.mark.versioned(MEMORY_HOTPLUG)
 def test_virtio_mem_grows_and_shrinks_the_guest(domains: DomainFactory) -> None:
     vm = domains.launch(domains.spec(memory_mib=256, max_memory_mib=1280, memory_slots=1))
     with GuestShell(vm) as shell:
@@ -126,6 +130,7 @@ def test_virtio_mem_grows_and_shrinks_the_guest(domains: DomainFactory) -> None:
             vm.resize_virtio_mem("vmem0", 2048)
 
 
+@pytest.mark.versioned(CPU_HOTPLUG)
 def test_a_cpu_hotplug_that_would_crash_qemu_under_tcg_is_refused_before_anything_is_sent(vms: VMFactory) -> None:
     """Measured here: under TCG, QEMU 7.2 dies (SIGSEGV) on a vCPU hotplug after an unplug, and
     10.0 aborts (tcg_max_ctxs) once max_cpus vCPUs have been created over its life."""

@@ -10,6 +10,7 @@ import attrs
 import pytest
 
 from integration.conftest import DomainFactory, VMFactory, make_image
+from integration.versions import DISK_DEVICES, MIGRATION
 from vmctl import VM, Domain
 from vmctl.errors import CommandError, DeviceExists, HotplugError, InvalidArgument, UnknownDevice
 from vmctl.libvirt import LibvirtVM
@@ -39,6 +40,7 @@ def leftovers(vm: Domain, disk_id: str, image: Path | None = None) -> list[str]:
     return found
 
 
+@pytest.mark.versioned(DISK_DEVICES)
 @pytest.mark.parametrize(("fmt", "machine"), [("qcow2", "q35"), ("raw", "pc")])
 def test_hotplug_write_read_back_and_unplug(
     domains: DomainFactory, tmp_path: Path, fmt: DiskFormat, machine: str
@@ -171,6 +173,7 @@ def _block_settings(vm: VM, device_id: str) -> dict[str, Any]:
     return inserted
 
 
+@pytest.mark.versioned(DISK_DEVICES)
 def test_a_disk_at_boot_and_the_same_disk_hotplugged_get_identical_properties(vms: VMFactory, tmp_path: Path) -> None:
     disk = DiskSpec(
         id="same1",
@@ -195,6 +198,7 @@ def test_a_disk_at_boot_and_the_same_disk_hotplugged_get_identical_properties(vm
     assert settings["iops"] == 123 and settings["bps_wr"] == 1048576
 
 
+@pytest.mark.versioned(MIGRATION)
 def test_cache_and_io_limits_survive_attach_and_reach_a_migration_target(vms: VMFactory, tmp_path: Path) -> None:
     vm = vms.launch(vms.spec("src"), wait_ready=False, paused=True)
     vm.hotplug_disk(make_image(tmp_path / "a.qcow2", "qcow2"), id="qa", cache="none", throttle=Throttle(iops=123))

@@ -17,9 +17,12 @@ import pytest
 
 from integration.conftest import VMFactory, make_image
 from integration.test_migration import SLOW, pattern_intact, write_pattern
+from integration.versions import MIGRATION
 from vmctl import VM, RunState
 from vmctl.errors import MigrationError, StaleState, VmctlError, WaitTimeout
 from vmctl.testing import GuestShell
+
+pytestmark = pytest.mark.versioned(MIGRATION)
 
 #: A waiter learns of a dead QEMU within this (the bound the issue sets, with the kill's own latency).
 PROMPTLY = 1.0
@@ -125,11 +128,13 @@ def test_a_vm_killed_during_snapshots_ends_the_call_at_once(vms: VMFactory, tmp_
     vm.hotplug_disk(make_image(tmp_path / "base.qcow2", "qcow2"), id="sn1")
     failure: list[BaseException] = []
     ended = threading.Event()
+    taken = threading.Event()
 
     def snapshots() -> None:  # as many as fit until QEMU dies under one of them
         try:
             for n in range(1000):
                 vm.snapshot_disks(["sn1"], overlays={"sn1": tmp_path / f"s{n}.qcow2"})
+                taken.set()
         except VmctlError as exc:
             failure.append(exc)
         finally:
@@ -137,7 +142,7 @@ def test_a_vm_killed_during_snapshots_ends_the_call_at_once(vms: VMFactory, tmp_
 
     thread = threading.Thread(target=snapshots)
     thread.start()
-    time.sleep(0.5)
+    assert taken.wait(30)  # one went through: the loop is under way, the next snapshot begun
     killed = _kill_soon(vm, after=0.0)
     assert ended.wait(10)
     thread.join(5)

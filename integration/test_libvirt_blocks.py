@@ -11,10 +11,13 @@ import pytest
 
 from integration.conftest import DomainFactory
 from integration.test_block import host_block, make_image, qemu_img, read_block, write_block
+from integration.versions import BLOCK_JOBS
 from vmctl import Domain
 from vmctl.errors import InvalidArgument, SnapshotError
 from vmctl.libvirt import LibvirtVM
 from vmctl.testing import GuestShell
+
+pytestmark = pytest.mark.versioned(BLOCK_JOBS)
 
 MIB = 1024 * 1024
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import BOOT_TIMEOUT, CAPABILITIES_CACHE, TwoHosts, VMFactory, make_image
+from integration.versions import MIGRATION
 from vmctl.errors import WaitTimeout
 from vmctl.libvirt import DomainNotFound, LibvirtMigrationError, LibvirtVM
 from vmctl.libvirt.eventloop import libvirt_module
@@ -22,7 +23,7 @@ from vmctl.model.migration import MigrationProgress
 from vmctl.testing import READY_MARKER, GuestShell
 from vmctl.testing.libvirtd import PrivateLibvirtd
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.versioned(MIGRATION)]
 
 #: Random, so that neither zero-page detection nor compression shrinks it on the wire.
 RAM_FILE_MIB = 32

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import BOOT_TIMEOUT, CAPABILITIES_CACHE, TwoHosts
+from integration.versions import LIBVIRT_PROBE
 from vmctl.testing import READY_MARKER, PrivateLibvirtd, TestGuest
 from vmctl.testing.libvirtd import LIBVIRT_DIRS
 from vmctl.vm.process import qemu_binary
@@ -116,6 +117,7 @@ def test_private_daemon_answers_with_its_own_host_uuid_and_hostname_and_leaves_h
     assert host_libvirt_mounts() == mounts_before
 
 
+@pytest.mark.versioned(LIBVIRT_PROBE)
 def test_guest_boots_as_a_transient_domain_and_stop_leaves_no_qemu_and_no_daemon(
     libvirtd: PrivateLibvirtd, guest: TestGuest, tmp_path: Path
 ) -> None:

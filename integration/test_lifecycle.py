@@ -105,10 +105,10 @@ def test_sigkill_is_an_abnormal_exit_with_the_log_tail(vms: VMFactory) -> None:
     vm.on_crash(on_crash)
     with (vm.run_dir / "qemu.log").open("a") as qemu_log:
         qemu_log.write("marker-before-crash\n")
-    killed_at = time.monotonic()
     os.kill(vm.pid, signal.SIGKILL)
+    # Reported by itself: nothing here asks vmctl anything until the callback has run (how soon
+    # after the kill is a figure for bench/, not a test's to time).
     assert crashed.wait(5)
-    assert time.monotonic() - killed_at < 0.1 + 0.05  # detection bound plus the callback hand-off
     with pytest.raises(AbnormalExit) as info:
         vm.wait(1)
     assert info.value.signal == signal.SIGKILL

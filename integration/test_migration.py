@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from integration.conftest import REPO, TwoHosts, VMFactory, make_image
+from integration.versions import MIGRATION
 from vmctl import VM, RunState
 from vmctl.errors import AbnormalExit, InvalidArgument, MigrationError
+from vmctl.model import MigrationProgress
 from vmctl.ops import migration as migration_ops
 from vmctl.qmp import Monitor
 from vmctl.testing import GuestShell
 from vmctl.testing.workload import panic_lines
+
+pytestmark = pytest.mark.versioned(MIGRATION)
 
 MIB = 1024 * 1024
 SLOW = 4 * MIB  # bytes/s: a 256 MiB guest then needs about a minute, time enough to interfere
@@ -151,16 +154,17 @@ def test_ten_migrations_back_and_forth(vms: VMFactory) -> None:
 
 def test_progress_reports_while_running(vms: VMFactory) -> None:
     source = vms.launch(vms.spec("src"))
+    write_pattern(source)  # 16 MB that cannot be sent as zero pages: seconds at this bandwidth
     target = vms.incoming(source, "dst")
-    seen = []
-    lock = threading.Lock()
-
-    def on_progress(progress: object) -> None:
-        with lock:
-            seen.append(progress)
-
-    source.migrate(target, bandwidth=64 * MIB).wait(120, on_progress=on_progress, progress_interval=0.2)
-    assert seen and seen[-1].total > 0  # type: ignore[attr-defined]
+    seen: list[MigrationProgress] = []
+    source.migrate(target, bandwidth=16 * MIB).wait(120, on_progress=seen.append, progress_interval=0.2)
+    # Reports of the migration under way, not of its end: QEMU still said "active" when each was
+    # taken, and they follow the bytes as they go.
+    active = [progress for progress in seen if progress.status == "active"]
+    assert len(active) >= 2, seen
+    assert all(progress.total > 0 for progress in active), active
+    transferred = [progress.transferred for progress in active]
+    assert transferred == sorted(transferred) and transferred[0] < transferred[-1], transferred
 
 
 def test_postcopy_recovers_after_the_link_breaks(vms: VMFactory, two_hosts: TwoHosts) -> None:
@@ -183,12 +187,30 @@ def test_postcopy_recovers_after_the_link_breaks(vms: VMFactory, two_hosts: TwoH
     assert pattern_intact(target)
 
 
-def test_multifd(vms: VMFactory) -> None:
+def test_multifd_reaches_both_qemus_and_opens_its_channels(vms: VMFactory) -> None:
     source = vms.launch(vms.spec("src"))
     write_pattern(source)
     target = vms.incoming(source, "dst")
-    assert source.migrate(target, multifd_channels=2).wait(120).status == "completed"
+    # Three channels: QEMU's default is two, which would pass for a count that never reached it.
+    migration = source.migrate(target, multifd_channels=3, pause_before_switchover=True)
+    # Held before the switch-over, every channel still open: ask each QEMU what it was told.
+    migration.wait_for_status("pre-switchover", timeout=60)
+    for side in (source, target):
+        capabilities = {c["capability"]: c["state"] for c in side.qmp.execute("query-migrate-capabilities")}
+        assert capabilities["multifd"] is True, side.name
+        assert side.qmp.execute("query-migrate-parameters")["multifd-channels"] == 3, side.name
+    assert migration.uri.startswith("unix:")
+    assert connections_accepted(migration.uri.removeprefix("unix:")) == 1 + 3  # the main channel and the multifd ones
+    migration.continue_()
+    assert migration.wait(120).status == "completed"
     assert pattern_intact(target)
+
+
+def connections_accepted(path: str) -> int:
+    """The connections a listening unix socket has accepted: in /proc/net/unix, each accepted
+    socket carries its listener's path, and is connected (state 03)."""
+    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[5] == "03" and line.split()[-1] == path)
 
 
 def test_a_target_without_the_sources_devices_is_refused(vms: VMFactory, tmp_path: Path) -> None:

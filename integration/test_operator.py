@@ -58,8 +58,9 @@ def test_keys_reach_the_guests_keyboard_and_an_nmi_its_kernel(vms: VMFactory) ->
     vm = vms.launch(vms.spec("keys", vga=True, append="vmctl.noacpi"))
     with GuestShell(vm) as shell:
         keyboard = shell.poll("grep -l 'AT Translated' /sys/class/input/event*/device/name | cut -d/ -f5")
-        shell.run(f"dd if=/dev/input/{keyboard} of=/tmp/keys bs=24 count=4 2>/dev/null &", check=True)
-        time.sleep(0.5)
+        reader = shell.run(f"dd if=/dev/input/{keyboard} of=/tmp/keys bs=24 count=4 2>/dev/null & echo $!", check=True)
+        # Keys pressed before the reader holds the device would be lost to it.
+        shell.poll(f"ls -l /proc/{reader.output.strip()}/fd | grep -q 'input/{keyboard}$' && echo open")
         vm.send_keys(["shift", "a"])
         shell.poll("[ $(stat -c %s /tmp/keys) -ge 96 ] && echo got")  # press and release events
         vm.inject_nmi()

@@ -9,10 +9,13 @@ from typing import Any
 import pytest
 
 from integration.conftest import BOOT_TIMEOUT, VMFactory, make_image
+from integration.versions import PCIE
 from vmctl import VM, DiskSpec, NicSpec
 from vmctl.errors import NoHotplugSlot
 from vmctl.model.names import UEFI_VARS_FILE
 from vmctl.testing import READY_MARKER, GuestShell
+
+pytestmark = pytest.mark.versioned(PCIE)
 
 MIB = 1 << 20
 

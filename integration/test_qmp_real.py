@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import tempfile
+import termios
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from integration.conftest import QEMU, QemuProcess
+from integration.versions import GREETING
 from vmctl.errors import CommandNotFound, CommandTimeout, ConnectionLost, DeviceNotFound, GenericError
 from vmctl.qmp import Monitor, connect
 
 
+@pytest.mark.versioned(GREETING)
 def test_negotiation_and_basic_queries(qmp: Monitor) -> None:
     assert qmp.version.major >= 7
     assert "oob" in qmp.greeting.capabilities
@@ -82,30 +89,47 @@ def test_sigstop_times_out_then_sigcont_recovers(qemu: QemuProcess, qmp: Monitor
     assert qmp.execute("query-name", timeout=10) == {}
 
 
-def test_sigkill_while_pending_is_connection_lost_within_100ms(qemu: QemuProcess, qmp: Monitor) -> None:
-    qemu.signal(signal.SIGSTOP)  # keep the command pending
-    outcome: list[tuple[BaseException, float]] = []
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} within {timeout:g}s"
+        time.sleep(0.005)
+
+
+def unread_by_qemu(sock: socket.socket) -> int:
+    """Bytes this end sent that QEMU has not read yet (the unix socket's send queue)."""
+    queued = array.array("i", [0])
+    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, queued)
+    return queued[0]
+
+
+def test_sigkill_while_a_command_is_pending_fails_it_and_later_ones_with_connection_lost_not_a_timeout(
+    qemu: QemuProcess, qmp: Monitor
+) -> None:
+    qemu.signal(signal.SIGSTOP)  # keep the command pending: QEMU cannot read it
+    wait_until(lambda: Path(f"/proc/{qemu.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T", "stopped")
+    outcome: list[BaseException] = []
 
     def pending_command() -> None:
         try:
             qmp.execute("query-status", timeout=30)
         except BaseException as exc:
-            outcome.append((exc, time.monotonic()))
+            outcome.append(exc)
 
-    thread = threading.Thread(target=pending_command)
+    thread = threading.Thread(target=pending_command, daemon=True)
     thread.start()
-    time.sleep(0.2)
+    wait_until(lambda: unread_by_qemu(qemu.socket) > 0, "sent")  # the command waits in QEMU's socket
     assert not outcome
-    killed_at = time.monotonic()
     qemu.signal(signal.SIGKILL)
-    thread.join(5)
-    error, failed_at = outcome[0]
-    assert isinstance(error, ConnectionLost)
-    assert failed_at - killed_at < 0.1
-    started = time.monotonic()
+    # The loss itself ends the wait, long before the command's own 30 s would: the reader
+    # notices the connection closing (how soon is bench/'s to measure, not a test's to time).
+    thread.join(10)
+    assert not thread.is_alive(), "the pending command waited on after QEMU died"
+    [error] = outcome
+    assert isinstance(error, ConnectionLost) and "outcome is unknown" in str(error)  # it had been sent
+    # A later command fails at once: it is neither sent nor waited for (that would end in a CommandTimeout).
     with pytest.raises(ConnectionLost):
         qmp.execute("query-status", timeout=30)
-    assert time.monotonic() - started < 0.05
 
 
 def test_secret_never_appears_in_logs_or_transcript(qemu: QemuProcess, tmp_path: Path) -> None:
@@ -128,6 +152,7 @@ def test_secret_never_appears_in_logs_or_transcript(qemu: QemuProcess, tmp_path:
 def test_eight_threads_each_get_their_own_replies(qmp: Monitor) -> None:
     mismatches: list[str] = []
     failures: list[BaseException] = []
+    replies = [0] * 8
 
     def worker(thread: int) -> None:
         try:
@@ -135,18 +160,22 @@ def test_eight_threads_each_get_their_own_replies(qmp: Monitor) -> None:
                 value = thread * 100_000 + i
                 # HMP "print" echoes the number back: each reply is specific to its command.
                 output = qmp.human(f"print {value}", timeout=30)
+                replies[thread] += 1
                 if int(output.strip(), 16) != value:
                     mismatches.append(f"thread {thread} sent {value} got {output!r}")
         except BaseException as exc:
             failures.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(8)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 120
     for t in threads:
-        t.join(120)
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert [t.is_alive() for t in threads] == [False] * 8, f"hung workers; replies so far {replies}"
     assert not failures
     assert not mismatches
+    assert replies == [1000] * 8
 
 
 def test_connect_waits_for_qemu_to_create_its_socket(tmp_path: Path) -> None:

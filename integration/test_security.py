@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 
 from integration.conftest import VMFactory, make_image
+from integration.versions import SANDBOX
 from vmctl import VM, DiskSpec
 from vmctl.errors import AbnormalExit, CommandError, ConnectionLost, LaunchError
 from vmctl.testing import GuestShell
 from vmctl.vm.privileges import DEFAULT_USER
+
+pytestmark = pytest.mark.versioned(SANDBOX)
 
 QEMU_USER = pwd.getpwnam(DEFAULT_USER)
 

@@ -9,9 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from integration.conftest import VMFactory, make_image
+from integration.versions import MIGRATION
 from vmctl import VM, NicSpec
 from vmctl.testing import GuestShell
+
+pytestmark = pytest.mark.versioned(MIGRATION)
 
 MIB = 1 << 20
 MAC = "52:54:00:5e:77:01"

@@ -13,10 +13,13 @@ import pytest
 
 from integration.conftest import TwoHosts, VMFactory, make_image
 from integration.test_migration import pattern_intact, write_pattern
+from integration.versions import MIGRATION
 from vmctl import VM, Secret, TLSCreds
 from vmctl.errors import InvalidArgument, MigrationError
 from vmctl.testing import GuestShell
 from vmctl.testing.certs import make_tls_creds
+
+pytestmark = pytest.mark.versioned(MIGRATION)
 
 #: A string the guest holds in RAM (a tmpfs file): in clear on the wire unless the stream is encrypted.
 MARKER = "vmctl-ram-marker-6e1f0b93"
@@ -24,7 +27,8 @@ MARKER = "vmctl-ram-marker-6e1f0b93"
 
 @contextlib.contextmanager
 def captured(namespace: str, link: str, port: int, out: Path) -> Iterator[Path]:
-    """The TCP traffic to and from ``port`` on ``link``, as tcpdump writes it."""
+    """The TCP traffic to and from ``port`` on ``link``, as tcpdump writes it, up to the end of
+    the connections: the capture stops once both ends' FIN (or RST) are in the file."""
     # A 64 MiB kernel buffer: with the default 2 MiB, tcpdump dropped a tenth of a disk copy in CI.
     command = ["ip", "netns", "exec", namespace, "tcpdump", "-i", link, "-U", "-B", "65536", "-s", "0", "-w", str(out)]
     with subprocess.Popen([*command, "tcp", "port", str(port)], stderr=subprocess.PIPE, text=True) as dump:
@@ -32,10 +36,23 @@ def captured(namespace: str, link: str, port: int, out: Path) -> Iterator[Path]:
             assert dump.stderr is not None
             assert "listening on" in dump.stderr.readline()  # it captures from here on
             yield out
+            # tcpdump hands packets over in batches: wait for the last ones rather than guess how long they take.
+            deadline = time.monotonic() + 30
+            while len(closed_by(out, port)) < 2:
+                assert time.monotonic() < deadline, f"the capture never saw both ends of port {port} close"
+                time.sleep(0.05)
         finally:
-            time.sleep(0.5)  # what is in flight reaches the file
             dump.terminate()
             dump.wait(10)
+
+
+def closed_by(capture: Path, port: int) -> set[str]:
+    """The addresses that sent a FIN or RST on ``port``, in the capture so far (tcpdump reads a
+    file it is still writing, up to its last whole packet)."""
+    flags = f"tcp port {port} and tcp[tcpflags] & (tcp-fin|tcp-rst) != 0"
+    listed = subprocess.run(["tcpdump", "-n", "-r", str(capture), flags], capture_output=True, text=True).stdout
+    # "12:00:00.000000 IP 10.232.0.1.4460 > 10.232.0.2.51234: Flags [F.], ..."
+    return {line.split()[2].rsplit(".", 1)[0] for line in listed.splitlines() if " IP " in line}
 
 
 def test_a_tls_migration_between_hosts_moves_the_guest_and_never_its_ram_in_clear(

@@ -98,11 +98,9 @@ def test_connection_loss_wakes_event_waiters(monitor: Monitor, fake: FakeQEMU) -
         fake.emit_event("SHUTDOWN", {"guest": True})
         time.sleep(0.05)
         threading.Timer(0.1, fake.disconnect).start()
-        started = time.monotonic()
         assert sub.get(5).name == "SHUTDOWN"  # buffered events are still delivered first
-        with pytest.raises(ConnectionLost):
+        with pytest.raises(ConnectionLost):  # the loss woke it: not an EventTimeout at 5 s
             sub.get(5)
-        assert time.monotonic() - started < 0.5
 
 
 def test_callbacks_run_off_the_reader_and_may_call_qmp(monitor: Monitor, fake: FakeQEMU) -> None:
@@ -147,10 +145,10 @@ def test_on_disconnect_reports_the_loss(monitor: Monitor, fake: FakeQEMU) -> Non
         got.set()
 
     monitor.on_disconnect(on_disconnect)
-    started = time.monotonic()
     fake.disconnect()
-    assert got.wait(2)
-    assert time.monotonic() - started < 0.1
+    # Nothing is sent or waited for here: the idle monitor's watch notices the loss by itself
+    # (how soon is a figure for bench/, not a test's to time).
+    assert got.wait(5)
     assert isinstance(reasons[0], ConnectionLost)
 
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -30,7 +31,7 @@ from vmctl.errors import (
     SnapshotError,
 )
 from vmctl.model import DiskSpec, Overlay
-from vmctl.model.names import disk_node_names, fdset_tag, secret_object_id
+from vmctl.model.names import disk_node_names, fdset_tag
 from vmctl.model.secret import Secret
 from vmctl.ops.blockjobs import Job
 from vmctl.ops.disks import delete_disk_nodes, remove_disk_fdsets, remove_fdset
@@ -60,9 +61,11 @@ def staging_path(path: str | os.PathLike[str]) -> str:
 
 
 #: qemu-img create: how often it is tried, and for how long each time.
-_CREATE_ATTEMPTS = 3
+_CREATE_ATTEMPTS = 8
 _CREATE_TIMEOUT = 120.0
 _UNTIMED = "Unable to get accurate CPU usage"
+#: QEMU's own default for LUKS's key derivation time (``encrypt.iter-time``).
+LUKS_KEY_DERIVATION_MS = 2000
 
 
 def create_image(
@@ -73,10 +76,15 @@ def create_image(
     backing: str | None = None,
     backing_fmt: str = "",
     encryption: Secret | None = None,
+    key_derivation_ms: int = LUKS_KEY_DERIVATION_MS,
 ) -> None:
     """Make an image of ``size`` bytes with ``qemu-img``: a ``backing`` overlay, or an
     ``encryption``-protected qcow2 (LUKS; the passphrase reaches qemu-img through a memfd, never
     its command line). ``InvalidArgument`` with qemu-img's message if it cannot.
+
+    ``key_derivation_ms`` is how long LUKS's key derivation (PBKDF2) takes on this host: paid
+    again at every open of the image, and what a guess at the passphrase costs. QEMU's default
+    of 2 s is the floor for real data; a throwaway image opened many times can take less.
 
     The image is made under a staging name and renamed into place once qemu-img is done: a
     qemu-img that outlives a killed control plane (it may, in the moment before its parent-death
@@ -87,13 +95,17 @@ def create_image(
         command += ["-b", backing, "-F", backing_fmt, "-u"]
     passphrase = -1
     if encryption is not None:
+        if isinstance(key_derivation_ms, bool) or not isinstance(key_derivation_ms, int) or key_derivation_ms < 1:
+            raise InvalidArgument(
+                f"key_derivation_ms must be a positive number of milliseconds, not {key_derivation_ms!r}"
+            )
         if fmt != "qcow2":
             raise InvalidArgument(f"cannot create {path}: encryption is for qcow2 images, not {fmt}")
         passphrase = os.memfd_create("vmctl-passphrase", os.MFD_CLOEXEC)
         os.write(passphrase, encryption.reveal())
         command += [
             "--object", f"secret,id=vmctl-passphrase,format=raw,file=/proc/self/fd/{passphrase}",
-            "-o", "encrypt.format=luks,encrypt.key-secret=vmctl-passphrase",
+            "-o", f"encrypt.format=luks,encrypt.key-secret=vmctl-passphrase,encrypt.iter-time={key_derivation_ms}",
         ]  # fmt: skip
     staging = staging_path(path)
     try:
@@ -111,9 +123,12 @@ def create_image(
                 with contextlib.suppress(OSError):
                     os.unlink(staging)
                 raise InvalidArgument(f"cannot create {path}: qemu-img took over {_CREATE_TIMEOUT:g}s") from None
-            # LUKS times its key derivation on the CPU; on a busy host the measurement can fail.
+            # LUKS times its key derivation on the CPU; on a busy host the measurement can fail
+            # (the thread's CPU time reads 0 ms). It failed 3 times in a row with both cores
+            # busy: the next try waits a little longer each time for the load to move.
             if result.returncode == 0 or _UNTIMED not in result.stderr or attempt == _CREATE_ATTEMPTS - 1:
                 break
+            time.sleep(0.1 * (attempt + 1))
     finally:
         if passphrase >= 0:
             os.close(passphrase)
@@ -130,12 +145,15 @@ def _create_overlay(path: Path, size: int, disk: DiskSpec, below: int) -> None:
     create_image(path, size, backing=backing, backing_fmt=backing_fmt, encryption=disk.encryption)
 
 
-def _add_layer(
-    qmp: QMPMonitor, steps: Steps, disk: DiskSpec, layer: int, path: Path, fmt: str, backing: str | None
-) -> str:
-    """Open ``path``, pass it by fd and add its protocol and format nodes; returns the format node."""
+def _add_layer(qmp: QMPMonitor, steps: Steps, disk: DiskSpec, layer: int, *, backing: str | None) -> str:
+    """Open ``disk``'s layer ``layer`` (the disk as it is with that layer in its chain), pass it
+    by fd and add its protocol and format nodes; returns the format node.
+
+    The disk renders the nodes, as at launch and hotplug, so the layer keeps the disk's cache
+    mode, aio, discard, read-only and encryption; its fd is opened as QEMU will open it (QEMU
+    >= 9.1 matches O_DIRECT against the fds of a set)."""
     file_node, format_node = disk_node_names(disk.id, layer)
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fd = os.open(disk.layer_path(layer), disk.open_flags())
     try:
         fdset = steps.run(
             f"add-fd layer {layer}",
@@ -144,21 +162,15 @@ def _add_layer(
         )
     finally:
         os.close(fd)
+    protocol, fmt = disk.layer_nodes(layer, f"/dev/fdset/{fdset}", backing=backing)
     steps.run(
         f"blockdev-add {file_node}",
-        lambda: qmp.execute(
-            "blockdev-add", {"driver": "file", "node-name": file_node, "filename": f"/dev/fdset/{fdset}"}
-        ),
+        lambda: qmp.execute("blockdev-add", protocol),
         lambda _: delete_disk_nodes(qmp, disk.id, only={file_node}),
     )
-    arguments: dict[str, Any] = {"driver": fmt, "node-name": format_node, "file": file_node}
-    if fmt == "qcow2":
-        arguments["backing"] = backing  # None: no backing yet (blockdev-snapshot attaches it)
-    if disk.encryption is not None:  # the disk's passphrase, in QEMU since its launch or hotplug
-        arguments["encrypt"] = {"format": "luks", "key-secret": secret_object_id(disk.id)}
     steps.run(
         f"blockdev-add {format_node}",
-        lambda: qmp.execute("blockdev-add", arguments),
+        lambda: qmp.execute("blockdev-add", fmt),
         lambda _: delete_disk_nodes(qmp, disk.id, only={format_node}),
     )
     return format_node
@@ -201,7 +213,8 @@ def snapshot_disks(
                     size = virtual_size(qmp, disk.active_node)
                     _create_overlay(path, size, disk, top)
                     created.append(path)
-                overlay_node = _add_layer(qmp, steps, disk, layer, path, "qcow2", backing=None)
+                # No backing yet: blockdev-snapshot attaches the active layer below it.
+                overlay_node = _add_layer(qmp, steps, planned, layer, backing=None)
                 actions.append(
                     {"type": "blockdev-snapshot", "data": {"node": disk.active_node, "overlay": overlay_node}}
                 )
@@ -351,10 +364,16 @@ def start_mirror(
         _create_overlay(path, size, disk, below)
     else:
         create_image(path, size, fmt=fmt, encryption=disk.encryption)
+    if top_only:
+        result = attrs.evolve(disk, overlays=(*disk.overlays[:-1], Overlay(layer=layer, path=path)))
+        replaced = [disk.layers[-1]]
+    else:
+        result = attrs.evolve(disk, path=str(path), format=fmt, base_layer=layer, overlays=())
+        replaced = disk.layers
     try:
         with Steps(log) as steps:
             backing = disk_node_names(disk.id, below)[1] if below is not None else None
-            target_node = _add_layer(qmp, steps, disk, layer, path, fmt, backing=backing)
+            target_node = _add_layer(qmp, steps, result, layer, backing=backing)
             job = steps.run(
                 "blockdev-mirror",
                 lambda: Job.start(
@@ -373,13 +392,6 @@ def start_mirror(
             with contextlib.suppress(OSError):
                 path.unlink()
         raise HotplugError(f"the mirror of disk {disk.id} could not start: {exc}", remaining=remaining) from exc
-    if top_only:
-        kept = disk.overlays[:-1]
-        result = attrs.evolve(disk, overlays=(*kept, Overlay(layer=layer, path=path)))
-        replaced = [disk.layers[-1]]
-    else:
-        result = attrs.evolve(disk, path=str(path), format=fmt, base_layer=layer, overlays=())
-        replaced = disk.layers
     job.on_success(lambda: _drop_layers(qmp, disk, replaced))
     job.on_failure(lambda: _drop_layers(qmp, disk, [layer]))
     return job, result

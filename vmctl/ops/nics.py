@@ -13,7 +13,7 @@ import fcntl
 import os
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -78,17 +78,35 @@ def hotplug_nic(
     (behind root ``port`` on q35). Returns the NIC as plugged (its tap's name, its MAC:
     generated when not given)."""
     wanted = NicSpec(id=nic_id, mac=mac or random_mac(), model=model, tap=tap, queues=queues, port=port)
-    tap_name, fds = open_tap(tap, queues)
-    nic = attrs.evolve(wanted, tap=tap_name)
-    bound = log.bind(nic=nic_id, tap=tap_name)
+    with opened_tap(wanted) as (nic, fds):
+        return plug_tap(qmp, log, nic, fds, timeout=timeout)
+
+
+@contextlib.contextmanager
+def opened_tap(wanted: NicSpec) -> Iterator[tuple[NicSpec, list[int]]]:
+    """The tap of ``wanted`` opened (one fd per queue), and the NIC with the tap's name (the
+    kernel's choice when ``wanted`` names none), so that a journal can record it before QEMU is
+    asked for anything. The fds are closed at the end: QEMU holds its own copies by then."""
+    tap_name, fds = open_tap(wanted.tap, wanted.queues)
+    try:
+        yield attrs.evolve(wanted, tap=tap_name), fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def plug_tap(qmp: QMPMonitor, log: Any, nic: NicSpec, fds: list[int], *, timeout: float = 30.0) -> NicSpec:
+    """Pass an opened tap's fds to QEMU, add the netdev on them and the guest's device."""
+    nic_id = nic.id
+    bound = log.bind(nic=nic_id, tap=nic.tap)
     netdev = netdev_id(nic_id)
-    fd_names = [tap_fd_name(nic_id, i) for i in range(queues)]
+    fd_names = [tap_fd_name(nic_id, i) for i in range(nic.queues)]
     try:
         with Steps(bound) as steps:
             for fd, fd_name in zip(fds, fd_names, strict=True):
                 steps.run(f"getfd {fd_name}", _getfd(qmp, fd, fd_name), _closefd_step(qmp, fd_name))
             netdev_arguments: dict[str, Any] = {"type": "tap", "id": netdev}
-            if queues == 1:
+            if nic.queues == 1:
                 netdev_arguments["fd"] = fd_names[0]
             else:
                 netdev_arguments["fds"] = ":".join(fd_names)
@@ -106,10 +124,7 @@ def hotplug_nic(
         raise HotplugError(
             f"hotplug of nic {nic_id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
         ) from exc
-    finally:
-        for fd in fds:
-            os.close(fd)  # QEMU holds its own copies
-    bound.info("nic.hotplugged", mac=mac, queues=queues)
+    bound.info("nic.hotplugged", mac=nic.mac, queues=nic.queues)
     return nic
 
 

@@ -149,11 +149,13 @@ class Devices:
             self._store.refuse_duplicate(id)
             port = self._store.free_port(id)
             wanted = NicSpec(id=id, mac=mac or nic_ops.random_mac(), model=model, tap=tap, queues=queues, port=port)
-            with self._store.intent(Intent(operation="hotplug_nic", nic=wanted)) as done:
-                nic = nic_ops.hotplug_nic(
-                    self._qmp, self._log, nic_id=id, tap=tap, mac=wanted.mac, model=model, queues=queues, port=port,
-                    timeout=timeout,
-                )  # fmt: skip
+            # The tap is opened first, so the intent names it even when the kernel chose the name
+            # (an attach that finds the NIC whole takes it from the intent).
+            with (
+                nic_ops.opened_tap(wanted) as (opened, fds),
+                self._store.intent(Intent(operation="hotplug_nic", nic=opened)) as done,
+            ):
+                nic = nic_ops.plug_tap(self._qmp, self._log, opened, fds, timeout=timeout)
                 nic = pin_pci_address(self._qmp, nic)
                 done(lambda inventory: inventory.with_nic(nic))
             return nic

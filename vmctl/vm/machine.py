@@ -24,6 +24,7 @@ from vmctl.errors import (
     AbnormalExit,
     AgentUnavailable,
     ConnectError,
+    ConnectionLost,
     InvalidArgument,
     LaunchError,
     QMPError,
@@ -304,29 +305,39 @@ class VM:
             exited = process.wait(_EXIT_GRACE)  # it may be on its way out (a failed incoming migration)
             process.close()
             if exited is not None:
-                raise StaleState(
-                    f"{record.spec.name}: QEMU (pid {record.pid}) exited as it was attached: {exited}"
-                ) from exc
+                raise _exited_while_attached(record, exited) from exc
             raise ConnectError(
                 f"{exc} (is another control plane still connected? QEMU serves one monitor client at a time)"
             ) from exc
         vm = cls(run_dir=directory, record=record, process=process, qmp=qmp)
         vm.log.info("vm.attached", pid=process.pid, run_dir=str(directory))
+        try:
+            vm._take_over(record)
+        except ConnectionLost as exc:
+            # Connected, then gone: a target whose incoming migration failed quits on its own.
+            exited = process.wait(_EXIT_GRACE)
+            if exited is None:
+                raise
+            vm.close()
+            raise _exited_while_attached(record, exited) from exc
+        return vm
+
+    def _take_over(self, record: VMRecord) -> None:
+        """What an attach finds of the last control plane's work, settled or reported."""
         # A device operation the last control plane did not finish: settle it from what QEMU has.
         if record.pending:
-            vm.store.settle()
+            self.store.settle()
             for intent in record.pending:
-                vm.log.warning("vm.interrupted_operation", operation=intent.operation, device=intent.device_id)
-            if vm.leftovers:
-                vm.log.warning("vm.leftovers", leftovers=list(vm.leftovers))
+                self.log.warning("vm.interrupted_operation", operation=intent.operation, device=intent.device_id)
+            if self.leftovers:
+                self.log.warning("vm.leftovers", leftovers=list(self.leftovers))
         # Block jobs a crashed control plane left behind are QEMU's still: report them.
-        vm.leftover_jobs = query_jobs(qmp)
-        for job in vm.leftover_jobs:
-            vm.log.warning("vm.leftover_block_job", job=job.id, type=job.type, status=job.status, error=job.error)
+        self.leftover_jobs = query_jobs(self.qmp)
+        for job in self.leftover_jobs:
+            self.log.warning("vm.leftover_block_job", job=job.id, type=job.type, status=job.status, error=job.error)
         # A control plane that died inside a quiesced snapshot left the guest's writes waiting.
-        if vm._agent is not None:
-            vm._agent.thaw_if_frozen()
-        return vm
+        if self._agent is not None:
+            self._agent.thaw_if_frozen()
 
     def close(self) -> None:
         """Detach: stop watching and close the monitor. The VM keeps running (see ``attach``)."""
@@ -556,6 +567,10 @@ def _merged(launched: tuple[Controller, ...], handed_over: tuple[Controller, ...
     """The controllers on the command line, then those a migration source added at run time."""
     ids = {c.id for c in launched}
     return launched + tuple(c for c in handed_over if c.id not in ids)
+
+
+def _exited_while_attached(record: VMRecord, exited: object) -> StaleState:
+    return StaleState(f"{record.spec.name}: QEMU (pid {record.pid}) exited as it was attached: {exited}")
 
 
 def _refuse_live_vm(run_dir: Path) -> None:
