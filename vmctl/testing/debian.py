@@ -30,7 +30,7 @@ from typing import Final
 import attrs
 
 from vmctl.logs import get_logger
-from vmctl.testing.guest import GuestBuildError, _locked, _run, default_cache_dir
+from vmctl.testing.guest import GuestBuildError, _locked, _run, cache_root
 
 log = get_logger(__name__)
 
@@ -208,8 +208,7 @@ class DebianGuest:
     @classmethod
     def ensure(cls, cache_dir: str | os.PathLike[str] | None = None) -> DebianGuest:
         """Build the image unless a build of the same recipe is cached; safe across processes."""
-        root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()).resolve()
-        root.mkdir(parents=True, exist_ok=True)
+        root = cache_root(cache_dir)
         digest = recipe()
         ids = Ids.of(digest)
         target = root / f"debian-guest-{digest}"

@@ -149,13 +149,19 @@ class TestGuest:
     @classmethod
     def ensure(cls, cache_dir: str | os.PathLike[str] | None = None) -> TestGuest:
         """Build the guest unless a build of the same recipe is cached; safe across processes."""
-        root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()).resolve()
-        root.mkdir(parents=True, exist_ok=True)
+        root = cache_root(cache_dir)
         target = root / f"test-guest-{_RECIPE}"
         with _locked(root / ".test-guest.lock"):
             if not (target / "vmlinuz").exists() or not (target / "initrd.gz").exists():
                 _build(root, target)
         return cls(kernel=target / "vmlinuz", initrd=target / "initrd.gz", append=KERNEL_APPEND)
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """The cache directory a guest is built into (made if missing): ``cache_dir``, or the default."""
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def default_cache_dir() -> Path:
