@@ -19,6 +19,7 @@ from vmctl.qmp.messages import Event
 from vmctl.qmp.monitor import Monitor as MonitorClass
 from vmctl.qmp.protocol import QMPProtocol
 from vmctl.qmp.stream import MemoryStream
+from vmctl.qmp.timeouts import deadline
 from vmctl.testing import FakeQEMU
 
 
@@ -254,3 +255,9 @@ def test_the_waiter_consumes_every_wake_up_so_a_later_one_never_double_releases(
     started = time.monotonic()
     waiter.wait(monitor_lock, 1.0)
     assert time.monotonic() - started < 0.5
+
+
+def test_a_deadline_is_the_clock_plus_the_timeout_and_a_huge_timeout_stays_a_finite_time_ahead() -> None:
+    assert deadline(2.5, now=10.0) == 12.5
+    far = deadline(1e300, now=10.0)
+    assert far == 10.0 + 1e9 and far - 10.0 > 0  # the clock's digits are kept: a wait can count down

@@ -25,6 +25,7 @@ from typing import Any, Final
 from vmctl.agent.protocol import NEED_DATA, AgentProtocol, AgentReply, Synced
 from vmctl.errors import AgentError, AgentTimeout, AgentUnavailable, InvalidArgument
 from vmctl.logs import get_logger
+from vmctl.qmp import timeouts
 from vmctl.qmp.redact import redact_value
 from vmctl.qmp.timeouts import check_timeout
 
@@ -76,7 +77,7 @@ class AgentClient:
     def session(self, timeout: float | None = None) -> Iterator[AgentSession]:
         """One synchronised connection for a few commands, all within ``timeout`` seconds."""
         seconds = self.timeout if timeout is None else check_timeout(timeout)
-        deadline = time.monotonic() + min(seconds, 1e9)
+        deadline = timeouts.deadline(seconds)
         if not self._lock.acquire(timeout=min(seconds, threading.TIMEOUT_MAX)):
             raise AgentTimeout(f"{self.name}: another call to the guest agent took the whole {seconds:g}s")
         try:

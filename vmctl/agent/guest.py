@@ -12,6 +12,7 @@ from vmctl.agent.client import AgentClient
 from vmctl.errors import AgentError, AgentTimeout, InvalidArgument
 from vmctl.logs import get_logger
 from vmctl.model.agent import AgentInfo, ExecResult, FreezeStatus, GuestInterface
+from vmctl.qmp import timeouts
 from vmctl.qmp.timeouts import check_timeout
 
 log = get_logger(__name__)
@@ -61,7 +62,7 @@ class GuestAgent:
         if input is not None and not isinstance(input, bytes):
             raise InvalidArgument(f"exec's input must be bytes, not {type(input).__name__}")
         seconds = check_timeout(timeout)
-        deadline = time.monotonic() + min(seconds, 1e9)
+        deadline = timeouts.deadline(seconds)
         arguments: dict[str, Any] = {"path": argv[0], "arg": list(argv[1:]), "capture-output": True}
         if input is not None:
             arguments["input-data"] = base64.b64encode(input).decode()

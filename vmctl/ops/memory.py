@@ -15,7 +15,7 @@ from vmctl.ops.devices import device_present, not_released, remove_object, reque
 from vmctl.ops.queries import ask, execute_idempotent
 from vmctl.ops.rollback import Steps
 from vmctl.ops.waiting import events_until
-from vmctl.qmp import Event, QMPMonitor, Subscription
+from vmctl.qmp import Event, QMPMonitor, Subscription, timeouts
 
 MIB = 1024 * 1024
 ACPI_INSERT = 1  # ACPI_DEVICE_OST source: the guest handled an insertion
@@ -131,7 +131,7 @@ def remove_dimm(qmp: QMPMonitor, log: Any, memory_id: str, timeout: float, also_
     followed at once by an unplug can meet): a refused eject is asked again, within ``timeout``."""
     if not device_present(qmp, memory_id):
         return
-    deadline = time.monotonic() + min(timeout, 1e9)
+    deadline = timeouts.deadline(timeout)
     refusals: list[int] = []
 
     def outcome(event: Event) -> bool:

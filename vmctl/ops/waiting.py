@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 
 from vmctl.errors import EventTimeout
-from vmctl.qmp import Event, Subscription
+from vmctl.qmp import Event, Subscription, timeouts
 
 
 def events_until(subscription: Subscription, timeout: float) -> Iterator[Event]:
@@ -14,7 +14,7 @@ def events_until(subscription: Subscription, timeout: float) -> Iterator[Event]:
 
     A loop over it ends by itself at the deadline: its ``else`` (or the code after it) is the
     timeout."""
-    deadline = time.monotonic() + min(timeout, 1e9)
+    deadline = timeouts.deadline(timeout)
     while True:
         try:
             yield subscription.get(max(0.0, deadline - time.monotonic()))

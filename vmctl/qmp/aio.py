@@ -25,6 +25,7 @@ from typing import Any, Final
 import tenacity
 
 from vmctl.errors import CommandTimeout, ConnectError, ConnectionLost, InvalidArgument, QMPError
+from vmctl.qmp import timeouts
 from vmctl.qmp.callbacks import DisconnectCallback, EventCallback
 from vmctl.qmp.events import EventBuffer, EventFilter, Match
 from vmctl.qmp.face import Face
@@ -91,7 +92,7 @@ class AsyncSubscription(EventBuffer):
         """The next event; ``EventTimeout`` if none arrives within ``timeout`` seconds."""
         timeout = check_timeout(timeout, allow_zero=True)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(timeout, 1e9)
+        deadline = timeouts.deadline(timeout, now=loop.time())
         while True:
             now = loop.time()
             event = self._next(deadline, now, timeout)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from vmctl.errors import EventTimeout, InvalidArgument, QMPError
+from vmctl.qmp import timeouts
 from vmctl.qmp.messages import Event
 from vmctl.qmp.timeouts import MAX_WAIT_SLICE, check_timeout
 
@@ -164,7 +165,7 @@ class Subscription(EventBuffer):
     def get(self, timeout: float) -> Event:
         """The next event; ``EventTimeout`` if none arrives within ``timeout`` seconds."""
         timeout = check_timeout(timeout, allow_zero=True)
-        deadline = time.monotonic() + min(timeout, 1e9)
+        deadline = timeouts.deadline(timeout)
         while True:
             with self._cond:
                 now = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
@@ -60,6 +61,17 @@ def check_timeout(value: Any, what: str = "timeout", *, allow_zero: bool = False
         bound = ">= 0" if allow_zero else "> 0"
         raise InvalidArgument(f"{what} must be a finite number of seconds {bound}, not {value!r}")
     return float(value)
+
+
+#: The furthest ahead a deadline is set: adding a huge finite timeout (1e300 s) to a clock would
+#: lose the clock's digits, and no wait outlives 31 years.
+_FURTHEST: Final = 1e9
+
+
+def deadline(timeout: float, *, now: float | None = None) -> float:
+    """The clock's time ``timeout`` seconds after ``now`` (default: ``time.monotonic()``; an
+    asyncio face passes its loop's time). Every wait of a whole operation counts down to one."""
+    return (time.monotonic() if now is None else now) + min(timeout, _FURTHEST)
 
 
 def _check_seconds(value: float, what: str) -> None:
