@@ -210,8 +210,9 @@ test)
     fi
     uffd_keep_machine
     first=0 second=0
-    # Two workers: the suite waits on guests most of the time (README, "The test suite").
-    parallel=(-n "${VMCTL_TEST_WORKERS:-2}" --dist loadgroup --durations=25 --durations-min=5)
+    # Two workers: the suite waits on guests most of the time (README, "The test suite"). A module
+    # stays on one worker, in order, with its module-scoped guests booted once.
+    parallel=(-n "${VMCTL_TEST_WORKERS:-2}" --dist loadfile --durations=25 --durations-min=5)
     # A short base directory: QEMU's unix sockets live under the tests' run dirs (108 bytes at most).
     basetemp=$(mktemp -d /tmp/vmctl-t.XXXX)
     stage "unit tests, and integration tests on QEMU $(qemu-system-x86_64 --version | head -n 1 | awk '{print $4}')" \

@@ -30,12 +30,9 @@ from vmctl.testing import DebianGuest, TestGuest
 
 # The first test's setup may build the image (about 50 s here, when `./run.sh setup` has not) and
 # boots the guest (about 25 s under TCG, 50 on a loaded host): more than the 180 s default allows.
-pytestmark = [
-    pytest.mark.timeout(400),
-    pytest.mark.versioned(DISTRIBUTION),
-    # One worker runs the module, in order, on its one guest (pytest-xdist's --dist loadgroup).
-    pytest.mark.xdist_group("debian-guest"),
-]
+# run.sh's workers take whole modules (pytest-xdist's --dist loadfile): one boots the guest, and
+# runs the tests in their order on it.
+pytestmark = [pytest.mark.timeout(400), pytest.mark.versioned(DISTRIBUTION)]
 
 log = logging.getLogger(__name__)
 
