@@ -31,10 +31,10 @@ from vmctl.errors import (
     SnapshotError,
 )
 from vmctl.model import DiskSpec, Overlay
-from vmctl.model.names import disk_node_names, fdset_tag
+from vmctl.model.names import disk_node_names
 from vmctl.model.secret import Secret
 from vmctl.ops.blockjobs import Job
-from vmctl.ops.disks import delete_disk_nodes, remove_disk_fdsets, remove_fdset
+from vmctl.ops.disks import add_layer, delete_disk_nodes, remove_disk_fdsets
 from vmctl.ops.nodes import block_nodes
 from vmctl.ops.queries import ask
 from vmctl.ops.rollback import Steps
@@ -146,34 +146,16 @@ def _create_overlay(path: Path, size: int, disk: DiskSpec, below: int) -> None:
 
 
 def _add_layer(qmp: QMPMonitor, steps: Steps, disk: DiskSpec, layer: int, *, backing: str | None) -> str:
-    """Open ``disk``'s layer ``layer`` (the disk as it is with that layer in its chain), pass it
-    by fd and add its protocol and format nodes; returns the format node.
-
-    The disk renders the nodes, as at launch and hotplug, so the layer keeps the disk's cache
-    mode, aio, discard, read-only and encryption; its fd is opened as QEMU will open it (QEMU
-    >= 9.1 matches O_DIRECT against the fds of a set)."""
-    file_node, format_node = disk_node_names(disk.id, layer)
+    """Open ``disk``'s layer ``layer`` (the disk as it is with that layer in its chain) as QEMU
+    will open it (QEMU >= 9.1 matches O_DIRECT against the fds of a set) and add it as hotplug
+    adds a disk: the layer keeps the disk's cache mode, aio, discard, read-only and encryption.
+    Returns the layer's format node."""
     fd = os.open(disk.layer_path(layer), disk.open_flags())
     try:
-        fdset = steps.run(
-            f"add-fd layer {layer}",
-            lambda: int(qmp.execute("add-fd", {"opaque": fdset_tag(disk.id, layer)}, fds=[fd])["fdset-id"]),
-            lambda fdset_id: remove_fdset(qmp, fdset_id, disk.id, layer),
-        )
+        add_layer(qmp, steps, disk, layer, fd, backing=backing)
     finally:
-        os.close(fd)
-    protocol, fmt = disk.layer_nodes(layer, f"/dev/fdset/{fdset}", backing=backing)
-    steps.run(
-        f"blockdev-add {file_node}",
-        lambda: qmp.execute("blockdev-add", protocol),
-        lambda _: delete_disk_nodes(qmp, disk.id, only={file_node}),
-    )
-    steps.run(
-        f"blockdev-add {format_node}",
-        lambda: qmp.execute("blockdev-add", fmt),
-        lambda _: delete_disk_nodes(qmp, disk.id, only={format_node}),
-    )
-    return format_node
+        os.close(fd)  # QEMU holds its own copy in the fdset
+    return disk_node_names(disk.id, layer)[1]
 
 
 def snapshot_disks(

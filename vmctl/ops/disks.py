@@ -60,15 +60,7 @@ def hotplug_disk(
                     lambda: execute_checked(qmp, "object-add", secret, took=lambda: object_exists(qmp, secret_id)),
                     lambda _: remove_object(qmp, secret_id),
                 )
-            fdset = steps.run(
-                "add-fd",
-                lambda: int(
-                    qmp.execute("add-fd", {"opaque": fdset_tag(disk.id, disk.base_layer)}, fds=[fd])["fdset-id"]
-                ),
-                lambda fdset_id: remove_fdset(qmp, fdset_id, disk.id, disk.base_layer),
-            )
-            for node in disk.layer_nodes(disk.base_layer, f"/dev/fdset/{fdset}"):
-                _add_node(qmp, steps, disk.id, node, timeout)
+            fdset = add_layer(qmp, steps, disk, disk.base_layer, fd, timeout=timeout)
             if disk.bus == "scsi":
                 ensure_controller(qmp, steps, controller or Controller.scsi(), timeout)
             steps.run(
@@ -89,7 +81,31 @@ def hotplug_disk(
     return disk
 
 
-def _add_node(qmp: QMPMonitor, steps: Steps, disk_id: str, node: dict[str, Any], timeout: float) -> None:
+def add_layer(
+    qmp: QMPMonitor,
+    steps: Steps,
+    disk: DiskSpec,
+    layer: int,
+    fd: int,
+    *,
+    backing: str | None = None,
+    timeout: float | None = None,
+) -> int:
+    """Pass ``fd``, the opened image of ``disk``'s layer ``layer``, to QEMU (a new fdset) and add
+    the layer's protocol and format nodes as the disk renders them, each step with its undo.
+    Hotplug adds the base layer this way, a snapshot its overlay, a mirror its target. ``backing``
+    names the format node below an overlay. Returns the fdset's id."""
+    fdset = steps.run(
+        "add-fd" if layer == 0 else f"add-fd layer {layer}",
+        lambda: int(qmp.execute("add-fd", {"opaque": fdset_tag(disk.id, layer)}, fds=[fd])["fdset-id"]),
+        lambda fdset_id: remove_fdset(qmp, fdset_id, disk.id, layer),
+    )
+    for node in disk.layer_nodes(layer, f"/dev/fdset/{fdset}", backing=backing):
+        _add_node(qmp, steps, disk.id, node, timeout)
+    return fdset
+
+
+def _add_node(qmp: QMPMonitor, steps: Steps, disk_id: str, node: dict[str, Any], timeout: float | None) -> None:
     name = node["node-name"]
     steps.run(
         f"blockdev-add {name}",
