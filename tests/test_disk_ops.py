@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
-from vmctl.errors import HotplugError, InvalidArgument
+from vmctl.errors import CommandTimeout, HotplugError, InvalidArgument, OperationTimeout
 from vmctl.model import DiskSpec
 from vmctl.ops import disks as disk_ops
+from vmctl.ops.deadline import Deadline
 from vmctl.qmp import Monitor
 from vmctl.testing import FakeCall, FakeCommandError, FakeQEMU
 
@@ -164,3 +166,46 @@ def test_bad_input_is_refused_before_qemu_sees_anything(
     with pytest.raises(InvalidArgument, match=message):
         disk_ops.hotplug_disk(monitor, log, DiskSpec(**arguments))
     assert [c.command for c in fake.calls] == ["qmp_capabilities"]
+
+
+def test_hotplug_timeout_bounds_all_its_commands_so_a_slow_step_stops_it_before_device_add(
+    monitor: Monitor, fake: FakeQEMU, image: Path
+) -> None:
+    BlockState(fake)
+    fake.on("blockdev-add", delay=0.6)  # each under the timeout, both together over it
+    with pytest.raises(HotplugError) as failed:
+        disk_ops.hotplug_disk(monitor, log, DiskSpec(id="d1", path=image), timeout=1.0)
+    assert isinstance(failed.value.__cause__, CommandTimeout | OperationTimeout)
+    assert fake.calls_of("device_add") == []
+
+
+def test_hotplug_whose_commands_fit_in_the_timeout_together_plugs_the_disk(
+    monitor: Monitor, fake: FakeQEMU, image: Path
+) -> None:
+    state = BlockState(fake)
+    fake.on("blockdev-add", delay=0.2)
+    disk_ops.hotplug_disk(monitor, log, DiskSpec(id="d1", path=image), timeout=5.0)
+    assert state.devices == {"d1"}
+
+
+def test_a_deadline_that_has_passed_refuses_the_next_command_without_sending_it(
+    monitor: Monitor, fake: FakeQEMU
+) -> None:
+    limit = Deadline.after(0.05)
+    time.sleep(0.1)
+    sent = len(fake.calls)
+    with pytest.raises(OperationTimeout, match="query-status: not sent"):
+        limit.bind(monitor).execute("query-status")
+    assert len(fake.calls) == sent
+
+
+def test_a_deadline_gives_a_command_only_the_time_left(monitor: Monitor, fake: FakeQEMU) -> None:
+    fake.on("query-status", returns={"status": "running", "running": True}, delay=2.0)
+    with pytest.raises(CommandTimeout) as late:
+        Deadline.after(0.3).bind(monitor).execute("query-status", timeout=10.0)
+    assert late.value.timeout <= 0.3
+
+
+def test_a_deadline_checks_its_timeout_before_anything_is_sent() -> None:
+    with pytest.raises(InvalidArgument):
+        Deadline.after(float("inf"))

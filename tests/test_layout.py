@@ -17,6 +17,8 @@ ALLOWED = {
     "ops": {"model", "qmp"},
     "vm": {"model", "qmp", "ops", "agent"},
     "libvirt": {"model", "qmp", "ops", "vm", "agent"},  # the same VM API, on libvirt: beside vm, not under it
+    # The API both VMs satisfy: declared above them, owned by neither (its console is vm's shared part).
+    "domain": {"model", "qmp", "ops", "vm"},
 }
 
 
@@ -44,7 +46,8 @@ def room(module: str) -> str | None:
 @pytest.mark.parametrize("layer", sorted(ALLOWED))
 def test_each_layer_imports_only_the_layers_below_it(layer: str) -> None:
     wrong = []
-    for path in sorted((PACKAGE / layer).rglob("*.py")):
+    room_path = PACKAGE / layer
+    for path in sorted(room_path.rglob("*.py")) if room_path.is_dir() else [room_path.with_suffix(".py")]:
         for imported in vmctl_imports(path):
             target = room(imported)
             if target not in (layer, "errors", "logs", None) and target not in ALLOWED[layer]:

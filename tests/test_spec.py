@@ -235,3 +235,32 @@ def test_a_guest_agent_gets_a_virtio_serial_port_on_a_controller_with_a_root_por
 def test_vga_renders_a_display_device_and_is_off_by_default() -> None:
     assert not any("VGA" in a for a in render())
     assert {"driver": "VGA", "id": "vmctl-vga"} in [json.loads(d) for d in option(render(vga=True), "-device")]
+
+
+def test_a_disk_given_by_path_and_keywords_is_the_disk_spec_of_those_settings() -> None:
+    disk = DiskSpec.of("/img/a.qcow2", id="a", cache="none", aio="native", read_only=True)
+    assert disk == DiskSpec(id="a", path="/img/a.qcow2", cache="none", aio="native", read_only=True)
+
+
+def test_a_disk_spec_passes_through_the_adapter_unchanged_and_may_repeat_its_own_id() -> None:
+    disk = DiskSpec(id="a", path="/img/a.qcow2", cache="none")
+    assert DiskSpec.of(disk) is disk
+    assert DiskSpec.of(disk, id="a") is disk
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"id": "b"}, "contradicts the DiskSpec's id"),
+        ({"cache": "none"}, "cache given beside a DiskSpec"),
+        ({"cahce": "none"}, "unknown disk option"),
+    ],
+)
+def test_the_disk_adapter_refuses_options_it_would_otherwise_drop(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        DiskSpec.of(DiskSpec(id="a", path="/img/a.qcow2"), **options)
+
+
+def test_a_disk_given_by_path_needs_an_id() -> None:
+    with pytest.raises(InvalidArgument, match="needs an id="):
+        DiskSpec.of("/img/a.qcow2", cache="none")

@@ -1,6 +1,7 @@
 """vmctl: run QEMU virtual machines from Python."""
 
 from vmctl import errors
+from vmctl.domain import Domain
 from vmctl.errors import VmctlError
 from vmctl.model import DiskSpec, Escalation, Inventory, MigrationProgress, MigrationResult, NicSpec, Throttle, VMSpec
 from vmctl.model.secret import Secret
@@ -8,7 +9,6 @@ from vmctl.model.status import ExitStatus
 from vmctl.model.tls import TLSCreds
 from vmctl.ops.chains import create_image
 from vmctl.vm import VM, ResetEvent, RunState, ShutdownEvent, ShutdownMethod, ShutdownResult, VMStatus
-from vmctl.vm.domain import Domain
 
 __all__ = [
     "VM",

@@ -145,6 +145,16 @@ class CommandTimeout(QMPError, TimeoutError):
         self.timeout = timeout
 
 
+class OperationTimeout(QMPError, TimeoutError):
+    """An operation's ``timeout=`` ran out between its commands: the next one was not sent, and
+    what the operation had done is undone (or named as left over)."""
+
+    def __init__(self, *, step: str, timeout: float) -> None:
+        super().__init__(f"{step}: not sent, the operation's timeout of {timeout:g}s ran out before it")
+        self.step = step
+        self.timeout = timeout
+
+
 class EventTimeout(QMPError, TimeoutError):
     """The awaited event did not arrive in time."""
 

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import xml.etree.ElementTree as ET
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from structlog.typing import FilteringBoundLogger
 
@@ -31,10 +31,13 @@ from vmctl.libvirt.eventloop import libvirt_module
 from vmctl.libvirt.events import DomainEvents
 from vmctl.libvirt.monitor import LibvirtMonitor
 from vmctl.logs import get_logger
-from vmctl.model import DiskSpec, NicSpec, Throttle
-from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, ErrorPolicy, hotplug_request
+from vmctl.model import DiskSpec, NicSpec
+from vmctl.model.disk import DiskOptions
 from vmctl.ops import balloon as balloon_ops
 from vmctl.ops.nics import random_mac
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log: FilteringBoundLogger = get_logger(__name__)
 
@@ -70,26 +73,11 @@ class LibvirtDevices:
         return disks_from_xml(self.xml())
 
     def hotplug_disk(
-        self,
-        disk: DiskSpec | str | os.PathLike[str],
-        *,
-        id: str | None = None,
-        format: DiskFormat = "qcow2",
-        read_only: bool = False,
-        bus: DiskBus = "virtio-blk",
-        cache: CacheMode = "writeback",
-        aio: Aio = "threads",
-        discard: bool = False,
-        on_error: ErrorPolicy | None = None,
-        throttle: Throttle | None = None,
-        timeout: float = 30.0,
+        self, disk: DiskSpec | str | os.PathLike[str], *, timeout: float = 30.0, **options: Unpack[DiskOptions]
     ) -> DiskSpec:
         """Attach a disk (``attachDeviceFlags``): a ``DiskSpec`` or an image path with its options.
         Returns the disk as libvirt's XML now records it (with the root port libvirt chose)."""
-        disk = hotplug_request(
-            disk, id=id, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio, discard=discard,
-            on_error=on_error, throttle=throttle,
-        )  # fmt: skip
+        disk = DiskSpec.of(disk, **options)
         if disk.encryption is not None:
             raise InvalidArgument(f"disk {disk.id}: an encrypted disk needs a libvirt secret; not supported yet")
         with self.lock:

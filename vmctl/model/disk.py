@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict
 
 import attrs
 
@@ -23,6 +23,9 @@ from vmctl.model.names import SCSI_CONTROLLER, disk_node_names, secret_object_id
 from vmctl.model.pcie import check_port, device_bus
 from vmctl.model.secret import Secret
 from vmctl.model.validate import check_id, check_pci_addr, path_text
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 DiskFormat = Literal["qcow2", "raw"]
 DiskBus = Literal["virtio-blk", "scsi"]
@@ -153,6 +156,28 @@ class DiskSpec:
         if self.aio == "native" and not self.direct:
             raise SpecError(f"disk {self.id}: aio=native needs an O_DIRECT cache mode (none or directsync)")
 
+    @classmethod
+    def of(cls, disk: DiskSpec | str | os.PathLike[str], **options: Unpack[DiskOptions]) -> DiskSpec:
+        """The disk a caller asks for: a ``DiskSpec`` as it is, or one made of an image path and
+        the settings given by keyword (the one adapter from keywords to the value)."""
+        unknown = set(options) - DISK_OPTIONS
+        if unknown:
+            raise InvalidArgument(
+                f"unknown disk option(s) {', '.join(sorted(unknown))}: a disk takes {', '.join(sorted(DISK_OPTIONS))}"
+            )
+        if not isinstance(disk, DiskSpec):
+            if "id" not in options:
+                raise InvalidArgument("a disk given by its image path needs an id=")
+            return cls(path=disk, **options)
+        asked = options.pop("id", disk.id)
+        if asked != disk.id:
+            raise InvalidArgument(f"id={asked!r} contradicts the DiskSpec's id {disk.id!r}")
+        if options:
+            raise InvalidArgument(
+                f"disk {disk.id}: {', '.join(sorted(options))} given beside a DiskSpec; set them in the DiskSpec"
+            )
+        return disk
+
     # -- the chain -------------------------------------------------------------------------
 
     @property
@@ -261,28 +286,21 @@ class DiskSpec:
         return [*argv, "-device", json.dumps(self.device_properties(), separators=(",", ":"))]
 
 
-def hotplug_request(
-    disk: DiskSpec | str | os.PathLike[str],
-    *,
-    id: str | None,
-    format: DiskFormat,
-    read_only: bool,
-    bus: DiskBus,
-    cache: CacheMode,
-    aio: Aio,
-    discard: bool,
-    on_error: ErrorPolicy | None,
-    throttle: Throttle | None,
-) -> DiskSpec:
-    """The disk a ``hotplug_disk`` call asks for: its ``DiskSpec``, or one made of an image path and
-    the options given with it (every VM's hotplug takes the same arguments)."""
-    if not isinstance(disk, DiskSpec):
-        if id is None:
-            raise InvalidArgument("hotplug_disk(path) needs an id=")
-        return DiskSpec(
-            id=id, path=disk, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio,
-            discard=discard, on_error=on_error, throttle=throttle,
-        )  # fmt: skip
-    if id is not None and id != disk.id:
-        raise InvalidArgument(f"id={id!r} contradicts the DiskSpec's id {disk.id!r}")
-    return disk
+class DiskOptions(TypedDict, total=False):
+    """A ``DiskSpec``'s settings by keyword: what ``hotplug_disk(path, id=..., cache=...)`` takes
+    beside the image. Declared once here; every VM's ``hotplug_disk`` types its ``**options`` with it
+    and hands them to :meth:`DiskSpec.of`, so no layer restates them or their defaults."""
+
+    id: str
+    format: DiskFormat
+    read_only: bool
+    bus: DiskBus
+    cache: CacheMode
+    aio: Aio
+    discard: bool
+    on_error: ErrorPolicy | None
+    throttle: Throttle | None
+    encryption: Secret | None
+
+
+DISK_OPTIONS: Final = frozenset(DiskOptions.__annotations__)

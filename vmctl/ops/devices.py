@@ -7,10 +7,11 @@ from typing import TypeVar
 
 import attrs
 
-from vmctl.errors import CommandError, CommandTimeout, DeviceNotFound, EventTimeout, HotplugError
+from vmctl.errors import CommandError, CommandTimeout, DeviceNotFound, EventTimeout, HotplugError, OperationTimeout
 from vmctl.model import DiskSpec, NicSpec, VirtioMemSpec
 from vmctl.model.names import pci_addr_from_devfn
 from vmctl.model.pcie import Controller
+from vmctl.ops.deadline import Deadline
 from vmctl.ops.queries import ask
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import QMPMonitor
@@ -23,20 +24,28 @@ def device_present(qmp: QMPMonitor, device_id: str) -> bool:
 
 
 def remove_device(
-    qmp: QMPMonitor, device_id: str, timeout: float, *, kind: str = "device", also_left: Sequence[str] = ()
+    qmp: QMPMonitor,
+    device_id: str,
+    timeout: float | Deadline,
+    *,
+    kind: str = "device",
+    also_left: Sequence[str] = (),
 ) -> None:
-    """device_del and wait for the guest to let go (DEVICE_DELETED for this id). If it does not,
-    ``HotplugError`` names the device and ``also_left`` (what the caller would remove after it)."""
-    if not device_present(qmp, device_id):
+    """device_del and wait for the guest to let go (DEVICE_DELETED for this id), all within
+    ``timeout``. If it does not, ``HotplugError`` names the device and ``also_left`` (what the
+    caller would remove after it)."""
+    limit = Deadline.after(timeout)
+    forward = limit.bind(qmp)
+    if not device_present(forward, device_id):
         return
     with qmp.events("DEVICE_DELETED", match={"device": device_id}) as deleted:
-        if not request_removal(qmp, device_id):
+        if not request_removal(forward, device_id):
             return
         try:
-            deleted.get(timeout)
-        except EventTimeout:
-            if device_present(qmp, device_id):
-                raise not_released(kind, device_id, timeout, also_left) from None
+            deleted.get(limit.left("waiting for DEVICE_DELETED"))
+        except (EventTimeout, OperationTimeout):
+            if device_present(qmp, device_id):  # one more look, past the deadline: the answer is the guest's
+                raise not_released(kind, device_id, limit.timeout, also_left) from None
 
 
 def request_removal(qmp: QMPMonitor, device_id: str) -> bool:
@@ -78,13 +87,15 @@ def pin_pci_address(qmp: QMPMonitor, device: Placed) -> Placed:
     return attrs.evolve(device, pci_addr=pci_address(qmp, device.id))
 
 
-def ensure_controller(qmp: QMPMonitor, steps: Steps, controller: Controller, timeout: float) -> None:
+def ensure_controller(qmp: QMPMonitor, steps: Steps, controller: Controller, timeout: float | Deadline) -> None:
     """Add a bus controller (virtio-scsi, virtio-serial) unless it is there, as an undoable step."""
-    if not device_present(qmp, controller.id):
+    limit = Deadline.after(timeout)
+    forward = limit.bind(qmp)
+    if not device_present(forward, controller.id):
         steps.run(
             f"{controller.driver} controller",
-            lambda: qmp.execute("device_add", controller.device_properties(), timeout=timeout),
-            lambda _: remove_device(qmp, controller.id, timeout),
+            lambda: forward.execute("device_add", controller.device_properties()),
+            lambda _: remove_device(qmp, controller.id, limit.timeout),
         )
 
 

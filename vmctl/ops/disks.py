@@ -18,6 +18,7 @@ from vmctl.errors import CommandError, CommandTimeout, HotplugError, InvalidArgu
 from vmctl.model import DiskBus, DiskSpec, Throttle
 from vmctl.model.names import fdset_tag, is_disk_fdset, is_disk_node, secret_object_id
 from vmctl.model.pcie import Controller
+from vmctl.ops.deadline import Deadline
 from vmctl.ops.devices import ensure_controller, object_exists, remove_device, remove_object
 from vmctl.ops.nodes import block_nodes
 from vmctl.ops.queries import ask, execute_checked
@@ -35,11 +36,13 @@ def hotplug_disk(
     *,
     controller: Controller | None = None,
     secret: Mapping[str, Any] | None = None,
-    timeout: float = 30.0,
+    timeout: float | Deadline = 30.0,
 ) -> DiskSpec:
     """Plug ``disk`` (its image, with its cache, aio and I/O limits) into the running guest. A
     SCSI disk gets the SCSI ``controller`` first unless the VM has one. An encrypted disk's
-    passphrase comes as its ``secret`` object (already encrypted with the VM's master key)."""
+    passphrase comes as its ``secret`` object (already encrypted with the VM's master key).
+    ``timeout`` bounds every command of it (see ``vmctl.ops.deadline``)."""
+    limit = Deadline.after(timeout)
     if (secret is None) != (disk.encryption is None):
         raise InvalidArgument(f"disk {disk.id}: an encrypted disk needs its secret object, and only it")
     if disk.overlays:
@@ -51,26 +54,29 @@ def hotplug_disk(
     except OSError as exc:
         raise InvalidArgument(f"disk {disk.id}: cannot open {disk.path}: {exc.strerror}") from None
     bound = log.bind(disk=disk.id)
+    forward = limit.bind(qmp)  # the steps wait no longer than the deadline; their undos use qmp
     try:
         with Steps(bound) as steps:
             if secret is not None:
                 secret_id = str(secret["id"])
                 steps.run(
                     f"object-add {secret_id}",
-                    lambda: execute_checked(qmp, "object-add", secret, took=lambda: object_exists(qmp, secret_id)),
+                    lambda: execute_checked(
+                        forward, "object-add", secret, took=lambda: object_exists(forward, secret_id)
+                    ),
                     lambda _: remove_object(qmp, secret_id),
                 )
-            fdset = add_layer(qmp, steps, disk, disk.base_layer, fd, timeout=timeout)
+            fdset = add_layer(qmp, steps, disk, disk.base_layer, fd, limit=limit)
             if disk.bus == "scsi":
-                ensure_controller(qmp, steps, controller or Controller.scsi(), timeout)
+                ensure_controller(qmp, steps, controller or Controller.scsi(), limit)
             steps.run(
                 "device_add",
-                lambda: qmp.execute("device_add", disk.device_properties(), timeout=timeout),
-                lambda _: remove_device(qmp, disk.id, timeout),
+                lambda: forward.execute("device_add", disk.device_properties()),
+                lambda _: remove_device(qmp, disk.id, limit.timeout),
             )
             if disk.throttle is not None:
                 throttle = disk.throttle
-                steps.run("throttle", lambda: set_throttle(qmp, disk_id=disk.id, throttle=throttle, bus=disk.bus))
+                steps.run("throttle", lambda: set_throttle(forward, disk_id=disk.id, throttle=throttle, bus=disk.bus))
     except QMPError as exc:
         raise HotplugError(
             f"hotplug of disk {disk.id} failed and was rolled back: {exc}", remaining=tuple(steps.leftovers)
@@ -89,50 +95,55 @@ def add_layer(
     fd: int,
     *,
     backing: str | None = None,
-    timeout: float | None = None,
+    limit: Deadline | None = None,
 ) -> int:
     """Pass ``fd``, the opened image of ``disk``'s layer ``layer``, to QEMU (a new fdset) and add
     the layer's protocol and format nodes as the disk renders them, each step with its undo.
     Hotplug adds the base layer this way, a snapshot its overlay, a mirror its target. ``backing``
-    names the format node below an overlay. Returns the fdset's id."""
+    names the format node below an overlay; ``limit`` bounds the steps. Returns the fdset's id."""
+    forward = qmp if limit is None else limit.bind(qmp)
     fdset = steps.run(
         "add-fd" if layer == 0 else f"add-fd layer {layer}",
-        lambda: int(qmp.execute("add-fd", {"opaque": fdset_tag(disk.id, layer)}, fds=[fd])["fdset-id"]),
+        lambda: int(forward.execute("add-fd", {"opaque": fdset_tag(disk.id, layer)}, fds=[fd])["fdset-id"]),
         lambda fdset_id: remove_fdset(qmp, fdset_id, disk.id, layer),
     )
     for node in disk.layer_nodes(layer, f"/dev/fdset/{fdset}", backing=backing):
-        _add_node(qmp, steps, disk.id, node, timeout)
+        _add_node(qmp, forward, steps, disk.id, node)
     return fdset
 
 
-def _add_node(qmp: QMPMonitor, steps: Steps, disk_id: str, node: dict[str, Any], timeout: float | None) -> None:
+def _add_node(qmp: QMPMonitor, forward: QMPMonitor, steps: Steps, disk_id: str, node: dict[str, Any]) -> None:
     name = node["node-name"]
     steps.run(
         f"blockdev-add {name}",
-        lambda: qmp.execute("blockdev-add", node, timeout=timeout),
+        lambda: forward.execute("blockdev-add", node),
         lambda _: delete_disk_nodes(qmp, disk_id, only={name}),
     )
 
 
-def unplug_disk(qmp: QMPMonitor, log: Any, *, disk_id: str, encrypted: bool = False, timeout: float = 30.0) -> None:
+def unplug_disk(
+    qmp: QMPMonitor, log: Any, *, disk_id: str, encrypted: bool = False, timeout: float | Deadline = 30.0
+) -> None:
     """Remove the device (waiting for the guest to release it), then its nodes and fdset (and
-    an ``encrypted`` disk's secret object).
+    an ``encrypted`` disk's secret object), all within ``timeout``.
 
     Idempotent: parts already gone are skipped. If the guest does not release the device in
     time, ``HotplugError`` says what remains and a later call finishes the job.
     """
+    limit = Deadline.after(timeout)
+    forward = limit.bind(qmp)
     bound = log.bind(disk=disk_id)
     # QEMU may send DEVICE_DELETED before device_del's reply, so remove_device subscribes first. It
     # first sends one for the virtio backend path (no "device" field), then the one for our id.
     try:
-        remove_device(qmp, disk_id, timeout, kind="disk")
+        remove_device(qmp, disk_id, limit, kind="disk")
     except HotplugError as exc:  # name the nodes too (only looked up when it matters)
         nodes = tuple(f"node {n}" for n in disk_nodes(qmp, disk_id))
         raise HotplugError(str(exc).split(";")[0], remaining=(*exc.remaining, *nodes)) from None
-    delete_disk_nodes(qmp, disk_id)
-    remove_disk_fdsets(qmp, disk_id)
+    delete_disk_nodes(forward, disk_id)
+    remove_disk_fdsets(forward, disk_id)
     if encrypted:
-        remove_object(qmp, secret_object_id(disk_id))
+        remove_object(forward, secret_object_id(disk_id))
     bound.info("disk.unplugged")
 
 

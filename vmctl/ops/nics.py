@@ -27,6 +27,7 @@ from vmctl.errors import (
 )
 from vmctl.model import NicSpec
 from vmctl.model.names import netdev_id, tap_fd_name
+from vmctl.ops.deadline import Deadline
 from vmctl.ops.devices import remove_device
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import QMPMonitor
@@ -72,7 +73,7 @@ def hotplug_nic(
     model: str = "virtio-net-pci",
     queues: int = 1,
     port: int | None = None,
-    timeout: float = 30.0,
+    timeout: float | Deadline = 30.0,
 ) -> NicSpec:
     """Open a tap (named ``tap``, or a new one), pass its fds, add the netdev and the device
     (behind root ``port`` on q35). Returns the NIC as plugged (its tap's name, its MAC:
@@ -95,8 +96,11 @@ def opened_tap(wanted: NicSpec) -> Iterator[tuple[NicSpec, list[int]]]:
             os.close(fd)
 
 
-def plug_tap(qmp: QMPMonitor, log: Any, nic: NicSpec, fds: list[int], *, timeout: float = 30.0) -> NicSpec:
-    """Pass an opened tap's fds to QEMU, add the netdev on them and the guest's device."""
+def plug_tap(qmp: QMPMonitor, log: Any, nic: NicSpec, fds: list[int], *, timeout: float | Deadline = 30.0) -> NicSpec:
+    """Pass an opened tap's fds to QEMU, add the netdev on them and the guest's device, all
+    within ``timeout`` (the undos have their own bounds: see ``vmctl.ops.deadline``)."""
+    limit = Deadline.after(timeout)
+    forward = limit.bind(qmp)
     nic_id = nic.id
     bound = log.bind(nic=nic_id, tap=nic.tap)
     netdev = netdev_id(nic_id)
@@ -104,7 +108,7 @@ def plug_tap(qmp: QMPMonitor, log: Any, nic: NicSpec, fds: list[int], *, timeout
     try:
         with Steps(bound) as steps:
             for fd, fd_name in zip(fds, fd_names, strict=True):
-                steps.run(f"getfd {fd_name}", _getfd(qmp, fd, fd_name), _closefd_step(qmp, fd_name))
+                steps.run(f"getfd {fd_name}", _getfd(forward, fd, fd_name), _closefd_step(qmp, fd_name))
             netdev_arguments: dict[str, Any] = {"type": "tap", "id": netdev}
             if nic.queues == 1:
                 netdev_arguments["fd"] = fd_names[0]
@@ -112,13 +116,13 @@ def plug_tap(qmp: QMPMonitor, log: Any, nic: NicSpec, fds: list[int], *, timeout
                 netdev_arguments["fds"] = ":".join(fd_names)
             steps.run(
                 "netdev_add",
-                lambda: qmp.execute("netdev_add", netdev_arguments, timeout=timeout),
+                lambda: forward.execute("netdev_add", netdev_arguments),
                 lambda _: _delete_netdev(qmp, netdev),
             )
             steps.run(
                 "device_add",
-                lambda: qmp.execute("device_add", nic.device_properties(), timeout=timeout),
-                lambda _: remove_device(qmp, nic_id, timeout),
+                lambda: forward.execute("device_add", nic.device_properties()),
+                lambda _: remove_device(qmp, nic_id, limit.timeout),
             )
     except QMPError as exc:
         raise HotplugError(
@@ -146,11 +150,12 @@ def _closefd(qmp: QMPMonitor, fd_name: str) -> None:
         qmp.execute("closefd", {"fdname": fd_name})
 
 
-def unplug_nic(qmp: QMPMonitor, log: Any, *, nic_id: str, timeout: float = 30.0) -> None:
-    """Remove the NIC once the guest releases it, then its tap backend. Idempotent."""
+def unplug_nic(qmp: QMPMonitor, log: Any, *, nic_id: str, timeout: float | Deadline = 30.0) -> None:
+    """Remove the NIC once the guest releases it, then its tap backend, all within ``timeout``. Idempotent."""
+    limit = Deadline.after(timeout)
     bound = log.bind(nic=nic_id)
-    remove_device(qmp, nic_id, timeout, kind="nic", also_left=(f"netdev {netdev_id(nic_id)}",))
-    _delete_netdev(qmp, netdev_id(nic_id))
+    remove_device(qmp, nic_id, limit, kind="nic", also_left=(f"netdev {netdev_id(nic_id)}",))
+    _delete_netdev(limit.bind(qmp), netdev_id(nic_id))
     bound.info("nic.unplugged")
 
 

@@ -10,10 +10,10 @@ import time
 
 import attrs
 
+from vmctl.domain import Domain
 from vmctl.errors import InvalidArgument, VmctlError, WaitTimeout
 from vmctl.model.names import SHELL_SOCKET
 from vmctl.qmp.transport import open_socket
-from vmctl.vm.domain import Domain
 
 _END = re.compile(rb"VMCTL-END (\d+) (\d+)\r?$")
 _BEGIN = re.compile(rb"VMCTL-BEGIN (\d+)\r?$")

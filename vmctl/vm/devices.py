@@ -4,27 +4,22 @@ procedure under the store's lock and records the result in the inventory."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from vmctl.errors import CommandTimeout, DeviceError, HotplugError, InvalidArgument, UnknownDevice, WaitTimeout
 from vmctl.model import (
-    Aio,
-    CacheMode,
     Chardev,
     ChardevKind,
-    DiskBus,
-    DiskFormat,
     DiskSpec,
-    ErrorPolicy,
     Inventory,
     MemorySpec,
     NicSpec,
     Throttle,
     VirtioMemSpec,
 )
-from vmctl.model.disk import hotplug_request
+from vmctl.model.disk import DiskOptions
 from vmctl.model.names import BALLOON_DEVICE
 from vmctl.model.pcie import Controller
 from vmctl.ops import balloon as balloon_ops
@@ -34,11 +29,15 @@ from vmctl.ops import disks as disk_ops
 from vmctl.ops import memory as memory_ops
 from vmctl.ops import nics as nic_ops
 from vmctl.ops import stats as stats_ops
+from vmctl.ops.deadline import Deadline
 from vmctl.ops.devices import pin_pci_address
 from vmctl.ops.queries import ask
 from vmctl.qmp import Monitor
 from vmctl.vm.journal import Intent
 from vmctl.vm.store import StateStore
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def _with_controller(inventory: Inventory, controller: Controller | None) -> Inventory:
@@ -58,28 +57,14 @@ class Devices:
         return self._store.inventory.disks
 
     def hotplug_disk(
-        self,
-        disk: DiskSpec | str | os.PathLike[str],
-        *,
-        id: str | None = None,
-        format: DiskFormat = "qcow2",
-        read_only: bool = False,
-        bus: DiskBus = "virtio-blk",
-        cache: CacheMode = "writeback",
-        aio: Aio = "threads",
-        discard: bool = False,
-        on_error: ErrorPolicy | None = None,
-        throttle: Throttle | None = None,
-        timeout: float = 30.0,
+        self, disk: DiskSpec | str | os.PathLike[str], *, timeout: float = 30.0, **options: Unpack[DiskOptions]
     ) -> DiskSpec:
         """Attach a disk: a ``DiskSpec`` (the same value a VM can be launched with), or an image
         path with the disk's options. On any failure every step is undone (``HotplugError``).
         Returns the disk as the inventory records it (its PCI address pinned)."""
-        disk = hotplug_request(
-            disk, id=id, format=format, read_only=read_only, bus=bus, cache=cache, aio=aio, discard=discard,
-            on_error=on_error, throttle=throttle,
-        )  # fmt: skip
-        with self._store.lock:
+        limit = Deadline.after(timeout)
+        disk = DiskSpec.of(disk, **options)
+        with self._store.held(limit):
             self._store.refuse_duplicate(disk.id)
             controller = None
             if disk.bus == "scsi":
@@ -95,19 +80,20 @@ class Devices:
                     disk,
                     controller=controller,
                     secret=self._store.secret_object(disk),
-                    timeout=timeout,
+                    timeout=limit,
                 )
-                plugged = pin_pci_address(self._qmp, plugged)
+                plugged = pin_pci_address(limit.bind(self._qmp), plugged)
                 done(lambda inventory: _with_controller(inventory.with_disk(plugged), controller))
             return plugged
 
     def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None:
         """Detach a disk: the guest releases it, then its nodes and fdset go. Safe to retry."""
-        with self._store.lock:
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
             disk = self._store.require_disk(id)
             with self._store.intent(Intent(operation="unplug_disk", disk=disk)) as done:
                 disk_ops.unplug_disk(
-                    self._qmp, self._log, disk_id=id, encrypted=disk.encryption is not None, timeout=timeout
+                    self._qmp, self._log, disk_id=id, encrypted=disk.encryption is not None, timeout=limit
                 )
                 done(lambda inventory: inventory.without_disk(id))
 
@@ -145,7 +131,8 @@ class Devices:
     ) -> NicSpec:
         """Add a NIC on a tap device that vmctl opens (``tap`` names it; else the kernel does).
         A MAC is generated when none is given, so it survives migration and re-attach."""
-        with self._store.lock:
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
             self._store.refuse_duplicate(id)
             port = self._store.free_port(id)
             wanted = NicSpec(id=id, mac=mac or nic_ops.random_mac(), model=model, tap=tap, queues=queues, port=port)
@@ -155,17 +142,18 @@ class Devices:
                 nic_ops.opened_tap(wanted) as (opened, fds),
                 self._store.intent(Intent(operation="hotplug_nic", nic=opened)) as done,
             ):
-                nic = nic_ops.plug_tap(self._qmp, self._log, opened, fds, timeout=timeout)
-                nic = pin_pci_address(self._qmp, nic)
+                nic = nic_ops.plug_tap(self._qmp, self._log, opened, fds, timeout=limit)
+                nic = pin_pci_address(limit.bind(self._qmp), nic)
                 done(lambda inventory: inventory.with_nic(nic))
             return nic
 
     def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
         """Detach a NIC: the guest releases it, then its tap backend goes (and its root port is free)."""
-        with self._store.lock:
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
             nic = self._require_nic(id)
             with self._store.intent(Intent(operation="unplug_nic", nic=nic)) as done:
-                nic_ops.unplug_nic(self._qmp, self._log, nic_id=id, timeout=timeout)
+                nic_ops.unplug_nic(self._qmp, self._log, nic_id=id, timeout=limit)
                 done(lambda inventory: inventory.without_nic(id))
 
     def set_nic_link(self, id: str, up: bool) -> NicSpec:

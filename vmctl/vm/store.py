@@ -14,10 +14,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from vmctl.errors import DeviceExists, HotplugError, InvalidArgument, NoHotplugSlot, StateError, UnknownDevice
+from vmctl.errors import (
+    DeviceExists,
+    HotplugError,
+    InvalidArgument,
+    NoHotplugSlot,
+    OperationTimeout,
+    StateError,
+    UnknownDevice,
+)
 from vmctl.model import DiskSpec, Inventory, VMSpec
 from vmctl.model.names import QMP_SOCKET, secret_object_id
 from vmctl.model.pcie import Controller
+from vmctl.ops.deadline import Deadline
 from vmctl.ops.devices import device_present
 from vmctl.qmp import Monitor
 from vmctl.vm import journal
@@ -74,6 +83,18 @@ class StateStore:
                 self._leftovers.pop(ends, None)
             self.save()
             return self._inventory
+
+    @contextlib.contextmanager
+    def held(self, limit: Deadline) -> Iterator[None]:
+        """``lock``, waited for no longer than ``limit``: an operation's timeout counts its wait
+        for the VM's other operation too."""
+        step = f"{self.spec.name}: waiting for its other device or block operation"
+        if not self.lock.acquire(timeout=limit.left(step)):
+            raise OperationTimeout(step=step, timeout=limit.timeout)
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     @contextlib.contextmanager
     def intent(self, intent: Intent) -> Iterator[Callable[[Callable[[Inventory], Inventory]], Inventory]]:

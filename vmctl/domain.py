@@ -10,15 +10,18 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from vmctl.model import DiskSpec, MigrationProgress, MigrationResult, NicSpec, Throttle, VMSpec
-from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, ErrorPolicy
+from vmctl.model import DiskSpec, MigrationProgress, MigrationResult, NicSpec, VMSpec
+from vmctl.model.disk import DiskOptions
 from vmctl.model.memory import MemorySpec, VirtioMemSpec
 from vmctl.model.status import ExitStatus, ShutdownResult, VMStatus
 from vmctl.ops.memory import MemoryDevice
 from vmctl.qmp.interface import QMPMonitor
 from vmctl.vm.console import Console
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class BlockJob(Protocol):
@@ -87,19 +90,7 @@ class Domain(Protocol):
     def disks(self) -> tuple[DiskSpec, ...]: ...
 
     def hotplug_disk(
-        self,
-        disk: DiskSpec | str | os.PathLike[str],
-        *,
-        id: str | None = None,
-        format: DiskFormat = "qcow2",
-        read_only: bool = False,
-        bus: DiskBus = "virtio-blk",
-        cache: CacheMode = "writeback",
-        aio: Aio = "threads",
-        discard: bool = False,
-        on_error: ErrorPolicy | None = None,
-        throttle: Throttle | None = None,
-        timeout: float = 30.0,
+        self, disk: DiskSpec | str | os.PathLike[str], *, timeout: float = 30.0, **options: Unpack[DiskOptions]
     ) -> DiskSpec: ...
 
     def unplug_disk(self, id: str, *, timeout: float = 30.0) -> None: ...
