@@ -11,6 +11,7 @@ import pytest
 
 from integration.conftest import DomainFactory, VMFactory
 from vmctl.errors import HotplugError
+from vmctl.model import NicSpec
 from vmctl.ops import nics as nic_ops
 from vmctl.testing import GuestShell
 
@@ -54,6 +55,6 @@ def test_failed_nic_hotplug_is_rolled_back(vms: VMFactory) -> None:
     vm = vms.launch(wait_ready=False)
     vm.hotplug_nic(id="net1")
     with pytest.raises(HotplugError, match="rolled back"):
-        nic_ops.hotplug_nic(vm.qmp, vm.log, nic_id="net1")  # the device id is taken in QEMU
+        nic_ops.hotplug_nic(vm.qmp, vm.log, NicSpec(id="net1"))  # the device id is taken in QEMU
     network = vm.qmp.human("info network")
     assert network.count("net1-net") == 1  # only the working NIC's backend

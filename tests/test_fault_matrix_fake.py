@@ -30,7 +30,7 @@ import structlog
 
 from tests.fake_state import PRIMARY, FakeTaps, QemuModel, State, diff, files, open_files
 from vmctl.errors import QMPError, VmctlError
-from vmctl.model import Chardev, DiskBus, DiskSpec, Throttle
+from vmctl.model import Chardev, DiskBus, DiskSpec, NicSpec, Throttle
 from vmctl.model.names import fdset_tag
 from vmctl.ops import chains as chain_ops
 from vmctl.ops import chardevs as chardev_ops
@@ -189,7 +189,10 @@ DISK_OPS = [_disk_op("virtio-blk"), _disk_op("scsi")]
 NIC = Op(
     name="nic",
     plug=lambda world: nic_ops.hotplug_nic(
-        world.monitor, LOG, nic_id="fn1", tap="vmctl-fn1", mac="52:54:00:fa:17:01", queues=2, timeout=OP_TIMEOUT
+        world.monitor,
+        LOG,
+        NicSpec(id="fn1", tap="vmctl-fn1", mac="52:54:00:fa:17:01", queues=2),
+        timeout=OP_TIMEOUT,
     ),
     plug_commands=("getfd", "getfd", "netdev_add", "device_add"),
     steps={

@@ -9,6 +9,7 @@ import pytest
 import structlog
 
 from vmctl.errors import HotplugError, InvalidArgument
+from vmctl.model import NicSpec
 from vmctl.ops import nics as nic_ops
 from vmctl.qmp import Monitor
 from vmctl.testing import FakeCall, FakeCommandError, FakeQEMU
@@ -44,7 +45,7 @@ class NetState:
 @needs_root
 def test_nic_hotplug_steps_and_multiqueue(monitor: Monitor, fake: FakeQEMU) -> None:
     state = NetState(fake)
-    nic = nic_ops.hotplug_nic(monitor, log, nic_id="net1", queues=2, mac="52:54:00:aa:bb:cc")
+    nic = nic_ops.hotplug_nic(monitor, log, NicSpec(id="net1", queues=2, mac="52:54:00:aa:bb:cc"))
     assert [c.command for c in fake.calls[1:]] == ["getfd", "getfd", "netdev_add", "device_add"]
     assert fake.calls_of("netdev_add")[0].arguments == {"type": "tap", "id": "net1-net", "fds": "net1-tap0:net1-tap1"}
     device = fake.calls_of("device_add")[0].arguments
@@ -63,7 +64,7 @@ def test_nic_failures_are_rolled_back(monitor: Monitor, fake: FakeQEMU, fail: st
     state = NetState(fake, fail=fail)
     before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(HotplugError, match="injected"):
-        nic_ops.hotplug_nic(monitor, log, nic_id="net1")
+        nic_ops.hotplug_nic(monitor, log, NicSpec(id="net1"))
     commands = [c.command for c in fake.calls[1:]]
     assert commands[commands.index(fail) + 1 :] == undo
     assert state.netdevs == set() and fake.named_fds == {}
@@ -74,7 +75,9 @@ def test_nic_failures_are_rolled_back(monitor: Monitor, fake: FakeQEMU, fail: st
     ("kwargs", "message"),
     [({"queues": 0}, "queues"), ({"queues": 2, "model": "e1000"}, "multiqueue"), ({"mac": "nope"}, "MAC")],
 )
-def test_bad_nic_input_is_refused_first(monitor: Monitor, fake: FakeQEMU, kwargs: dict[str, Any], message: str) -> None:
+def test_bad_nic_input_is_refused_by_its_value_before_anything_is_sent(
+    monitor: Monitor, fake: FakeQEMU, kwargs: dict[str, Any], message: str
+) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        nic_ops.hotplug_nic(monitor, log, nic_id="net1", **kwargs)
+        nic_ops.hotplug_nic(monitor, log, NicSpec.of(id="net1", **kwargs))
     assert [c.command for c in fake.calls] == ["qmp_capabilities"]

@@ -264,3 +264,16 @@ def test_the_disk_adapter_refuses_options_it_would_otherwise_drop(options: dict[
 def test_a_disk_given_by_path_needs_an_id() -> None:
     with pytest.raises(InvalidArgument, match="needs an id="):
         DiskSpec.of("/img/a.qcow2", cache="none")
+
+
+def test_a_nic_given_by_keywords_gets_a_generated_mac_once() -> None:
+    nic = NicSpec.of(id="n1", queues=2)
+    assert nic.mac is not None and nic.mac.startswith("52:54:00:") and nic.queues == 2
+    assert NicSpec.of(nic) is nic  # a NicSpec with its MAC passes through unchanged
+
+
+def test_the_nic_adapter_refuses_options_beside_a_nic_spec() -> None:
+    with pytest.raises(InvalidArgument, match="queues given beside a NicSpec"):
+        NicSpec.of(NicSpec(id="n1"), queues=2)
+    with pytest.raises(InvalidArgument, match="needs an id="):
+        NicSpec.of(tap="tap0")

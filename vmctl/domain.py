@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from vmctl.model import DiskSpec, MigrationProgress, MigrationResult, NicSpec, VMSpec
 from vmctl.model.disk import DiskOptions
 from vmctl.model.memory import MemorySpec, VirtioMemSpec
+from vmctl.model.nic import NicOptions
 from vmctl.model.status import ExitStatus, ShutdownResult, VMStatus
 from vmctl.ops.memory import MemoryDevice
 from vmctl.qmp.interface import QMPMonitor
@@ -98,14 +99,7 @@ class Domain(Protocol):
     def nics(self) -> tuple[NicSpec, ...]: ...
 
     def hotplug_nic(
-        self,
-        *,
-        id: str,
-        tap: str | None = None,
-        mac: str | None = None,
-        model: str = "virtio-net-pci",
-        queues: int = 1,
-        timeout: float = 30.0,
+        self, nic: NicSpec | None = None, *, timeout: float = 30.0, **options: Unpack[NicOptions]
     ) -> NicSpec: ...
 
     def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None: ...

@@ -33,8 +33,8 @@ from vmctl.libvirt.monitor import LibvirtMonitor
 from vmctl.logs import get_logger
 from vmctl.model import DiskSpec, NicSpec
 from vmctl.model.disk import DiskOptions
+from vmctl.model.nic import NicOptions
 from vmctl.ops import balloon as balloon_ops
-from vmctl.ops.nics import random_mac
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -101,23 +101,17 @@ class LibvirtDevices:
         return nics_from_xml(self.xml())
 
     def hotplug_nic(
-        self,
-        *,
-        id: str,
-        tap: str | None = None,
-        mac: str | None = None,
-        model: str = "virtio-net-pci",
-        queues: int = 1,
-        timeout: float = 30.0,
+        self, nic: NicSpec | None = None, *, timeout: float = 30.0, **options: Unpack[NicOptions]
     ) -> NicSpec:
-        """Add a NIC on an existing tap (``tap``), or on a new tap libvirt makes; a MAC is made when none is given."""
-        nic = NicSpec(id=id, mac=mac or random_mac(), model=model, tap=tap, queues=queues)
+        """Add a NIC on an existing tap (its ``tap``), or on a new tap libvirt makes: a ``NicSpec``
+        or its settings by keyword; a MAC is made when none is given."""
+        wanted = NicSpec.of(nic, **options)
         with self.lock:
-            self._refuse_duplicate(self.xml(), id)
-            device = nic_xml(nic, vhost=self._vhost, new_tap=True)
-            self._log.info("libvirt.hotplug_nic", nic=id, tap=tap)
-            bounded(f"{self.name}: attach NIC {id}", timeout, self._domain.attachDeviceFlags, device, self.flags)
-            return self._require(self.nics(), id)
+            self._refuse_duplicate(self.xml(), wanted.id)
+            device = nic_xml(wanted, vhost=self._vhost, new_tap=True)
+            self._log.info("libvirt.hotplug_nic", nic=wanted.id, tap=wanted.tap)
+            bounded(f"{self.name}: attach NIC {wanted.id}", timeout, self._domain.attachDeviceFlags, device, self.flags)
+            return self._require(self.nics(), wanted.id)
 
     def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
         with self.lock:

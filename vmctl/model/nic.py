@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import random
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final, TypedDict
 
 import attrs
 
-from vmctl.errors import SpecError
+from vmctl.errors import InvalidArgument, SpecError
 from vmctl.model.names import netdev_id
 from vmctl.model.pcie import check_port, device_bus
 from vmctl.model.validate import check_id, check_pci_addr
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 
@@ -52,6 +56,28 @@ class NicSpec:
         if self.queues > 1 and self.model != "virtio-net-pci":
             raise SpecError(f"nic {self.id}: multiqueue needs virtio-net-pci, not {self.model}")
 
+    @classmethod
+    def of(cls, nic: NicSpec | None = None, **options: Unpack[NicOptions]) -> NicSpec:
+        """The NIC a caller asks for: a ``NicSpec``, or one made of the settings given by keyword
+        (the one adapter from keywords to the value); either way with a MAC, generated when none
+        is given, so that the guest keeps it through migration and re-attach."""
+        unknown = set(options) - NIC_OPTIONS
+        if unknown:
+            known = ", ".join(sorted(NIC_OPTIONS))
+            raise InvalidArgument(f"unknown NIC option(s) {', '.join(sorted(unknown))}: a NIC takes {known}")
+        if nic is None:
+            if "id" not in options:
+                raise InvalidArgument("a NIC needs an id=")
+            nic = cls(**options)
+        else:
+            asked = options.pop("id", nic.id)
+            if asked != nic.id:
+                raise InvalidArgument(f"id={asked!r} contradicts the NicSpec's id {nic.id!r}")
+            if options:
+                given = ", ".join(sorted(options))
+                raise InvalidArgument(f"nic {nic.id}: {given} given beside a NicSpec; set them in the NicSpec")
+        return nic if nic.mac is not None else attrs.evolve(nic, mac=random_mac())
+
     @property
     def netdev(self) -> str:
         return netdev_id(self.id)
@@ -76,3 +102,24 @@ class NicSpec:
         else:
             backend = f"user,id={netdev}"
         return ["-netdev", backend, "-device", json.dumps(self.device_properties(), separators=(",", ":"))]
+
+
+class NicOptions(TypedDict, total=False):
+    """A ``NicSpec``'s settings by keyword: what ``hotplug_nic(id=..., tap=...)`` takes. Declared
+    once; every VM's ``hotplug_nic`` types its ``**options`` with it and hands them to
+    :meth:`NicSpec.of`."""
+
+    id: str
+    mac: str | None
+    model: str
+    tap: str | None
+    queues: int
+    link_up: bool
+
+
+NIC_OPTIONS: Final = frozenset(NicOptions.__annotations__)
+
+
+def random_mac() -> str:
+    """A MAC in QEMU's locally administered 52:54:00 range."""
+    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))

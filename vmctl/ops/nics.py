@@ -11,7 +11,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import random
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,11 +37,6 @@ _IFF_NO_PI = 0x1000
 _IFF_MULTI_QUEUE = 0x0100
 
 
-def random_mac() -> str:
-    """A MAC in QEMU's locally administered 52:54:00 range."""
-    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
-
-
 def open_tap(name: str | None, queues: int) -> tuple[str, list[int]]:
     """Create (or attach to) a tap interface; returns its name and one fd per queue."""
     flags = _IFF_TAP | _IFF_NO_PI | (_IFF_MULTI_QUEUE if queues > 1 else 0)
@@ -63,24 +57,11 @@ def open_tap(name: str | None, queues: int) -> tuple[str, list[int]]:
     return wanted.decode(), fds
 
 
-def hotplug_nic(
-    qmp: QMPMonitor,
-    log: Any,
-    *,
-    nic_id: str,
-    tap: str | None = None,
-    mac: str | None = None,
-    model: str = "virtio-net-pci",
-    queues: int = 1,
-    port: int | None = None,
-    timeout: float | Deadline = 30.0,
-) -> NicSpec:
-    """Open a tap (named ``tap``, or a new one), pass its fds, add the netdev and the device
-    (behind root ``port`` on q35). Returns the NIC as plugged (its tap's name, its MAC:
-    generated when not given)."""
-    wanted = NicSpec(id=nic_id, mac=mac or random_mac(), model=model, tap=tap, queues=queues, port=port)
-    with opened_tap(wanted) as (nic, fds):
-        return plug_tap(qmp, log, nic, fds, timeout=timeout)
+def hotplug_nic(qmp: QMPMonitor, log: Any, nic: NicSpec, *, timeout: float | Deadline = 30.0) -> NicSpec:
+    """Open ``nic``'s tap (the one it names, or a new one), pass its fds, add the netdev and the
+    device (behind its root port on q35). Returns the NIC as plugged (with its tap's name)."""
+    with opened_tap(nic) as (opened, fds):
+        return plug_tap(qmp, log, opened, fds, timeout=timeout)
 
 
 @contextlib.contextmanager

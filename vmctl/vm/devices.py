@@ -21,6 +21,7 @@ from vmctl.model import (
 )
 from vmctl.model.disk import DiskOptions
 from vmctl.model.names import BALLOON_DEVICE
+from vmctl.model.nic import NicOptions
 from vmctl.model.pcie import Controller
 from vmctl.ops import balloon as balloon_ops
 from vmctl.ops import chardevs as chardev_ops
@@ -120,32 +121,28 @@ class Devices:
         return self._store.inventory.nics
 
     def hotplug_nic(
-        self,
-        *,
-        id: str,
-        tap: str | None = None,
-        mac: str | None = None,
-        model: str = "virtio-net-pci",
-        queues: int = 1,
-        timeout: float = 30.0,
+        self, nic: NicSpec | None = None, *, timeout: float = 30.0, **options: Unpack[NicOptions]
     ) -> NicSpec:
-        """Add a NIC on a tap device that vmctl opens (``tap`` names it; else the kernel does).
-        A MAC is generated when none is given, so it survives migration and re-attach."""
+        """Add a NIC on a tap device that vmctl opens (its ``tap`` names it; else the kernel does):
+        a ``NicSpec``, or its settings by keyword. A MAC is generated when none is given, so it
+        survives migration and re-attach."""
         limit = Deadline.after(timeout)
+        wanted = NicSpec.of(nic, **options)
         with self._store.held(limit):
-            self._store.refuse_duplicate(id)
-            port = self._store.free_port(id)
-            wanted = NicSpec(id=id, mac=mac or nic_ops.random_mac(), model=model, tap=tap, queues=queues, port=port)
+            self._store.refuse_duplicate(wanted.id)
+            if self._store.spec.pcie and wanted.pci_addr is not None:
+                raise InvalidArgument(f"nic {wanted.id}: q35 hotplugs behind root ports; give a port, not pci_addr")
+            wanted = attrs.evolve(wanted, port=self._store.free_port(wanted.id, wanted.port))
             # The tap is opened first, so the intent names it even when the kernel chose the name
             # (an attach that finds the NIC whole takes it from the intent).
             with (
                 nic_ops.opened_tap(wanted) as (opened, fds),
                 self._store.intent(Intent(operation="hotplug_nic", nic=opened)) as done,
             ):
-                nic = nic_ops.plug_tap(self._qmp, self._log, opened, fds, timeout=limit)
-                nic = pin_pci_address(limit.bind(self._qmp), nic)
-                done(lambda inventory: inventory.with_nic(nic))
-            return nic
+                plugged = nic_ops.plug_tap(self._qmp, self._log, opened, fds, timeout=limit)
+                plugged = pin_pci_address(limit.bind(self._qmp), plugged)
+                done(lambda inventory: inventory.with_nic(plugged))
+            return plugged
 
     def unplug_nic(self, id: str, *, timeout: float = 30.0) -> None:
         """Detach a NIC: the guest releases it, then its tap backend goes (and its root port is free)."""
