@@ -16,7 +16,8 @@ from vmctl.model.status import (
     VMStatus,
 )
 from vmctl.vm.lifecycle import Life
-from vmctl.vm.machine import VM, default_accelerator
+from vmctl.vm.machine import VM
+from vmctl.vm.startup import default_accelerator
 
 __all__ = [
     "VM",

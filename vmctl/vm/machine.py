@@ -7,44 +7,31 @@ the ``Lifecycle`` (alive, exited, crashed; resets; stopping), ``Devices``, ``Blo
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-import tenacity
 
 from vmctl.agent.client import AgentClient
 from vmctl.agent.guest import GuestAgent
 from vmctl.errors import (
     AbnormalExit,
     AgentUnavailable,
-    ConnectError,
     ConnectionLost,
     InvalidArgument,
-    LaunchError,
     QMPError,
-    StaleState,
     StateError,
 )
 from vmctl.logs import get_logger
-from vmctl.model import Accelerator, Inventory, VMSpec
+from vmctl.model import Inventory, VMSpec
 from vmctl.model.names import (
     AGENT_CHARDEV,
     AGENT_SOCKET,
     CONSOLE_CHARDEV,
     LOG_FILE,
-    MASTER_KEY_TAG,
-    QMP_SOCKET,
-    SHELL_SOCKET,
-    TOOLS_SOCKET,
-    secret_object_id,
 )
-from vmctl.model.pcie import Controller
 from vmctl.model.stats import VMStats
 from vmctl.model.status import (
     DiskIOError,
@@ -63,33 +50,19 @@ from vmctl.ops.devices import pin_pci_address
 from vmctl.ops.live_migration import Migration
 from vmctl.ops.nbd import NbdAddress
 from vmctl.ops.screen import ImageFormat
-from vmctl.qmp import Event, Monitor, connect
+from vmctl.qmp import Event, Monitor
+from vmctl.vm import startup
 from vmctl.vm.blocks import Blocks
 from vmctl.vm.console import Console
 from vmctl.vm.devices import Devices
-from vmctl.vm.firmware import prepare_firmware
 from vmctl.vm.lifecycle import STEPS, Life, Lifecycle
-from vmctl.vm.logtail import tail
 from vmctl.vm.migration import Migrations
-from vmctl.vm.passing import Fd, opened
-from vmctl.vm.privileges import QemuUser
 from vmctl.vm.process import QemuProcess
-from vmctl.vm.process import qemu_binary as default_qemu
-from vmctl.vm.secrets import create_master_key, master_key_fd, secret_object
-from vmctl.vm.statefile import STATE_FILE, VMRecord, read_record
+from vmctl.vm.statefile import VMRecord
 from vmctl.vm.stats import take as take_stats
 from vmctl.vm.store import StateStore
 
 log = get_logger(__name__)
-
-
-#: How long attach waits, after its connection fails, for a QEMU that may be exiting.
-_EXIT_GRACE = 1.0
-
-
-def default_accelerator() -> Accelerator:
-    """KVM when /dev/kvm is usable, else TCG."""
-    return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
 
 
 class VM:
@@ -182,77 +155,13 @@ class VM:
         with QEMU's own message. ``incoming`` waits for a migration (see ``launch_incoming``);
         ``netns`` runs QEMU in that network namespace (``ip netns exec``), as on another host.
         """
-        directory = Path(run_dir).resolve()
-        directory.mkdir(parents=True, exist_ok=True)
-        _refuse_live_vm(directory)
-        binary = qemu_binary or default_qemu()
-        if binary is None:
-            raise LaunchError(
-                "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86, or set VMCTL_QEMU)"
-            )
-        for leftover in (QMP_SOCKET, TOOLS_SOCKET, SHELL_SOCKET, AGENT_SOCKET, STATE_FILE):
-            with contextlib.suppress(FileNotFoundError):
-                (directory / leftover).unlink()
-        user = QemuUser.resolve(spec.run_as)
-        files = spec.passed_files(directory)
-        if user is not None:  # its run dir, and the files QEMU reopens itself, must be in its reach
-            user.share_run_dir(directory)
-            user.check_reachable(directory, what="the run dir")
-            for file in files:
-                if file.read_by_qemu:
-                    user.check_readable(file.path)
-        prepare_firmware(spec, directory)
-        accel = spec.accel or default_accelerator()
-        log_path = directory / LOG_FILE
-        deadline = time.monotonic() + timeout
-        key = create_master_key(directory)
-        objects = [
-            secret_object(secret_object_id(disk.id), disk.encryption, key)
-            for disk in spec.disks
-            if disk.encryption is not None
-        ]
-        with opened(files) as passed, contextlib.closing(Fd(master_key_fd(key))) as key_fd:
-            passed = {**passed, MASTER_KEY_TAG: key_fd.fd}
-            argv = spec.command_line(qemu_binary=binary, run_dir=directory, accel=accel, passed=passed, objects=objects)
-            if incoming:
-                argv += ["-incoming", "defer"]
-            if user is not None:
-                argv = [*user.command_prefix(), *argv]
-            if netns is not None:
-                argv = ["ip", "netns", "exec", netns, *argv]
-            try:
-                process = QemuProcess.start(argv, log_path=log_path, pass_fds=list(passed.values()))
-            except OSError as exc:
-                raise LaunchError(f"cannot run {binary}: {exc}") from exc
-        bound = log.bind(vm=spec.name)
+        started = startup.start(
+            spec, run_dir, qemu_binary=qemu_binary, timeout=timeout, incoming=incoming, netns=netns, inventory=inventory
+        )
         try:
-            socket_path = _wait_for_socket(process, directory / QMP_SOCKET, deadline, log_path)
-            try:
-                qmp = connect(str(socket_path), name=spec.name, timeout=max(0.1, deadline - time.monotonic()))
-            except ConnectError as exc:
-                _raise_if_exited(process, log_path)
-                raise LaunchError(f"cannot connect to QEMU's monitor: {exc}", log=tail(log_path)) from exc
-            layout = spec.layout()
-            record = VMRecord(
-                pid=process.pid,
-                start_time=process.start_time,
-                qmp_socket=str(socket_path),
-                spec=spec,
-                # The spec says which disks, NICs and ports this QEMU has; an inventory passed in
-                # (from a migration source) brings what was hotplugged besides them.
-                inventory=attrs.evolve(
-                    inventory or Inventory(),
-                    disks=layout.disks,
-                    nics=layout.nics,
-                    root_ports=layout.root_ports,
-                    controllers=_merged(layout.controllers, inventory.controllers if inventory else ()),
-                ),
-            )
-            vm = cls(run_dir=directory, record=record, process=process, qmp=qmp)
+            vm = cls(run_dir=started.directory, record=started.record, process=started.process, qmp=started.qmp)
         except BaseException:
-            process.send_signal(signal.SIGKILL)
-            process.wait(10)
-            process.close()
+            startup.reap(started.process)
             raise
         try:
             vm._pin_pci_addresses()
@@ -264,7 +173,7 @@ class VM:
             vm.kill()
             vm.close()
             raise
-        bound.info("vm.launched", pid=process.pid, accel=accel, run_dir=str(directory))
+        vm.log.info("vm.launched", pid=vm.pid, accel=started.accel, run_dir=str(started.directory))
         return vm
 
     @classmethod
@@ -297,29 +206,18 @@ class VM:
         Raises ``StaleState`` when that VM is gone or its pid now names another process.
         """
         directory = Path(run_dir).resolve()
-        record = read_record(directory)
-        process = QemuProcess.adopt(record.pid, record.start_time)
-        try:
-            qmp = connect(record.qmp_socket, name=record.spec.name, timeout=timeout)
-        except ConnectError as exc:
-            exited = process.wait(_EXIT_GRACE)  # it may be on its way out (a failed incoming migration)
-            process.close()
-            if exited is not None:
-                raise _exited_while_attached(record, exited) from exc
-            raise ConnectError(
-                f"{exc} (is another control plane still connected? QEMU serves one monitor client at a time)"
-            ) from exc
+        record, process, qmp = startup.connect_to_record(directory, timeout=timeout)
         vm = cls(run_dir=directory, record=record, process=process, qmp=qmp)
         vm.log.info("vm.attached", pid=process.pid, run_dir=str(directory))
         try:
             vm._take_over(record)
         except ConnectionLost as exc:
             # Connected, then gone: a target whose incoming migration failed quits on its own.
-            exited = process.wait(_EXIT_GRACE)
+            exited = process.wait(startup.EXIT_GRACE)
             if exited is None:
                 raise
             vm.close()
-            raise _exited_while_attached(record, exited) from exc
+            raise startup.exited_while_attached(record, exited) from exc
         return vm
 
     def _take_over(self, record: VMRecord) -> None:
@@ -561,48 +459,3 @@ def _guest_agent(run_dir: Path, spec: VMSpec, qmp: Monitor) -> GuestAgent | None
             return True  # QEMU cannot say: the agent's socket will
 
     return GuestAgent(AgentClient(run_dir / AGENT_SOCKET, name=spec.name, port_open=port_open))
-
-
-def _merged(launched: tuple[Controller, ...], handed_over: tuple[Controller, ...]) -> tuple[Controller, ...]:
-    """The controllers on the command line, then those a migration source added at run time."""
-    ids = {c.id for c in launched}
-    return launched + tuple(c for c in handed_over if c.id not in ids)
-
-
-def _exited_while_attached(record: VMRecord, exited: object) -> StaleState:
-    return StaleState(f"{record.spec.name}: QEMU (pid {record.pid}) exited as it was attached: {exited}")
-
-
-def _refuse_live_vm(run_dir: Path) -> None:
-    try:
-        record = read_record(run_dir)
-    except StaleState:
-        return
-    try:
-        QemuProcess.adopt(record.pid, record.start_time).close()
-    except StaleState:
-        return
-    raise LaunchError(f"{run_dir} belongs to a running VM (pid {record.pid}); attach to it or choose another run_dir")
-
-
-def _wait_for_socket(process: QemuProcess, path: Path, deadline: float, log_path: Path) -> Path:
-    def ready() -> bool:
-        _raise_if_exited(process, log_path)
-        return path.exists()
-
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_before_delay(max(0.0, deadline - time.monotonic())),
-        wait=tenacity.wait_exponential(multiplier=0.002, max=0.05),
-        retry=tenacity.retry_if_result(lambda found: not found),
-    )
-    try:
-        retrying(ready)
-        return path
-    except tenacity.RetryError:
-        raise LaunchError("QEMU did not create its monitor socket in time", log=tail(log_path)) from None
-
-
-def _raise_if_exited(process: QemuProcess, log_path: Path) -> None:
-    status = process.poll()
-    if status is not None:
-        raise LaunchError(f"QEMU exited during start-up ({status})", log=tail(log_path))
