@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if args.verbose else 40))
     try:
         if args.command == "demo":
-            from vmctl.demo import run_demo
+            from vmctl.cli.demo import run_demo
 
             return run_demo(sys.stdout, cache_dir=args.cache_dir)
         if args.command == "qmp":
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ls":
             return _ls(args.run_root, as_json=args.json)
         if args.command == "top":
-            from vmctl.top import run_top
+            from vmctl.cli.top import run_top
 
             return run_top(args.run_root, interval=args.interval)
         if args.command == "screenshot":
@@ -104,7 +104,7 @@ def _monitor(args: argparse.Namespace) -> QMPMonitor:
 
 
 def _qmp(monitor: QMPMonitor, command: str | None, arguments: str | None) -> int:
-    from vmctl import qmpshell
+    from vmctl.cli import qmpshell
 
     try:
         if command is None:
@@ -159,7 +159,7 @@ def _status(run_dir: Path, *, query: bool) -> int:
 
 
 def _ls(root: Path, *, as_json: bool) -> int:
-    from vmctl.listing import rows, table
+    from vmctl.cli.listing import rows, table
 
     listed = rows(root)
     if as_json:
@@ -178,7 +178,7 @@ def _migrate(source_dir: Path, target_dir: Path, *, timeout: float, finish_withi
     start the target from the source's devices as they are now, move the guest, and leave both
     detached: the target runs on, the source's QEMU quits after handing over."""
     from vmctl import VM
-    from vmctl.progress import ProgressBar
+    from vmctl.cli.progress import ProgressBar
 
     if target_dir.exists() and any(target_dir.iterdir()):
         raise InvalidArgument(f"{target_dir} is not empty: the target's run dir must be new")
@@ -204,7 +204,7 @@ def _migrate(source_dir: Path, target_dir: Path, *, timeout: float, finish_withi
 
 
 def _screenshot(run_dir: Path, output: Path) -> int:
-    from vmctl.listing import tools_monitor
+    from vmctl.cli.listing import tools_monitor
     from vmctl.ops.screen import screendump
     from vmctl.vm.statefile import read_record
 
@@ -218,7 +218,7 @@ def _screenshot(run_dir: Path, output: Path) -> int:
 def _agent(run_dir: Path, action: str, argv: list[str], *, timeout: float) -> int:
     from vmctl.agent.client import AgentClient
     from vmctl.agent.guest import GuestAgent
-    from vmctl.listing import tools_monitor
+    from vmctl.cli.listing import tools_monitor
     from vmctl.model.names import AGENT_CHARDEV, AGENT_SOCKET
     from vmctl.ops.chardevs import frontend_open
     from vmctl.vm.statefile import read_record
@@ -254,7 +254,3 @@ def _agent(run_dir: Path, action: str, argv: list[str], *, timeout: float) -> in
         else:
             print(f"thawed {guest.thaw(timeout=timeout)} filesystems")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
