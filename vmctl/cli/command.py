@@ -1,24 +1,66 @@
 """The ``vmctl`` command line: the demo, a QMP shell, an event tail (on vmctl's socket or through
 libvirt), a VM's status; and the operator's tools (``ls``, ``top``, ``screenshot``, ``agent``),
-which reach each VM on its tools monitor, beside the control plane."""
+which reach each VM on its tools monitor, beside the control plane.
+
+This module holds the arguments and which handler each subcommand runs; the handlers live in
+the modules of this package named after them (``ls`` in ``listing``, ``qmp`` and ``events`` in
+``monitor``, ``screenshot`` and ``agent`` in ``tools``)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-import threading
 from pathlib import Path
 
-import attrs
 import structlog
 
-from vmctl.errors import InvalidArgument, StaleState, VmctlError
-from vmctl.qmp import Event, QMPMonitor, connect
+from vmctl.cli.listing import run_ls
+from vmctl.cli.migrate import run_migrate
+from vmctl.cli.monitor import open_monitor, run_events, run_qmp
+from vmctl.cli.status import run_status
+from vmctl.cli.tools import run_agent, run_screenshot
+from vmctl.errors import VmctlError
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # The CLI is an application, so it (unlike the library) decides how logs look.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if args.verbose else 40))
+    try:
+        if args.command == "demo":
+            from vmctl.cli.demo import run_demo  # it brings vmctl.testing's guest builder: only for the demo
+
+            return run_demo(sys.stdout, cache_dir=args.cache_dir)
+        if args.command == "qmp":
+            return run_qmp(open_monitor(args.socket, libvirt=args.libvirt, virsh=args.virsh), args.qmp_command,
+                           args.arguments)  # fmt: skip
+        if args.command == "events":
+            return run_events(open_monitor(args.socket, libvirt=args.libvirt, virsh=args.virsh))
+        if args.command == "status":
+            return run_status(args.run_dir, query=args.query)
+        if args.command == "ls":
+            return run_ls(args.run_root, as_json=args.json)
+        if args.command == "top":
+            from vmctl.cli.top import run_top  # it brings curses: only for top
+
+            return run_top(args.run_root, interval=args.interval)
+        if args.command == "screenshot":
+            return run_screenshot(args.run_dir, args.output)
+        if args.command == "migrate":
+            return run_migrate(args.source, args.target, timeout=args.timeout, finish_within=args.finish_within,
+                               postcopy=args.postcopy)  # fmt: skip
+        if args.command == "agent":
+            return run_agent(args.run_dir, args.action, args.argv, timeout=args.timeout)
+    except KeyboardInterrupt:
+        return 130
+    except VmctlError as exc:
+        print(f"vmctl: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmctl", description="Run QEMU virtual machines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show vmctl's own log lines")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,201 +98,4 @@ def main(argv: list[str] | None = None) -> int:
     migrate.add_argument("--timeout", type=float, default=600.0, help="give up (and cancel) after this many seconds")
     migrate.add_argument("--finish-within", type=float, default=None, help="the convergence policy's deadline")
     migrate.add_argument("--postcopy", action="store_true", help="switch to postcopy once the first pass is done")
-    args = parser.parse_args(argv)
-    # The CLI is an application, so it (unlike the library) decides how logs look.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if args.verbose else 40))
-    try:
-        if args.command == "demo":
-            from vmctl.cli.demo import run_demo
-
-            return run_demo(sys.stdout, cache_dir=args.cache_dir)
-        if args.command == "qmp":
-            return _qmp(_monitor(args), args.qmp_command, args.arguments)
-        if args.command == "events":
-            return _events(_monitor(args))
-        if args.command == "status":
-            return _status(args.run_dir, query=args.query)
-        if args.command == "ls":
-            return _ls(args.run_root, as_json=args.json)
-        if args.command == "top":
-            from vmctl.cli.top import run_top
-
-            return run_top(args.run_root, interval=args.interval)
-        if args.command == "screenshot":
-            return _screenshot(args.run_dir, args.output)
-        if args.command == "migrate":
-            return _migrate(args.source, args.target, timeout=args.timeout, finish_within=args.finish_within,
-                            postcopy=args.postcopy)  # fmt: skip
-        if args.command == "agent":
-            return _agent(args.run_dir, args.action, args.argv, timeout=args.timeout)
-    except KeyboardInterrupt:
-        return 130
-    except VmctlError as exc:
-        print(f"vmctl: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 2
-
-
-def _monitor(args: argparse.Namespace) -> QMPMonitor:
-    if args.libvirt is None:
-        if args.virsh:
-            raise InvalidArgument("--virsh needs --libvirt URI")
-        return connect(args.socket, name="cli", timeout=5)
-    from vmctl.libvirt import LibvirtMonitor, VirshMonitor
-
-    if args.virsh:
-        return VirshMonitor(args.libvirt, args.socket)
-    return LibvirtMonitor.open(args.libvirt, args.socket)
-
-
-def _qmp(monitor: QMPMonitor, command: str | None, arguments: str | None) -> int:
-    from vmctl.cli import qmpshell
-
-    try:
-        if command is None:
-            return qmpshell.interactive(monitor)
-        parsed = json.loads(arguments) if arguments else {}
-        if not isinstance(parsed, dict):
-            raise InvalidArgument("the arguments must be a JSON object")
-        return qmpshell.run_one(monitor, command, parsed, sys.stdout)
-    finally:
-        monitor.close()
-
-
-def _events(monitor: QMPMonitor) -> int:
-    try:
-        gone = threading.Event()
-
-        def show(event: Event) -> None:
-            line = {"event": event.name, "data": dict(event.data), "timestamp": event.timestamp}
-            print(json.dumps(line), flush=True)
-
-        monitor.on_event(show)
-        monitor.on_disconnect(lambda error: gone.set())
-        gone.wait()
-    finally:
-        monitor.close()
-    return 0
-
-
-def _status(run_dir: Path, *, query: bool) -> int:
-    from vmctl.vm.process import QemuProcess
-    from vmctl.vm.statefile import read_record
-
-    state = read_record(run_dir)
-    try:
-        QemuProcess.adopt(state.pid, state.start_time).close()
-        alive = True
-    except StaleState:
-        alive = False
-    report: dict[str, object] = {
-        "name": state.spec.name,
-        "pid": state.pid,
-        "alive": alive,
-        "qmp_socket": state.qmp_socket,
-        "disks": [d.id for d in state.inventory.disks],
-        "nics": [n.id for n in state.inventory.nics],
-    }
-    if query and alive:
-        with connect(state.qmp_socket, name="cli", timeout=5) as monitor:
-            report["status"] = monitor.execute("query-status")["status"]
-    print(json.dumps(report, indent=2))
-    return 0 if alive else 3
-
-
-def _ls(root: Path, *, as_json: bool) -> int:
-    from vmctl.cli.listing import rows, table
-
-    listed = rows(root)
-    if as_json:
-        for row in listed:
-            fields = {**attrs.asdict(row), "run_dir": str(row.run_dir), "disks": list(row.disks)}
-            print(json.dumps(fields))
-    elif listed:
-        print(table(listed))
-    else:
-        print(f"no VM under {root}", file=sys.stderr)
-    return 0
-
-
-def _migrate(source_dir: Path, target_dir: Path, *, timeout: float, finish_within: float | None, postcopy: bool) -> int:
-    """Attach the source (no control plane may hold it: QEMU serves one client per monitor),
-    start the target from the source's devices as they are now, move the guest, and leave both
-    detached: the target runs on, the source's QEMU quits after handing over."""
-    from vmctl import VM
-    from vmctl.cli.progress import ProgressBar
-
-    if target_dir.exists() and any(target_dir.iterdir()):
-        raise InvalidArgument(f"{target_dir} is not empty: the target's run dir must be new")
-    source = VM.attach(source_dir)
-    target = None
-    try:
-        target = VM.launch_incoming(source.migration_target_spec(), run_dir=target_dir, inventory=source.inventory)
-        bar = ProgressBar(sys.stdout)
-        print(f"migrating {source.name}: {source_dir} -> {target_dir}")
-        result = source.migrate(target, finish_within=finish_within, postcopy=postcopy).wait(
-            timeout, on_progress=bar.update
-        )
-        bar.finish(result)
-    except BaseException:
-        if target is not None and not target.has_exited:
-            target.kill()  # the guest is still on the source (a failed migration says so)
-        raise
-    finally:
-        source.close()
-        if target is not None:
-            target.close()
-    return 0
-
-
-def _screenshot(run_dir: Path, output: Path) -> int:
-    from vmctl.cli.listing import tools_monitor
-    from vmctl.ops.screen import screendump
-    from vmctl.vm.statefile import read_record
-
-    if not read_record(run_dir).spec.vga:
-        raise InvalidArgument(f"{run_dir}: this VM has no display (launch it with VMSpec(vga=True))")
-    with tools_monitor(run_dir) as monitor:
-        print(screendump(monitor, structlog.get_logger("vmctl.cli"), output))
-    return 0
-
-
-def _agent(run_dir: Path, action: str, argv: list[str], *, timeout: float) -> int:
-    from vmctl.agent.client import AgentClient
-    from vmctl.agent.guest import GuestAgent
-    from vmctl.cli.listing import tools_monitor
-    from vmctl.model.names import AGENT_CHARDEV, AGENT_SOCKET
-    from vmctl.ops.chardevs import frontend_open
-    from vmctl.vm.statefile import read_record
-
-    record = read_record(run_dir)
-    if not record.spec.guest_agent:
-        raise InvalidArgument(f"{run_dir}: this VM has no guest agent (launch it with VMSpec(guest_agent=True))")
-    if (action == "exec") != bool(argv):
-        raise InvalidArgument("exec takes a command after --, and only exec does")
-    with tools_monitor(run_dir) as monitor:
-        client = AgentClient(
-            run_dir / AGENT_SOCKET, name=record.spec.name, port_open=lambda: frontend_open(monitor, AGENT_CHARDEV)
-        )
-        guest = GuestAgent(client)
-        if action == "exec":
-            result = guest.exec(argv, timeout=timeout)
-            sys.stdout.buffer.write(result.stdout)
-            sys.stderr.buffer.write(result.stderr)
-            sys.stdout.flush()
-            return result.exit_code if result.exit_code is not None else 128 + (result.signal or 0)
-        if action == "ping":
-            guest.ping(timeout=timeout)
-            print("ok")
-        elif action == "info":
-            info = guest.info(timeout=timeout)
-            print(json.dumps({"version": info.version, "commands": list(info.commands)}, indent=2))
-        elif action == "interfaces":
-            for interface in guest.network_interfaces(timeout=timeout):
-                addresses = " ".join(f"{a.address}/{a.prefix}" for a in interface.addresses)
-                print(f"{interface.name:16} {interface.mac or '-':18} {addresses}".rstrip())
-        elif action == "fsfreeze-status":
-            print(guest.fsfreeze_status(timeout=timeout).value)
-        else:
-            print(f"thawed {guest.thaw(timeout=timeout)} filesystems")
-    return 0
+    return parser
