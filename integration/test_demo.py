@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 from integration.conftest import REPO
-from vmctl.demo import run_demo
+from vmctl.cli.demo import run_demo
 
 
 def test_the_demo_runs_end_to_end() -> None:

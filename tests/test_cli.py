@@ -10,10 +10,10 @@ import structlog
 
 from vmctl import VMSpec
 from vmctl.cli import main
+from vmctl.cli.qmpshell import parse_input, run_one
 from vmctl.errors import InvalidArgument
 from vmctl.model import Inventory
 from vmctl.qmp import Monitor
-from vmctl.qmpshell import parse_input, run_one
 from vmctl.testing import FakeQEMU
 from vmctl.vm.statefile import VMRecord, write_record
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from vmctl.listing import VMRow, duration, run_dirs, table
+from vmctl.cli.listing import VMRow, duration, run_dirs, table
+from vmctl.cli.progress import ProgressBar, line
+from vmctl.cli.top import TopRow, render
 from vmctl.model.migration import MigrationProgress
 from vmctl.model.stats import DiskStats, MemoryStats, NicStats, VMStats
-from vmctl.progress import ProgressBar, line
-from vmctl.top import TopRow, render
 
 
 def stats(at: float, *, cpu_ns: int, written: int, received: int) -> VMStats:

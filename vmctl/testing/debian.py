@@ -30,7 +30,8 @@ from typing import Final
 import attrs
 
 from vmctl.logs import get_logger
-from vmctl.testing.guest import GuestBuildError, _locked, _run, cache_root
+from vmctl.testing.cache import cached_build
+from vmctl.testing.guest import GuestBuildError, _run
 
 log = get_logger(__name__)
 
@@ -208,13 +209,15 @@ class DebianGuest:
     @classmethod
     def ensure(cls, cache_dir: str | os.PathLike[str] | None = None) -> DebianGuest:
         """Build the image unless a build of the same recipe is cached; safe across processes."""
-        root = cache_root(cache_dir)
         digest = recipe()
         ids = Ids.of(digest)
-        target = root / f"debian-guest-{digest}"
-        with _locked(root / ".debian-guest.lock"):
-            if not (target / "disk.qcow2").exists():
-                _build(root, target, ids)
+        target = cached_build(
+            cache_dir,
+            kind="debian-guest",
+            recipe=digest,
+            products=("disk.qcow2",),
+            build=lambda root, target: _build(root, target, ids),
+        )
         return cls(
             image=target / "disk.qcow2",
             root_offset=ROOT_OFFSET,

@@ -3,23 +3,24 @@
 It greets, requires capability negotiation, answers built-in commands the way QEMU does
 (status, stop/cont with events, add-fd/getfd with real SCM_RIGHTS fds, query-commands…), and
 lets a test script handlers, delays, events and faults (close mid-reply, garbage, oversized
-replies, silence, a frozen process).
+replies, silence, a frozen process). The socket side (accepting, reading lines and their fds,
+freezing) is :class:`~vmctl.testing.fake_server.FakeServer`'s; this module is what QMP says.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import json
 import os
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import attrs
+
+from vmctl.testing.fake_server import FakeServer
 
 Fault = Literal["close_mid_reply", "close", "garbage", "no_reply", "oversized", "deeply_nested"]
 
@@ -77,57 +78,35 @@ class FakeQEMU:
         self.fdsets: dict[int, list[tuple[int, int]]] = {}  # fdset-id -> [(fd number, the fd we hold)]
         self.fd_opaques: dict[int, str] = {}  # fd number -> opaque
         self.named_fds: dict[str, int] = {}
-        self._msgfds: list[int] = []  # fds of the last read that carried some, until a command takes them
         self.negotiated_capabilities: list[str] | None = None
         self._scripts: dict[str, _Script] = {}
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._conn: socket.socket | None = None
-        self._frozen = threading.Event()
-        self._frozen.set()  # set = not frozen
-        self._closed = False
-        self._threads: list[threading.Thread] = []
         self._timers: list[threading.Timer] = []
         self._next_fdset = 0
-        self._dir = tempfile.mkdtemp(prefix="vmctl-fake-")
-        self.address = os.path.join(self._dir, "qmp.sock")
-        self._server: socket.socket | None = None
+        self._server = FakeServer(on_connect=self._greet, on_line=self._handle_line)
+        self.address = self._server.address
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def serve(self) -> FakeQEMU:
         """Listen on ``address`` and serve one client at a time."""
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(self.address)
-        server.listen(4)
-        self._server = server
-        self._spawn(self._accept_loop)
+        self._server.serve()
         return self
 
     def client_socket(self) -> socket.socket:
         """A connected socket whose other end this fake serves (like a socketpair-launched QEMU)."""
-        ours, theirs = socket.socketpair()
-        self._spawn(self._serve_connection, ours)
-        return theirs
+        return self._server.client_socket()
 
     def __enter__(self) -> FakeQEMU:
-        return self.serve() if self._server is None else self
+        return self if self._server.listening else self.serve()
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
-        self._closed = True
-        self._frozen.set()
+        self._server.close()  # first: a delayed answer whose timer fires from now on says nothing
         for timer in self._timers:
             timer.cancel()
-        if self._server is not None:
-            with contextlib.suppress(OSError):
-                self._server.shutdown(socket.SHUT_RDWR)
-            self._server.close()
-        self.disconnect()
-        for thread in self._threads:
-            thread.join(2.0)
         for fdset in self.fdsets.values():
             for _, dup in fdset:
                 os.close(dup)
@@ -135,24 +114,17 @@ class FakeQEMU:
         for fd in self.named_fds.values():
             os.close(fd)
         self.named_fds.clear()
-        with contextlib.suppress(OSError):
-            os.unlink(self.address)
-        with contextlib.suppress(OSError):
-            os.rmdir(self._dir)
 
     def disconnect(self) -> None:
         """Drop the current client connection, like QEMU exiting."""
-        conn = self._conn
-        if conn is not None:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+        self._server.disconnect()
 
     def freeze(self) -> None:
         """Stop reading and answering, like a SIGSTOPped QEMU."""
-        self._frozen.clear()
+        self._server.freeze()
 
     def thaw(self) -> None:
-        self._frozen.set()
+        self._server.thaw()
 
     # -- scripting --------------------------------------------------------------------------
 
@@ -202,70 +174,16 @@ class FakeQEMU:
         self._write(message)
 
     def send_raw(self, data: bytes) -> None:
-        conn = self._conn
-        if conn is not None:
-            with self._write_lock:
-                conn.sendall(data)
+        self._server.send(data)
 
     def calls_of(self, command: str) -> list[FakeCall]:
         return [c for c in self.calls if c.command == command]
 
-    # -- serving ----------------------------------------------------------------------------
+    # -- answering --------------------------------------------------------------------------
 
-    def _spawn(self, target: Callable[..., None], *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True, name="fake-qemu")
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept_loop(self) -> None:
-        assert self._server is not None
-        while not self._closed:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            self._serve_connection(conn)
-
-    def _serve_connection(self, conn: socket.socket) -> None:
-        self._conn = conn
+    def _greet(self) -> None:
+        """A client arrived: it must negotiate capabilities again, after QEMU's greeting."""
         self.negotiated_capabilities = None
-        try:
-            self._send_greeting()
-            buffer = b""
-            while not self._closed:
-                self._frozen.wait()
-                try:
-                    data, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
-                except OSError:
-                    return
-                if not data:
-                    return
-                received: list[int] = []
-                for level, kind, payload in ancdata:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        fd_array = array.array("i")
-                        fd_array.frombytes(payload[: len(payload) - len(payload) % fd_array.itemsize])
-                        received.extend(fd_array)
-                if received:
-                    # Like QEMU: a read carrying fds replaces (and closes) the unclaimed ones.
-                    for fd in self._msgfds:
-                        os.close(fd)
-                    self._msgfds = received
-                buffer += data
-                while b"\n" in buffer and not self._closed:
-                    self._frozen.wait()
-                    line, buffer = buffer.split(b"\n", 1)
-                    if line.strip():
-                        self._handle_line(line)
-        finally:
-            self._conn = None
-            for fd in self._msgfds:
-                os.close(fd)
-            self._msgfds = []
-            with contextlib.suppress(OSError):
-                conn.close()
-
-    def _send_greeting(self) -> None:
         if self._greeting is not None:
             self.send_raw(self._greeting)
             return
@@ -291,7 +209,7 @@ class FakeQEMU:
             command=str(command),
             arguments=message.get("arguments") or {},
             id=message.get("id"),
-            fds=tuple(self._msgfds),
+            fds=tuple(self._server.received_fds),
             oob=oob,
         )
         self.calls.append(call)
@@ -306,9 +224,9 @@ class FakeQEMU:
             timer.start()
 
     def _answer(self, call: FakeCall, script: _Script | None) -> None:
-        if self._closed:
+        if self._server.closed:
             return
-        self._frozen.wait()
+        self._server.wait_thawed()
         reply: dict[str, Any] = {"id": call.id} if call.id is not None else {}
         if script is not None:
             for name, data in script.events_before_reply:
@@ -400,9 +318,9 @@ class FakeQEMU:
         return f"fake: {call.arguments.get('command-line', '')}\r\n"
 
     def _take_msgfd(self) -> int:
-        if not self._msgfds:
+        if not self._server.received_fds:
             raise FakeCommandError("GenericError", "No file descriptor supplied via SCM_RIGHTS")
-        return self._msgfds.pop(0)
+        return self._server.received_fds.pop(0)
 
     def _cmd_add_fd(self, call: FakeCall) -> Any:
         fd = self._take_msgfd()

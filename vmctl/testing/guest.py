@@ -8,21 +8,19 @@ unpacked with ``dpkg-deb -x``; the initramfs is written by :mod:`vmctl.testing.c
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import lzma
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
 
 from vmctl.errors import VmctlError
 from vmctl.logs import get_logger
+from vmctl.testing.cache import cached_build
 from vmctl.testing.cpio import NewcArchive
 
 log = get_logger(__name__)
@@ -149,36 +147,10 @@ class TestGuest:
     @classmethod
     def ensure(cls, cache_dir: str | os.PathLike[str] | None = None) -> TestGuest:
         """Build the guest unless a build of the same recipe is cached; safe across processes."""
-        root = cache_root(cache_dir)
-        target = root / f"test-guest-{_RECIPE}"
-        with _locked(root / ".test-guest.lock"):
-            if not (target / "vmlinuz").exists() or not (target / "initrd.gz").exists():
-                _build(root, target)
+        target = cached_build(
+            cache_dir, kind="test-guest", recipe=_RECIPE, products=("vmlinuz", "initrd.gz"), build=_build
+        )
         return cls(kernel=target / "vmlinuz", initrd=target / "initrd.gz", append=KERNEL_APPEND)
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
-    """The cache directory a guest is built into (made if missing): ``cache_dir``, or the default."""
-    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def default_cache_dir() -> Path:
-    configured = os.environ.get("VMCTL_CACHE_DIR")
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vmctl"
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _run(*command: str, cwd: Path | None = None) -> str:

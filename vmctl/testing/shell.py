@@ -1,4 +1,12 @@
-"""Run shell commands inside the test guest, over its second serial port."""
+"""Run shell commands inside the test guest, over its second serial port.
+
+The read loop (``_read_line``) looks like the guest agent client's (``vmctl.agent.client``): both
+receive from a socket until a deadline and name a failed or closed socket. That is the shape of
+any socket read, not one idea: the agent's socket is non-blocking, waited on with a port check
+between waits, and fails with the agent's errors; this one blocks with a timeout, reads lines of
+a test shell, and fails with vmctl's. A helper shared by the two would take both policies as
+arguments and save no reader anything, so each keeps its own loop.
+"""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import attrs
 
+from vmctl.cli.listing import duration, run_dirs, tools_monitor
 from vmctl.errors import InvalidArgument, QMPError, StaleState, VmctlError
-from vmctl.listing import duration, run_dirs, tools_monitor
 from vmctl.model.stats import VMRates, VMStats
 from vmctl.vm.process import QemuProcess
 from vmctl.vm.statefile import read_record

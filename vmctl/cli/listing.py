@@ -4,7 +4,9 @@ works while a control plane holds the first)."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,6 +91,20 @@ def rows(root: Path, *, timeout: float = 5.0) -> list[VMRow]:
         except VmctlError:  # a state file being rewritten, or one of an unknown format
             continue
     return listed
+
+
+def run_ls(root: Path, *, as_json: bool) -> int:
+    """Print every VM under ``root``: a table, or JSON lines."""
+    listed = rows(root)
+    if as_json:
+        for vm_row in listed:  # (``row`` is this module's function)
+            fields = {**attrs.asdict(vm_row), "run_dir": str(vm_row.run_dir), "disks": list(vm_row.disks)}
+            print(json.dumps(fields))
+    elif listed:
+        print(table(listed))
+    else:
+        print(f"no VM under {root}", file=sys.stderr)
+    return 0
 
 
 def _uptime(record: VMRecord) -> float | None:
