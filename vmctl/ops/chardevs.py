@@ -12,6 +12,7 @@ from vmctl.model import Chardev, ChardevKind
 from vmctl.model.names import SERIAL_CONTROLLER
 from vmctl.model.pcie import Controller
 from vmctl.model.validate import check_unix_path
+from vmctl.ops.deadline import Deadline
 from vmctl.ops.devices import ensure_controller, remove_device
 from vmctl.ops.queries import ask
 from vmctl.ops.rollback import Steps
@@ -32,11 +33,13 @@ def hotplug_chardev(
     size: int = 65536,
     port_name: str | None = None,
     controller: Controller | None = None,
-    timeout: float = 30.0,
+    timeout: float | Deadline = 30.0,
 ) -> Chardev:
     """Add a chardev; with ``port_name``, a virtio-serial port on it (and the virtio-serial
-    ``controller`` first unless the VM has one)."""
+    ``controller`` first unless the VM has one), all within ``timeout``."""
     chardev = _validated(chardev_id, kind, path, size, port_name)
+    limit = Deadline.after(timeout)
+    forward = limit.bind(qmp)
     backend: dict[str, Any]
     if chardev.kind == "socket":
         address = {"type": "unix", "data": {"path": chardev.path}}
@@ -48,11 +51,11 @@ def hotplug_chardev(
         with Steps(bound) as steps:
             steps.run(
                 "chardev-add",
-                lambda: qmp.execute("chardev-add", {"id": chardev_id, "backend": backend}),
+                lambda: forward.execute("chardev-add", {"id": chardev_id, "backend": backend}),
                 lambda _: _remove_chardev(qmp, chardev_id),
             )
             if port_name is not None:
-                ensure_controller(qmp, steps, controller or Controller.serial(), timeout)
+                ensure_controller(qmp, steps, controller or Controller.serial(), limit)
                 port = {
                     "driver": "virtserialport",
                     "id": chardev.port_id,
@@ -62,8 +65,8 @@ def hotplug_chardev(
                 }
                 steps.run(
                     "virtserialport",
-                    lambda: qmp.execute("device_add", port, timeout=timeout),
-                    lambda _: remove_device(qmp, chardev.port_id, timeout),
+                    lambda: forward.execute("device_add", port),
+                    lambda _: remove_device(qmp, chardev.port_id, limit.timeout),
                 )
     except QMPError as exc:
         raise HotplugError(
@@ -73,11 +76,12 @@ def hotplug_chardev(
     return chardev
 
 
-def unplug_chardev(qmp: QMPMonitor, log: Any, *, chardev: Chardev, timeout: float = 30.0) -> None:
-    """Remove the port (if any), then the chardev. Idempotent."""
+def unplug_chardev(qmp: QMPMonitor, log: Any, *, chardev: Chardev, timeout: float | Deadline = 30.0) -> None:
+    """Remove the port (if any), then the chardev, all within ``timeout``. Idempotent."""
+    limit = Deadline.after(timeout)
     if chardev.port_name is not None:
-        remove_device(qmp, chardev.port_id, timeout)
-    _remove_chardev(qmp, chardev.id)
+        remove_device(qmp, chardev.port_id, limit)
+    _remove_chardev(limit.bind(qmp), chardev.id)
     log.bind(chardev=chardev.id).info("chardev.unplugged")
 
 

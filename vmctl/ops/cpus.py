@@ -8,6 +8,7 @@ import attrs
 
 from vmctl.errors import ConnectionLost, HotplugError, InvalidArgument, QMPError
 from vmctl.model.names import CPU_ID_PREFIX
+from vmctl.ops.deadline import Deadline
 from vmctl.ops.devices import remove_device
 from vmctl.ops.queries import ask
 from vmctl.qmp import QMPMonitor
@@ -42,37 +43,42 @@ def cpu_slots(qmp: QMPMonitor) -> list[CpuSlot]:
     return sorted((CpuSlot.from_qmp(e) for e in ask(qmp, "query-hotpluggable-cpus")), key=lambda s: s.key)
 
 
-def hotplug_cpus(qmp: QMPMonitor, log: Any, count: int, *, timeout: float = 30.0) -> list[str]:
-    """Plug ``count`` CPUs into the lowest free slots; all or none (a failure unplugs the added ones)."""
+def hotplug_cpus(qmp: QMPMonitor, log: Any, count: int, *, timeout: float | Deadline = 30.0) -> list[str]:
+    """Plug ``count`` CPUs into the lowest free slots, all within ``timeout``; all or none (a
+    failure unplugs the added ones)."""
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise InvalidArgument(f"CPU count must be a positive whole number, not {count!r}")
-    free = [s for s in cpu_slots(qmp) if s.qom_path is None]
+    limit = Deadline.after(timeout)
+    forward = limit.bind(qmp)
+    free = [s for s in cpu_slots(forward) if s.qom_path is None]
     if count > len(free):
         raise InvalidArgument(f"only {len(free)} more CPU(s) fit (raise max_cpus in the VM spec)")
     added: list[str] = []
     try:
         for slot in free[:count]:
             added.append(slot.device_id)  # before it is sent: a timed-out device_add may have plugged it
-            qmp.execute("device_add", {"driver": slot.type, "id": slot.device_id, **slot.props}, timeout=timeout)
+            forward.execute("device_add", {"driver": slot.type, "id": slot.device_id, **slot.props})
     except QMPError as exc:
-        remaining = [device for device in reversed(added) if not _remove(qmp, device, timeout)]
+        remaining = [device for device in reversed(added) if not _remove(qmp, device, limit.timeout)]
         raise HotplugError(f"CPU hotplug failed and was rolled back: {exc}", remaining=tuple(remaining)) from exc
     log.info("cpus.hotplugged", cpus=added)
     return added
 
 
-def unplug_cpus(qmp: QMPMonitor, log: Any, count: int, *, timeout: float = 30.0) -> list[str]:
-    """Unplug the ``count`` most recently plugged CPUs (those vmctl plugged); the guest must release them."""
+def unplug_cpus(qmp: QMPMonitor, log: Any, count: int, *, timeout: float | Deadline = 30.0) -> list[str]:
+    """Unplug the ``count`` most recently plugged CPUs (those vmctl plugged), all within
+    ``timeout``; the guest must release them."""
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise InvalidArgument(f"CPU count must be a positive whole number, not {count!r}")
-    ours = [s for s in reversed(cpu_slots(qmp)) if s.hotplugged_by_us]
+    limit = Deadline.after(timeout)
+    ours = [s for s in reversed(cpu_slots(limit.bind(qmp))) if s.hotplugged_by_us]
     if count > len(ours):
         raise InvalidArgument(f"only {len(ours)} hotplugged CPU(s) can be unplugged")
     removed = []
     for slot in ours[:count]:
-        if not _remove(qmp, slot.device_id, timeout):
+        if not _remove(qmp, slot.device_id, limit):
             raise HotplugError(
-                f"the guest did not release CPU {slot.device_id} within {timeout:g}s",
+                f"the guest did not release CPU {slot.device_id} within {limit.timeout:g}s",
                 remaining=(slot.device_id,),
             )
         removed.append(slot.device_id)
@@ -80,7 +86,7 @@ def unplug_cpus(qmp: QMPMonitor, log: Any, count: int, *, timeout: float = 30.0)
     return removed
 
 
-def _remove(qmp: QMPMonitor, device_id: str, timeout: float) -> bool:
+def _remove(qmp: QMPMonitor, device_id: str, timeout: float | Deadline) -> bool:
     """Whether the CPU is gone (``False`` when QEMU cannot be asked: it may still be there)."""
     try:
         remove_device(qmp, device_id, timeout)

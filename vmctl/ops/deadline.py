@@ -47,6 +47,10 @@ class Deadline:
             raise OperationTimeout(step=step, timeout=self.timeout)
         return remaining
 
+    def remaining(self) -> float:
+        """The seconds left, 0 once none are (for a wait that ends quietly at the deadline)."""
+        return max(0.0, self.at - time.monotonic())
+
     def bind(self, qmp: QMPMonitor) -> QMPMonitor:
         """``qmp`` as seen by this operation's forward steps: nothing waits past the deadline."""
         return _Bounded(qmp, self)

@@ -197,12 +197,13 @@ class Devices:
     ) -> Chardev:
         """Add a chardev (a unix socket QEMU listens on, or a ring buffer); with ``port_name`` the
         guest sees it as that virtio-serial port."""
-        with self._store.lock:
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
             self._store.refuse_duplicate(id)
             controller = self._store.controller(Controller.serial) if port_name is not None else None
             chardev = chardev_ops.hotplug_chardev(
                 self._qmp, self._log, chardev_id=id, kind=kind, path=path, size=size, port_name=port_name,
-                controller=controller, timeout=timeout,
+                controller=controller, timeout=limit,
             )  # fmt: skip
             self._store.update(
                 lambda inventory: _with_controller(
@@ -212,11 +213,12 @@ class Devices:
             return chardev
 
     def unplug_chardev(self, id: str, *, timeout: float = 30.0) -> None:
-        with self._store.lock:
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
             chardev = next((c for c in self._store.inventory.chardevs if c.id == id), None)
             if chardev is None:
                 raise UnknownDevice(f"{self.name} has no chardev {id!r}")
-            chardev_ops.unplug_chardev(self._qmp, self._log, chardev=chardev, timeout=timeout)
+            chardev_ops.unplug_chardev(self._qmp, self._log, chardev=chardev, timeout=limit)
             self._store.update(
                 lambda inventory: attrs.evolve(inventory, chardevs=tuple(c for c in inventory.chardevs if c.id != id))
             )
@@ -225,10 +227,11 @@ class Devices:
 
     def hotplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
         """Add ``count`` vCPUs (up to the spec's ``max_cpus``); the guest may need to online them."""
-        with self._store.lock:
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
             self._refuse_tcg_cpu_crash(count)
             try:
-                added = cpu_ops.hotplug_cpus(self._qmp, self._log, count, timeout=timeout)
+                added = cpu_ops.hotplug_cpus(self._qmp, self._log, count, timeout=limit)
             except HotplugError:
                 self._store.vcpus_created += count  # some may have been created before the rollback
                 self._store.save()
@@ -263,8 +266,9 @@ class Devices:
 
     def unplug_cpus(self, count: int, *, timeout: float = 30.0) -> list[str]:
         """Remove the ``count`` most recently hotplugged vCPUs (the guest must release them)."""
-        with self._store.lock:
-            removed = cpu_ops.unplug_cpus(self._qmp, self._log, count, timeout=timeout)
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
+            removed = cpu_ops.unplug_cpus(self._qmp, self._log, count, timeout=limit)
 
             def without_removed(inventory: Inventory) -> Inventory:
                 remaining = tuple(c for c in inventory.hotplugged_cpus if c not in removed)
@@ -275,37 +279,41 @@ class Devices:
 
     def hotplug_memory(self, size_mib: int, *, id: str, timeout: float = 30.0) -> MemorySpec:
         """Add a DIMM of ``size_mib`` (a multiple of 128); needs ``max_memory_mib`` and ``memory_slots``."""
-        with self._store.lock:
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
             self._store.refuse_duplicate(id)
-            memory = memory_ops.hotplug_memory(self._qmp, self._log, memory_id=id, size_mib=size_mib, timeout=timeout)
+            memory = memory_ops.hotplug_memory(self._qmp, self._log, memory_id=id, size_mib=size_mib, timeout=limit)
             self._store.update(lambda inventory: attrs.evolve(inventory, memory=(*inventory.memory, memory)))
             return memory
 
     def unplug_memory(self, id: str, *, timeout: float = 30.0) -> None:
-        with self._store.lock:
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
             if not any(m.id == id for m in self._store.inventory.memory):
                 raise UnknownDevice(f"{self.name} has no hotplugged memory {id!r}")
-            memory_ops.unplug_memory(self._qmp, self._log, memory_id=id, timeout=timeout)
+            memory_ops.unplug_memory(self._qmp, self._log, memory_id=id, timeout=limit)
             self._store.update(
                 lambda inventory: attrs.evolve(inventory, memory=tuple(m for m in inventory.memory if m.id != id))
             )
 
     def add_virtio_mem(self, id: str, *, max_size_mib: int, size_mib: int = 0, timeout: float = 30.0) -> VirtioMemSpec:
         """Add a virtio-mem device the guest grows or shrinks in 2 MiB blocks (``resize_virtio_mem``)."""
-        with self._store.lock:
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
             self._store.refuse_duplicate(id)
             port = self._store.free_port(id)
             device = memory_ops.add_virtio_mem(
                 self._qmp, self._log, memory_id=id, max_size_mib=max_size_mib, size_mib=size_mib, port=port,
-                timeout=timeout,
+                timeout=limit,
             )  # fmt: skip
-            device = pin_pci_address(self._qmp, device)
+            device = pin_pci_address(limit.bind(self._qmp), device)
             self._store.update(lambda inventory: attrs.evolve(inventory, virtio_mem=(*inventory.virtio_mem, device)))
             return device
 
     def resize_virtio_mem(self, id: str, size_mib: int, *, wait: bool = True, timeout: float = 30.0) -> None:
         """Have the guest plug or unplug memory until the device provides ``size_mib``."""
-        with self._store.lock:
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
             device = next((v for v in self._store.inventory.virtio_mem if v.id == id), None)
             if device is None:
                 raise UnknownDevice(f"{self.name} has no virtio-mem device {id!r}")
@@ -318,7 +326,7 @@ class Devices:
                 )
 
             memory_ops.resize_virtio_mem(
-                self._qmp, self._log, device, size_mib, wait=wait, timeout=timeout, requested=record
+                self._qmp, self._log, device, size_mib, wait=wait, timeout=limit, requested=record
             )
 
     def memory_devices(self) -> list[memory_ops.MemoryDevice]:
@@ -335,9 +343,10 @@ class Devices:
         def record() -> None:
             self._store.update(lambda inventory: attrs.evolve(inventory, balloon_target=target_bytes))
 
-        with self._store.lock:
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
             try:
-                reached = balloon_ops.set_balloon(self._qmp, self._log, target_bytes, wait=wait, timeout=timeout)
+                reached = balloon_ops.set_balloon(self._qmp, self._log, target_bytes, wait=wait, timeout=limit)
             except WaitTimeout:  # the target is set; the guest is slow to follow it
                 record()
                 raise
