@@ -242,7 +242,7 @@ def _raised(fn: Any) -> BaseException | None:
 
 
 def test_the_waiter_consumes_every_wake_up_so_a_later_one_never_double_releases() -> None:
-    from vmctl.qmp.monitor import _Waiter
+    from vmctl.qmp.waiter import Waiter as _Waiter
 
     monitor_lock = threading.Lock()
     waiter = _Waiter()

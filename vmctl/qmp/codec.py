@@ -222,9 +222,7 @@ def _is_plain(command: str) -> bool:
     return True
 
 
-def encode_command(
-    command: Any, arguments: Any = None, *, command_id: str | None = None, oob: bool = False
-) -> bytes:
+def encode_command(command: Any, arguments: Any = None, *, command_id: str | None = None, oob: bool = False) -> bytes:
     """One command as QMP's JSON line, for the socket or a go-between. Bad input raises
     ``InvalidArgument`` here, before anything is sent.
 

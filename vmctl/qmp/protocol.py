@@ -53,10 +53,6 @@ DEFAULT_QUIET_EVENTS: Final = frozenset({"RTC_CHANGE"})
 
 _LATE_REPLY_MEMORY: Final = 1024
 
-# The kinds of message the codec hands out, bound once: ``_dispatch`` compares types by identity.
-_Reply, _ErrorReply, _Event = messages.Reply, messages.ErrorReply, messages.Event
-_Oversized, _Undecodable = messages.OversizedMessage, messages.UndecodableMessage
-
 
 class QMPProtocol:
     """One QMP client connection, sans I/O. Faces: ``vmctl.qmp.monitor`` and ``vmctl.qmp.aio``."""
@@ -89,6 +85,16 @@ class QMPProtocol:
         self._late: collections.OrderedDict[str, Command] = collections.OrderedDict()  # sent, caller gone
         self._outbox = Outbox(self._record.sent)
         self._subscribers = Subscribers(self._log)
+        # What each kind of message the codec hands out does: one lookup per message.
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            messages.Reply: self._complete,
+            messages.Event: self._deliver_event,
+            messages.ErrorReply: self._error_reply,
+            messages.OversizedMessage: self._oversized,
+            messages.UndecodableMessage: self._undecodable,
+            messages.Greeting: self._greeted,
+            messages.Negotiated: self._negotiated,
+        }
         self.oversized_events = 0
         #: Face hooks: every event (for callbacks), and the end of the connection (``None``: closed locally).
         self.on_event: Callable[[messages.Event], None] | None = None
@@ -244,8 +250,9 @@ class QMPProtocol:
                 self._codec.receive_data(data)
             except ProtocolError as exc:
                 error = exc
+            handlers = self._handlers
             for message in self._codec.take_messages():
-                self._dispatch(message)
+                handlers[type(message)](message)
         except BaseException:
             # Interrupted (a signal handler raised): bytes were taken but perhaps not all handled,
             # so a reply may be lost for good; nobody is left waiting for it.
@@ -266,31 +273,18 @@ class QMPProtocol:
         connecting = self._connection.state is ConnectionState.CONNECTING
         return f"{self.name}: {during_handshake if connecting else running}"
 
-    def _dispatch(self, message: messages.Message) -> None:
-        kind = type(message)
-        if kind is _Reply:
-            assert isinstance(message, _Reply)
-            self._complete(message)
-        elif kind is _Event:
-            assert isinstance(message, _Event)
-            self._deliver_event(message)
-        elif kind is _ErrorReply:
-            assert isinstance(message, _ErrorReply)
-            if message.id is None:
-                self._log.warning("qmp.error_without_id", error=dict(message.error))
-            else:
-                self._complete(message)
-        elif kind is _Oversized:
-            assert isinstance(message, _Oversized)
-            self._oversized(message)
-        elif kind is _Undecodable:
-            assert isinstance(message, _Undecodable)
-            self._undecodable(message)
-        elif kind is messages.Greeting:
-            self._outbox.push_raw(self._codec.start_negotiation())
-        elif kind is messages.Negotiated:
-            self._connection.transition(ConnectionState.RUNNING)
-            self._log.info("qmp.connected", qemu=str(self.version), capabilities=list(self.capabilities))
+    def _greeted(self, greeting: messages.Greeting) -> None:
+        self._outbox.push_raw(self._codec.start_negotiation())
+
+    def _negotiated(self, negotiated: messages.Negotiated) -> None:
+        self._connection.transition(ConnectionState.RUNNING)
+        self._log.info("qmp.connected", qemu=str(self.version), capabilities=list(self.capabilities))
+
+    def _error_reply(self, reply: messages.ErrorReply) -> None:
+        if reply.id is None:
+            self._log.warning("qmp.error_without_id", error=dict(reply.error))
+        else:
+            self._complete(reply)
 
     def _complete(self, reply: messages.Reply | messages.ErrorReply) -> None:
         command_id = reply.id
@@ -298,14 +292,14 @@ class QMPProtocol:
         command = self._pending.pop(command_id, None)
         if command is None:
             late = self._late.pop(command_id, None)
-            failed = type(reply) is _ErrorReply
+            failed = type(reply) is messages.ErrorReply
             if late is not None:
                 self._outbox.release(late)
                 self._log.warning("qmp.late_reply_discarded", cmd=late.name, id=command_id, error=failed)
             else:
                 self._log.warning("qmp.reply_for_unknown_id", id=command_id)
             return
-        if isinstance(reply, _ErrorReply):
+        if isinstance(reply, messages.ErrorReply):
             command.failure = reply.failure(command.name)
         else:
             command.value = reply.value
