@@ -19,7 +19,7 @@ from vmctl.qmp.messages import Event
 from vmctl.qmp.monitor import Monitor as MonitorClass
 from vmctl.qmp.protocol import QMPProtocol
 from vmctl.qmp.stream import MemoryStream
-from vmctl.qmp.timeouts import deadline
+from vmctl.qmp.timeouts import TimeoutPolicy, deadline
 from vmctl.testing import FakeQEMU
 
 
@@ -242,7 +242,7 @@ def _raised(fn: Any) -> BaseException | None:
 
 
 def test_the_waiter_consumes_every_wake_up_so_a_later_one_never_double_releases() -> None:
-    from vmctl.qmp.monitor import _Waiter
+    from vmctl.qmp.waiter import Waiter as _Waiter
 
     monitor_lock = threading.Lock()
     waiter = _Waiter()
@@ -261,3 +261,13 @@ def test_a_deadline_is_the_clock_plus_the_timeout_and_a_huge_timeout_stays_a_fin
     assert deadline(2.5, now=10.0) == 12.5
     far = deadline(1e300, now=10.0)
     assert far == 10.0 + 1e9 and far - 10.0 > 0  # the clock's digits are kept: a wait can count down
+
+
+def test_the_timeout_policy_gives_the_callers_timeout_when_given_else_the_commands_kind() -> None:
+    policy = TimeoutPolicy(default=30.0, rules={"query-*": 10.0})
+    assert policy.for_command("query-status") == 10.0
+    assert policy.for_command("query-status", 2) == 2.0
+    assert policy.for_command("device_add") == 30.0
+    for invalid in (0, -1, float("inf"), float("nan"), True):
+        with pytest.raises(InvalidArgument, match="timeout"):
+            policy.for_command("query-status", invalid)

@@ -58,6 +58,15 @@ def test_execute_sends_the_command_and_its_arguments_as_one_json_message_and_ret
     assert relay.sent == [{"execute": "query-status"}, {"execute": "stop", "arguments": {"force": True}}]
 
 
+def test_human_sends_the_command_line_as_human_monitor_command_and_returns_its_text() -> None:
+    relay = ScriptedRelay()
+    relay.replies["human-monitor-command"] = '{"return": "VM status: running\\r\\n"}'
+    assert relay.human("info status") == "VM status: running\r\n"
+    assert relay.sent == [{"execute": "human-monitor-command", "arguments": {"command-line": "info status"}}]
+    with pytest.raises(InvalidArgument, match="HMP"):
+        relay.human(" ")
+
+
 def test_qemus_error_reply_raises_the_same_typed_error_as_on_vmctls_own_socket() -> None:
     relay = ScriptedRelay()
     relay.replies["nope"] = '{"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}'

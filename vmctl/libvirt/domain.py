@@ -20,12 +20,12 @@ from vmctl.libvirt.blocks import LibvirtBlocks
 from vmctl.libvirt.calls import bounded
 from vmctl.libvirt.devices import LibvirtDevices
 from vmctl.libvirt.domainxml import CONSOLE_LOG, domain_xml, spec_from_xml
-from vmctl.libvirt.errors import DomainNotFound, LibvirtError, libvirt_error
+from vmctl.libvirt.errors import DomainNotFound, LibvirtError
 from vmctl.libvirt.eventloop import libvirt_module, open_connection
 from vmctl.libvirt.events import DomainEvents
 from vmctl.libvirt.memory import LibvirtMemory
 from vmctl.libvirt.migration import LibvirtMigration, start_migration
-from vmctl.libvirt.monitor import LibvirtMonitor
+from vmctl.libvirt.monitor import LibvirtMonitor, domain_at
 from vmctl.logs import get_logger
 from vmctl.model import VMSpec
 from vmctl.model.names import SHELL_SOCKET
@@ -127,18 +127,9 @@ class LibvirtVM:
     def open(cls, uri: str, name: str, *, run_dir: str | Path | None = None) -> LibvirtVM:
         """Take over the running domain ``name`` at ``uri``. Its spec is read back from libvirt's
         XML (disks, NICs, memory, vCPUs); ``run_dir`` defaults to where its shell socket is."""
-        conn = open_connection(uri)
-        libvirt = libvirt_module()
-        try:
-            try:
-                domain = conn.lookupByName(name)
-            except libvirt.libvirtError as exc:
-                raise libvirt_error(exc, f"no domain {name!r} at {uri}") from None
+        with domain_at(uri, name) as (conn, domain):
             spec, found_run_dir = spec_from_xml(str(domain.XMLDesc(0)))
             return cls(conn, domain, spec=spec, run_dir=Path(run_dir) if run_dir else found_run_dir, uri=uri)
-        except BaseException:
-            conn.close()
-            raise
 
     # -- what it is -------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ libvirt's own APIs (``LibvirtVM``), or libvirt's domain XML stops saying what QE
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from vmctl.errors import ConnectionLost
@@ -67,18 +67,8 @@ class LibvirtMonitor(RelayedMonitor):
     @classmethod
     def open(cls, uri: str, name: str, *, timeouts: TimeoutPolicy | None = None) -> LibvirtMonitor:
         """Connect to ``uri`` and take the monitor of the domain called ``name``."""
-        conn = open_connection(uri)
-        libvirt = libvirt_module()
-        try:
-            domain = conn.lookupByName(name)
-        except libvirt.libvirtError as exc:
-            conn.close()
-            raise libvirt_error(exc, f"no domain {name!r} at {uri}") from None
-        try:
+        with domain_at(uri, name) as (_, domain):
             return cls(domain, timeouts=timeouts, owns_connection=True)
-        except BaseException:
-            conn.close()
-            raise
 
     @property
     def domain(self) -> Any:
@@ -130,3 +120,19 @@ class LibvirtMonitor(RelayedMonitor):
                 if self._close_callback_set:
                     self._conn.unregisterCloseCallback()
                 self._conn.close()
+
+
+@contextlib.contextmanager
+def domain_at(uri: str, name: str) -> Iterator[tuple[Any, Any]]:
+    """A new connection to ``uri`` and its domain called ``name``; the connection is closed if the
+    lookup, or what the caller makes of them, raises (else it is the caller's)."""
+    conn = open_connection(uri)
+    try:
+        try:
+            domain = conn.lookupByName(name)
+        except libvirt_module().libvirtError as exc:
+            raise libvirt_error(exc, f"no domain {name!r} at {uri}") from None
+        yield conn, domain
+    except BaseException:
+        conn.close()
+        raise

@@ -1,45 +1,49 @@
 """A QMP monitor whose messages travel through a go-between (libvirtd's RPC, or ``virsh``).
 
 The go-between owns QEMU's monitor socket: vmctl hands it one command as JSON and gets QEMU's
-reply back, and hears QEMU's events from it. Everything else a monitor does (typed errors,
-bounded waits, subscriptions, callbacks off the delivering thread) is the same as on vmctl's own
-socket, and lives here once for both go-betweens.
+reply back, and hears QEMU's events from it. This monitor sits on the rules of vmctl's own QMP
+connection, not on copies of them:
+
+- the caller's API (``execute`` and its checks, ``human``, subscriptions, callbacks on vmctl's
+  callback thread, ``supports``/``schema``) is ``vmctl.qmp.threaded.ThreadedMonitor``'s, as for
+  vmctl's threaded face;
+- a command is encoded by ``vmctl.qmp.codec.encode_command`` (its checks included), with no id:
+  libvirtd numbers the commands it passes on itself and refuses one that carries an id;
+- its timeout is ``TimeoutPolicy.for_command``'s, the core's policy;
+- its reply is read by ``decode_reply`` and QEMU's error raised as ``ErrorReply.failure`` maps
+  it, as on the socket;
+- events go out through ``vmctl.qmp.subscribers``, the core's fan-out.
+
+What is its own: the worker threads that bound libvirt's blocking calls, and the end of the
+go-between. Both go-betweens share this module.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from structlog.typing import FilteringBoundLogger
 
-from vmctl.errors import (
-    CommandTimeout,
-    ConnectionLost,
-    EventMatchError,
-    InvalidArgument,
-    ProtocolError,
-    QMPError,
-    command_error,
-)
+from vmctl.errors import CommandTimeout, ConnectionLost, InvalidArgument, QMPError
 from vmctl.logs import get_logger
-from vmctl.qmp.callbacks import CallbackRunner, DisconnectCallback, EventCallback
-from vmctl.qmp.events import EventFilter, Match, Subscription
-from vmctl.qmp.messages import Event, QEMUVersion
-from vmctl.qmp.schema import QMPSchema
-from vmctl.qmp.timeouts import TimeoutPolicy, check_timeout
-from vmctl.qmp.transport import FileDescriptor, fd_numbers
+from vmctl.qmp.codec import decode_reply, encode_command
+from vmctl.qmp.events import Subscription
+from vmctl.qmp.messages import ErrorReply, Event, QEMUVersion
+from vmctl.qmp.subscribers import Subscribers
+from vmctl.qmp.threaded import ThreadedMonitor
+from vmctl.qmp.timeouts import TimeoutPolicy
 
 log: FilteringBoundLogger = get_logger(__name__)
 
 _WORKERS = 4  # calls in flight at once per monitor (a timed-out one may still hold a worker)
 
 
-class RelayedMonitor:
+class RelayedMonitor(ThreadedMonitor):
     """The shared half of ``LibvirtMonitor`` and ``VirshMonitor``; subclasses give ``_relay``."""
 
     def __init__(self, name: str, *, timeouts: TimeoutPolicy | None = None, max_fds: int = 0) -> None:
@@ -48,13 +52,10 @@ class RelayedMonitor:
         self._max_fds = max_fds
         self._log = log.bind(vm=name)
         self._lock = threading.Lock()
-        self._subscriptions: tuple[Subscription, ...] = ()
-        self._callbacks: CallbackRunner | None = None
+        self._subscribers = Subscribers(self._log)
         self._closed = False
         self._failure: QMPError | None = None
         self._version: QEMUVersion | None = None
-        self._schema: QMPSchema | None = None
-        self._commands: frozenset[str] | None = None
         # libvirt's calls block in C: a worker makes each wait bounded. A call that outlives its
         # timeout finishes on its worker; its reply is dropped, as a late reply on a socket is.
         self._workers = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix=f"vmctl-relay-{name}")
@@ -74,47 +75,29 @@ class RelayedMonitor:
     def is_connected(self) -> bool:
         return not self._closed and self._failure is None
 
-    def execute(
-        self,
-        command: str,
-        arguments: Mapping[str, Any] | None = None,
-        *,
-        fds: Sequence[FileDescriptor] = (),
-        timeout: float | None = None,
-        oob: bool = False,
+    def _execute(
+        self, command: str, arguments: Mapping[str, Any] | None, fds: Sequence[int], timeout: float | None, oob: bool
     ) -> Any:
-        """Run ``command`` through the go-between and return QEMU's ``return`` value.
-
-        Raises what vmctl's own monitor raises: a ``CommandError`` subclass for QEMU's error,
-        ``CommandTimeout`` when no reply comes within ``timeout``, ``ConnectionLost`` once the
-        go-between is gone. ``oob`` needs vmctl's own socket (libvirt negotiates no ``oob``)."""
-        if not isinstance(command, str) or not command:
-            raise InvalidArgument(f"command must be a non-empty string, not {command!r}")
-        if arguments is not None and not isinstance(arguments, Mapping):
-            raise InvalidArgument(f"{command}: arguments must be a mapping, not {type(arguments).__name__}")
         if oob:
             raise InvalidArgument(f"{command}: out-of-band commands need vmctl's own QMP socket, not {self.name}")
-        fd_list = fd_numbers(fds) if fds else []
-        if len(fd_list) > self._max_fds:
+        if len(fds) > self._max_fds:
             raise InvalidArgument(
-                f"{command}: {type(self).__name__} passes at most {self._max_fds} file descriptor(s), "
-                f"not {len(fd_list)}"
+                f"{command}: {type(self).__name__} passes at most {self._max_fds} file descriptor(s), not {len(fds)}"
             )
-        seconds = self.timeouts.for_command(command) if timeout is None else check_timeout(timeout)
-        message: dict[str, Any] = {"execute": command}
-        if arguments:
-            message["arguments"] = dict(arguments)
-        try:
-            text = json.dumps(message)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"{command}: arguments are not JSON: {exc}") from None
+        seconds = self.timeouts.for_command(command, timeout)
+        text = encode_command(command, arguments).decode().rstrip()  # one JSON value, no line end
         self._guard()
         try:
-            future = self._workers.submit(self._relay, text, fd_list, seconds)
+            future = self._workers.submit(self._relay, text, list(fds), seconds)
         except RuntimeError:  # the pool is shut down: closed meanwhile
             raise ConnectionLost(f"{self.name}: the monitor is closed") from None
-        reply = self._await(future, command, seconds)
-        return self._unwrap(command, reply)
+        reply = decode_reply(self._await(future, command, seconds), f"{self.name}: {command}")
+        if isinstance(reply, ErrorReply):
+            failure = reply.failure(command)
+            self._log.debug("qmp.command", cmd=command, outcome=type(failure).__name__)
+            raise failure
+        self._log.debug("qmp.command", cmd=command, outcome="ok")
+        return reply.value
 
     def _await(self, future: Future[str], command: str, seconds: float) -> str:
         try:
@@ -122,21 +105,6 @@ class RelayedMonitor:
         except FutureTimeout:
             self._log.warning("qmp.timeout", cmd=command, timeout=seconds)
             raise CommandTimeout(command=command, timeout=seconds) from None
-
-    def _unwrap(self, command: str, reply_text: str) -> Any:
-        try:
-            reply = json.loads(reply_text)
-        except ValueError:
-            raise ProtocolError(f"{self.name}: {command}: the reply is not JSON: {reply_text[:200]!r}") from None
-        if not isinstance(reply, dict):
-            raise ProtocolError(f"{self.name}: {command}: the reply is not a JSON object: {reply_text[:200]!r}")
-        if "error" in reply:
-            self._log.debug("qmp.command", cmd=command, outcome="error")
-            raise command_error(command, reply["error"])
-        if "return" not in reply:
-            raise ProtocolError(f"{self.name}: {command}: the reply has neither return nor error")
-        self._log.debug("qmp.command", cmd=command, outcome="ok")
-        return reply["return"]
 
     def _guard(self) -> None:
         if self._failure is not None:
@@ -152,65 +120,23 @@ class RelayedMonitor:
             self._version = QEMUVersion.from_qmp(self.execute("query-version"))
         return self._version
 
-    @property
-    def schema(self) -> QMPSchema:
-        if self._schema is None:
-            self._schema = QMPSchema.from_qmp(self.execute("query-qmp-schema"))
-        return self._schema
+    # -- events (``ThreadedMonitor``'s hooks) ------------------------------------------------
 
-    def supports(self, command: str) -> bool:
-        if self._commands is None:
-            self._commands = frozenset(str(c["name"]) for c in self.execute("query-commands"))
-        return command in self._commands
-
-    # -- events -----------------------------------------------------------------------------
-
-    def events(self, *names: str, match: Match = None, maxsize: int = 256) -> Subscription:
-        """Subscribe to QEMU's future events, as on vmctl's own monitor (enter it before the command)."""
-        subscription = Subscription(EventFilter(names, match), maxsize=maxsize, on_close=self._unsubscribe)
+    def _subscribe(self, subscription: Subscription) -> None:
         with self._lock:
             self._guard()
-            self._subscriptions = (*self._subscriptions, subscription)
-        return subscription
+            self._subscribers.add(subscription)
 
     def _unsubscribe(self, subscription: Subscription) -> None:
-        with self._lock:
-            self._subscriptions = tuple(s for s in self._subscriptions if s is not subscription)
+        self._subscribers.remove(subscription)
 
-    def wait_event(self, name: str, *, match: Match = None, timeout: float) -> Event:
-        check_timeout(timeout, allow_zero=True)
-        with self.events(name, match=match, maxsize=1) as subscription:
-            return subscription.get(timeout)
-
-    def on_event(self, callback: EventCallback, *names: str, match: Match = None) -> Callable[[], None]:
-        """Call ``callback(event)`` on vmctl's callback thread, never on the thread that heard it."""
-        return self._callback_runner().add_event_callback(EventFilter(names, match), callback)
-
-    def on_disconnect(self, callback: DisconnectCallback) -> Callable[[], None]:
-        return self._callback_runner().add_disconnect_callback(callback)
-
-    def _callback_runner(self) -> CallbackRunner:
-        with self._lock:
-            self._guard()
-            if self._callbacks is None:
-                self._callbacks = CallbackRunner(name=self.name, log=self._log)
-            return self._callbacks
+    def _check_running(self) -> None:
+        self._guard()
 
     def _deliver(self, event: Event) -> None:
         """Called by the subclass's event thread for each of QEMU's events."""
-        with self._lock:
-            subscriptions, callbacks = self._subscriptions, self._callbacks
-        for subscription in subscriptions:
-            try:
-                wanted = subscription.filter.accepts(event)
-            except Exception as exc:
-                self._log.exception("qmp.match_failed", name=event.name)
-                error = EventMatchError(f"the subscription's match raised {exc!r} on a {event.name} event")
-                self._unsubscribe(subscription)
-                subscription.fail(error)
-                continue
-            if wanted:
-                subscription.deliver(event)
+        self._subscribers.deliver(event)
+        callbacks = self._callbacks
         if callbacks is not None:
             callbacks.offer_event(event)
 
@@ -221,7 +147,7 @@ class RelayedMonitor:
             if self._closed or self._failure is not None:
                 return
             self._failure = error
-            subscriptions, callbacks = self._subscriptions, self._callbacks
+            subscriptions, callbacks = self._subscribers.take(), self._callbacks
         (self._log.info if expected else self._log.warning)("qmp.disconnected", error=str(error))
         for subscription in subscriptions:
             subscription.fail(error)
@@ -236,7 +162,7 @@ class RelayedMonitor:
             if self._closed:
                 return
             self._closed = True
-            subscriptions, callbacks = self._subscriptions, self._callbacks
+            subscriptions, callbacks = self._subscribers.take(), self._callbacks
         try:
             self._close_relay()
         finally:

@@ -10,37 +10,35 @@ full) and waits on futures. Many monitors share one loop and one thread::
         async with qmp.events("STOP") as stopped:
             await qmp.execute("stop")
             await stopped.get(timeout=5)
+
+The methods callers use are coroutine twins of the threaded monitor's (``vmctl.qmp.threaded``):
+their signatures and docstrings are restated on purpose, since a coroutine cannot share a body
+with a function that blocks; the checks they make are the shared ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Unpack
 
 import tenacity
 
-from vmctl.errors import CommandTimeout, ConnectError, ConnectionLost, InvalidArgument, QMPError
+from vmctl.errors import CommandTimeout, ConnectError, InvalidArgument, QMPError
 from vmctl.qmp import timeouts
 from vmctl.qmp.callbacks import DisconnectCallback, EventCallback
+from vmctl.qmp.codec import hmp_arguments
+from vmctl.qmp.connecting import ConnectOptions, face_on
 from vmctl.qmp.events import EventBuffer, EventFilter, Match
 from vmctl.qmp.face import Face
 from vmctl.qmp.messages import Event
-from vmctl.qmp.protocol import (
-    DEFAULT_MAX_MESSAGE_SIZE,
-    DEFAULT_QUIET_COMMANDS,
-    DEFAULT_QUIET_EVENTS,
-    Command,
-    ConnectionState,
-    QMPProtocol,
-)
+from vmctl.qmp.protocol import Command, ConnectionState, QMPProtocol
 from vmctl.qmp.schema import QMPSchema
-from vmctl.qmp.stream import SocketStream, Stream
-from vmctl.qmp.timeouts import TimeoutPolicy, check_timeout
+from vmctl.qmp.stream import Stream
+from vmctl.qmp.timeouts import check_timeout
 from vmctl.qmp.transport import (
     RETRY_IF_NOT_YET,
     RETRY_WAIT,
@@ -54,8 +52,6 @@ from vmctl.qmp.transport import (
 )
 
 __all__ = ["AsyncMonitor", "AsyncSubscription", "connect"]
-
-RECV_SIZE: Final = 64 * 1024
 
 
 class _FutureWaker:
@@ -122,9 +118,8 @@ class AsyncMonitor(Face):
     def __init__(self, stream: Stream, core: QMPProtocol) -> None:
         """Drive ``core`` (a fresh ``QMPProtocol``) over ``stream``; :func:`connect` makes both."""
         self._loop = asyncio.get_running_loop()
-        self._stream = stream
         self._fileno = stream.fileno()
-        super().__init__(core)
+        super().__init__(stream, core)
         self._core.on_disconnect = self._on_disconnect
         self._event_callbacks: tuple[tuple[EventFilter, EventCallback], ...] = ()
         self._disconnect_callbacks: tuple[DisconnectCallback, ...] = ()
@@ -185,7 +180,7 @@ class AsyncMonitor(Face):
         if fd_list and not self._stream.passes_fds:
             raise InvalidArgument(f"{command}: file descriptors can only be passed over a unix socket")
         future: asyncio.Future[None] = self._loop.create_future()
-        cmd = self._core.command(command, arguments, fds=fd_list, timeout=timeout, oob=oob, waker=_FutureWaker(future))
+        cmd = self._core.command(command, arguments, waker=_FutureWaker(future), fds=fd_list, timeout=timeout, oob=oob)
         if not self._writer_on:
             self._flush()
         if not cmd.done:
@@ -205,20 +200,14 @@ class AsyncMonitor(Face):
 
     async def human(self, command_line: str, *, timeout: float | None = None) -> str:
         """Run a human-monitor (HMP) command line and return its text output."""
-        if not isinstance(command_line, str) or not command_line.strip():
-            raise InvalidArgument("the HMP command line must be a non-empty string")
-        return str(await self.execute("human-monitor-command", {"command-line": command_line}, timeout=timeout))
+        return str(await self.execute("human-monitor-command", hmp_arguments(command_line), timeout=timeout))
 
     # -- I/O callbacks ---------------------------------------------------------------------
 
     def _on_readable(self) -> None:
         core = self._core
-        try:
-            data = self._stream.recv(RECV_SIZE)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            core.fail(ConnectionLost, f"{self.name}: reading from QEMU failed: {exc}")
+        data = self._read_stream()
+        if data is None:
             return
         core.receive_data(data)
         if core.wants_write and not self._writer_on:
@@ -239,7 +228,7 @@ class AsyncMonitor(Face):
                         self._writer_on = True
                     return
                 except OSError as exc:
-                    core.fail(ConnectionLost, f"{self.name}: sending to QEMU failed: {exc}")
+                    self._io_failed("sending to", exc)
                     return
                 core.bytes_sent(sent)
         except BaseException:
@@ -373,39 +362,15 @@ async def open_socket(address: Address, *, timeout: float) -> socket.socket:
 
 
 async def connect(
-    address: Address,
-    *,
-    timeout: float = 10.0,
-    name: str | None = None,
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-    oob: bool = True,
-    timeouts: TimeoutPolicy | None = None,
-    quiet_commands: Iterable[str] = DEFAULT_QUIET_COMMANDS,
-    quiet_events: Iterable[str] = DEFAULT_QUIET_EVENTS,
-    event_history: int = 1000,
-    transcript: str | os.PathLike[str] | None = None,
+    address: Address, *, timeout: float = 10.0, name: str | None = None, **options: Unpack[ConnectOptions]
 ) -> AsyncMonitor:
-    """Connect to a QMP monitor and negotiate capabilities, all within ``timeout`` seconds."""
+    """Connect to a QMP monitor and negotiate capabilities, all within ``timeout`` seconds; the
+    same arguments as ``vmctl.qmp.connect``."""
     timeout = check_timeout(timeout)
-    started = time.monotonic()
-    sock = await open_socket(address, timeout=timeout)
+    deadline = timeouts.deadline(timeout)
+    monitor = face_on(AsyncMonitor, await open_socket(address, timeout=timeout), name or describe(address), options)
     try:
-        core = QMPProtocol(
-            name=name or describe(address),
-            max_message_size=max_message_size,
-            oob=oob,
-            timeouts=timeouts,
-            quiet_commands=quiet_commands,
-            quiet_events=quiet_events,
-            event_history=event_history,
-            transcript=transcript,
-        )
-        monitor = AsyncMonitor(SocketStream(sock), core)
-    except BaseException:
-        sock.close()
-        raise
-    try:
-        await monitor._handshake(max(0.001, timeout - (time.monotonic() - started)))
+        await monitor._handshake(max(0.001, deadline - time.monotonic()))
     except BaseException:
         await monitor.close()
         raise

@@ -105,23 +105,10 @@ class QMPCodec:
         """Return ``(id, bytes)`` for a command; the reply will carry that id."""
         if self.phase is not Phase.READY:
             raise StateError(f"cannot send {command!r}: the handshake is at {self.phase.value}")
-        if not isinstance(command, str) or not command:
-            raise InvalidArgument(f"command must be a non-empty string, not {command!r}")
         if oob and "oob" not in self.capabilities:
             raise InvalidArgument("out-of-band execution was not negotiated with QEMU")
         command_id = new_id()
-        # Hot path for argument-less queries: no json.dumps needed (the command is a QAPI name).
-        if not arguments and not oob and (command in _plain_names or _is_plain(command)):
-            return command_id, f'{{"execute":"{command}","id":"{command_id}"}}\n'.encode()
-        message: dict[str, Any] = {("exec-oob" if oob else "execute"): command, "id": command_id}
-        if arguments:
-            if not isinstance(arguments, Mapping):
-                raise InvalidArgument(f"{command}: arguments must be a mapping, not {type(arguments).__name__}")
-            message["arguments"] = arguments
-        try:
-            return command_id, _encode(message)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"{command}: arguments are not JSON-serialisable: {exc}") from None
+        return command_id, encode_command(command, arguments, command_id=command_id, oob=oob)
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -204,13 +191,9 @@ class QMPCodec:
             # command under way) reaches the next client. Nothing waits for it.
             self.stale_replies += 1
             return
-        if "error" in message:
-            error = message["error"]
-            self._ready.append(ErrorReply(id=reply_id, error=error if isinstance(error, dict) else {}))
-        elif reply_id is None:
+        if reply_id is None and "error" not in message:
             self._fail(f"QEMU sent a reply without an id: {line[:120]!r}")
-        else:
-            self._ready.append(Reply(id=reply_id, value=message["return"]))
+        self._ready.append(_reply(message, reply_id))
 
     def _fail(self, why: str) -> Any:
         raise ProtocolError(why)
@@ -237,6 +220,61 @@ def _is_plain(command: str) -> bool:
     if len(_plain_names) < 4096:
         _plain_names.add(command)
     return True
+
+
+def encode_command(command: Any, arguments: Any = None, *, command_id: str | None = None, oob: bool = False) -> bytes:
+    """One command as QMP's JSON line, for the socket or a go-between. Bad input raises
+    ``InvalidArgument`` here, before anything is sent.
+
+    The faces' codec numbers every command; a go-between that numbers them itself (libvirtd adds
+    its own ``id`` and refuses a command that carries one) passes ``command_id=None``."""
+    if not isinstance(command, str) or not command:
+        raise InvalidArgument(f"command must be a non-empty string, not {command!r}")
+    # Hot path for argument-less queries: no json.dumps needed (the command is a QAPI name).
+    if not arguments and not oob and command_id is not None and (command in _plain_names or _is_plain(command)):
+        return f'{{"execute":"{command}","id":"{command_id}"}}\n'.encode()
+    message: dict[str, Any] = {("exec-oob" if oob else "execute"): command}
+    if command_id is not None:
+        message["id"] = command_id
+    if arguments:
+        if not isinstance(arguments, Mapping):
+            raise InvalidArgument(f"{command}: arguments must be a mapping, not {type(arguments).__name__}")
+        message["arguments"] = arguments if isinstance(arguments, dict) else dict(arguments)
+    try:
+        return _encode(message)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{command}: arguments are not JSON-serialisable: {exc}") from None
+
+
+def hmp_arguments(command_line: Any) -> dict[str, str]:
+    """The arguments of ``human-monitor-command`` for one HMP command line."""
+    if not isinstance(command_line, str) or not command_line.strip():
+        raise InvalidArgument("the HMP command line must be a non-empty string")
+    return {"command-line": command_line}
+
+
+def decode_reply(text: str, what: str) -> Reply | ErrorReply:
+    """One reply a go-between handed back whole, read as a reply on the socket is; ``what`` (the
+    monitor and command) starts the ``ProtocolError`` when it is no QMP reply."""
+    try:
+        message = _decode(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError(f"{what}: the reply is not JSON: {text[:200]!r}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"{what}: the reply is not a JSON object: {text[:200]!r}")
+    if "return" not in message and "error" not in message:
+        raise ProtocolError(f"{what}: the reply has neither return nor error")
+    raw_id = message.get("id")
+    return _reply(message, raw_id if isinstance(raw_id, str) else "")
+
+
+def _reply(message: dict[str, Any], reply_id: str | None) -> Reply | ErrorReply:
+    """A message with ``return`` or ``error``: QEMU's value, or its error object (``{}`` if malformed)."""
+    if "error" in message:
+        error = message["error"]
+        return ErrorReply(id=reply_id, error=error if isinstance(error, dict) else {})
+    assert reply_id is not None
+    return Reply(id=reply_id, value=message["return"])
 
 
 def new_id() -> str:

@@ -1,20 +1,40 @@
-"""What each face shows of its connection core: the same read-only facts, read from the core."""
+"""The base of both faces: the same read-only facts, read from the core, and one read from the stream."""
 
 from __future__ import annotations
+
+from typing import Final
 
 from vmctl.qmp.connstate import ConnectionState
 from vmctl.qmp.events import Match
 from vmctl.qmp.messages import Event, Greeting, QEMUVersion
 from vmctl.qmp.protocol import QMPProtocol
+from vmctl.qmp.stream import Stream
 from vmctl.qmp.timeouts import TimeoutPolicy
+
+# Below malloc's mmap threshold: a larger buffer costs page faults on every read.
+RECV_SIZE: Final = 64 * 1024
 
 
 class Face:
-    """The base of both faces: it holds the core (``QMPProtocol``) and reads its facts."""
+    """The base of both faces: it holds the core (``QMPProtocol``) and the stream it drives."""
 
-    def __init__(self, core: QMPProtocol) -> None:
+    def __init__(self, stream: Stream, core: QMPProtocol) -> None:
         self.name = core.name
+        self._stream = stream
         self._core = core
+
+    def _read_stream(self) -> bytes | None:
+        """What QEMU sent (``b""``: the end), or None: nothing yet, or the read failed (the core knows)."""
+        try:
+            return self._stream.recv(RECV_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self._io_failed("reading from", exc)
+            return None
+
+    def _io_failed(self, doing: str, error: OSError) -> None:
+        self._core.io_failed(doing, error)
 
     @property
     def connection_state(self) -> ConnectionState:

@@ -1,7 +1,10 @@
 """What ``vmctl.ops`` needs of a QMP monitor, so that its procedures run on any of them.
 
 vmctl's own ``Monitor`` (its socket to QEMU) is one; ``vmctl.libvirt.LibvirtMonitor`` (QMP
-through libvirtd's RPC) and ``vmctl.libvirt.VirshMonitor`` (through ``virsh``) are the others.
+through libvirtd's RPC) and ``vmctl.libvirt.VirshMonitor`` (through ``virsh``) are the others. All
+three take their methods from ``vmctl.qmp.threaded.ThreadedMonitor``, where they are documented;
+this protocol restates the signatures on purpose (a protocol declares what others define), and
+keeps no docstrings that would drift from theirs.
 """
 
 from __future__ import annotations

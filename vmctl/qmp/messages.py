@@ -7,6 +7,8 @@ from typing import Any
 
 import attrs
 
+from vmctl.errors import CommandError, command_error
+
 
 @attrs.frozen(slots=True, kw_only=True)
 class QEMUVersion:
@@ -59,6 +61,10 @@ class Reply:
 class ErrorReply:
     id: str | None
     error: Mapping[str, Any]
+
+    def failure(self, command: str) -> CommandError:
+        """QEMU's error as vmctl's exception for it: the one mapping every monitor raises."""
+        return command_error(command, self.error)
 
 
 @attrs.frozen(slots=True, kw_only=True)

@@ -21,83 +21,46 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, Unpack
 
-from vmctl.errors import CommandTimeout, ConnectError, ConnectionLost, InvalidArgument, QMPError
-from vmctl.qmp.callbacks import CallbackRunner, DisconnectCallback, EventCallback
-from vmctl.qmp.events import EventFilter, Match, Subscription
+from vmctl.errors import CommandTimeout, ConnectError, InvalidArgument, QMPError
+from vmctl.qmp import timeouts
+from vmctl.qmp.callbacks import CallbackRunner
+from vmctl.qmp.connecting import ConnectOptions, face_on
+from vmctl.qmp.events import Subscription
 from vmctl.qmp.face import Face
-from vmctl.qmp.messages import Event
-from vmctl.qmp.protocol import (
-    DEFAULT_MAX_MESSAGE_SIZE,
-    DEFAULT_QUIET_COMMANDS,
-    DEFAULT_QUIET_EVENTS,
-    Command,
-    ConnectionState,
-    QMPProtocol,
-)
+from vmctl.qmp.protocol import DEFAULT_QUIET_COMMANDS, DEFAULT_QUIET_EVENTS, Command, ConnectionState, QMPProtocol
 from vmctl.qmp.reactor import READABLE, WRITABLE, reactor
-from vmctl.qmp.schema import QMPSchema
-from vmctl.qmp.stream import SocketStream, Stream
-from vmctl.qmp.timeouts import MAX_WAIT_SLICE, TimeoutPolicy, check_timeout
-from vmctl.qmp.transport import Address, FileDescriptor, describe, fd_numbers, open_socket
+from vmctl.qmp.stream import Stream
+from vmctl.qmp.threaded import ThreadedMonitor
+from vmctl.qmp.timeouts import check_timeout
+from vmctl.qmp.transport import Address, describe, open_socket
+from vmctl.qmp.waiter import Waiter, poll_ms, wait_writable
 
 __all__ = ["DEFAULT_QUIET_COMMANDS", "DEFAULT_QUIET_EVENTS", "Monitor", "connect"]
 
-# Below malloc's mmap threshold: a larger buffer costs page faults on every read.
-RECV_SIZE: Final = 64 * 1024
 # A follower re-checks whether it should read or write at least this often, so progress never
 # depends on a single wake-up being delivered.
 _FOLLOWER_SLICE: Final = 0.01
 _POLL_IN: Final = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
-class _Waiter:
-    """Wakes the thread waiting for one command: a binary semaphore, made only if it has to wait
-    (a caller that reads its own reply never does). Once made, its lock is released (a wake-up
-    is pending) exactly while ``woken`` is true."""
+class Monitor(Face, ThreadedMonitor):
+    """A QMP connection for threads. Create it with :func:`vmctl.qmp.connect`.
 
-    __slots__ = ("_lock", "woken")
-
-    def __init__(self) -> None:
-        self._lock: threading.Lock | None = None
-        self.woken = False
-
-    def wake(self) -> None:
-        # Called under the monitor's lock.
-        if not self.woken:
-            self.woken = True
-            if self._lock is not None:
-                self._lock.release()
-
-    def wait(self, monitor_lock: threading.Lock, timeout: float) -> None:
-        """Sleep until woken or ``timeout``; spurious returns are fine (the caller re-checks)."""
-        with monitor_lock:
-            if self._lock is None:
-                if self.woken:  # woken before it had a lock: nothing to consume
-                    self.woken = False
-                    return
-                self._lock = threading.Lock()
-                self._lock.acquire()
-        if self._lock.acquire(True, timeout):
-            self.woken = False
-
-
-class Monitor(Face):
-    """A QMP connection for threads. Create it with :func:`vmctl.qmp.connect`."""
+    Its methods for callers (``execute``, ``events``, callbacks, ...) are ``ThreadedMonitor``'s;
+    this class is how commands and events travel over the socket."""
 
     def __init__(self, stream: Stream, core: QMPProtocol) -> None:
         """Drive ``core`` (a fresh ``QMPProtocol``) over ``stream``; :func:`connect` makes both."""
-        self._stream = stream
-        super().__init__(core)
+        super().__init__(stream, core)
         self._core.on_disconnect = self._on_disconnect
+        self._log = core.log
         self._lock = threading.Lock()  # around every call into the core
         self._pump = threading.Lock()  # the read side
+        self._event_reader = self._read_for
         self._writing = False
-        self._callbacks: CallbackRunner | None = None
-        self._commands: frozenset[str] | None = None
-        self._schema: QMPSchema | None = None
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._fileno = stream.fileno()
         # The pump holder's poll set: the stream, and the eventfd through which a writer that
@@ -161,33 +124,15 @@ class Monitor(Face):
 
     # -- commands ---------------------------------------------------------------------------
 
-    def execute(
-        self,
-        command: str,
-        arguments: Mapping[str, Any] | None = None,
-        *,
-        fds: Sequence[FileDescriptor] = (),
-        timeout: float | None = None,
-        oob: bool = False,
+    def _execute(
+        self, command: str, arguments: Mapping[str, Any] | None, fds: Sequence[int], timeout: float | None, oob: bool
     ) -> Any:
-        """Run ``command`` and return QEMU's ``return`` value.
-
-        ``oob`` sends it out of band (``exec-oob``), for the few commands QEMU allows there
-        (``migrate-pause``, ``migrate-recover``): they run even while QEMU's main loop is stuck.
-
-        ``fds`` travel with SCM_RIGHTS in the same ``sendmsg`` as the command (``add-fd``,
-        ``getfd``); vmctl passes duplicates, so the caller may close its files as soon as this
-        returns, even after a timeout. Raises a ``CommandError`` subclass for QEMU's error,
-        ``CommandTimeout`` when no reply comes within ``timeout`` (default: by command kind),
-        ``ConnectionLost`` when the connection goes away.
-        """
-        fd_list = fd_numbers(fds) if fds else ()
-        if fd_list and not self._stream.passes_fds:
+        if fds and not self._stream.passes_fds:
             raise InvalidArgument(f"{command}: file descriptors can only be passed over a unix socket")
-        waiter = _Waiter()
+        waiter = Waiter()
         core = self._core
         with self._lock:
-            cmd = core.command(command, arguments, fds=fd_list, timeout=timeout, oob=oob, waker=waiter)
+            cmd = core.command(command, arguments, waker=waiter, fds=fds, timeout=timeout, oob=oob)
             out = None
             if not self._writing:
                 out = core.data_to_send()
@@ -209,14 +154,7 @@ class Monitor(Face):
             raise
         return cmd.result()
 
-    def human(self, command_line: str, *, timeout: float | None = None) -> str:
-        """Run a human-monitor (HMP) command line and return its text output."""
-        if not isinstance(command_line, str) or not command_line.strip():
-            raise InvalidArgument("the HMP command line must be a non-empty string")
-        output = self.execute("human-monitor-command", {"command-line": command_line}, timeout=timeout)
-        return str(output)
-
-    def _await(self, cmd: Command, waiter: _Waiter) -> None:
+    def _await(self, cmd: Command, waiter: Waiter) -> None:
         def done() -> bool:
             return cmd.done
 
@@ -255,7 +193,7 @@ class Monitor(Face):
         with self._lock:
             for cmd in self._core.waiting():
                 waiter = cmd.waker
-                assert isinstance(waiter, _Waiter)
+                assert isinstance(waiter, Waiter)
                 if not waiter.woken:
                     waiter.wake()
                     break
@@ -295,12 +233,11 @@ class Monitor(Face):
                     sent = self._stream.send(*out)
                 except BlockingIOError:
                     remaining = deadline - time.monotonic()
-                    if remaining <= 0 or not _wait_writable(self._fileno, remaining):
+                    if remaining <= 0 or not wait_writable(self._fileno, remaining):
                         return
                     continue
                 except OSError as exc:
-                    with self._lock:
-                        core.fail(ConnectionLost, f"{self.name}: sending to QEMU failed: {exc}")
+                    self._io_failed("sending to", exc)
                     return
                 with self._lock:
                     core.bytes_sent(sent)
@@ -330,7 +267,7 @@ class Monitor(Face):
         poller = self._poller
         if wants_write:
             poller.modify(self._fileno, _POLL_IN | select.POLLOUT)
-        ready = poller.poll(_poll_ms(timeout))
+        ready = poller.poll(poll_ms(timeout))
         if wants_write:
             poller.modify(self._fileno, _POLL_IN)
         kicked = readable = False
@@ -350,13 +287,8 @@ class Monitor(Face):
     def _receive(self) -> None:
         """Read what QEMU sent (the caller holds the read side) and hand it to the core."""
         core = self._core
-        try:
-            data = self._stream.recv(RECV_SIZE)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            with self._lock:
-                core.fail(ConnectionLost, f"{self.name}: reading from QEMU failed: {exc}")
+        data = self._read_stream()
+        if data is None:
             return
         with self._lock:
             core.receive_data(data)
@@ -395,6 +327,10 @@ class Monitor(Face):
             self._registered = False
             self._reactor.unregister(self._fileno)
 
+    def _io_failed(self, doing: str, error: OSError) -> None:
+        with self._lock:
+            self._core.io_failed(doing, error)
+
     def _on_disconnect(self, error: QMPError | None) -> None:
         # Called by the core (under the lock) when the connection ends.
         self._unregister()
@@ -403,118 +339,37 @@ class Monitor(Face):
         if self._callbacks is not None:
             self._callbacks.offer_disconnect(error)
 
-    # -- events -----------------------------------------------------------------------------
+    # -- events (``ThreadedMonitor``'s hooks) ------------------------------------------------
 
-    def events(self, *names: str, match: Match = None, maxsize: int = 256) -> Subscription:
-        """Subscribe to future events (all of them when no names are given).
-
-        Use it as a context manager, and enter it *before* sending the command whose event you
-        need. ``match`` is a subset of the event's data or a predicate on the event; it runs on
-        the thread reading QMP, so it must be quick and must not call the monitor. If it
-        raises, the subscription ends with ``EventMatchError`` and nothing else is affected.
-        """
-        subscription = Subscription(
-            EventFilter(names, match), maxsize=maxsize, on_close=self._unsubscribe, reader=self._read_for
-        )
+    def _subscribe(self, subscription: Subscription) -> None:
         with self._lock:
             self._core.subscribe(subscription)
-        return subscription
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         with self._lock:
             self._core.unsubscribe(subscription)
 
-    def wait_event(self, name: str, *, match: Match = None, timeout: float) -> Event:
-        """Wait for a *future* event; for one that may already have happened, see ``recent_events``."""
-        check_timeout(timeout, allow_zero=True)
-        with self.events(name, match=match, maxsize=1) as subscription:
-            return subscription.get(timeout)
+    def _check_running(self) -> None:
+        self._core.guard(ConnectionState.RUNNING)
 
-    def on_event(self, callback: EventCallback, *names: str, match: Match = None) -> Callable[[], None]:
-        """Call ``callback(event)`` for matching events, on a callback thread; returns an unregister function."""
-        return self._callback_runner().add_event_callback(EventFilter(names, match), callback)
-
-    def on_disconnect(self, callback: DisconnectCallback) -> Callable[[], None]:
-        """Call ``callback(error)`` once when the connection ends (``None`` for a local close)."""
-        return self._callback_runner().add_disconnect_callback(callback)
-
-    @property
-    def callback_events_dropped(self) -> int:
-        return self._callbacks.dropped if self._callbacks is not None else 0
-
-    def _callback_runner(self) -> CallbackRunner:
-        with self._lock:
-            self._core.guard(ConnectionState.RUNNING)
-            if self._callbacks is None:
-                self._callbacks = CallbackRunner(name=self.name, log=self._core.log)
-                self._core.on_event = self._callbacks.offer_event
-            return self._callbacks
-
-    # -- capabilities -----------------------------------------------------------------------
-
-    def supports(self, command: str) -> bool:
-        """Whether QEMU knows ``command`` (from ``query-commands``, fetched once)."""
-        if self._commands is None:
-            self._commands = frozenset(str(c["name"]) for c in self.execute("query-commands"))
-        return command in self._commands
-
-    @property
-    def schema(self) -> QMPSchema:
-        """QEMU's QMP schema (``query-qmp-schema``), fetched on first use and cached."""
-        if self._schema is None:
-            self._schema = QMPSchema.from_qmp(self.execute("query-qmp-schema"))
-        return self._schema
-
-
-def _poll_ms(seconds: float) -> int:
-    # Round up so a short wait does not turn into a busy loop of zero-length polls; cap one wait.
-    return max(0, int(min(seconds, MAX_WAIT_SLICE) * 1000) + 1)
-
-
-def _wait_writable(fileno: int, timeout: float) -> bool:
-    poller = select.poll()
-    poller.register(fileno, select.POLLOUT)
-    return bool(poller.poll(_poll_ms(timeout)))
+    def _callbacks_started(self, runner: CallbackRunner) -> None:
+        self._core.on_event = runner.offer_event
 
 
 def connect(
-    address: Address,
-    *,
-    timeout: float = 10.0,
-    name: str | None = None,
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-    oob: bool = True,
-    timeouts: TimeoutPolicy | None = None,
-    quiet_commands: Iterable[str] = DEFAULT_QUIET_COMMANDS,
-    quiet_events: Iterable[str] = DEFAULT_QUIET_EVENTS,
-    event_history: int = 1000,
-    transcript: str | os.PathLike[str] | None = None,
+    address: Address, *, timeout: float = 10.0, name: str | None = None, **options: Unpack[ConnectOptions]
 ) -> Monitor:
     """Connect to a QMP monitor and negotiate capabilities, all within ``timeout`` seconds.
 
     ``address`` is a unix socket path, a ``(host, port)`` pair or a connected socket. While the
     socket does not exist or refuses connections (QEMU still starting), connecting is retried.
+    ``options`` are ``vmctl.qmp.connecting.ConnectOptions``.
     """
     timeout = check_timeout(timeout)
-    started = time.monotonic()
-    sock = open_socket(address, timeout=timeout)
+    deadline = timeouts.deadline(timeout)
+    monitor = face_on(Monitor, open_socket(address, timeout=timeout), name or describe(address), options)
     try:
-        core = QMPProtocol(
-            name=name or describe(address),
-            max_message_size=max_message_size,
-            oob=oob,
-            timeouts=timeouts,
-            quiet_commands=quiet_commands,
-            quiet_events=quiet_events,
-            event_history=event_history,
-            transcript=transcript,
-        )
-        monitor = Monitor(SocketStream(sock), core)
-    except BaseException:
-        sock.close()
-        raise
-    try:
-        monitor._handshake(max(0.001, timeout - (time.monotonic() - started)))
+        monitor._handshake(max(0.001, deadline - time.monotonic()))
     except BaseException:
         monitor.close()
         raise

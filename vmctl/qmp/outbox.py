@@ -14,12 +14,10 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from vmctl.errors import InvalidArgument, QMPError
-
-# A deadline further than this is as good as never (and keeps clock arithmetic finite).
-_FOREVER: Final = 10.0**9
+from vmctl.qmp.timeouts import deadline
 
 
 class Waker(Protocol):
@@ -66,7 +64,7 @@ class Command:
         self.fds = fds  # our duplicates, owned until QEMU answered
         self.timeout = timeout
         self.started = time.monotonic()
-        self.deadline = self.started + min(timeout, _FOREVER)
+        self.deadline = deadline(timeout, now=self.started)
         self.waker = waker
         self.sent = False  # handed out for writing: from here on it reaches QEMU or the connection fails
         self.done = False

@@ -16,52 +16,33 @@ then ``bytes_sent``); the core decides everything else, so the threaded face
   and its reply. A caller giving up does not free the slot; the reply (or the end) does.
 - **whole sends**: bytes handed out are written completely (a partial write is resumed by
   whoever writes next) or, when a write was interrupted, the connection fails for everyone.
-- **errors**: QEMU's error classes map into the error tree; an oversized or undecodable reply
-  fails only its command; anything else unreadable fails the connection.
-- **events**: the history, subscriptions (a ``match`` that raises ends only its own
-  subscription), the callback hook; and logging, redaction and the transcript for all of it.
+- **errors**: QEMU's error classes map into the error tree (``ErrorReply.failure``, which the
+  libvirt relay raises too); an oversized or undecodable reply fails only its command; anything
+  else unreadable fails the connection.
+- **events**: the history, subscriptions (``vmctl.qmp.subscribers``), the callback hook.
 
-The send side (the queue, the fd slot, the write in progress) is ``vmctl.qmp.outbox``. The core
-is not thread-safe: the threaded face holds one lock around every call into it.
+Its parts: the send side (the queue, the fd slot, the write in progress) is ``vmctl.qmp.outbox``;
+the log lines and the transcript, redacted, are ``vmctl.qmp.record``. The core is not
+thread-safe: the threaded face holds one lock around every call into it.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
-from vmctl.errors import (
-    ConnectError,
-    ConnectionLost,
-    EventMatchError,
-    MessageTooLarge,
-    ProtocolError,
-    QMPError,
-    StateError,
-    command_error,
-)
+from vmctl.errors import ConnectError, ConnectionLost, MessageTooLarge, ProtocolError, QMPError, StateError
 from vmctl.logs import get_logger
+from vmctl.qmp import messages
 from vmctl.qmp.codec import DEFAULT_MAX_MESSAGE_SIZE, Phase, QMPCodec
 from vmctl.qmp.connstate import ConnectionState, ConnectionStateMachine
-from vmctl.qmp.events import EventFilter, EventHistory
-from vmctl.qmp.messages import (
-    ErrorReply,
-    Event,
-    Greeting,
-    Message,
-    Negotiated,
-    OversizedMessage,
-    QEMUVersion,
-    Reply,
-    UndecodableMessage,
-)
+from vmctl.qmp.events import EventHistory
 from vmctl.qmp.outbox import Command, Outbox, Waker, duplicate
-from vmctl.qmp.redact import redact_arguments, redact_value
-from vmctl.qmp.timeouts import TimeoutPolicy, check_timeout
-from vmctl.qmp.transcript import Transcript
+from vmctl.qmp.record import Record
+from vmctl.qmp.subscribers import EventSink, Subscribers
+from vmctl.qmp.timeouts import TimeoutPolicy
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "Command", "ConnectionState", "EventSink", "QMPProtocol", "Waker"]
 
@@ -70,19 +51,7 @@ log = get_logger(__name__)
 DEFAULT_QUIET_COMMANDS: Final = frozenset({"ringbuf-read", "query-migrate"})
 DEFAULT_QUIET_EVENTS: Final = frozenset({"RTC_CHANGE"})
 
-_DEBUG: Final = 10
 _LATE_REPLY_MEMORY: Final = 1024
-
-
-class EventSink(Protocol):
-    """A subscriber: the core filters, then delivers (or fails it when the connection ends)."""
-
-    @property
-    def filter(self) -> EventFilter: ...
-
-    def deliver(self, event: Event) -> None: ...
-
-    def fail(self, error: QMPError) -> None: ...
 
 
 class QMPProtocol:
@@ -108,16 +77,27 @@ class QMPProtocol:
         self._codec = QMPCodec(max_message_size=max_message_size, oob=oob)
         self._connection = ConnectionStateMachine(name)
         self._log = log.bind(monitor=name)
-        # A filtering bound logger's level is fixed when it is bound: ask once, not per command.
-        self._debug = bool(getattr(self._log, "is_enabled_for", lambda level: True)(_DEBUG))
-        self._transcript = Transcript(transcript) if transcript is not None else None
+        self._record = Record(
+            self._log, quiet_commands=self.quiet_commands, quiet_events=self.quiet_events, transcript=transcript
+        )
+        self._recording = self._record.active
         self._pending: dict[str, Command] = {}  # queued or sent; a caller waits for each
         self._late: collections.OrderedDict[str, Command] = collections.OrderedDict()  # sent, caller gone
-        self._outbox = Outbox(self._transcribe_sent)
-        self._subscriptions: tuple[EventSink, ...] = ()
+        self._outbox = Outbox(self._record.sent)
+        self._subscribers = Subscribers(self._log)
+        # What each kind of message the codec hands out does: one lookup per message.
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            messages.Reply: self._complete,
+            messages.Event: self._deliver_event,
+            messages.ErrorReply: self._error_reply,
+            messages.OversizedMessage: self._oversized,
+            messages.UndecodableMessage: self._undecodable,
+            messages.Greeting: self._greeted,
+            messages.Negotiated: self._negotiated,
+        }
         self.oversized_events = 0
         #: Face hooks: every event (for callbacks), and the end of the connection (``None``: closed locally).
-        self.on_event: Callable[[Event], None] | None = None
+        self.on_event: Callable[[messages.Event], None] | None = None
         self.on_disconnect: Callable[[QMPError | None], None] | None = None
 
     # -- state -----------------------------------------------------------------------------
@@ -131,14 +111,14 @@ class QMPProtocol:
         self._connection.guard(*allowed)
 
     @property
-    def greeting(self) -> Greeting:
+    def greeting(self) -> messages.Greeting:
         greeting = self._codec.greeting
         if greeting is None:
             raise StateError(f"{self.name}: no QMP greeting yet")
         return greeting
 
     @property
-    def version(self) -> QEMUVersion:
+    def version(self) -> messages.QEMUVersion:
         return self.greeting.version
 
     @property
@@ -179,7 +159,7 @@ class QMPProtocol:
 
     @property
     def subscriptions(self) -> tuple[EventSink, ...]:
-        return self._subscriptions
+        return self._subscribers.sinks
 
     def handshake_error(self) -> ConnectError:
         """Why the handshake failed, as the ``ConnectError`` a face raises."""
@@ -193,15 +173,15 @@ class QMPProtocol:
         name: str,
         arguments: Mapping[str, Any] | None = None,
         *,
+        waker: Waker,
         fds: Sequence[int] = (),
         timeout: float | None = None,
         oob: bool = False,
-        waker: Waker,
     ) -> Command:
         """Queue a command. Bad input raises ``InvalidArgument`` here, before anything is sent."""
         if self._connection.state is not ConnectionState.RUNNING:
             self._connection.guard(ConnectionState.RUNNING)
-        seconds = self.timeouts.for_command(name) if timeout is None else check_timeout(timeout)
+        seconds = self.timeouts.for_command(name, timeout)
         command_id, data = self._codec.send_command(name, arguments, oob=oob)
         command = Command(
             command_id=command_id,
@@ -229,6 +209,10 @@ class QMPProtocol:
         """``count`` bytes of what ``data_to_send`` returned were written."""
         self._outbox.bytes_sent(count)
 
+    def io_failed(self, doing: str, error: OSError) -> None:
+        """Reading from or writing to QEMU failed (``doing``: "reading from", "sending to")."""
+        self.fail(ConnectionLost, f"{self.name}: {doing} QEMU failed: {error}")
+
     def send_interrupted(self) -> None:
         """A write was interrupted (a signal handler raised): the stream may hold half a command."""
         if self._outbox.writing:
@@ -251,24 +235,8 @@ class QMPProtocol:
             while len(self._late) > _LATE_REPLY_MEMORY:
                 _, evicted = self._late.popitem(last=False)
                 self._outbox.release(evicted)
-        if command.name not in self.quiet_commands:
-            self._log.warning(
-                "qmp.command",
-                cmd=command.name,
-                id=command.id,
-                ms=_elapsed_ms(command),
-                outcome="timeout",
-                sent=command.sent,
-                arguments=redact_arguments(command.name, command.arguments),
-            )
+        self._record.gave_up(command)
         return True
-
-    def _transcribe_sent(self, command: Command) -> None:
-        if self._transcript is not None and command.name not in self.quiet_commands:
-            record: dict[str, Any] = {"execute": command.name, "id": command.id}
-            if command.arguments:
-                record["arguments"] = redact_arguments(command.name, command.arguments)
-            self._transcript.write("send", record)
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -282,8 +250,9 @@ class QMPProtocol:
                 self._codec.receive_data(data)
             except ProtocolError as exc:
                 error = exc
+            handlers = self._handlers
             for message in self._codec.take_messages():
-                self._dispatch(message)
+                handlers[type(message)](message)
         except BaseException:
             # Interrupted (a signal handler raised): bytes were taken but perhaps not all handled,
             # so a reply may be lost for good; nobody is left waiting for it.
@@ -304,51 +273,38 @@ class QMPProtocol:
         connecting = self._connection.state is ConnectionState.CONNECTING
         return f"{self.name}: {during_handshake if connecting else running}"
 
-    def _dispatch(self, message: Message) -> None:
-        kind = type(message)
-        if kind is Reply:
-            assert isinstance(message, Reply)
-            self._complete(message.id, message.value, None)
-        elif kind is Event:
-            assert isinstance(message, Event)
-            self._deliver_event(message)
-        elif kind is ErrorReply:
-            assert isinstance(message, ErrorReply)
-            if message.id is None:
-                self._log.warning("qmp.error_without_id", error=dict(message.error))
-            else:
-                self._complete(message.id, None, message.error)
-        elif kind is OversizedMessage:
-            assert isinstance(message, OversizedMessage)
-            self._oversized(message)
-        elif kind is UndecodableMessage:
-            assert isinstance(message, UndecodableMessage)
-            self._undecodable(message)
-        elif kind is Greeting:
-            self._outbox.push_raw(self._codec.start_negotiation())
-        elif kind is Negotiated:
-            self._connection.transition(ConnectionState.RUNNING)
-            self._log.info("qmp.connected", qemu=str(self.version), capabilities=list(self.capabilities))
+    def _greeted(self, greeting: messages.Greeting) -> None:
+        self._outbox.push_raw(self._codec.start_negotiation())
 
-    def _complete(self, command_id: str, value: Any, error: Mapping[str, Any] | None) -> None:
+    def _negotiated(self, negotiated: messages.Negotiated) -> None:
+        self._connection.transition(ConnectionState.RUNNING)
+        self._log.info("qmp.connected", qemu=str(self.version), capabilities=list(self.capabilities))
+
+    def _error_reply(self, reply: messages.ErrorReply) -> None:
+        if reply.id is None:
+            self._log.warning("qmp.error_without_id", error=dict(reply.error))
+        else:
+            self._complete(reply)
+
+    def _complete(self, reply: messages.Reply | messages.ErrorReply) -> None:
+        command_id = reply.id
+        assert command_id is not None
         command = self._pending.pop(command_id, None)
         if command is None:
             late = self._late.pop(command_id, None)
+            failed = type(reply) is messages.ErrorReply
             if late is not None:
                 self._outbox.release(late)
-                self._log.warning("qmp.late_reply_discarded", cmd=late.name, id=command_id, error=error is not None)
+                self._log.warning("qmp.late_reply_discarded", cmd=late.name, id=command_id, error=failed)
             else:
                 self._log.warning("qmp.reply_for_unknown_id", id=command_id)
             return
-        if error is not None:
-            command.failure = command_error(command.name, error)
+        if isinstance(reply, messages.ErrorReply):
+            command.failure = reply.failure(command.name)
         else:
-            command.value = value
-        quiet = command.name in self.quiet_commands
-        if self._transcript is not None and not quiet:
-            self._transcript.write("recv", _reply_record(command_id, value, error))
-        if (error is not None or not quiet) and self._debug:
-            self._log_outcome(command, "ok" if error is None else type(command.failure).__name__)
+            command.value = reply.value
+        if self._recording:
+            self._record.answered(command, reply)
         self._finish(command)
 
     def _finish(self, command: Command) -> None:
@@ -364,12 +320,12 @@ class QMPProtocol:
                 self._outbox.release(late)
             return late is not None
         command.failure = failure(command)
-        if self._debug:
-            self._log_outcome(command, type(command.failure).__name__)
+        if self._recording:
+            self._record.outcome(command)
         self._finish(command)
         return True
 
-    def _oversized(self, message: OversizedMessage) -> None:
+    def _oversized(self, message: messages.OversizedMessage) -> None:
         limit = self._codec.max_message_size
 
         def too_large(command: Command) -> QMPError:
@@ -392,7 +348,7 @@ class QMPProtocol:
                 is_event=message.is_event,
             )
 
-    def _undecodable(self, message: UndecodableMessage) -> None:
+    def _undecodable(self, message: messages.UndecodableMessage) -> None:
         def undecodable(command: Command) -> QMPError:
             return ProtocolError(
                 f"{command.name}: QEMU's reply ({message.size} bytes) is {message.why}; "
@@ -419,8 +375,7 @@ class QMPProtocol:
             self._outbox.release(late)
         self._late.clear()
         self._outbox.clear()
-        subscriptions, self._subscriptions = self._subscriptions, ()
-        for subscription in subscriptions:
+        for subscription in self._subscribers.take():
             subscription.fail(StateError(why) if error_type is StateError else ConnectionLost(why))
         if not closing:
             self._log.info("qmp.connection_lost", reason=why, pending=[c.name for c in pending])
@@ -434,8 +389,7 @@ class QMPProtocol:
         had_failed = self._connection.state is ConnectionState.DISCONNECTED
         self.fail(ConnectionLost, f"{self.name}: the monitor was closed locally", closing=True)
         self._connection.transition(ConnectionState.CLOSED)
-        if self._transcript is not None:
-            self._transcript.close()
+        self._record.close()
         if not had_failed:
             self._log.info("qmp.closed")
 
@@ -443,56 +397,15 @@ class QMPProtocol:
 
     def subscribe(self, sink: EventSink) -> None:
         self._connection.guard(ConnectionState.CONNECTING, ConnectionState.RUNNING)
-        self._subscriptions = (*self._subscriptions, sink)
+        self._subscribers.add(sink)
 
     def unsubscribe(self, sink: EventSink) -> None:
-        self._subscriptions = tuple(s for s in self._subscriptions if s is not sink)
+        self._subscribers.remove(sink)
 
-    def _deliver_event(self, event: Event) -> None:
+    def _deliver_event(self, event: messages.Event) -> None:
         self.history.append(event)
-        for subscription in self._subscriptions:
-            try:
-                wanted = subscription.filter.accepts(event)
-            except Exception as exc:
-                # A user's predicate never takes down the reader: it ends its own subscription.
-                self._log.exception("qmp.match_failed", name=event.name)
-                error = EventMatchError(f"the subscription's match raised {exc!r} on a {event.name} event")
-                error.__cause__ = exc
-                self.unsubscribe(subscription)
-                subscription.fail(error)
-                continue
-            if wanted:
-                subscription.deliver(event)
+        self._subscribers.deliver(event)
         if self.on_event is not None:
             self.on_event(event)
-        if event.name not in self.quiet_events:
-            if self._debug:
-                self._log.debug("qmp.event", name=event.name, data=redact_value(dict(event.data)))
-            if self._transcript is not None:
-                self._transcript.write(
-                    "recv", {"event": event.name, "data": redact_value(dict(event.data)), "timestamp": event.timestamp}
-                )
-
-    # -- logging ---------------------------------------------------------------------------
-
-    def _log_outcome(self, command: Command, outcome: str) -> None:
-        fields: dict[str, Any] = {
-            "cmd": command.name,
-            "id": command.id,
-            "ms": _elapsed_ms(command),
-            "outcome": outcome,
-            "arguments": redact_arguments(command.name, command.arguments),
-        }
-        if command.failure is not None:
-            fields["error"] = str(command.failure)
-        self._log.debug("qmp.command", **fields)
-
-
-def _elapsed_ms(command: Command) -> float:
-    return round((time.monotonic() - command.started) * 1000, 3)
-
-
-def _reply_record(command_id: str, value: Any, error: Mapping[str, Any] | None) -> dict[str, Any]:
-    if error is not None:
-        return {"id": command_id, "error": dict(error)}
-    return {"id": command_id, "return": redact_value(value)}
+        if self._recording:
+            self._record.event(event)

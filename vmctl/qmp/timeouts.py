@@ -94,7 +94,12 @@ class TimeoutPolicy:
     def with_rules(self, rules: Mapping[str, float], *, default: float | None = None) -> TimeoutPolicy:
         return TimeoutPolicy(default=self.default if default is None else default, rules=dict(self.rules) | dict(rules))
 
-    def for_command(self, command: str) -> float:
+    def for_command(self, command: str, timeout: float | None = None) -> float:
+        """How long ``command`` may take: the caller's ``timeout`` (checked) when given, else by its kind.
+
+        Every face asks here, so a command gets the same time on vmctl's socket and through libvirt."""
+        if timeout is not None:
+            return check_timeout(timeout)
         try:
             return self._cache[command]
         except KeyError:
