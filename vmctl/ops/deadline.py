@@ -10,8 +10,8 @@ leaves half a device behind for want of time to take it away.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -19,10 +19,13 @@ from vmctl.errors import OperationTimeout
 from vmctl.qmp import QMPMonitor
 from vmctl.qmp.callbacks import DisconnectCallback, EventCallback
 from vmctl.qmp.events import Match, Subscription
+from vmctl.qmp.interface import ExecuteOptions
 from vmctl.qmp.messages import Event, QEMUVersion
 from vmctl.qmp.schema import QMPSchema
 from vmctl.qmp.timeouts import check_timeout, deadline
-from vmctl.qmp.transport import FileDescriptor
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 @attrs.frozen
@@ -80,17 +83,12 @@ class _Bounded:
         return self._qmp.is_connected
 
     def execute(
-        self,
-        command: str,
-        arguments: Mapping[str, Any] | None = None,
-        *,
-        fds: Sequence[FileDescriptor] = (),
-        timeout: float | None = None,
-        oob: bool = False,
+        self, command: str, arguments: Mapping[str, Any] | None = None, **options: Unpack[ExecuteOptions]
     ) -> Any:
         left = self._deadline.left(command)
-        bounded = left if timeout is None else min(timeout, left)
-        return self._qmp.execute(command, arguments, fds=fds, timeout=bounded, oob=oob)
+        asked = options.get("timeout")
+        options["timeout"] = left if asked is None else min(asked, left)
+        return self._qmp.execute(command, arguments, **options)
 
     def supports(self, command: str) -> bool:
         return self._qmp.supports(command)

@@ -10,13 +10,21 @@ keeps no docstrings that would drift from theirs.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from vmctl.qmp.callbacks import DisconnectCallback, EventCallback
 from vmctl.qmp.events import Match, Subscription
 from vmctl.qmp.messages import Event, QEMUVersion
 from vmctl.qmp.schema import QMPSchema
 from vmctl.qmp.transport import FileDescriptor
+
+
+class ExecuteOptions(TypedDict, total=False):
+    """``QMPMonitor.execute``'s keyword options, for a monitor that wraps another and passes them on."""
+
+    fds: Sequence[FileDescriptor]
+    timeout: float | None
+    oob: bool
 
 
 class QMPMonitor(Protocol):
