@@ -2,7 +2,8 @@
 
 A ``cache="none"`` disk must stay direct (O_DIRECT, no host page cache) after a snapshot, a
 commit, a mirror's pivot and on a migration target: QEMU says so in ``query-block``, and every fd
-QEMU holds on the active layer's image has O_DIRECT in its flags (``/proc/PID/fdinfo``).
+QEMU holds on the active layer's image has O_DIRECT in its flags (``/proc/PID/fdinfo``). Its
+zero detection and discard hold on every layer as well.
 """
 
 from __future__ import annotations
@@ -49,17 +50,18 @@ def assert_direct(vm: VM, disk_id: str, image: Path) -> None:
     [disk] = [d for d in vm.disks() if d.id == disk_id]
     assert (layer["node-name"], disk.layer_path(disk.layers[-1])) == (disk.active_node, str(image)), layer
     assert layer["cache"] == {"direct": True, "no-flush": False, "writeback": True}, layer
+    assert layer["detect_zeroes"] == "unmap", layer
     flags = fd_flags(vm, image)
     assert flags, f"QEMU holds no fd on {image}"
     assert all(f & os.O_DIRECT for f in flags), f"{image}: {[oct(f) for f in flags]} (O_DIRECT is {oct(os.O_DIRECT)})"
 
 
-def test_a_cache_none_disk_stays_direct_after_snapshot_commit_mirror_and_on_a_migration_target(
+def test_a_cache_none_disk_stays_direct_and_detects_zeroes_after_snapshot_commit_mirror_and_on_a_migration_target(
     vms: VMFactory, tmp_path: Path
 ) -> None:
     vm = vms.launch(vms.spec("direct"), wait_ready=False, paused=True)  # no guest needed: QEMU's layers
     base = make_image(tmp_path / "base.qcow2", "qcow2")
-    vm.hotplug_disk(base, id="d1", cache="none")
+    vm.hotplug_disk(base, id="d1", cache="none", discard=True, detect_zeroes="unmap")
     assert_direct(vm, "d1", base)
 
     vm.snapshot_disks(["d1"], overlays={"d1": tmp_path / "snap.qcow2"})

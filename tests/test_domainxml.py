@@ -53,7 +53,15 @@ def full_spec() -> VMSpec:
         balloon=True,
         shell_serial=True,
         disks=[
-            DiskSpec(id="root", path="/img/root.qcow2", cache="none", aio="native", discard=True, on_error="stop"),
+            DiskSpec(
+                id="root",
+                path="/img/root.qcow2",
+                cache="none",
+                aio="native",
+                discard=True,
+                detect_zeroes="unmap",
+                on_error="stop",
+            ),
             DiskSpec(id="data", path="/img/data.raw", format="raw", read_only=True, bus="scsi"),
             DiskSpec(id="logs", path="/img/logs.qcow2", throttle=Throttle(bps_rd=1048576, iops=200), port=11),
             DiskSpec(id="snap", path="/img/base.qcow2", aio="io_uring").with_overlay("/img/s1.qcow2"),
@@ -283,10 +291,14 @@ def test_a_raw_read_only_scsi_disk() -> None:
     assert one(element, "target").attrib == {"dev": "sdb", "bus": "scsi"}
 
 
-def test_cache_aio_discard_and_error_policy_map_to_libvirts_names() -> None:
-    disk = DiskSpec(id="d1", path="/img/d.qcow2", cache="directsync", aio="native", discard=True, on_error="enospc")
+def test_cache_aio_discard_detect_zeroes_and_error_policy_map_to_libvirts_names() -> None:
+    disk = DiskSpec(
+        id="d1", path="/img/d.qcow2", cache="directsync", aio="native", discard=True, detect_zeroes="on",
+        on_error="enospc",
+    )  # fmt: skip
     driver = disk_element(disk).find("driver")
     assert driver is not None and driver.get("cache") == "directsync" and driver.get("io") == "native"
+    assert driver.get("detect_zeroes") == "on"
     assert driver.get("discard") == "unmap" and driver.get("error_policy") == "enospace"
     assert "rerror_policy" not in driver.attrib  # libvirt, like vmctl, reports read errors under enospace
     report = disk_element(DiskSpec(id="d1", path="/img/d.qcow2", on_error="report")).find("driver")

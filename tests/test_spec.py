@@ -277,3 +277,13 @@ def test_the_nic_adapter_refuses_options_beside_a_nic_spec() -> None:
         NicSpec.of(NicSpec(id="n1"), queues=2)
     with pytest.raises(InvalidArgument, match="needs an id="):
         NicSpec.of(tap="tap0")
+
+
+def test_detect_zeroes_is_rendered_on_the_format_node_of_every_layer_and_unmap_needs_discard() -> None:
+    disk = DiskSpec(id="a", path="/img/a.qcow2", discard=True, detect_zeroes="unmap").with_overlay("/img/o.qcow2")
+    for layer in disk.layers:
+        protocol, fmt = disk.layer_nodes(layer, "/dev/fdset/1")
+        assert fmt["detect-zeroes"] == "unmap" and "detect-zeroes" not in protocol
+    assert "detect-zeroes" not in DiskSpec(id="b", path="/img/b.qcow2").layer_nodes(0, "/x")[1]
+    with pytest.raises(SpecError, match="needs discard=True"):
+        DiskSpec(id="c", path="/img/c.qcow2", detect_zeroes="unmap")

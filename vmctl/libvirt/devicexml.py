@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
 from vmctl.errors import InvalidArgument, SpecError
 from vmctl.model.disk import DiskBus, DiskSpec, Overlay, Throttle
@@ -43,6 +43,8 @@ _NIC_MODEL: Final = {
     "virtio-net-pci-non-transitional": "virtio-non-transitional",
 }
 #: Throttle field -> libvirt's <iotune> element.
+#: A disk's <driver> attributes that name a DiskSpec setting as it is: (attribute, field).
+_DRIVER_SETTINGS: Final = (("cache", "cache"), ("io", "aio"), ("detect_zeroes", "detect_zeroes"))
 _IOTUNE: Final = {
     "bps": "total_bytes_sec",
     "bps_rd": "read_bytes_sec",
@@ -138,6 +140,8 @@ def disk_element(disk: DiskSpec, *, target_dev: str, secret_uuid: str | None = N
     driver = ET.SubElement(element, "driver", name="qemu", type=disk.layer_format(top), cache=disk.cache, io=disk.aio)
     if disk.discard:
         driver.set("discard", "unmap")
+    if disk.detect_zeroes != "off":
+        driver.set("detect_zeroes", disk.detect_zeroes)
     if disk.on_error is not None:
         driver.set("error_policy", _ERROR_POLICY[disk.on_error])
     _source(element, disk.layer_path(top), secret)
@@ -268,20 +272,21 @@ def _parse_disk(disk: ET.Element, root_ports: set[int]) -> DiskSpec:
         throttle = Throttle(**{field: int(iotune.findtext(name) or 0) for field, name in _IOTUNE.items()})
     port, pci_addr = _placement(disk, root_ports) if bus != "scsi" else (None, None)
     error_policy = attrib.get("error_policy")
+    # An attribute libvirt leaves out is the hypervisor's default, which is the DiskSpec's too.
+    settings: dict[str, Any] = {name: attrib[xml] for xml, name in _DRIVER_SETTINGS if xml in attrib}
     return DiskSpec(
         id=id,
         path=path,
         format=format,  # type: ignore[arg-type]  # DiskSpec checks it
         read_only=disk.find("readonly") is not None,
         bus=bus,  # type: ignore[arg-type]
-        cache=attrib.get("cache", "writeback"),  # type: ignore[arg-type]
-        aio=attrib.get("io", "threads"),  # type: ignore[arg-type]
         throttle=throttle,
         discard=attrib.get("discard") == "unmap",
         on_error=None if error_policy is None else _inverse(_ERROR_POLICY).get(error_policy, error_policy),  # type: ignore[arg-type]
         port=port,
         pci_addr=pci_addr,
         overlays=tuple(Overlay(layer=index, path=p) for index, (p, _) in enumerate(overlays, start=1)),
+        **settings,
     )
 
 

@@ -31,6 +31,10 @@ DiskFormat = Literal["qcow2", "raw"]
 DiskBus = Literal["virtio-blk", "scsi"]
 CacheMode = Literal["writeback", "none", "writethrough", "directsync", "unsafe"]
 Aio = Literal["threads", "native", "io_uring"]
+#: What the format layer does with a write of zeroes: nothing special (``off``), writes it as a
+#: zero cluster (``on``), or also frees the space under it (``unmap``, which needs ``discard``).
+DetectZeroes = Literal["off", "on", "unmap"]
+DETECT_ZEROES: Final = ("off", "on", "unmap")
 #: A failed read or write: ``stop`` pauses the guest (``vm.resume()`` retries it), ``report``
 #: passes the error to the guest, ``ignore`` drops it, ``enospc`` stops on a full host disk and
 #: reports anything else.
@@ -114,6 +118,7 @@ class DiskSpec:
     aio: Aio = "threads"
     throttle: Throttle | None = attrs.field(default=None, converter=_throttle)
     discard: bool = False  # pass the guest's discards (TRIM) down to the image
+    detect_zeroes: DetectZeroes = "off"
     on_error: ErrorPolicy | None = None  # what a failed read or write does (None: QEMU's default, enospc)
     port: int | None = None  # its PCIe root port on q35 (chosen at launch or hotplug)
     pci_addr: str | None = None  # on a plain PCI bus: pinned so that a migration target lays it out alike
@@ -137,6 +142,12 @@ class DiskSpec:
             )
         if not isinstance(self.discard, bool):
             raise SpecError(f"disk {self.id}: discard must be True or False, not {self.discard!r}")
+        if self.detect_zeroes not in DETECT_ZEROES:
+            raise SpecError(
+                f"disk {self.id}: detect_zeroes must be one of {', '.join(DETECT_ZEROES)}, not {self.detect_zeroes!r}"
+            )
+        if self.detect_zeroes == "unmap" and not self.discard:
+            raise SpecError(f"disk {self.id}: detect_zeroes='unmap' frees space, which needs discard=True")
         if self.format not in ("qcow2", "raw"):
             raise SpecError(f"disk {self.id}: format must be qcow2 or raw, not {self.format!r}")
         if self.bus not in ("virtio-blk", "scsi"):
@@ -246,6 +257,8 @@ class DiskSpec:
         }
         if self.discard:
             protocol["discard"] = fmt["discard"] = "unmap"
+        if self.detect_zeroes != "off":
+            fmt["detect-zeroes"] = self.detect_zeroes
         if layer != self.base_layer:
             fmt["backing"] = backing
         if self.encryption is not None:
@@ -298,6 +311,7 @@ class DiskOptions(TypedDict, total=False):
     cache: CacheMode
     aio: Aio
     discard: bool
+    detect_zeroes: DetectZeroes
     on_error: ErrorPolicy | None
     throttle: Throttle | None
     encryption: Secret | None
