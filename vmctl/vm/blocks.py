@@ -22,6 +22,7 @@ from vmctl.ops import bitmaps as bitmap_ops
 from vmctl.ops import chains as chain_ops
 from vmctl.ops import nbd as nbd_ops
 from vmctl.ops.blockjobs import Job, JobProgress, query_jobs
+from vmctl.ops.deadline import Deadline
 from vmctl.ops.rollback import Steps
 from vmctl.qmp import Monitor
 from vmctl.vm import tls as tls_ops
@@ -109,26 +110,30 @@ class Blocks:
 
     def commit_disk(self, id: str, *, top: int | None = None, base: int | None = None, timeout: float = 300) -> None:
         """Commit layers down (``top``/``base`` are layer numbers, see ``DiskSpec.layers``): an
-        active commit pivots the guest back onto the base; the chain in the inventory follows."""
-        with self._store.lock:
+        active commit pivots the guest back onto the base; the chain in the inventory follows.
+        ``timeout`` bounds it all: the start, the copy, the pivot."""
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
             disk = self._store.require_disk(id)
             job, result = chain_ops.start_commit(self._qmp, self._log, disk, top=top, base=base)
             job.on_success(lambda: self._replace_chain(result))
-            with _cancelled_on_failure(job, timeout):
+            with _cancelled_on_failure(job, limit.timeout):
                 if top is None or top == disk.layers[-1]:
-                    job.wait_ready(timeout)
-                    job.complete(timeout)
+                    job.wait_ready(limit.left(f"commit of {id}: waiting for it to be ready"))
+                    job.complete(limit.left(f"commit of {id}: the pivot"))
                 else:
-                    job.wait(timeout)
+                    job.wait(limit.left(f"commit of {id}"))
 
     def stream_disk(self, id: str, *, base: int | None = None, timeout: float = 300) -> None:
-        """Pull the backing layers' data into the active layer (all of them: a standalone image)."""
-        with self._store.lock:
+        """Pull the backing layers' data into the active layer (all of them: a standalone image),
+        all within ``timeout``."""
+        limit = Deadline.after(timeout)
+        with self._store.held(limit):
             disk = self._store.require_disk(id)
             job, result = chain_ops.start_stream(self._qmp, self._log, disk, base=base)
             job.on_success(lambda: self._replace_chain(result))
-            with _cancelled_on_failure(job, timeout):
-                job.wait(timeout)
+            with _cancelled_on_failure(job, limit.timeout):
+                job.wait(limit.left(f"stream of {id}"))
 
     def mirror_disk(
         self,
