@@ -24,7 +24,7 @@ from vmctl.libvirt.migration import (
     retarget_xml,
     start_migration,
 )
-from vmctl.model import DiskSpec, VMSpec
+from vmctl.model import DiskSpec, MigrationKeywords, MigrationRequest, VMSpec
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -179,7 +179,9 @@ class FakeVM:
 
 
 def migrate(domain: FakeDomain, run_dir: Path | None = Path("/run/a"), **options: Any) -> LibvirtMigration[str]:
-    return start_migration(FakeVM(domain, run_dir), options.pop("uri", "qemu+tcp://b/system"), **options)
+    request = {name: options.pop(name) for name in MigrationKeywords.__annotations__ if name in options}
+    uri = options.pop("uri", "qemu+tcp://b/system")
+    return start_migration(FakeVM(domain, run_dir), uri, MigrationRequest.of(**request), **options)
 
 
 @pytest.mark.parametrize(

@@ -10,15 +10,19 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from vmctl.model import DiskSpec, MigrationProgress, MigrationResult, NicSpec, Throttle, VMSpec
 from vmctl.model.disk import Aio, CacheMode, DiskBus, DiskFormat, ErrorPolicy
 from vmctl.model.memory import MemorySpec, VirtioMemSpec
+from vmctl.model.migration import MigrationKeywords, MigrationRequest
 from vmctl.model.status import ExitStatus, ShutdownResult, VMStatus
 from vmctl.ops.memory import MemoryDevice
 from vmctl.qmp.interface import QMPMonitor
 from vmctl.vm.console import Console
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class BlockJob(Protocol):
@@ -164,17 +168,11 @@ class Domain(Protocol):
     ) -> BlockJob: ...
 
     def migrate(
-        self,
-        target: str,
-        /,
-        *,
-        postcopy: bool = False,
-        bandwidth: int | None = None,
-        downtime_limit: int | None = None,
-        copy_storage: bool = False,
+        self, target: str, request: MigrationRequest | None = None, /, **options: Unpack[MigrationKeywords]
     ) -> MigrationJob:
         """``target``: for a ``VM``, the URI its incoming QEMU listens on; for a ``LibvirtVM``, the
-        target host's libvirt URI."""
+        target host's libvirt URI. ``request``, or its keywords (``MigrationRequest.of``); a
+        ``LibvirtVM`` refuses what libvirt cannot do."""
         ...
 
     def close(self) -> None: ...
