@@ -248,3 +248,20 @@ def test_a_failed_migration_raises_libvirts_message_and_a_cancelled_one_says_so(
     with pytest.raises(LibvirtMigrationError) as failure:
         migration.wait(1)
     assert failure.value.status == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("options", "refused"),
+    [
+        ({"finish_within": 30}, "policy"),
+        ({"multifd_channels": 2}, "multifd_channels"),
+        ({"listen": ("10.0.0.2", 4444), "stop_source": False}, "listen, stop_source"),
+    ],
+)
+def test_what_libvirt_cannot_do_of_a_request_is_refused_by_name_before_libvirt_is_asked(
+    options: dict[str, Any], refused: str
+) -> None:
+    domain = FakeDomain()
+    with pytest.raises(InvalidArgument, match=f"does not take {refused}$"):
+        migrate(domain, **options)
+    assert domain.calls == []
