@@ -145,6 +145,14 @@ class MigrationOptions:
                 _positive_int(value, name)
         check_downtime_limit(self.downtime_limit)
 
+    @classmethod
+    def of(
+        cls, request: MigrationRequest, *, tls_server: str | None, tls_client: str | None, tls_hostname: str | None
+    ) -> MigrationOptions:
+        """What ``request`` sets in QEMU, with the ids of its TLS credentials objects (loaded by the VM)."""
+        taken = {name: getattr(request, name) for name in _SET_IN_QEMU}
+        return cls(**taken, tls_server=tls_server, tls_client=tls_client, tls_hostname=tls_hostname)
+
     def capabilities(self, *, source: bool) -> dict[str, bool]:
         caps = {"events": True, "postcopy-ram": self.postcopy, "multifd": bool(self.multifd_channels)}
         if not source:
@@ -205,6 +213,16 @@ class MigrationKeywords(TypedDict, total=False):
     allow_compression: bool
 
 
+#: The fields of a ``MigrationRequest`` that ``MigrationOptions`` sets in QEMU as they are.
+_SET_IN_QEMU = (
+    "postcopy",
+    "auto_converge",
+    "bandwidth",
+    "downtime_limit",
+    "pause_before_switchover",
+    "multifd_channels",
+    "copy_storage",
+)
 #: The keywords that make the convergence policy, and their values when there is none.
 _POLICY_KEYWORDS = {"max_downtime_ms": None, "allow_throttle": True, "allow_postcopy": False, "allow_compression": True}
 

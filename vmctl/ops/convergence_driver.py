@@ -115,16 +115,4 @@ class ConvergenceDriver:
             self.source.execute("migrate-start-postcopy")
 
     def _log_escalation(self, escalation: Escalation) -> None:
-        self._log.info(
-            "vm.migration_escalated",
-            step=escalation.step.value,
-            change=escalation.change,
-            reason=escalation.reason,
-            at_s=escalation.at_s,
-            passes=escalation.passes,
-            remaining=escalation.remaining,
-            dirty_rate=escalation.dirty_rate,
-            bandwidth=escalation.bandwidth,
-            needed_downtime_ms=escalation.needed_downtime_ms,
-            throttle_percent=escalation.throttle_percent,
-        )
+        self._log.info("vm.migration_escalated", **{**attrs.asdict(escalation), "step": escalation.step.value})

@@ -141,14 +141,8 @@ class Migrations:
             tls.paths("client")
             if isinstance(target, Migrations) and target_tls is not None:
                 target_tls.paths("server")
-        options = MigrationOptions(
-            postcopy=request.postcopy,
-            auto_converge=request.auto_converge,
-            bandwidth=request.bandwidth,
-            downtime_limit=request.downtime_limit,
-            pause_before_switchover=request.pause_before_switchover,
-            multifd_channels=request.multifd_channels,
-            copy_storage=request.copy_storage,
+        options = MigrationOptions.of(
+            request,
             tls_server=tls_ops.creds_id("migration", "server")
             if tls is not None and isinstance(target, Migrations)
             else None,
