@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from integration.conftest import TwoHosts, VMFactory
 from integration.versions import CONVERGENCE
 from vmctl import VM, RunState
 from vmctl.errors import InvalidArgument, MigrationError, WaitTimeout
-from vmctl.model import Escalation, Step
+from vmctl.model import Escalation, MigrationProgress, Step
 from vmctl.ops.live_migration import Migration
 from vmctl.testing import GuestShell
 from vmctl.testing.workload import MemoryDirtier, panic_lines
@@ -104,6 +105,40 @@ def test_a_busy_guest_finishes_with_the_longer_downtime_it_needs_and_its_data_in
     assert result.downtime_ms <= 2500
     assert_intact(target, dirtier)
     assert source.has_exited
+
+
+def poll_progress(migration: Migration, until: Callable[[MigrationProgress], bool], *, timeout: float) -> None:
+    """What a control plane that never waits does: look at ``progress()`` now and then."""
+    deadline = time.monotonic() + timeout
+    while not until(migration.progress()):
+        assert time.monotonic() < deadline, f"not within {timeout:g}s of polling progress()"
+        time.sleep(0.5)
+
+
+def test_a_control_plane_that_only_polls_progress_gets_the_longer_downtime_the_busy_guest_needs(
+    vms: VMFactory,
+) -> None:
+    source, dirtier = busy(vms)
+    target = vms.incoming(source)
+    migration = source.migrate(target, bandwidth=LINK, finish_within=60, max_downtime_ms=2500, allow_throttle=False)
+    poll_progress(migration, lambda _: Step.DOWNTIME in steps(migration.escalations), timeout=60)
+    assert source.qmp.execute("query-migrate-parameters")["downtime-limit"] > 300  # set, with nobody in wait()
+    result = migration.wait(90)  # now the hand-over: the target takes the guest, the source quits
+    assert result.status == "completed" and steps(result.escalations) == taken(source, Step.DOWNTIME)
+    assert_intact(target, dirtier)
+
+
+def test_a_control_plane_that_only_polls_progress_sees_the_policy_cancel_at_the_deadline(vms: VMFactory) -> None:
+    source, dirtier = busy(vms)
+    target = vms.incoming(source)
+    started = time.monotonic()
+    migration = source.migrate(target, bandwidth=LINK, finish_within=15, allow_throttle=False, allow_compression=False)
+    poll_progress(migration, lambda progress: progress.status == "cancelled", timeout=25)
+    assert time.monotonic() - started >= 15
+    with pytest.raises(MigrationError, match="did not finish within 15s") as failure:
+        migration.wait(30)
+    assert failure.value.status == "cancelled" and migration.escalations == ()
+    assert_intact(source, dirtier)
 
 
 def test_throttling_carries_a_busy_guest_where_it_is_safe_and_is_refused_on_qemu_7_2_under_tcg(

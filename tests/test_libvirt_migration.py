@@ -24,7 +24,7 @@ from vmctl.libvirt.migration import (
     retarget_xml,
     start_migration,
 )
-from vmctl.model import DiskSpec, VMSpec
+from vmctl.model import DiskSpec, MigrationKeywords, MigrationRequest, VMSpec
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -179,7 +179,9 @@ class FakeVM:
 
 
 def migrate(domain: FakeDomain, run_dir: Path | None = Path("/run/a"), **options: Any) -> LibvirtMigration[str]:
-    return start_migration(FakeVM(domain, run_dir), options.pop("uri", "qemu+tcp://b/system"), **options)
+    request = {name: options.pop(name) for name in MigrationKeywords.__annotations__ if name in options}
+    uri = options.pop("uri", "qemu+tcp://b/system")
+    return start_migration(FakeVM(domain, run_dir), uri, MigrationRequest.of(**request), **options)
 
 
 @pytest.mark.parametrize(
@@ -246,3 +248,20 @@ def test_a_failed_migration_raises_libvirts_message_and_a_cancelled_one_says_so(
     with pytest.raises(LibvirtMigrationError) as failure:
         migration.wait(1)
     assert failure.value.status == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("options", "refused"),
+    [
+        ({"finish_within": 30}, "policy"),
+        ({"multifd_channels": 2}, "multifd_channels"),
+        ({"listen": ("10.0.0.2", 4444), "stop_source": False}, "listen, stop_source"),
+    ],
+)
+def test_what_libvirt_cannot_do_of_a_request_is_refused_by_name_before_libvirt_is_asked(
+    options: dict[str, Any], refused: str
+) -> None:
+    domain = FakeDomain()
+    with pytest.raises(InvalidArgument, match=f"does not take {refused}$"):
+        migrate(domain, **options)
+    assert domain.calls == []

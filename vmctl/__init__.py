@@ -3,7 +3,17 @@
 from vmctl import errors
 from vmctl.domain import Domain
 from vmctl.errors import VmctlError
-from vmctl.model import DiskSpec, Escalation, Inventory, MigrationProgress, MigrationResult, NicSpec, Throttle, VMSpec
+from vmctl.model import (
+    DiskSpec,
+    Escalation,
+    Inventory,
+    MigrationProgress,
+    MigrationRequest,
+    MigrationResult,
+    NicSpec,
+    Throttle,
+    VMSpec,
+)
 from vmctl.model.secret import Secret
 from vmctl.model.status import ExitStatus
 from vmctl.model.tls import TLSCreds
@@ -18,6 +28,7 @@ __all__ = [
     "ExitStatus",
     "Inventory",
     "MigrationProgress",
+    "MigrationRequest",
     "MigrationResult",
     "NicSpec",
     "ResetEvent",

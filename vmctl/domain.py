@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from vmctl.model import DiskSpec, MigrationProgress, MigrationResult, NicSpec, VMSpec
 from vmctl.model.disk import DiskOptions
 from vmctl.model.memory import MemorySpec, VirtioMemSpec
+from vmctl.model.migration import MigrationKeywords, MigrationRequest
 from vmctl.model.nic import NicOptions
 from vmctl.model.status import ExitStatus, ShutdownResult, VMStatus
 from vmctl.ops.memory import MemoryDevice
@@ -149,17 +150,11 @@ class Domain(Protocol):
     ) -> BlockJob: ...
 
     def migrate(
-        self,
-        target: str,
-        /,
-        *,
-        postcopy: bool = False,
-        bandwidth: int | None = None,
-        downtime_limit: int | None = None,
-        copy_storage: bool = False,
+        self, target: str, request: MigrationRequest | None = None, /, **options: Unpack[MigrationKeywords]
     ) -> MigrationJob:
         """``target``: for a ``VM``, the URI its incoming QEMU listens on; for a ``LibvirtVM``, the
-        target host's libvirt URI."""
+        target host's libvirt URI. ``request``, or its keywords (``MigrationRequest.of``); a
+        ``LibvirtVM`` refuses what libvirt cannot do."""
         ...
 
     def close(self) -> None: ...

@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from structlog.typing import FilteringBoundLogger
 
@@ -28,10 +28,14 @@ from vmctl.libvirt.migration import LibvirtMigration, start_migration
 from vmctl.libvirt.monitor import LibvirtMonitor, domain_at
 from vmctl.logs import get_logger
 from vmctl.model import VMSpec
+from vmctl.model.migration import MigrationKeywords, MigrationRequest
 from vmctl.model.names import SHELL_SOCKET
 from vmctl.model.status import ExitStatus, ShutdownMethod, ShutdownResult, VMStatus
 from vmctl.vm.console import Console, LogConsole
 from vmctl.vm.process import qemu_binary
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log: FilteringBoundLogger = get_logger(__name__)
 
@@ -234,29 +238,29 @@ class LibvirtVM:
     def migrate(
         self,
         target_uri: str,
+        request: MigrationRequest | None = None,
+        /,
         *,
-        postcopy: bool = False,
-        bandwidth: int | None = None,
-        downtime_limit: int | None = None,
-        copy_storage: bool = False,
         persistent: bool = True,
         unsafe: bool = False,
         target_run_dir: str | os.PathLike[str] | None = None,
         target_disks: Mapping[str, str | os.PathLike[str]] | None = None,
         timeout: float = 30.0,
+        **options: Unpack[MigrationKeywords],
     ) -> LibvirtMigration[LibvirtVM]:
         """Start a live peer-to-peer migration to the libvirt host ``target_uri`` (as the source's
-        libvirtd reaches it, e.g. ``qemu+tcp://10.0.0.2:16509/system``); ``wait`` on what it returns,
-        then ``.target(uri)`` is the domain there. ``bandwidth`` in bytes/s (libvirt's unit is MiB/s,
-        rounded up), ``downtime_limit`` in ms; ``copy_storage`` copies the disks into images that
-        exist on the target (``target_disks``: other paths there, by disk id); ``persistent``
-        defines it on the target and undefines it here; ``unsafe`` migrates disks on a local
-        filesystem that both hosts share; ``target_run_dir``: the console log and shell socket go
-        there on the target. See :mod:`vmctl.libvirt.migration`."""
+        libvirtd reaches it, e.g. ``qemu+tcp://10.0.0.2:16509/system``) as ``request`` (or its
+        keywords, ``MigrationRequest.of``) asks; ``wait`` on what it returns, then ``.target(uri)``
+        is the domain there. libvirt takes the request's ``postcopy``, ``bandwidth`` in bytes/s
+        (libvirt's unit is MiB/s, rounded up), ``downtime_limit`` in ms and ``copy_storage``, which
+        copies the disks into images that exist on the target (``target_disks``: other paths there,
+        by disk id); the rest of a request is refused. ``persistent`` defines it on the target and
+        undefines it here; ``unsafe`` migrates disks on a local filesystem that both hosts share;
+        ``target_run_dir``: the console log and shell socket go there on the target. See
+        :mod:`vmctl.libvirt.migration`."""
         return start_migration(
-            self, target_uri, postcopy=postcopy, bandwidth=bandwidth, downtime_limit=downtime_limit,
-            copy_storage=copy_storage, persistent=persistent, unsafe=unsafe, target_run_dir=target_run_dir,
-            target_disks=target_disks, timeout=timeout,
+            self, target_uri, MigrationRequest.of(request, **options), persistent=persistent, unsafe=unsafe,
+            target_run_dir=target_run_dir, target_disks=target_disks, timeout=timeout,
         )  # fmt: skip
 
     # -- closing ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """A migration under way: followed through the source's MIGRATION events until it ends, with
-the convergence policy's steps, postcopy, pause and recover, cancel, and a QEMU dying under it."""
+postcopy, pause and recover, cancel, and a QEMU dying under it. Its convergence policy acts on its
+own (``ops.convergence_driver``), whether or not anybody is inside ``wait``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Any
 import attrs
 
 from vmctl.errors import (
-    CommandError,
     ConnectionLost,
     EventTimeout,
     InvalidArgument,
@@ -27,14 +27,14 @@ from vmctl.model.migration import (
     MigrationProgress,
     MigrationResult,
 )
-from vmctl.ops import convergence as policy
+from vmctl.ops.convergence import Forecast
+from vmctl.ops.convergence_driver import ConvergenceDriver
 from vmctl.ops.migration import (
     POSTCOPY,
     TERMINAL,
     wait_status,
     wait_terminal,
 )
-from vmctl.ops.queries import execute_idempotent
 from vmctl.qmp import QMPMonitor, Subscription
 
 # How long a completed migration's final figures may take to appear in query-migrate.
@@ -70,7 +70,7 @@ class Migration:
         on_completed: Callable[[], Any] | None = None,
         on_aborted: Callable[[], Any] | None = None,
         on_ended: Callable[[], Any] | None = None,
-        convergence: policy.Convergence | None = None,
+        convergence: ConvergenceDriver | None = None,
     ) -> None:
         self.source = source
         self.target = target
@@ -89,19 +89,11 @@ class Migration:
         self._on_ended = on_ended
         self._status = "setup"
         self._result: MigrationResult | None = None
-        self._postcopy_started = False
+        self._postcopy_by_hand = False
         self._handed_over = False
         self._convergence = convergence
-        self._forecast = (
-            convergence.forecast
-            if convergence is not None
-            else policy.Forecast(downtime_limit_ms=options.downtime_limit or DEFAULT_DOWNTIME_LIMIT_MS)
-        )
-        self._pass_began = False
-        self._give_up: str | None = None
+        self._forecast = Forecast(downtime_limit_ms=options.downtime_limit or DEFAULT_DOWNTIME_LIMIT_MS)
         self.started = convergence.started if convergence is not None else time.monotonic()
-        for escalation in self.escalations:  # those taken when it started (compression)
-            self._log_escalation(escalation)
 
     @property
     def status(self) -> str:
@@ -112,60 +104,30 @@ class Migration:
         """The steps the convergence policy took so far (``finish_within``)."""
         return tuple(self._convergence.escalations) if self._convergence is not None else ()
 
+    @property
+    def _postcopy_started(self) -> bool:
+        return self._postcopy_by_hand or (self._convergence is not None and self._convergence.postcopy_started)
+
+    @property
+    def _give_up(self) -> str | None:
+        """The convergence policy's message, once it cancelled the migration at its deadline."""
+        return self._convergence.gave_up if self._convergence is not None else None
+
     def progress(self) -> MigrationProgress:
         """The figures now, with vmctl's prediction of the time left (``eta_s``)."""
         sample = MigrationProgress.from_qmp(self.source.execute("query-migrate"))
+        if self._convergence is not None:
+            return self._convergence.observe(sample)
         self._forecast.observe(sample, time.monotonic())
         return attrs.evolve(sample, eta_s=self._forecast.eta_s(sample))
-
-    def _follow(self) -> MigrationProgress:
-        """A sample for the waiter: the convergence policy decides on it (its forecast takes the
-        sample in), and its step is taken."""
-        if self._convergence is None:
-            return self.progress()
-        sample = MigrationProgress.from_qmp(self.source.execute("query-migrate"))
-        self._act(self._convergence.decide(sample, time.monotonic()))
-        return attrs.evolve(sample, eta_s=self._forecast.eta_s(sample))
-
-    def _act(self, action: policy.Action | None) -> None:
-        """Carry out a step of the convergence policy (one log event with its figures)."""
-        if action is None:
-            return
-        if isinstance(action, policy.GiveUp):
-            self._log.warning("vm.migration_gave_up", reason=action.message)
-            self._give_up = action.message
-            with contextlib.suppress(CommandError):  # it may have just ended
-                self.source.execute("migrate_cancel")
-            return
-        self._log_escalation(self.escalations[-1])
-        if isinstance(action, policy.SetDowntime):
-            execute_idempotent(self.source, "migrate-set-parameters", {"downtime-limit": action.limit_ms})
-        elif isinstance(action, policy.ReleaseThrottle):
-            execute_idempotent(self.source, "migrate-set-parameters", action.parameters)
-        elif not self._postcopy_started:  # the caller may have switched by hand (start_postcopy)
-            self.source.execute("migrate-start-postcopy")
-            self._postcopy_started = True
-
-    def _log_escalation(self, escalation: Escalation) -> None:
-        self._log.info(
-            "vm.migration_escalated",
-            step=escalation.step.value,
-            change=escalation.change,
-            reason=escalation.reason,
-            at_s=escalation.at_s,
-            passes=escalation.passes,
-            remaining=escalation.remaining,
-            dirty_rate=escalation.dirty_rate,
-            bandwidth=escalation.bandwidth,
-            needed_downtime_ms=escalation.needed_downtime_ms,
-            throttle_percent=escalation.throttle_percent,
-        )
 
     def start_postcopy(self) -> None:
         if not self.options.postcopy:
             raise InvalidArgument("this migration was not started with postcopy=True")
+        if self._convergence is not None:
+            self._convergence.postcopy_started = True  # the policy does not ask again
         self.source.execute("migrate-start-postcopy")
-        self._postcopy_started = True
+        self._postcopy_by_hand = True
 
     def pause(self, *, timeout: float = 30.0) -> None:
         """Pause a postcopy migration whose link broke (out of band, on both sides), so that
@@ -243,15 +205,9 @@ class Migration:
             except EventTimeout:
                 self._check_target()
 
-    def _read_event(self, timeout: float) -> bool:
-        """Read the source's next event: a MIGRATION event's status, or (with a convergence
-        policy, which subscribes to them too) a MIGRATION_PASS; True for a MIGRATION event."""
-        event = self._events.get(timeout)
-        if event.name == "MIGRATION_PASS":
-            self._pass_began = True
-            return False
-        self._status = str(event.data.get("status"))
-        return True
+    def _read_event(self, timeout: float) -> None:
+        """Read the source's next MIGRATION event: its status."""
+        self._status = str(self._events.get(timeout).data.get("status"))
 
     def wait(
         self,
@@ -288,18 +244,13 @@ class Migration:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WaitTimeout(f"the migration is still {self._status} after {timeout:g}s")
-            if time.monotonic() < next_progress and not self._pass_began:
-                # A new status is looked at at once, and so is a pass start (with a policy):
-                # sampled while the memory it has to send is all left.
+            if time.monotonic() < next_progress:  # a new status is looked at at once
                 with contextlib.suppress(EventTimeout):
                     self._read_event(min(remaining, next_progress - time.monotonic(), _WATCH_INTERVAL))
                 continue
-            due = time.monotonic() >= next_progress  # else a pass start, sampled for the policy
-            if due:
-                next_progress = time.monotonic() + progress_interval
-            self._pass_began = False
-            snapshot = self._follow()
-            if on_progress is not None and due:
+            next_progress = time.monotonic() + progress_interval
+            snapshot = self.progress()
+            if on_progress is not None:
                 on_progress(snapshot)
             if snapshot.status in TERMINAL:
                 self._status = snapshot.status  # the event is on its way; the state is already known
@@ -421,7 +372,7 @@ class Migration:
             info,
             postcopy=self._postcopy_started,
             escalations=self.escalations,
-            skipped=self._convergence.plan.skipped if self._convergence is not None else (),
+            skipped=self._convergence.convergence.plan.skipped if self._convergence is not None else (),
         )
         self._events.close()
         if self._on_completed is not None:
@@ -479,6 +430,8 @@ class Migration:
         self._ended()
 
     def _ended(self) -> None:
-        """The migration's outcome is known and acted on: its journal entries go."""
+        """The migration's outcome is known and acted on: its policy stops, its journal entries go."""
+        if self._convergence is not None:
+            self._convergence.stop()
         if self._on_ended is not None:
             self._on_ended()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -26,6 +26,7 @@ from vmctl.errors import (
 )
 from vmctl.logs import get_logger
 from vmctl.model import Inventory, VMSpec
+from vmctl.model.migration import MigrationKeywords, MigrationRequest
 from vmctl.model.names import (
     AGENT_CHARDEV,
     AGENT_SOCKET,
@@ -42,7 +43,6 @@ from vmctl.model.status import (
     ShutdownResult,
     VMStatus,
 )
-from vmctl.model.tls import TLSCreds
 from vmctl.ops import chardevs as chardev_ops
 from vmctl.ops import screen as screen_ops
 from vmctl.ops.blockjobs import JobProgress, query_jobs
@@ -61,6 +61,9 @@ from vmctl.vm.process import QemuProcess
 from vmctl.vm.statefile import VMRecord
 from vmctl.vm.stats import take as take_stats
 from vmctl.vm.store import StateStore
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = get_logger(__name__)
 
@@ -401,50 +404,13 @@ class VM:
     # -- migration ----------------------------------------------------------------------------
 
     def migrate(
-        self,
-        target: VM | str,
-        *,
-        listen: tuple[str, int] | None = None,
-        postcopy: bool = False,
-        auto_converge: bool = False,
-        bandwidth: int | None = None,
-        downtime_limit: int | None = None,
-        pause_before_switchover: bool = False,
-        multifd_channels: int | None = None,
-        resume_target: bool = True,
-        stop_source: bool = True,
-        copy_storage: bool = False,
-        storage_timeout: float = 600.0,
-        tls: TLSCreds | None = None,
-        target_tls: TLSCreds | None = None,
-        finish_within: float | None = None,
-        max_downtime_ms: int | None = None,
-        allow_throttle: bool = True,
-        allow_postcopy: bool = False,
-        allow_compression: bool = True,
+        self, target: VM | str, request: MigrationRequest | None = None, /, **options: Unpack[MigrationKeywords]
     ) -> Migration:
-        """Start migrating to ``target``: a VM from ``launch_incoming`` or a migration URI (see
-        :meth:`vmctl.vm.migration.Migrations.migrate`; ``finish_within`` adds the convergence policy)."""
+        """Start migrating to ``target``: a VM from ``launch_incoming`` or a migration URI, as
+        ``request`` asks, or its keywords (``MigrationRequest.of``; ``finish_within`` adds the
+        convergence policy). See :meth:`vmctl.vm.migration.Migrations.migrate`."""
         return self.migrations.migrate(
-            target.migrations if isinstance(target, VM) else target,
-            listen=listen,
-            postcopy=postcopy,
-            auto_converge=auto_converge,
-            bandwidth=bandwidth,
-            downtime_limit=downtime_limit,
-            pause_before_switchover=pause_before_switchover,
-            multifd_channels=multifd_channels,
-            resume_target=resume_target,
-            stop_source=stop_source,
-            copy_storage=copy_storage,
-            storage_timeout=storage_timeout,
-            tls=tls,
-            target_tls=target_tls,
-            finish_within=finish_within,
-            max_downtime_ms=max_downtime_ms,
-            allow_throttle=allow_throttle,
-            allow_postcopy=allow_postcopy,
-            allow_compression=allow_compression,
+            target.migrations if isinstance(target, VM) else target, MigrationRequest.of(request, **options)
         )
 
 

@@ -16,13 +16,14 @@ import attrs
 
 from vmctl.errors import InvalidArgument, QMPError
 from vmctl.model import Inventory, VMSpec
-from vmctl.model.migration import DEFAULT_DOWNTIME_LIMIT_MS, ConvergencePolicy, MigrationOptions
+from vmctl.model.migration import DEFAULT_DOWNTIME_LIMIT_MS, MigrationOptions, MigrationRequest
 from vmctl.model.names import MIGRATION_SOCKET, UEFI_VARS_FILE
 from vmctl.model.status import ShutdownMethod
 from vmctl.model.tls import TLSCreds
 from vmctl.ops import convergence as convergence_ops
 from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import migration as migration_ops
+from vmctl.ops.convergence_driver import ConvergenceDriver
 from vmctl.ops.live_migration import Migration
 from vmctl.qmp import Monitor
 from vmctl.vm import tls as tls_ops
@@ -105,31 +106,9 @@ class Migrations:
         free = inventory.root_ports - len({port for port in placed if port is not None})
         return attrs.evolve(target, extra_args=tuple(extra), hotplug_slots=free)
 
-    def migrate(
-        self,
-        target: Migrations | str,
-        *,
-        listen: tuple[str, int] | None = None,
-        postcopy: bool = False,
-        auto_converge: bool = False,
-        bandwidth: int | None = None,
-        downtime_limit: int | None = None,
-        pause_before_switchover: bool = False,
-        multifd_channels: int | None = None,
-        resume_target: bool = True,
-        stop_source: bool = True,
-        copy_storage: bool = False,
-        storage_timeout: float = 600.0,
-        tls: TLSCreds | None = None,
-        target_tls: TLSCreds | None = None,
-        finish_within: float | None = None,
-        max_downtime_ms: int | None = None,
-        allow_throttle: bool = True,
-        allow_postcopy: bool = False,
-        allow_compression: bool = True,
-    ) -> Migration:
+    def migrate(self, target: Migrations | str, request: MigrationRequest) -> Migration:
         """Start migrating to ``target``: a VM from ``launch_incoming`` (it listens on a unix
-        socket in its run dir, or on ``listen`` = (host, port) over TCP) or a migration URI.
+        socket in its run dir, or on ``request.listen`` = (host, port) over TCP) or a migration URI.
 
         Capabilities (``events`` always) and parameters are set on both sides and restored on
         the source if the migration fails. On success the target is resumed and this source
@@ -144,51 +123,26 @@ class Migrations:
         name the host the source connects to (``listen``'s, or a ``tcp:`` URI's). ``target_tls``
         gives the target (another host) its own credentials directory, signed by the same CA.
 
-        ``finish_within`` (seconds) gives the migration a convergence policy: while ``wait()``
-        follows it, vmctl predicts at each pass whether precopy will end in time and, when it will
-        not, escalates: the downtime limit up to ``max_downtime_ms`` (default QEMU's 300), then
-        postcopy if ``allow_postcopy`` (and the target can), else CPU throttling if
-        ``allow_throttle`` (where it is safe on this QEMU); ``allow_compression`` has XBZRLE on
-        from the start where it is safe (QEMU sizes its cache only then). A migration not done by then is
-        cancelled (``MigrationError`` naming the figures; the source runs on). The result lists
-        the steps taken (``result.escalations``) and those this QEMU rules out (``result.skipped``)."""
-        convergence_policy = None
-        if finish_within is not None:
-            convergence_policy = ConvergencePolicy(
-                finish_within=finish_within,
-                max_downtime_ms=DEFAULT_DOWNTIME_LIMIT_MS if max_downtime_ms is None else max_downtime_ms,
-                allow_throttle=allow_throttle,
-                allow_postcopy=allow_postcopy,
-                allow_compression=allow_compression,
-            )
-            if auto_converge:
-                raise InvalidArgument("auto_converge is the convergence policy's to use: give allow_throttle instead")
-            if downtime_limit is not None and downtime_limit > convergence_policy.max_downtime_ms:
-                raise InvalidArgument(
-                    f"downtime_limit {downtime_limit} is above max_downtime_ms {convergence_policy.max_downtime_ms}"
-                )
-        elif max_downtime_ms is not None or allow_postcopy or not allow_throttle or not allow_compression:
-            raise InvalidArgument(
-                "max_downtime_ms, allow_throttle, allow_postcopy and allow_compression need finish_within"
-            )
-        if target_tls is not None and tls is None:
-            raise InvalidArgument("target_tls needs tls (the source's credentials)")
+        ``policy`` (``finish_within``, seconds) gives the migration a convergence policy: at each
+        pass (whether or not anybody is inside ``wait()``) vmctl predicts whether precopy will end
+        in time and, when it will not, escalates: the downtime limit up to ``max_downtime_ms``
+        (default QEMU's 300), then postcopy if ``allow_postcopy`` (and the target can), else CPU
+        throttling if ``allow_throttle`` (where it is safe on this QEMU); ``allow_compression`` has
+        XBZRLE on from the start where it is safe (QEMU sizes its cache only then). A migration not
+        done by then is cancelled (``MigrationError`` naming the figures; the source runs on). The
+        result lists the steps taken (``result.escalations``) and those this QEMU rules out
+        (``result.skipped``)."""
+        convergence_policy, listen, tls = request.policy, request.listen, request.tls
         postcopy_refusal: str | None = None
-        target_tls = target_tls or tls
+        target_tls = request.target_tls or tls
         hostname = None
         if tls is not None:
             hostname = _tls_hostname(target, listen)
             tls.paths("client")
             if isinstance(target, Migrations) and target_tls is not None:
                 target_tls.paths("server")
-        options = MigrationOptions(
-            postcopy=postcopy,
-            auto_converge=auto_converge,
-            bandwidth=bandwidth,
-            downtime_limit=downtime_limit,
-            pause_before_switchover=pause_before_switchover,
-            multifd_channels=multifd_channels,
-            copy_storage=copy_storage,
+        options = MigrationOptions.of(
+            request,
             tls_server=tls_ops.creds_id("migration", "server")
             if tls is not None and isinstance(target, Migrations)
             else None,
@@ -202,14 +156,15 @@ class Migrations:
                     f"{target.name} does not have {self.name}'s devices ({mismatch}); "
                     "launch it from source.migration_target_spec() with inventory=source.inventory"
                 )
-            if postcopy or allow_postcopy:  # QEMU would refuse the capability, saying less
+            if request.postcopy or (convergence_policy is not None and convergence_policy.allow_postcopy):
+                # QEMU would refuse the capability, saying less
                 uid, gid = process_owner(target._lifecycle.pid)
                 postcopy_refusal = userfaultfd_refusal(uid=uid, gid=gid, version=target.qmp.version)
-                if postcopy and postcopy_refusal is not None:
+                if request.postcopy and postcopy_refusal is not None:
                     raise InvalidArgument(f"postcopy=True: {postcopy_refusal}")
         elif not isinstance(target, str) or not target:
             raise InvalidArgument(f"migrate to a VM launched for incoming or a URI, not {target!r}")
-        elif copy_storage:
+        elif request.copy_storage:
             raise InvalidArgument("copy_storage needs a target VM (launched with launch_incoming)")
         plan = None
         if convergence_policy is not None:
@@ -218,8 +173,8 @@ class Migrations:
                 policy=convergence_policy,
                 target=target.qmp if isinstance(target, Migrations) else None,
                 postcopy_refusal=postcopy_refusal,
-                multifd=bool(multifd_channels),
-                copy_storage=copy_storage,
+                multifd=bool(request.multifd_channels),
+                copy_storage=request.copy_storage,
             )
             for skipped in plan.skipped:
                 self._log.info("vm.migration_step_skipped", step=skipped.step.value, reason=skipped.reason)
@@ -227,11 +182,12 @@ class Migrations:
             # needed, and auto-converge's on with its throttle held at 1% until the policy lets it go.
             options = attrs.evolve(
                 options,
-                postcopy=postcopy or plan.postcopy,
+                postcopy=request.postcopy or plan.postcopy,
                 throttle_held=plan.throttle,
                 xbzrle=plan.compression_cache is not None,
                 xbzrle_cache=plan.compression_cache,
-                downtime_limit=downtime_limit or min(DEFAULT_DOWNTIME_LIMIT_MS, convergence_policy.max_downtime_ms),
+                downtime_limit=request.downtime_limit
+                or min(DEFAULT_DOWNTIME_LIMIT_MS, convergence_policy.max_downtime_ms),
             )
         # The journal on both sides: a control plane that dies from here on leaves each QEMU
         # with what its next attach needs to settle the migration (see vm.journal).
@@ -240,7 +196,7 @@ class Migrations:
         )
         if isinstance(target, Migrations):
             try:
-                target._store.begin(Intent(operation="incoming", peer=str(self.run_dir), resume=resume_target))
+                target._store.begin(Intent(operation="incoming", peer=str(self.run_dir), resume=request.resume_target))
             except BaseException:
                 self._store.end(MIGRATION)
                 raise
@@ -257,8 +213,8 @@ class Migrations:
 
         try:
             storage = (
-                self._copy_storage(target, listen, storage_timeout, tls=tls, target_tls=target_tls)
-                if isinstance(target, Migrations) and copy_storage
+                self._copy_storage(target, listen, request.storage_timeout, tls=tls, target_tls=target_tls)
+                if isinstance(target, Migrations) and request.copy_storage
                 else None
             )
         except BaseException:
@@ -275,7 +231,7 @@ class Migrations:
             if tls is not None:
                 tls_ops.unload(self.qmp, "migration", "client")
 
-        target_events = events = None
+        target_events = events = driver = None
         try:
             if tls is not None:
                 if isinstance(target, Migrations) and target_tls is not None:
@@ -291,10 +247,18 @@ class Migrations:
                 uri = target
             migration_ops.set_capabilities(self.qmp, options.capabilities(source=True), replaced=previous_caps)
             migration_ops.set_parameters(self.qmp, options.parameters(source=True), replaced=previous_params)
-            events = self.qmp.events("MIGRATION", *(("MIGRATION_PASS",) if plan is not None else ()))
-            started = time.monotonic()
+            events = self.qmp.events("MIGRATION")
+            if convergence_policy is not None and plan is not None:
+                # Acting from the source's own events from the first pass on, whoever waits.
+                convergence = convergence_ops.Convergence(
+                    convergence_policy, plan, started=time.monotonic(), downtime_limit_ms=options.downtime_limit or 0
+                )
+                driver = ConvergenceDriver(self.qmp, convergence, self._log)
+                driver.start()
             migration_ops.start(self.qmp, uri)
         except BaseException:
+            if driver is not None:
+                driver.stop()
             for subscription in (events, target_events):
                 if subscription is not None:
                     subscription.close()
@@ -308,8 +272,8 @@ class Migrations:
             "vm.migration_started",
             uri=uri,
             postcopy=options.postcopy,
-            copy_storage=copy_storage,
-            finish_within=finish_within,
+            copy_storage=request.copy_storage,
+            finish_within=convergence_policy.finish_within if convergence_policy is not None else None,
             max_downtime_ms=convergence_policy.max_downtime_ms if convergence_policy is not None else None,
         )
         on_target_ready = None
@@ -328,18 +292,14 @@ class Migrations:
             source_events=events,
             target_events=target_events,
             restore=restore,
-            resume_target=resume_target,
-            stop_source=stop_source,
+            resume_target=request.resume_target,
+            stop_source=request.stop_source,
             on_target_ready=on_target_ready,
             finish_source=self.finish_migrated_source,
             on_completed=storage.finish if storage is not None else None,
             on_aborted=storage.abort if storage is not None else None,
             on_ended=ended,
-            convergence=convergence_ops.Convergence(
-                convergence_policy, plan, started=started, downtime_limit_ms=options.downtime_limit or 0
-            )
-            if convergence_policy is not None and plan is not None
-            else None,
+            convergence=driver,
         )
 
     def _copy_storage(

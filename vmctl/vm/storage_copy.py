@@ -11,6 +11,8 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
+
 from vmctl.errors import QMPError, VmctlError
 from vmctl.model import DiskSpec
 from vmctl.model.names import nbd_client_node as client_node
@@ -23,16 +25,16 @@ from vmctl.vm import tls as tls_ops
 from vmctl.vm.blocks import Blocks
 
 
+@attrs.define
 class StorageCopy:
-    def __init__(
-        self, source: Monitor, target: Blocks, jobs: list[Job], disk_ids: list[str], log: Any, *, tls: bool = False
-    ) -> None:
-        self.source = source
-        self.tls = tls
-        self.target = target
-        self.jobs = jobs
-        self.disk_ids = disk_ids
-        self._log = log
+    """The disks being copied: the source's mirrors into the target's NBD exports (``tls``: over TLS)."""
+
+    source: Monitor
+    target: Blocks
+    jobs: list[Job]
+    disk_ids: list[str]
+    _log: Any
+    tls: bool = attrs.field(default=False, kw_only=True)
 
     @classmethod
     def start(
