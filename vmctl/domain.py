@@ -3,6 +3,11 @@
 ``vmctl.VM`` (vmctl runs QEMU) and ``vmctl.libvirt.LibvirtVM`` (libvirt does) both satisfy it, and
 mypy checks that they do; a control plane that holds a ``Domain`` switches between them without
 changing its code.
+
+A protocol restates each method's signature, so ``duplicates`` pairs it with the two VMs'
+methods (``snapshot_disks`` above all): that is the protocol doing its job. Where a method takes
+a value's settings by keyword, they are declared once in the model (``DiskOptions``,
+``NicOptions``, ``MigrationKeywords``) and the signatures here stay one line.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 QEMU objects that belong to a device are named from its id, so that a restarted control plane
 (or a migration target) finds them again without storing anything: a disk's block nodes and
-fdsets, a NIC's netdev, a memory device's backend, an export, a chardev's port.
+fdsets, a NIC's netdev, a memory device's backend, an export, a chardev's port. One small
+function per derived name, alike in shape on purpose (``duplicates`` pairs them): each is the one
+place its name is spelled.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Values that describe a VM's life: QEMU's run state, resets, shutdowns, I/O errors and how QEMU ended."""
+"""Values that describe a VM's life: QEMU's run state, resets, shutdowns, I/O errors and how QEMU ended.
+
+``RunState`` lists QEMU's run states as QAPI names them; other lists of names (a migration's
+steps, the privileges module's constants) look like it to ``duplicates`` but share only the shape.
+"""
 
 from __future__ import annotations
 
