@@ -130,37 +130,23 @@ ensure_debian_guest() {
     "${sudo[@]}" .venv/bin/python -c 'from vmctl.testing import DebianGuest; print("   ", DebianGuest.ensure().image)'
 }
 
-# QEMU runs unprivileged, as this user, when vmctl is root (VMSpec.run_as="auto").
-ensure_qemu_user() {
-    [ "$(id -u)" = 0 ] || return 0
-    id vmctl-qemu >/dev/null 2>&1 && return
-    echo "==> creating the system user vmctl-qemu (QEMU runs as it)"
-    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin vmctl-qemu
-}
-
 # A postcopy target needs a userfaultfd that handles kernel faults; unprivileged, QEMU 7.2 gets one
-# only with vm.unprivileged_userfaultfd=1, QEMU >= 8.1 also through /dev/userfaultfd. The tests
-# use each way on the QEMU that needs it, and put the machine back as it was at the end.
+# only with vm.unprivileged_userfaultfd=1, QEMU >= 8.1 also through /dev/userfaultfd, which its
+# private /dev makes its own (nothing on the host changes). The tests use each way on the QEMU
+# that needs it, and put the machine back as it was at the end.
 UFFD_SYSCTL=/proc/sys/vm/unprivileged_userfaultfd
 uffd_for_qemu72() { [ "$(id -u)" != 0 ] || echo 1 >"$UFFD_SYSCTL"; }
-uffd_for_qemu10() {
-    [ "$(id -u)" = 0 ] && [ -e /dev/userfaultfd ] || return 0
-    echo 0 >"$UFFD_SYSCTL"
-    chgrp vmctl-qemu /dev/userfaultfd
-    chmod 0660 /dev/userfaultfd
-}
+uffd_for_qemu10() { [ "$(id -u)" != 0 ] || echo 0 >"$UFFD_SYSCTL"; }
 uffd_keep_machine() {
     [ "$(id -u)" = 0 ] && [ -w "$UFFD_SYSCTL" ] || return 0
-    local sysctl device
+    local sysctl
     sysctl=$(cat "$UFFD_SYSCTL")
-    device=$(stat -c '%g %a' /dev/userfaultfd 2>/dev/null || true)
-    # shellcheck disable=SC2064  # the values now, restored at exit
-    trap "echo $sysctl >$UFFD_SYSCTL; [ -n '$device' ] && chgrp ${device% *} /dev/userfaultfd && chmod ${device#* } /dev/userfaultfd" EXIT
+    # shellcheck disable=SC2064  # the value now, restored at exit
+    trap "echo $sysctl >$UFFD_SYSCTL" EXIT
 }
 
 setup() {
     ensure_system
-    ensure_qemu_user
     ensure_venv
     ensure_guest
     ensure_qemu10

@@ -1,6 +1,6 @@
-"""QEMU as vmctl runs it by default from root: an unprivileged user, no groups, no capabilities,
-no new privileges, seccomp; every file it needs passed by fd; a run dir only vmctl and that
-QEMU reach, where QEMU cannot touch what vmctl wrote."""
+"""QEMU as vmctl runs it by default from root: a uid of its own from the pool, no groups, no
+capabilities, no new privileges, seccomp; every file it needs passed by fd; a run dir only vmctl
+and that QEMU reach, where QEMU cannot touch what vmctl wrote."""
 
 from __future__ import annotations
 
@@ -19,11 +19,9 @@ from integration.versions import SANDBOX
 from vmctl import VM, DiskSpec
 from vmctl.errors import AbnormalExit, CommandError, ConnectionLost, LaunchError
 from vmctl.testing import GuestShell
-from vmctl.vm.privileges import DEFAULT_USER
+from vmctl.vm.uidpool import UidPool
 
 pytestmark = pytest.mark.versioned(SANDBOX)
-
-QEMU_USER = pwd.getpwnam(DEFAULT_USER)
 
 
 def status_of(pid: int) -> dict[str, str]:
@@ -31,16 +29,24 @@ def status_of(pid: int) -> dict[str, str]:
     return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
 
 
-def as_user(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess[str]:
-    prefix = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--"]
+def qemu_ids(vm: VM) -> tuple[int, int]:
+    """The uid and gid the VM's QEMU runs as."""
+    found = status_of(vm.pid)
+    return int(found["Uid"].split()[0]), int(found["Gid"].split()[0])
+
+
+def as_user(ids: tuple[int, int], *argv: str) -> subprocess.CompletedProcess[str]:
+    prefix = ["setpriv", f"--reuid={ids[0]}", f"--regid={ids[1]}", "--clear-groups", "--"]
     return subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=30)
 
 
-def test_a_vm_launched_by_root_runs_as_vmctl_qemu_in_seccomp_with_nothing_more(vms: VMFactory) -> None:
+def test_a_vm_launched_by_root_runs_as_a_pool_uid_in_seccomp_with_nothing_more(vms: VMFactory) -> None:
     vm = vms.launch()
     found = status_of(vm.pid)
-    assert found["Uid"].split() == [str(QEMU_USER.pw_uid)] * 4
-    assert found["Gid"].split() == [str(QEMU_USER.pw_gid)] * 4
+    uid, gid = qemu_ids(vm)
+    assert uid in UidPool.from_env().ids and gid == uid
+    assert found["Uid"].split() == [str(uid)] * 4
+    assert found["Gid"].split() == [str(gid)] * 4
     assert found["Groups"] == ""
     assert int(found["CapEff"], 16) == int(found["CapPrm"], 16) == int(found["CapBnd"], 16) == 0
     assert found["NoNewPrivs"] == "1" and found["Seccomp"] == "2"
@@ -53,17 +59,19 @@ def test_the_run_dir_is_shared_with_qemus_group_only_and_qemu_cannot_replace_vmc
     vms: VMFactory,
 ) -> None:
     vm = vms.launch()
+    qemu = qemu_ids(vm)
     run_dir = vm.run_dir.stat()
-    assert (run_dir.st_uid, run_dir.st_gid, stat.S_IMODE(run_dir.st_mode)) == (0, QEMU_USER.pw_gid, 0o1770)
+    assert (run_dir.st_uid, run_dir.st_gid, stat.S_IMODE(run_dir.st_mode)) == (0, qemu[1], 0o1770)
     state = vm.run_dir / "vm.json"
     assert (state.stat().st_uid, stat.S_IMODE(state.stat().st_mode)) == (0, 0o600)
-    assert (vm.run_dir / "qmp.sock").stat().st_uid == QEMU_USER.pw_uid  # QEMU made it
+    assert (vm.run_dir / "qmp.sock").stat().st_uid == qemu[0]  # QEMU made it
     before = state.read_bytes()
     for argv in (["rm", "-f", str(state)], ["mv", str(state), f"{state}.x"], ["ln", "-sf", "/etc/shadow", str(state)]):
-        assert as_user(QEMU_USER, *argv).returncode != 0, argv  # the sticky bit: only its own files
-    assert as_user(QEMU_USER, "cat", str(state)).returncode != 0  # nor read it
+        assert as_user(qemu, *argv).returncode != 0, argv  # the sticky bit: only its own files
+    assert as_user(qemu, "cat", str(state)).returncode != 0  # nor read it
     assert state.read_bytes() == before
-    denied = as_user(pwd.getpwnam("nobody"), "ls", str(vm.run_dir))
+    nobody = pwd.getpwnam("nobody")
+    denied = as_user((nobody.pw_uid, nobody.pw_gid), "ls", str(vm.run_dir))
     assert denied.returncode != 0  # other users do not get in at all
     vm.store.save()  # and vmctl still writes its state there
     assert state.stat().st_uid == 0
@@ -122,6 +130,6 @@ def test_a_kernel_qemus_user_may_not_read_is_refused_before_qemu_starts(vms: VMF
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(Path(vms.guest.kernel).read_bytes())
     kernel.chmod(0o600)
-    with pytest.raises(LaunchError, match=f"{kernel} is not readable by QEMU's user {DEFAULT_USER}"):
+    with pytest.raises(LaunchError, match=rf"{kernel} is not readable by QEMU's user \d+"):
         vms.launch(vms.spec(kernel=kernel))
     assert os.listdir(vms.run_dir("vm1")) == []

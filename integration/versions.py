@@ -25,3 +25,7 @@ PCIE = "PCIe root ports, the machine types' layouts and UEFI's variable store di
 GREETING = "the greeting, version and capabilities QEMU announces differ between versions"
 LIBVIRT_PROBE = "libvirt probes each QEMU's capabilities and builds its command line from them"
 DISTRIBUTION = "a real distribution's boot, udev hotplug, agent and migration on each supported QEMU"
+ISOLATION = (
+    "a private /dev and a uid of its own: which device nodes and system calls QEMU needs at start-up, "
+    "and userfaultfd by device from 8.1, differ between versions"
+)

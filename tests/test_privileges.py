@@ -171,20 +171,29 @@ def test_files_opened_for_qemu_are_closed_after_the_block(tmp_path: Path) -> Non
         os.fstat(fd)
 
 
-def test_an_unprivileged_postcopy_target_needs_a_userfaultfd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_an_unprivileged_postcopy_target_needs_a_userfaultfd_in_the_dev_it_sees(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     sysctl, device = tmp_path / "sysctl", tmp_path / "userfaultfd"
     monkeypatch.setattr(privileges, "USERFAULTFD_SYSCTL", str(sysctl))
-    monkeypatch.setattr(privileges, "USERFAULTFD_DEVICE", str(device))
+    monkeypatch.setattr(privileges, "USERFAULTFD_DEVICE", str(device))  # seen through /proc/PID/root
+    owner = [(0, 0)]
+    monkeypatch.setattr(privileges, "process_owner", lambda pid: owner[0])
     old, new = QEMUVersion(major=7, minor=2, micro=0), QEMUVersion(major=10, minor=0, micro=2)
     sysctl.write_text("0\n")
     device.write_bytes(b"")
     device.chmod(0o600)
-    assert userfaultfd_refusal(uid=0, gid=0, version=old) is None  # root may
-    assert "vm.unprivileged_userfaultfd=1" in str(userfaultfd_refusal(uid=999, gid=995, version=old))
-    assert "chmod 0660" in str(userfaultfd_refusal(uid=999, gid=995, version=new))
+    me = os.getpid()
+    assert userfaultfd_refusal(me, version=old) is None  # root may
+    owner[0] = (999, 995)
+    assert "vm.unprivileged_userfaultfd=1" in str(userfaultfd_refusal(me, version=old))
+    assert "private /dev" in str(userfaultfd_refusal(me, version=new))
     os.chown(device, 0, 995)
     device.chmod(0o660)
-    assert userfaultfd_refusal(uid=999, gid=995, version=new) is None  # the device, from QEMU 8.1 on
-    assert userfaultfd_refusal(uid=999, gid=995, version=old) is not None  # 7.2 knows only the syscall
+    assert userfaultfd_refusal(me, version=new) is None  # the device, from QEMU 8.1 on
+    assert userfaultfd_refusal(me, version=old) is not None  # 7.2 knows only the syscall
+    os.chown(device, 999, 0)
+    device.chmod(0o600)
+    assert userfaultfd_refusal(me, version=new) is None  # its own node, as in a private /dev
     sysctl.write_text("1\n")
-    assert userfaultfd_refusal(uid=999, gid=995, version=old) is None
+    assert userfaultfd_refusal(me, version=old) is None

@@ -18,7 +18,17 @@ from vmctl.model.secret import Secret
 from vmctl.model.status import ExitStatus
 from vmctl.model.tls import TLSCreds
 from vmctl.ops.chains import create_image
-from vmctl.vm import VM, ResetEvent, RunState, ShutdownEvent, ShutdownMethod, ShutdownResult, VMStatus
+from vmctl.vm import (
+    VM,
+    Isolation,
+    ResetEvent,
+    RunState,
+    ShutdownEvent,
+    ShutdownMethod,
+    ShutdownResult,
+    UidPool,
+    VMStatus,
+)
 
 __all__ = [
     "VM",
@@ -27,6 +37,7 @@ __all__ = [
     "Escalation",
     "ExitStatus",
     "Inventory",
+    "Isolation",
     "MigrationProgress",
     "MigrationRequest",
     "MigrationResult",
@@ -39,6 +50,7 @@ __all__ = [
     "ShutdownResult",
     "TLSCreds",
     "Throttle",
+    "UidPool",
     "VMSpec",
     "VMStatus",
     "VmctlError",

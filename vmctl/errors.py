@@ -177,6 +177,13 @@ class LaunchError(VmctlError):
         self.log = log
 
 
+class PoolExhausted(LaunchError):
+    """Every uid of the pool is held by a live VM; nothing was started."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
 class StaleState(VmctlError):
     """The run directory describes a VM that is gone (or whose pid now belongs to another process)."""
 

@@ -55,6 +55,7 @@ from vmctl.vm import startup
 from vmctl.vm.blocks import Blocks
 from vmctl.vm.console import Console
 from vmctl.vm.devices import Devices
+from vmctl.vm.isolation import Isolation
 from vmctl.vm.lifecycle import STEPS, Life, Lifecycle
 from vmctl.vm.migration import Migrations
 from vmctl.vm.process import QemuProcess
@@ -150,17 +151,21 @@ class VM:
         incoming: bool = False,
         netns: str | None = None,
         inventory: Inventory | None = None,
+        isolation: Isolation | None = None,
     ) -> VM:
         """Start QEMU for ``spec`` with its monitor, log, pidfile and state file in ``run_dir``.
 
         QEMU starts with ``-S``; once the monitor is connected and vmctl listens for its events,
         the guest is started (unless ``paused``). A QEMU that fails to start raises ``LaunchError``
-        with QEMU's own message. ``incoming`` waits for a migration (see ``launch_incoming``);
-        ``netns`` runs QEMU in that network namespace (``ip netns exec``), as on another host.
+        with QEMU's own message. ``isolation`` is the host's rules (a uid from the pool and a
+        private /dev per QEMU; default ``Isolation.from_env()``). ``incoming`` waits for a
+        migration (see ``launch_incoming``); ``netns`` runs QEMU in that network namespace (``ip
+        netns exec``), as on another host.
         """
         started = startup.start(
-            spec, run_dir, qemu_binary=qemu_binary, timeout=timeout, incoming=incoming, netns=netns, inventory=inventory
-        )
+            spec, run_dir, qemu_binary=qemu_binary, timeout=timeout, incoming=incoming, netns=netns,
+            inventory=inventory, isolation=isolation,
+        )  # fmt: skip
         try:
             vm = cls(run_dir=started.directory, record=started.record, process=started.process, qmp=started.qmp)
         except BaseException:
@@ -189,9 +194,11 @@ class VM:
         inventory: Inventory | None = None,
         qemu_binary: str | None = None,
         timeout: float = 30.0,
+        isolation: Isolation | None = None,
     ) -> VM:
         """Start QEMU waiting for an incoming migration (``-incoming defer``); ``vm.migrate(this)``
-        then tells it where to listen. Build ``spec`` with ``source.migration_target_spec()``."""
+        then tells it where to listen. Build ``spec`` with ``source.migration_target_spec()``.
+        On the same host, the target gets a uid of its own from the pool, as any launch does."""
         return cls.launch(
             spec,
             run_dir=run_dir,
@@ -200,6 +207,7 @@ class VM:
             incoming=True,
             netns=netns,
             inventory=inventory,
+            isolation=isolation,
         )
 
     @classmethod

@@ -158,8 +158,7 @@ class Migrations:
                 )
             if request.postcopy or (convergence_policy is not None and convergence_policy.allow_postcopy):
                 # QEMU would refuse the capability, saying less
-                uid, gid = process_owner(target._lifecycle.pid)
-                postcopy_refusal = userfaultfd_refusal(uid=uid, gid=gid, version=target.qmp.version)
+                postcopy_refusal = userfaultfd_refusal(target._lifecycle.pid, version=target.qmp.version)
                 if request.postcopy and postcopy_refusal is not None:
                     raise InvalidArgument(f"postcopy=True: {postcopy_refusal}")
         elif not isinstance(target, str) or not target:
@@ -238,7 +237,7 @@ class Migrations:
                     tls_ops.load(target.qmp, target_tls, target.run_dir, "migration", "server")
                 tls_ops.load(self.qmp, tls, self.run_dir, "migration", "client")
             if isinstance(target, Migrations):
-                uri = f"tcp:{listen[0]}:{listen[1]}" if listen else f"unix:{target.run_dir / MIGRATION_SOCKET}"
+                uri = self._listen_uri(target, listen, multifd=bool(options.multifd_channels))
                 migration_ops.set_capabilities(target.qmp, options.capabilities(source=False))
                 migration_ops.set_parameters(target.qmp, options.parameters(source=False))
                 target_events = target.qmp.events("MIGRATION")
@@ -255,7 +254,7 @@ class Migrations:
                 )
                 driver = ConvergenceDriver(self.qmp, convergence, self._log)
                 driver.start()
-            migration_ops.start(self.qmp, uri)
+            migration_ops.start(self.qmp, migration_ops.source_uri(self.qmp, uri))
         except BaseException:
             if driver is not None:
                 driver.stop()
@@ -301,6 +300,16 @@ class Migrations:
             on_ended=ended,
             convergence=driver,
         )
+
+    def _listen_uri(self, target: Migrations, listen: tuple[str, int] | None, *, multifd: bool) -> str:
+        """Where the target listens. On this host, a unix socket in its run dir, reached by the
+        source through a connection vmctl hands it (see ``migration_ops.source_uri``); multifd
+        opens its channels itself, so between QEMUs of different uids it listens on loopback TCP."""
+        if listen is not None:
+            return f"tcp:{listen[0]}:{listen[1]}"
+        if multifd and process_owner(self._lifecycle.pid) != process_owner(target._lifecycle.pid):
+            return f"tcp:127.0.0.1:{migration_ops.free_loopback_port()}"
+        return f"unix:{target.run_dir / MIGRATION_SOCKET}"
 
     def _copy_storage(
         self,

@@ -115,9 +115,11 @@ class QemuUser:
         return bool(info.st_mode & other)
 
 
-def userfaultfd_refusal(*, uid: int, gid: int, version: QEMUVersion) -> str | None:
-    """Why a QEMU running as ``uid``/``gid`` cannot be a postcopy target (it needs a userfaultfd
-    that handles kernel faults), or ``None`` if it can."""
+def userfaultfd_refusal(pid: int, *, version: QEMUVersion) -> str | None:
+    """Why the QEMU ``pid`` cannot be a postcopy target (it needs a userfaultfd that handles
+    kernel faults), or ``None`` if it can. Its /dev is the one it sees (``/proc/PID/root/dev``):
+    its own, under a private /dev."""
+    uid, gid = process_owner(pid)
     if uid == 0:
         return None
     try:
@@ -129,7 +131,7 @@ def userfaultfd_refusal(*, uid: int, gid: int, version: QEMUVersion) -> str | No
     device = (version.major, version.minor) >= USERFAULTFD_DEVICE_SINCE
     if device:
         try:
-            info = os.stat(USERFAULTFD_DEVICE)
+            info = os.stat(f"/proc/{pid}/root{USERFAULTFD_DEVICE}")
         except OSError:
             pass
         else:
@@ -143,8 +145,9 @@ def userfaultfd_refusal(*, uid: int, gid: int, version: QEMUVersion) -> str | No
             if allowed:
                 return None
     how = (
-        f"give its group read-write access to {USERFAULTFD_DEVICE} (chgrp {gid} {USERFAULTFD_DEVICE}; "
-        f"chmod 0660 {USERFAULTFD_DEVICE}) or set vm.unprivileged_userfaultfd=1"
+        f"give it a private /dev (vmctl as root does: its own {USERFAULTFD_DEVICE}), or its group read-write "
+        f"access to {USERFAULTFD_DEVICE} (chgrp {gid} {USERFAULTFD_DEVICE}; chmod 0660 {USERFAULTFD_DEVICE}), "
+        "or set vm.unprivileged_userfaultfd=1"
         if device
         else f"QEMU {version} has only the syscall: set vm.unprivileged_userfaultfd=1 (sysctl)"
     )

@@ -31,9 +31,9 @@ from vmctl.model.pcie import Controller
 from vmctl.qmp import Monitor, connect
 from vmctl.qmp.timeouts import deadline
 from vmctl.vm.firmware import prepare_firmware
+from vmctl.vm.isolation import Isolation
 from vmctl.vm.logtail import tail
 from vmctl.vm.passing import Fd, opened
-from vmctl.vm.privileges import QemuUser
 from vmctl.vm.process import QemuProcess
 from vmctl.vm.process import qemu_binary as default_qemu
 from vmctl.vm.secrets import create_master_key, master_key_fd, secret_object
@@ -68,6 +68,7 @@ def start(
     incoming: bool,
     netns: str | None,
     inventory: Inventory | None,
+    isolation: Isolation | None = None,
 ) -> Started:
     """Start QEMU for ``spec`` (``-S``) in ``run_dir`` and connect to its monitor within
     ``timeout``; a QEMU that fails to start is reaped and its own message raised (``LaunchError``)."""
@@ -80,37 +81,38 @@ def start(
     for leftover in (QMP_SOCKET, TOOLS_SOCKET, SHELL_SOCKET, AGENT_SOCKET, STATE_FILE):
         with contextlib.suppress(FileNotFoundError):
             (directory / leftover).unlink()
-    user = QemuUser.resolve(spec.run_as)
-    files = spec.passed_files(directory)
-    if user is not None:  # its run dir, and the files QEMU reopens itself, must be in its reach
-        user.share_run_dir(directory)
-        user.check_reachable(directory, what="the run dir")
-        for file in files:
-            if file.read_by_qemu:
-                user.check_readable(file.path)
-    prepare_firmware(spec, directory)
-    accel = spec.accel or default_accelerator()
-    log_path = directory / LOG_FILE
-    ends = deadline(timeout)
-    key = create_master_key(directory)
-    objects = [
-        secret_object(secret_object_id(disk.id), disk.encryption, key)
-        for disk in spec.disks
-        if disk.encryption is not None
-    ]
-    with opened(files) as passed, contextlib.closing(Fd(master_key_fd(key))) as key_fd:
-        passed = {**passed, MASTER_KEY_TAG: key_fd.fd}
-        argv = spec.command_line(qemu_binary=binary, run_dir=directory, accel=accel, passed=passed, objects=objects)
-        if incoming:
-            argv += ["-incoming", "defer"]
-        if user is not None:
-            argv = [*user.command_prefix(), *argv]
-        if netns is not None:
-            argv = ["ip", "netns", "exec", netns, *argv]
-        try:
-            process = QemuProcess.start(argv, log_path=log_path, pass_fds=list(passed.values()))
-        except OSError as exc:
-            raise LaunchError(f"cannot run {binary}: {exc}") from exc
+    confinement = (isolation or Isolation.from_env()).confine(spec.run_as, vm=spec.name)
+    with contextlib.closing(confinement):  # QEMU holds its own copy of the lease from its start
+        user = confinement.user
+        files = spec.passed_files(directory)
+        if user is not None:  # its run dir, and the files QEMU reopens itself, must be in its reach
+            user.share_run_dir(directory)
+            user.check_reachable(directory, what="the run dir")
+            for file in files:
+                if file.read_by_qemu:
+                    user.check_readable(file.path)
+        prepare_firmware(spec, directory)
+        accel = spec.accel or default_accelerator()
+        log_path = directory / LOG_FILE
+        ends = deadline(timeout)
+        key = create_master_key(directory)
+        objects = [
+            secret_object(secret_object_id(disk.id), disk.encryption, key)
+            for disk in spec.disks
+            if disk.encryption is not None
+        ]
+        with opened(files) as passed, contextlib.closing(Fd(master_key_fd(key))) as key_fd:
+            passed = {**passed, MASTER_KEY_TAG: key_fd.fd}
+            argv = spec.command_line(qemu_binary=binary, run_dir=directory, accel=accel, passed=passed, objects=objects)
+            if incoming:
+                argv += ["-incoming", "defer"]
+            argv = [*confinement.prefix, *argv]
+            if netns is not None:
+                argv = ["ip", "netns", "exec", netns, *argv]
+            try:
+                process = QemuProcess.start(argv, log_path=log_path, pass_fds=[*passed.values(), *confinement.pass_fds])
+            except OSError as exc:
+                raise LaunchError(f"cannot run {binary}: {exc}") from exc
     try:
         socket_path = _wait_for_socket(process, directory / QMP_SOCKET, ends, log_path)
         try:
