@@ -17,6 +17,7 @@ import pytest
 from integration.conftest import VMFactory, make_image
 from integration.versions import ISOLATION
 from vmctl import VM, DiskSpec
+from vmctl.errors import LaunchError
 from vmctl.testing import GuestShell
 from vmctl.vm.devjail import OWNED_NODES
 from vmctl.vm.uidpool import UidPool
@@ -183,3 +184,11 @@ def test_a_storage_copy_between_uids_reaches_the_targets_nbd_server_through_vmct
     assert source.migrate(target, copy_storage=True).wait(180).status == "completed"
     with GuestShell(target) as shell:
         assert shell.run("head -c 13 /dev/vda").output == "copied-across"
+
+
+def test_a_launch_that_fails_holds_no_uid_after_it(vms: VMFactory) -> None:
+    pool = UidPool.from_env()
+    before = {uid for uid in pool.ids if pool.holder(uid)}
+    with pytest.raises(LaunchError, match="QEMU exited during start-up"):
+        vms.launch(vms.spec("broken", extra_args=("-device", "no-such-device")), wait_ready=False)
+    assert {uid for uid in pool.ids if pool.holder(uid)} <= before

@@ -78,20 +78,19 @@ def test_without_passed_files_the_images_are_named_by_path() -> None:
     assert json.loads(option(argv, "-blockdev")[0])["filename"] == "/img/a.qcow2"
 
 
-def test_auto_is_vmctl_qemu_for_root_and_vmctls_own_user_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(privileges, "DEFAULT_USER", "nobody")
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert QemuUser.resolve("auto") == QemuUser(name="nobody", uid=NOBODY.pw_uid, gid=NOBODY.pw_gid)
+def test_auto_is_vmctls_own_user_when_not_root_and_the_pools_as_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1234)
     assert QemuUser.resolve("auto") is None
     assert QemuUser.resolve(None) is None
-
-
-def test_a_missing_default_user_says_how_to_make_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(privileges, "DEFAULT_USER", "vmctl-no-such-user")
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    with pytest.raises(LaunchError, match="useradd --system --user-group --no-create-home vmctl-no-such-user"):
+    with pytest.raises(LaunchError, match="from the pool"):
         QemuUser.resolve("auto")
+
+
+def test_a_missing_user_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with pytest.raises(LaunchError, match=r"no user 'vmctl-no-such-user' \(give a number"):
+        QemuUser.resolve("vmctl-no-such-user")
 
 
 def test_run_as_takes_names_numbers_and_a_group(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ What it refuses (``SpecError`` naming the field) unless left at its default:
 devices, which libvirt names otherwise), ``no_shutdown`` (libvirt's QEMU driver has no
 ``preserve`` on poweroff), ``sandbox=False`` (libvirt's qemu.conf, ``seccomp_sandbox``,
 decides, and by default sets the same ``-sandbox`` as vmctl) and ``run_as`` other than
-``'auto'`` (libvirt's qemu.conf user, vmctl's ``vmctl-qemu`` by analogy) or root (a static DAC
+``'auto'`` (libvirt's qemu.conf user, where vmctl takes a uid from its pool) or root (a static DAC
 label). What vmctl does itself and libvirt does otherwise is not carried: the QMP socket,
 the pid file, passing files by fd, the master key (libvirt has its own).
 """

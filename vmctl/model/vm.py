@@ -121,8 +121,8 @@ class VMSpec:
     #: A VGA display (for ``vm.screendump`` and ``vm.send_keys``); none shows on the host.
     vga: bool = False
     extra_args: tuple[str, ...] = attrs.field(default=(), converter=_strings)
-    #: Who QEMU runs as: "user[:group]" (names or numbers), "auto" (vmctl-qemu when vmctl is
-    #: root, else vmctl's own user), or None (vmctl's own user, root included).
+    #: Who QEMU runs as: "user[:group]" (names or numbers), "auto" (a uid of its own from the
+    #: host's pool when vmctl is root, else vmctl's own user), or None (vmctl's own, root included).
     run_as: str | None = "auto"
     #: QEMU's seccomp sandbox (``SANDBOX``); off only to debug QEMU itself.
     sandbox: bool = True

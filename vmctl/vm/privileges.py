@@ -24,8 +24,6 @@ import attrs
 from vmctl.errors import LaunchError
 from vmctl.qmp.messages import QEMUVersion
 
-#: The user ``run_as="auto"`` means when vmctl runs as root (``run.sh`` creates it).
-DEFAULT_USER = "vmctl-qemu"
 #: Root's run dir for an unprivileged QEMU: rwx for root and QEMU's group, sticky, nothing for others.
 RUN_DIR_MODE = 0o1770
 #: The first QEMU that asks ``/dev/userfaultfd`` for a userfaultfd (else only the syscall, which
@@ -45,14 +43,15 @@ class QemuUser:
 
     @classmethod
     def resolve(cls, run_as: str | None) -> QemuUser | None:
-        """The user for a spec's ``run_as``; ``None`` when QEMU runs as vmctl's own user.
-        ``"auto"``: ``vmctl-qemu`` when vmctl is root, else vmctl's own user."""
+        """The user a spec's ``run_as`` names; ``None`` when QEMU runs as vmctl's own user.
+        ``"auto"`` is a uid from the pool when vmctl is root (``vmctl.vm.isolation`` takes it),
+        else vmctl's own user."""
         if run_as is None:
             return None
         if run_as == "auto":
             if os.geteuid() != 0:
                 return None
-            run_as = DEFAULT_USER
+            raise LaunchError("run_as='auto' as root takes a uid from the pool: launch through Isolation.confine")
         user_part, _, group_part = run_as.partition(":")
         uid, gid, name = _user(user_part)
         if group_part:
@@ -166,12 +165,7 @@ def _user(text: str) -> tuple[int, int, str]:
     except KeyError:
         if text.isdigit():  # a uid without a passwd entry (one per VM, say): its own gid
             return int(text), int(text), text
-        hint = (
-            f" (create it: useradd --system --user-group --no-create-home {text}, or choose run_as)"
-            if text == DEFAULT_USER
-            else ""
-        )
-        raise LaunchError(f"run_as: there is no user {text!r}{hint}") from None
+        raise LaunchError(f"run_as: there is no user {text!r} (give a number, or create the user)") from None
     return entry.pw_uid, entry.pw_gid, entry.pw_name
 
 
