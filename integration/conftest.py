@@ -330,8 +330,9 @@ def two_hosts() -> Iterator[TwoHosts]:
         hosts.remove()
 
 
-def _leftover_qemus() -> list[int]:
-    """QEMU processes started by this test run (bare ones, or VMs in our run directories)."""
+def _leftover_qemus(base: str) -> list[int]:
+    """QEMU processes started by this test process (bare ones, or VMs in run directories under its
+    ``base`` temporary directory: another xdist worker's VMs, under its own, are not ours)."""
     pids = [p.pid for p in _started if p.poll() is None]
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -340,7 +341,7 @@ def _leftover_qemus() -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"qemu-system" in cmdline and _RUN_DIR_MARK.encode() in cmdline:
+        if b"qemu-system" in cmdline and _RUN_DIR_MARK.encode() in cmdline and base.encode() in cmdline:
             pids.append(int(entry.name))
     return sorted(set(pids))
 
@@ -356,7 +357,7 @@ def pytest_testnodedown(node: Any, error: object) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    alive = _leftover_qemus()
+    alive = _leftover_qemus(str(session.config._tmp_path_factory.getbasetemp()))  # type: ignore[attr-defined]
     for pid in alive:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -29,3 +29,7 @@ ISOLATION = (
     "a private /dev and a uid of its own: which device nodes and system calls QEMU needs at start-up, "
     "and userfaultfd by device from 8.1, differ between versions"
 )
+BACKUP = (
+    "backups: blockdev-backup with copy-before-write, transactions of dirty bitmaps and jobs, "
+    "persistent bitmaps in qcow2, differ between versions"
+)

@@ -14,10 +14,12 @@ from vmctl.model import (
     Throttle,
     VMSpec,
 )
+from vmctl.model.backup import Backup
 from vmctl.model.secret import Secret
 from vmctl.model.status import ExitStatus
 from vmctl.model.tls import TLSCreds
 from vmctl.ops.chains import create_image
+from vmctl.ops.restore import restore_disk
 from vmctl.vm import (
     VM,
     Isolation,
@@ -32,6 +34,7 @@ from vmctl.vm import (
 
 __all__ = [
     "VM",
+    "Backup",
     "DiskSpec",
     "Domain",
     "Escalation",
@@ -56,5 +59,6 @@ __all__ = [
     "VmctlError",
     "create_image",
     "errors",
+    "restore_disk",
 ]
 __version__ = "0.1.0"

@@ -4,7 +4,7 @@ followed through JOB_STATUS_CHANGE events subscribed before the start command, a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -64,20 +64,40 @@ class Job:
     @classmethod
     def start(cls, qmp: QMPMonitor, log: Any, command: str, arguments: Mapping[str, Any], *, job_type: str) -> Job:
         job_id = str(arguments["job-id"])
-        events = qmp.events("JOB_STATUS_CHANGE", match={"id": job_id}, maxsize=1024)
-        try:  # a late reply: if QEMU has the job, it is ours to follow
-            execute_checked(
-                qmp,
-                command,
-                {**arguments, "auto-dismiss": False},
-                took=lambda: any(job.id == job_id for job in query_jobs(qmp)),
-            )
-        except BaseException:
-            events.close()
-            raise
-        job = cls(qmp, job_id, job_type, events, log)
-        job._log.info("blockjob.started", type=job_type)
+        return cls.started_by(qmp, log, command, {**arguments, "auto-dismiss": False}, job_id, job_type=job_type)
+
+    @classmethod
+    def started_by(
+        cls, qmp: QMPMonitor, log: Any, command: str, arguments: Mapping[str, Any], job_id: str, *, job_type: str
+    ) -> Job:
+        """Follow the job ``job_id`` that ``command`` starts (a job command, or a transaction with
+        one: its arguments then say ``auto-dismiss: false`` themselves)."""
+        (job,) = cls.all_started_by(qmp, log, command, arguments, [job_id], job_type=job_type)
         return job
+
+    @classmethod
+    def all_started_by(
+        cls,
+        qmp: QMPMonitor,
+        log: Any,
+        command: str,
+        arguments: Mapping[str, Any],
+        job_ids: Sequence[str],
+        *,
+        job_type: str,
+    ) -> list[Job]:
+        """Follow the jobs one command starts together (a transaction): each heard from its start."""
+        subscriptions = [qmp.events("JOB_STATUS_CHANGE", match={"id": job_id}, maxsize=1024) for job_id in job_ids]
+        try:  # a late reply: if QEMU has the jobs, they are ours to follow
+            execute_checked(qmp, command, arguments, took=lambda: set(job_ids) <= {job.id for job in query_jobs(qmp)})
+        except BaseException:
+            for events in subscriptions:
+                events.close()
+            raise
+        jobs = [cls(qmp, job_id, job_type, events, log) for job_id, events in zip(job_ids, subscriptions, strict=True)]
+        for job in jobs:
+            job._log.info("blockjob.started", type=job_type)
+        return jobs
 
     def __enter__(self) -> Job:
         return self

@@ -32,7 +32,6 @@ from vmctl.ops.convergence_driver import ConvergenceDriver
 from vmctl.ops.migration import (
     POSTCOPY,
     TERMINAL,
-    source_uri,
     wait_status,
     wait_terminal,
 )
@@ -151,7 +150,7 @@ class Migration:
             uri = f"tcp:{listen[0]}:{listen[1]}"
         if self.target is not None:
             self.target.execute("migrate-recover", {"uri": uri}, oob=True)
-        self.source.execute("migrate", {"uri": source_uri(self.source, uri), "resume": True})
+        self.source.execute("migrate", {"uri": uri, "resume": True})
         self.uri = uri
         self._log.info("vm.migration_recovering", uri=uri)
 

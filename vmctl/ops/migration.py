@@ -5,7 +5,6 @@ migration under way is followed in ``live_migration``."""
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -140,30 +139,6 @@ def _same_address(uri: str, address: Mapping[str, Any]) -> bool:
     if kind == "unix":
         return address.get("type") == "unix" and address.get("path") == rest
     return address.get("type") == "inet" and str(address.get("port")) == rest.rpartition(":")[2]
-
-
-#: The name the source's QEMU gets its migration connection under (``getfd``, ``fd:`` URIs).
-MIGRATION_FD = "vmctl-migration"
-
-
-def free_loopback_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on now (for a target to listen on)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def source_uri(source: QMPMonitor, uri: str) -> str:
-    """What the source migrates to for a target listening on ``uri``. A unix socket is in the
-    target's run dir, which the source's QEMU (another uid) cannot reach: vmctl connects to it and
-    hands the source the connected socket (``getfd``, ``fd:``). Other URIs go as they are."""
-    if not uri.startswith("unix:"):
-        return uri
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.connect(uri.removeprefix("unix:"))
-        source.execute("getfd", {"fdname": MIGRATION_FD}, fds=[connection.fileno()])
-    return f"fd:{MIGRATION_FD}"
 
 
 def start(source: QMPMonitor, uri: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import attrs
@@ -32,18 +31,6 @@ def socket_address(address: NbdAddress) -> dict[str, Any]:
         host, port = address
         return {"type": "inet", "host": host, "port": str(port)}
     return {"type": "unix", "path": check_unix_path("NBD socket", address)}
-
-
-def client_address(client: QMPMonitor, address: NbdAddress, fd_name: str) -> dict[str, Any]:
-    """The ``server`` of an nbd node in the QEMU ``client``: a unix socket is in the serving VM's
-    run dir, out of reach of another VM's QEMU (another uid), so vmctl connects to it and hands
-    ``client`` the connected socket (``getfd`` under ``fd_name``); TCP goes as it is."""
-    if isinstance(address, tuple):
-        return socket_address(address)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.connect(check_unix_path("NBD socket", address))
-        client.execute("getfd", {"fdname": fd_name}, fds=[connection.fileno()])
-    return {"type": "fd", "str": fd_name}
 
 
 def server_address(address: NbdAddress) -> dict[str, Any]:

@@ -45,9 +45,12 @@ def nodes() -> list[str]:
     return found
 
 
-def prefix(uid: int, gid: int) -> list[str]:
-    """What runs a command in a private /dev whose own nodes are ``uid``'s and ``gid``'s."""
-    return [sys.executable, "-I", "-S", str(JAIL_SCRIPT), str(uid), str(gid), *nodes(), "--"]
+def prefix(uid: int, gid: int, *, private: bool = True) -> list[str]:
+    """What runs a command with umask 007 and (``private``) in a private /dev whose own nodes are
+    ``uid``'s and ``gid``'s."""
+    if not private:
+        return [sys.executable, "-I", "-S", str(JAIL_SCRIPT), "shared", str(uid), str(gid), "--"]
+    return [sys.executable, "-I", "-S", str(JAIL_SCRIPT), "private", str(uid), str(gid), *nodes(), "--"]
 
 
 def _node(name: str, mode: int, *, owned: bool) -> str:

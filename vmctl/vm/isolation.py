@@ -47,10 +47,10 @@ class Isolation:
         else:
             user = QemuUser.resolve(run_as)
         prefix: list[str] = []
-        if root and self.private_dev:
-            prefix += devjail.prefix(user.uid if user else 0, user.gid if user else 0)
-        elif root:
-            log.warning("isolation.shared_dev", vm=vm, reason="Isolation(private_dev=False)")
+        if root:
+            prefix += devjail.prefix(user.uid if user else 0, user.gid if user else 0, private=self.private_dev)
+            if not self.private_dev:
+                log.warning("isolation.shared_dev", vm=vm, reason="Isolation(private_dev=False)")
         else:
             log.warning("isolation.shared_dev", vm=vm, reason="vmctl is not root: QEMU keeps the host's /dev")
         if user is not None:

@@ -1,7 +1,9 @@
 """Run as a script, never imported: give this process a /dev of its own, then exec the command.
 
-``python -I -S jail_exec.py UID GID NODE... -- COMMAND...`` (see ``vmctl.vm.devjail``, which
-writes the line). In a new mount namespace, private so that nothing mounted here reaches the host:
+``python -I -S jail_exec.py private|shared UID GID NODE... -- COMMAND...`` (see
+``vmctl.vm.devjail``, which writes the line). Either way QEMU's umask becomes 007: what it creates
+(its sockets) is its own and its group's, never everyone's. ``private``: in a new mount namespace,
+private so that nothing mounted here reaches the host,
 a small tmpfs on /dev holding only the device nodes named (``name:major:minor:mode:owned``, where
 ``owned`` nodes are made the VM's, ``UID:GID`` mode 0600 instead of root's), the usual links, and
 a devpts of its own. Then exec: QEMU runs with the same pid and sees nothing else of the host's
@@ -47,8 +49,16 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
 
 def main(argv: list[str]) -> None:
     split = argv.index("--")
-    uid, gid, *nodes = argv[:split]
+    mode, uid, gid, *nodes = argv[:split]
     command = argv[split + 1 :]
+    if mode == "private":
+        _private_dev(uid, gid, nodes)
+    os.umask(0o007)  # after /dev is made: its directories stay 0755
+    # The tmpfs is root's, 0755: an unprivileged QEMU can neither add nor remove anything in it.
+    os.execvp(command[0], command)
+
+
+def _private_dev(uid: str, gid: str, nodes: list[str]) -> None:
     _call("unshare", _libc.unshare(CLONE_NEWNS))
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     _mount("vmctl-dev", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=256k,nr_inodes=64")
@@ -70,8 +80,6 @@ def main(argv: list[str]) -> None:
         ("stderr", "/proc/self/fd/2"),
     ):
         os.symlink(target, f"/dev/{link}")
-    # The tmpfs is root's, 0755: an unprivileged QEMU can neither add nor remove anything in it.
-    os.execvp(command[0], command)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from vmctl.ops.nbd import NbdAddress
 from vmctl.ops.screen import ImageFormat
 from vmctl.qmp import Event, Monitor
 from vmctl.vm import startup
+from vmctl.vm.backups import Backups
 from vmctl.vm.blocks import Blocks
 from vmctl.vm.console import Console
 from vmctl.vm.devices import Devices
@@ -93,6 +94,7 @@ class VM:
         self.devices = Devices(name=self.name, qmp=qmp, store=self.store, log=self.log)
         self._agent = _guest_agent(run_dir, record.spec, qmp)
         self.blocks = Blocks(name=self.name, qmp=qmp, store=self.store, log=self.log, agent=lambda: self.agent)
+        self.backups = Backups(name=self.name, qmp=qmp, store=self.store, log=self.log, agent=lambda: self.agent)
         self.migrations = Migrations(
             name=self.name, qmp=qmp, store=self.store, blocks=self.blocks, lifecycle=self.lifecycle, log=self.log
         )
@@ -131,6 +133,9 @@ class VM:
         self.remove_bitmap = blocks.remove_bitmap
         self.clear_bitmap = blocks.clear_bitmap
         self.merge_bitmaps = blocks.merge_bitmaps
+        self.backup = self.backups.backup
+        self.checkpoints = self.backups.checkpoints
+        self.remove_checkpoint = self.backups.remove_checkpoint
         self.export_disk = blocks.export_disk
         self.unexport_disk = blocks.unexport_disk
         self.migration_target_spec = migrations.migration_target_spec

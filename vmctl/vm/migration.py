@@ -17,7 +17,7 @@ import attrs
 from vmctl.errors import InvalidArgument, QMPError
 from vmctl.model import Inventory, VMSpec
 from vmctl.model.migration import DEFAULT_DOWNTIME_LIMIT_MS, MigrationOptions, MigrationRequest
-from vmctl.model.names import MIGRATION_SOCKET, UEFI_VARS_FILE
+from vmctl.model.names import MIGRATION_SOCKET, NBD_SOCKET, UEFI_VARS_FILE
 from vmctl.model.status import ShutdownMethod
 from vmctl.model.tls import TLSCreds
 from vmctl.ops import convergence as convergence_ops
@@ -25,12 +25,14 @@ from vmctl.ops import cpus as cpu_ops
 from vmctl.ops import migration as migration_ops
 from vmctl.ops.convergence_driver import ConvergenceDriver
 from vmctl.ops.live_migration import Migration
+from vmctl.ops.nbd import NbdAddress
 from vmctl.qmp import Monitor
 from vmctl.vm import tls as tls_ops
 from vmctl.vm.blocks import Blocks
 from vmctl.vm.journal import MIGRATION, Intent
 from vmctl.vm.lifecycle import Lifecycle
-from vmctl.vm.privileges import process_owner, userfaultfd_refusal
+from vmctl.vm.privileges import userfaultfd_refusal
+from vmctl.vm.rendezvous import Rendezvous
 from vmctl.vm.storage_copy import StorageCopy
 from vmctl.vm.store import StateStore
 
@@ -200,7 +202,15 @@ class Migrations:
                 self._store.end(MIGRATION)
                 raise
 
+        rendezvous = (
+            Rendezvous.between(self._lifecycle.pid, target._lifecycle.pid, target.run_dir)
+            if isinstance(target, Migrations) and listen is None
+            else None
+        )
+
         def ended() -> None:
+            if rendezvous is not None:
+                rendezvous.close()
             # A source whose monitor was lost (not always a dead QEMU) may live on mid-migration:
             # its entry stays for its next attach to settle, and so does the target's, unless the
             # guest was handed over and runs there.
@@ -212,7 +222,9 @@ class Migrations:
 
         try:
             storage = (
-                self._copy_storage(target, listen, request.storage_timeout, tls=tls, target_tls=target_tls)
+                self._copy_storage(
+                    target, listen, request.storage_timeout, tls=tls, target_tls=target_tls, rendezvous=rendezvous
+                )
                 if isinstance(target, Migrations) and request.copy_storage
                 else None
             )
@@ -237,11 +249,13 @@ class Migrations:
                     tls_ops.load(target.qmp, target_tls, target.run_dir, "migration", "server")
                 tls_ops.load(self.qmp, tls, self.run_dir, "migration", "client")
             if isinstance(target, Migrations):
-                uri = self._listen_uri(target, listen, multifd=bool(options.multifd_channels))
+                uri = self._listen_uri(target, listen, rendezvous)
                 migration_ops.set_capabilities(target.qmp, options.capabilities(source=False))
                 migration_ops.set_parameters(target.qmp, options.parameters(source=False))
                 target_events = target.qmp.events("MIGRATION")
                 migration_ops.listen_incoming(target.qmp, uri)
+                if rendezvous is not None:
+                    rendezvous.open_socket(MIGRATION_SOCKET)
             else:
                 uri = target
             migration_ops.set_capabilities(self.qmp, options.capabilities(source=True), replaced=previous_caps)
@@ -254,7 +268,7 @@ class Migrations:
                 )
                 driver = ConvergenceDriver(self.qmp, convergence, self._log)
                 driver.start()
-            migration_ops.start(self.qmp, migration_ops.source_uri(self.qmp, uri))
+            migration_ops.start(self.qmp, uri)
         except BaseException:
             if driver is not None:
                 driver.stop()
@@ -301,14 +315,14 @@ class Migrations:
             convergence=driver,
         )
 
-    def _listen_uri(self, target: Migrations, listen: tuple[str, int] | None, *, multifd: bool) -> str:
-        """Where the target listens. On this host, a unix socket in its run dir, reached by the
-        source through a connection vmctl hands it (see ``migration_ops.source_uri``); multifd
-        opens its channels itself, so between QEMUs of different uids it listens on loopback TCP."""
+    def _listen_uri(self, target: Migrations, listen: tuple[str, int] | None, rendezvous: Rendezvous | None) -> str:
+        """Where the target listens: TCP where asked; on this host a unix socket, in the
+        rendezvous when the two QEMUs run as different uids (multifd's channels connect there
+        too), else in the target's run dir."""
         if listen is not None:
             return f"tcp:{listen[0]}:{listen[1]}"
-        if multifd and process_owner(self._lifecycle.pid) != process_owner(target._lifecycle.pid):
-            return f"tcp:127.0.0.1:{migration_ops.free_loopback_port()}"
+        if rendezvous is not None:
+            return f"unix:{rendezvous.socket(MIGRATION_SOCKET)}"
         return f"unix:{target.run_dir / MIGRATION_SOCKET}"
 
     def _copy_storage(
@@ -319,6 +333,7 @@ class Migrations:
         *,
         tls: TLSCreds | None,
         target_tls: TLSCreds | None,
+        rendezvous: Rendezvous | None,
     ) -> StorageCopy:
         """Mirror the disks whose image differs on the target into its NBD exports, until in
         sync; with ``tls``, over NBD with TLS (the target serves, the source is the client)."""
@@ -326,8 +341,11 @@ class Migrations:
         to_copy = [d for d in self._store.inventory.disks if theirs[d.id].path != d.path or theirs[d.id].overlays]
         if not to_copy:
             raise InvalidArgument("copy_storage: the target uses the same images (launch it with disk_paths)")
-        # Over TCP the NBD server listens next to the migration port; else on a socket in its run dir.
-        address = (listen[0], listen[1] + 1) if listen else None
+        # Over TCP the NBD server listens next to the migration port; else on a socket in the
+        # rendezvous (QEMUs of different uids) or in its run dir.
+        address: NbdAddress | None = (listen[0], listen[1] + 1) if listen else None
+        if rendezvous is not None:
+            address = rendezvous.socket(NBD_SOCKET)
         client_tls = None
         if tls is not None:
             client_tls = tls_ops.load(self.qmp, tls, self.run_dir, "nbd", "client")

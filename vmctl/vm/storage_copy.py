@@ -57,7 +57,7 @@ class StorageCopy:
                 client: dict[str, Any] = {
                     "driver": "nbd",
                     "node-name": client_node(disk.id),
-                    "server": nbd_ops.client_address(source, target.nbd_address, client_node(disk.id)),
+                    "server": nbd_ops.socket_address(target.nbd_address),
                     "export": export.name,
                 }
                 if tls is not None:

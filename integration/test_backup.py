@@ -1,0 +1,124 @@
+"""Backups on real QEMU with real data: full and incremental, restored byte for byte, at one instant."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from integration.conftest import VMFactory, make_image
+from integration.versions import BACKUP
+from vmctl import VM, DiskSpec, restore_disk
+from vmctl.errors import BlockJobError
+from vmctl.testing import GuestShell
+
+pytestmark = pytest.mark.versioned(BACKUP)
+
+MIB = 1 << 20
+SIZE = 32 * MIB
+
+
+@pytest.fixture
+def vm(vms: VMFactory, tmp_path: Path) -> Iterator[VM]:
+    image = make_image(tmp_path / "data.qcow2", "qcow2", "32M")
+    yield vms.launch(vms.spec(disks=[DiskSpec(id="d1", path=image)]))
+
+
+def device_sum(shell: GuestShell) -> str:
+    return shell.run("sha256sum /dev/vda").output.split()[0]
+
+
+def file_sum(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def allocated(path: Path) -> int:
+    """Bytes of guest data the image holds itself (``qemu-img map``), not reading through."""
+    done = subprocess.run(["qemu-img", "map", "--output=json", str(path)], capture_output=True, text=True, check=True)
+    return sum(e["length"] for e in json.loads(done.stdout) if e["data"] and e.get("depth", 0) == 0)
+
+
+def test_a_full_and_an_incremental_backup_restore_the_disk_exactly(vm: VM, tmp_path: Path) -> None:
+    out = tmp_path / "backups"
+    out.mkdir()
+    with GuestShell(vm) as shell:
+        shell.run("head -c 33554432 /dev/urandom | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+        full = vm.backup(out, checkpoint="c1").wait(120)
+        assert (full.since, set(full.files)) == (None, {"d1"})
+        assert vm.checkpoints() == ["c1"]
+        shell.run("head -c 4194304 /dev/urandom | dd of=/dev/vda bs=1M seek=8 conv=fsync 2>/dev/null", check=True)
+        incremental = vm.backup(out, since="c1", checkpoint="c2").wait(120)
+        expected = device_sum(shell)
+    assert incremental.since == "c1" and vm.checkpoints() == ["c1", "c2"]
+    changed = allocated(Path(incremental.files["d1"]))
+    assert 4 * MIB <= changed <= 4 * MIB + 2 * 65536, changed  # the rewritten clusters, not the disk
+    restored = tmp_path / "restored.raw"
+    restore_disk([full.files["d1"], incremental.files["d1"]], restored, format="raw")
+    assert file_sum(restored) == expected
+
+
+def test_a_backup_holds_the_disk_as_it_was_when_it_began(vm: VM, tmp_path: Path) -> None:
+    out = tmp_path / "backups"
+    out.mkdir()
+    with GuestShell(vm) as shell:
+        shell.run("head -c 33554432 /dev/zero | tr '\\0' A | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+        job = vm.backup(out, checkpoint="c1", bandwidth=4 * MIB)  # 8 s at the least
+        shell.run("head -c 33554432 /dev/urandom | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+        assert job.progress(), "the backup ended before the guest overwrote the disk"
+        job.set_bandwidth(0)
+        backup = job.wait(120)
+    restored = tmp_path / "restored.raw"
+    restore_disk([backup.files["d1"]], restored, format="raw")
+    assert restored.read_bytes() == b"A" * SIZE
+
+
+def test_a_failed_incremental_loses_no_change_and_leaves_no_checkpoint(vm: VM, tmp_path: Path) -> None:
+    out = tmp_path / "backups"
+    out.mkdir()
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        with GuestShell(vm) as shell:
+            shell.run("head -c 33554432 /dev/urandom | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+            full = vm.backup(out, checkpoint="c1").wait(120)
+            shell.run("head -c 8388608 /dev/urandom | dd of=/dev/vda bs=1M seek=4 conv=fsync 2>/dev/null", check=True)
+            with pytest.raises(BlockJobError):
+                vm.backup(small, since="c1", checkpoint="failed").wait(120)  # 8 MiB into 2 MiB
+            assert vm.checkpoints() == ["c1"] and list(small.iterdir()) == []
+            shell.run("head -c 1048576 /dev/urandom | dd of=/dev/vda bs=1M seek=20 conv=fsync 2>/dev/null", check=True)
+            incremental = vm.backup(out, since="c1", checkpoint="c2").wait(120)
+            expected = device_sum(shell)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    restored = tmp_path / "restored.raw"
+    restore_disk([full.files["d1"], incremental.files["d1"]], restored, format="raw")
+    assert file_sum(restored) == expected
+
+
+def test_checkpoints_hold_across_attach_and_an_incremental_after_it_is_exact(
+    vm: VM, vms: VMFactory, tmp_path: Path
+) -> None:
+    out = tmp_path / "backups"
+    out.mkdir()
+    with GuestShell(vm) as shell:
+        shell.run("head -c 33554432 /dev/urandom | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+    full = vm.backup(out, checkpoint="c1").wait(120)
+    vm.close()
+    vms.vms.remove(vm)
+    again = VM.attach(vm.run_dir)
+    vms.vms.append(again)
+    assert again.checkpoints() == ["c1"]
+    with GuestShell(again) as shell:
+        shell.run("head -c 2097152 /dev/urandom | dd of=/dev/vda bs=1M seek=30 conv=fsync 2>/dev/null", check=True)
+        incremental = again.backup(out, since="c1", checkpoint="c2").wait(120)
+        expected = device_sum(shell)
+    restored = tmp_path / "restored.raw"
+    restore_disk([full.files["d1"], incremental.files["d1"]], restored, format="raw")
+    assert file_sum(restored) == expected
+    again.remove_checkpoint("c1")
+    assert again.checkpoints() == ["c2"]
