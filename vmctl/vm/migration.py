@@ -6,9 +6,10 @@ its inventory, its NBD exports) and hands the inventory over when the guest has 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -209,8 +210,6 @@ class Migrations:
         )
 
         def ended() -> None:
-            if rendezvous is not None:
-                rendezvous.close()
             # A source whose monitor was lost (not always a dead QEMU) may live on mid-migration:
             # its entry stays for its next attach to settle, and so does the target's, unless the
             # guest was handed over and runs there.
@@ -311,7 +310,7 @@ class Migrations:
             finish_source=self.finish_migrated_source,
             on_completed=storage.finish if storage is not None else None,
             on_aborted=storage.abort if storage is not None else None,
-            on_ended=ended,
+            on_ended=functools.partial(_ended_with, ended, rendezvous),
             convergence=driver,
         )
 
@@ -402,3 +401,11 @@ def _device_mismatch(source: Inventory, target: Inventory) -> str:
         if theirs - mine:
             differences.append(f"{kind} only on the target: {', '.join(sorted(theirs - mine))}")
     return "; ".join(differences)
+
+
+def _ended_with(ended: Callable[[], None], rendezvous: Rendezvous | None) -> None:
+    """A migration's end; its rendezvous goes with it (a setup that failed keeps it: the target
+    still listens there for the next attempt)."""
+    ended()
+    if rendezvous is not None:
+        rendezvous.close()

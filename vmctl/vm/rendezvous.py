@@ -6,13 +6,16 @@ source's gid as its group, ``2710`` (setgid: the sockets the target makes there 
 group; QEMU's umask of 007 gives that group read-write). So the source's QEMU can connect to
 exactly these sockets, the target's run dir stays closed to it, and no other VM's QEMU gets in.
 Nothing is connected before the source itself connects: a setup step that fails leaves the target
-waiting, as it was. The directory goes when the migration ends.
+waiting, as it was, and the next attempt meets it in the same directory. The directory goes when
+the migration ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import attrs
@@ -32,7 +35,11 @@ class Rendezvous:
         if source_uid == target_uid:
             return None
         path = target_run_dir.parent / f".{target_run_dir.name}.rv"
-        shutil.rmtree(path, ignore_errors=True)  # a leftover of an earlier migration
+        with contextlib.suppress(FileNotFoundError):
+            info = os.lstat(path)
+            if (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (target_uid, source_gid, 0o2710):
+                return cls(path)  # an earlier attempt's, where this target still listens
+            shutil.rmtree(path)  # another pair's leftover
         path.mkdir(mode=0o700)
         os.chown(path, target_uid, source_gid)
         os.chmod(path, 0o2710)
@@ -42,8 +49,10 @@ class Rendezvous:
         return str(self.path / name)
 
     def open_socket(self, name: str) -> None:
-        """Let the source's group connect to a socket the target made here (if QEMU's umask did not)."""
-        os.chmod(self.path / name, 0o770)
+        """Let the source's group connect to a socket the target made here, should QEMU's umask
+        not have (a socket not there yet is the migration's to find: its start fails)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(self.path / name, 0o770)
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
