@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,3 +124,40 @@ def test_checkpoints_hold_across_attach_and_an_incremental_after_it_is_exact(
     assert file_sum(restored) == expected
     again.remove_checkpoint("c1")
     assert again.checkpoints() == ["c2"]
+
+
+def test_a_backup_whose_control_plane_is_killed_is_settled_at_attach_and_loses_no_change(
+    vm: VM, vms: VMFactory, tmp_path: Path
+) -> None:
+    out = tmp_path / "backups"
+    out.mkdir()
+    with GuestShell(vm) as shell:
+        shell.run("head -c 33554432 /dev/urandom | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+        full = vm.backup(out, checkpoint="c1").wait(120)
+        shell.run("head -c 8388608 /dev/urandom | dd of=/dev/vda bs=1M seek=2 conv=fsync 2>/dev/null", check=True)
+    vm.close()
+    vms.vms.remove(vm)
+    child = textwrap.dedent(
+        f"""
+        import os
+        from vmctl import VM
+        vm = VM.attach({str(vm.run_dir)!r})
+        vm.backup({str(out)!r}, since="c1", checkpoint="killed", bandwidth=1 << 20)
+        print("started", flush=True)
+        os.kill(os.getpid(), 9)
+        """
+    )
+    killed = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert killed.stdout == "started\n" and killed.returncode == -9, killed.stderr
+    again = VM.attach(vm.run_dir)  # settles the backup: cancelled, nothing of it left
+    vms.vms.append(again)
+    assert again.block_jobs() == [] and again.leftovers == ()
+    nodes = [n["node-name"] for n in again.qmp.execute("query-named-block-nodes", {"flat": True})]
+    assert not [n for n in nodes if "-o999-" in n], nodes
+    assert again.checkpoints() == ["c1"] and not (out / "d1.killed.qcow2").exists()
+    with GuestShell(again) as shell:
+        incremental = again.backup(out, since="c1", checkpoint="c2").wait(120)
+        expected = device_sum(shell)
+    restored = tmp_path / "restored.raw"
+    restore_disk([full.files["d1"], incremental.files["d1"]], restored, format="raw")
+    assert file_sum(restored) == expected

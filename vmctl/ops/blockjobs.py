@@ -4,6 +4,7 @@ followed through JOB_STATUS_CHANGE events subscribed before the start command, a
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -14,6 +15,7 @@ from vmctl.errors import BlockJobError, CommandError, CommandTimeout, VmctlError
 from vmctl.ops.queries import ask, execute_checked
 from vmctl.ops.waiting import events_until
 from vmctl.qmp import QMPMonitor, Subscription
+from vmctl.qmp.timeouts import deadline
 
 
 @attrs.frozen(kw_only=True)
@@ -43,6 +45,25 @@ def query_jobs(qmp: QMPMonitor) -> list[JobProgress]:
 
 #: A job in these states is not on its way to its end (a refused cancel leaves it so).
 _RUNNING = frozenset({"created", "running", "paused", "ready", "standby"})
+
+
+def end_orphan_job(qmp: QMPMonitor, job_id: str, timeout: float = 30.0) -> None:
+    """Cancel and dismiss a job nobody follows any more (its control plane died), if QEMU has it."""
+    ends = deadline(timeout)
+    while True:
+        job = next((j for j in query_jobs(qmp) if j.id == job_id), None)
+        if job is None:
+            return
+        if job.status in ("concluded", "null"):
+            with contextlib.suppress(CommandError):
+                qmp.execute("job-dismiss", {"id": job_id})
+            return
+        if job.status in _RUNNING:
+            with contextlib.suppress(CommandError):
+                qmp.execute("job-cancel", {"id": job_id})
+        if time.monotonic() > ends:
+            raise WaitTimeout(f"block job {job_id} did not end within {timeout:g}s of its cancel")
+        time.sleep(0.05)
 
 
 class Job:

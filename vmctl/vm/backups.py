@@ -8,6 +8,7 @@ from an earlier checkpoint. See ``vmctl.ops.backup`` for how the instant and the
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from vmctl.ops import backup as backup_ops
 from vmctl.ops.blockjobs import Job, JobProgress
 from vmctl.ops.deadline import Deadline
 from vmctl.qmp import Monitor
+from vmctl.vm.journal import BACKUP, Intent
 from vmctl.vm.store import StateStore
 
 
@@ -40,7 +42,9 @@ class BackupJob:
         checkpoint: str,
         since: str | None,
         started: float,
+        on_end: Callable[[], Any],
     ) -> None:
+        self._on_end = on_end
         self._qmp = qmp
         self._log = log
         self._jobs = jobs
@@ -107,10 +111,13 @@ class BackupJob:
         self._ended = True
         for job in self._jobs:
             job.abandon()  # one still running is cancelled; it never raises
-        backup_ops.finish(self._qmp, self._disks, self.checkpoint, succeeded=succeeded)
-        if not succeeded:
-            for path in self.files.values():
-                Path(path).unlink(missing_ok=True)
+        try:
+            backup_ops.finish(self._qmp, self._disks, self.checkpoint, succeeded=succeeded)
+            if not succeeded:
+                for path in self.files.values():
+                    Path(path).unlink(missing_ok=True)
+        finally:
+            self._on_end()  # the journal's entry: a cleanup that failed is the next attach's
 
     def __enter__(self) -> BackupJob:
         return self
@@ -150,18 +157,28 @@ class Backups:
             raise InvalidArgument(f"bandwidth is a positive number of bytes per second, not {bandwidth!r}")
         agent = self._agent() if quiesce else None  # AgentUnavailable before anything is done
         with self._store.lock:
-            chosen = (
-                [self._store.require_disk(i) for i in disks] if disks is not None else list(self._store.inventory.disks)
+            inventory = self._store.inventory
+            chosen = [self._store.require_disk(i) for i in disks] if disks is not None else list(inventory.disks)
+            destination = Path(dest_dir)
+            backup_ops.check_request(self._qmp, chosen, destination, checkpoint=name, since=since)
+            # In the state file before the first step: an attach after a killed control plane cancels it.
+            paths = tuple(str(backup_ops.target_path(destination, d, name)) for d in chosen)
+            self._store.begin(
+                Intent(operation="backup", checkpoint=name, disk_ids=tuple(d.id for d in chosen), files=paths)
             )
-            started = time.time()
-            jobs, files = backup_ops.start_backup(
-                self._qmp, self._log, chosen, Path(dest_dir), checkpoint=name, since=since, bandwidth=bandwidth,
-                frozen=agent.frozen if agent is not None else None,
-            )  # fmt: skip
+            try:
+                started = time.time()
+                jobs, files = backup_ops.start_backup(
+                    self._qmp, self._log, chosen, destination, checkpoint=name, since=since, bandwidth=bandwidth,
+                    frozen=agent.frozen if agent is not None else None,
+                )  # fmt: skip
+            except BaseException:
+                self._store.end(BACKUP)
+                raise
         self._log.info("backup.started", checkpoint=name, since=since, disks=[d.id for d in chosen])
         return BackupJob(
             qmp=self._qmp, log=self._log, jobs=jobs, disks=chosen, files=files, checkpoint=name, since=since,
-            started=started,
+            started=started, on_end=functools.partial(self._store.end, BACKUP),
         )  # fmt: skip
 
     def checkpoints(self) -> list[str]:

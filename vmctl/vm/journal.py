@@ -19,18 +19,24 @@ import attrs
 from vmctl.errors import CommandError, QMPError
 from vmctl.model import DiskSpec, Inventory, NicSpec
 from vmctl.model.names import disk_node_names, fdset_tag, is_disk_fdset, netdev_id, secret_object_id, tap_fd_name
+from vmctl.ops import backup as backup_ops
 from vmctl.ops import disks as disk_ops
 from vmctl.ops import migration as migration_ops
 from vmctl.ops import nics as nic_ops
+from vmctl.ops.blockjobs import end_orphan_job
 from vmctl.ops.chains import device_node
 from vmctl.ops.devices import device_present, object_exists, pin_pci_address
 from vmctl.ops.queries import ask
 from vmctl.qmp import Monitor
 
-Operation = Literal["hotplug_disk", "unplug_disk", "hotplug_nic", "unplug_nic", "snapshot_disk", "migrate", "incoming"]
+Operation = Literal[
+    "hotplug_disk", "unplug_disk", "hotplug_nic", "unplug_nic", "snapshot_disk", "migrate", "incoming", "backup"
+]
 
 #: The key of a migration's intent (one at a time per VM), where a device's id keys the others.
 MIGRATION = "(migration)"
+#: The key of a backup's intent (one at a time per VM).
+BACKUP = "(backup)"
 #: Where a migration stands in ``query-migrate``: still moving before postcopy (it can be cancelled).
 _PRECOPY = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"})
 
@@ -47,11 +53,15 @@ class Intent:
     files: tuple[str, ...] = ()
     peer: str | None = None
     resume: bool = True  # incoming: whether the target runs the guest once it has it
+    checkpoint: str | None = None  # backup: the checkpoint it makes
+    disk_ids: tuple[str, ...] = ()  # backup: the disks it copies
 
     @property
     def device_id(self) -> str:
         if self.operation in ("migrate", "incoming"):
             return MIGRATION
+        if self.operation == "backup":
+            return BACKUP
         device = self.disk or self.nic
         assert device is not None
         return device.id
@@ -69,6 +79,8 @@ class Intent:
             files=tuple(data.get("files", ())),
             peer=data.get("peer"),
             resume=bool(data.get("resume", True)),
+            checkpoint=data.get("checkpoint"),
+            disk_ids=tuple(data.get("disk_ids", ())),
         )
 
 
@@ -130,6 +142,8 @@ def settle(qmp: Monitor, intent: Intent, inventory: Inventory) -> Settled:
     snapshot is completed when the disk's device is on its new overlay (it switched atomically)."""
     if intent.operation in ("migrate", "incoming"):
         return _settle_migration(qmp, intent, inventory)
+    if intent.operation == "backup":
+        return _settle_backup(qmp, intent, inventory)
     if intent.operation == "snapshot_disk":
         assert intent.disk is not None
         if device_node(qmp, intent.device_id) == intent.disk.active_node:
@@ -187,6 +201,22 @@ def _settle_migration(qmp: Monitor, intent: Intent, inventory: Inventory) -> Set
     return Settled(inventory=inventory, leftovers=(f"incoming migration {status} from {intent.peer}",))
 
 
+def _settle_backup(qmp: Monitor, intent: Intent, inventory: Inventory) -> Settled:
+    """A backup whose control plane died: nobody is left to collect it, so it is cancelled (one
+    that completed meanwhile is dropped the same way); its jobs, target nodes, fdsets, bitmap
+    copy, its own checkpoint and its files go. The earlier checkpoints hold every change, so the
+    next backup since one of them misses nothing."""
+    assert intent.checkpoint is not None
+    disks = [d for d in inventory.disks if d.id in intent.disk_ids]
+    for disk in disks:
+        end_orphan_job(qmp, backup_ops.job_id(disk))
+    backup_ops.finish(qmp, disks, intent.checkpoint, succeeded=False)
+    for path in intent.files:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return Settled(inventory=inventory)
+
+
 def clean(qmp: Monitor, log: Any, intent: Intent, *, timeout: float, quit_source: Callable[[], Any]) -> bool:
     """Remove what an operation stopped half-way left (a hotplug is undone, an unplug finished;
     a snapshot that did not switch loses its new layer's nodes, fdset and the files it made; a
@@ -199,6 +229,8 @@ def clean(qmp: Monitor, log: Any, intent: Intent, *, timeout: float, quit_source
             quit_source()
             return True
         return False
+    if intent.operation == "backup":
+        return False  # settled whole at attach
     if intent.operation == "snapshot_disk":
         assert intent.disk is not None
         if device_node(qmp, intent.device_id) == intent.disk.active_node:  # it switched after all
