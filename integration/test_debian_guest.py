@@ -21,7 +21,7 @@ import pytest
 
 from integration.conftest import REPO, VMFactory, make_image
 from integration.versions import DISTRIBUTION
-from vmctl import VM, VMSpec
+from vmctl import VM, VMSpec, restore_disk
 from vmctl.errors import AgentError, VmctlError
 from vmctl.model import DiskSpec
 from vmctl.model.agent import ExecResult, FreezeStatus
@@ -207,6 +207,27 @@ def test_a_quiesced_snapshot_freezes_and_thaws_the_root_and_its_backing_image_is
     listing = subprocess.run(["debugfs", "-R", "ls /root", partition], capture_output=True, text=True, check=True)
     assert "after-snapshot" not in listing.stdout  # written to the new overlay only
     copy.unlink()
+
+
+def test_a_quiesced_backup_of_the_mounted_root_restores_to_a_clean_ext4_with_the_file(debian: Guest) -> None:
+    token = secrets.token_hex(8)
+    debian.run(f"echo {token} > /root/before-backup")  # in the page cache: the freeze must flush it
+    out = debian.tmp_path / "backups"
+    out.mkdir()
+    backup = debian.vm.backup(out, checkpoint="debian1", quiesce=True).wait(300)
+    assert debian.vm.agent.fsfreeze_status() is FreezeStatus.THAWED
+    debian.run("echo after > /root/after-backup && sync")  # the root takes writes again
+    restored = debian.tmp_path / "restored.raw"
+    restore_disk([backup.files[ROOT]], restored, format="raw")
+    partition = f"{restored}?offset={debian.image.root_offset}"
+    fsck = subprocess.run(["e2fsck", "-fn", partition], capture_output=True, text=True, timeout=120)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    found = subprocess.run(
+        ["debugfs", "-R", "cat /root/before-backup", partition], capture_output=True, text=True, check=True
+    )
+    assert found.stdout == f"{token}\n"
+    restored.unlink()
+    debian.vm.remove_checkpoint("debian1")
 
 
 def test_a_live_migration_carries_a_file_the_guest_wrote_to_the_target(debian: Guest) -> None:
