@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vmctl.agent.guest import GuestAgent
-from vmctl.errors import InvalidArgument
+from vmctl.errors import CommandError, InvalidArgument
 from vmctl.model import DiskSpec
 from vmctl.model.backup import Backup, check_checkpoint_name
 from vmctl.ops import backup as backup_ops
@@ -65,8 +65,12 @@ class BackupJob:
         if not isinstance(bytes_per_second, int) or isinstance(bytes_per_second, bool) or bytes_per_second < 0:
             raise InvalidArgument(f"bandwidth is a whole number of bytes per second, not {bytes_per_second!r}")
         for job in self._jobs:
-            if not job.finished:
-                self._qmp.execute("block-job-set-speed", {"device": job.id, "speed": bytes_per_second})
+            if not job.finished and job.progress().status in ("running", "paused", "ready"):
+                try:
+                    self._qmp.execute("block-job-set-speed", {"device": job.id, "speed": bytes_per_second})
+                except CommandError:
+                    if job.progress().status in ("running", "paused", "ready"):  # refused, not just ended
+                        raise
 
     def wait(self, timeout: float) -> Backup:
         """The backup, once every disk's copy is done. If one fails, the others are cancelled, the
