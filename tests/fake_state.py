@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import functools
 import os
 import socket
 import threading
@@ -132,6 +133,7 @@ class QemuModel:
         self.netdevs: dict[str, Netdev] = {}
         self.chardevs: dict[str, Chardev] = {}
         self.objects: dict[str, tuple[str, int]] = {}  # id -> (qom-type, size)
+        self.jobs: dict[str, str] = {}  # block job id -> its status
         self.boot_cpu = (0, 0, 0)
         self._lock = threading.RLock()
         self._timers: list[threading.Timer] = []
@@ -144,6 +146,11 @@ class QemuModel:
             "query-block": self._query_block,
             "block_set_io_throttle": self._block_set_io_throttle,
             "transaction": self._transaction,
+            "block-dirty-bitmap-remove": self._bitmap_remove,
+            "query-jobs": self._query_jobs,
+            "job-dismiss": self._job_dismiss,
+            "job-cancel": self._job_cancel,
+            "block-job-cancel": self._job_cancel,
             "device_add": self._device_add,
             "device_del": self._device_del,
             "qom-list": self._qom_list,
@@ -217,6 +224,7 @@ class QemuModel:
                     )
                 ),
                 "bitmaps": tuple(sorted((n.name, b) for n in self.nodes.values() for b in n.bitmaps)),
+                "jobs": tuple(sorted(self.jobs)),
                 "nic_peers": tuple(sorted((d.id, d.netdev) for d in self.devices.values() if d.netdev)),
                 "ports": tuple(sorted((d.id, d.chardev) for d in self.devices.values() if d.chardev)),
                 "dimms": tuple(sorted((d.id, d.memdev, d.slot) for d in self.devices.values() if d.memdev)),
@@ -396,6 +404,7 @@ class QemuModel:
     def _transaction(self, call: FakeCall) -> Any:
         # All or nothing: the actions run on a copy that replaces the state only if all succeed.
         nodes, devices = copy.deepcopy(self.nodes), copy.deepcopy(self.devices)
+        started: list[str] = []
         for action in call.arguments["actions"]:
             data = action["data"]
             if action["type"] == "blockdev-snapshot":
@@ -422,9 +431,60 @@ class QemuModel:
                 if data.get("persistent") and target.driver != "qcow2":
                     raise _error(f"Cannot store dirty bitmaps in {target.driver} format node '{target.name}'")
                 target.bitmaps.append(str(data["name"]))
+            elif action["type"] == "block-dirty-bitmap-merge":
+                target = nodes.get(str(data["node"]))
+                if target is None or data["target"] not in target.bitmaps:
+                    raise _error(f"Dirty bitmap '{data['target']}' not found")
+                if any(b not in target.bitmaps for b in data["bitmaps"]):
+                    raise _error("Dirty bitmap not found")
+            elif action["type"] == "blockdev-backup":
+                if data["device"] not in nodes or data["target"] not in nodes:
+                    raise _error(f"Cannot find device='' nor node-name='{data['device']}'")
+                if data["job-id"] in self.jobs or data["job-id"] in started:
+                    raise _error(f"Job ID '{data['job-id']}' already in use")
+                started.append(str(data["job-id"]))
             else:
                 raise _error(f"transaction action {action['type']} is not modelled")
         self.nodes, self.devices = nodes, devices
+        for job_id in started:  # a backup of the model's small disks runs at once, then concludes
+            self.jobs[job_id] = "running"
+            self.fake.emit_event("JOB_STATUS_CHANGE", {"id": job_id, "status": "running"})
+            self._later(functools.partial(self._conclude, job_id))
+        return {}
+
+    def _conclude(self, job_id: str) -> None:
+        if self.jobs.get(job_id) == "running":
+            self.jobs[job_id] = "concluded"
+            self.fake.emit_event("JOB_STATUS_CHANGE", {"id": job_id, "status": "concluded"})
+
+    def _query_jobs(self, call: FakeCall) -> Any:
+        return [
+            {"id": j, "type": "backup", "status": status, "current-progress": 1, "total-progress": 1}
+            for j, status in self.jobs.items()
+        ]
+
+    def _job_dismiss(self, call: FakeCall) -> Any:
+        job_id = str(call.arguments["id"])
+        if job_id not in self.jobs:
+            raise _error(f"Job not found: {job_id}")
+        if self.jobs[job_id] != "concluded":
+            raise _error(f"Job '{job_id}' in state '{self.jobs[job_id]}' cannot accept command verb 'dismiss'")
+        del self.jobs[job_id]
+        self.fake.emit_event("JOB_STATUS_CHANGE", {"id": job_id, "status": "null"})
+        return {}
+
+    def _job_cancel(self, call: FakeCall) -> Any:
+        job_id = str(call.arguments.get("id") or call.arguments.get("device"))
+        if self.jobs.get(job_id) != "running":
+            raise _error(f"Job not found or not running: {job_id}")
+        self._conclude(job_id)
+        return {}
+
+    def _bitmap_remove(self, call: FakeCall) -> Any:
+        node = self._node(str(call.arguments["node"]))
+        if call.arguments["name"] not in node.bitmaps:
+            raise _error(f"Dirty bitmap '{call.arguments['name']}' not found")
+        node.bitmaps.remove(str(call.arguments["name"]))
         return {}
 
     # -- devices -----------------------------------------------------------------------------

@@ -18,12 +18,13 @@ backups.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from vmctl.errors import DeviceExists, InvalidArgument
+from vmctl.errors import DeviceExists, InvalidArgument, QMPError
 from vmctl.model import DiskSpec
 from vmctl.model.backup import check_checkpoint_name
 from vmctl.model.names import disk_node_names
@@ -139,14 +140,30 @@ def _add_target(qmp: QMPMonitor, steps: Steps, disk: DiskSpec, path: str) -> Non
 
 def finish(qmp: QMPMonitor, disks: Sequence[DiskSpec], checkpoint: str, *, succeeded: bool) -> None:
     """After the jobs: the since-copy and the target nodes go; a backup that did not succeed takes
-    its checkpoint with it (the earlier ones hold every change)."""
+    its checkpoint with it (the earlier ones hold every change). Every step is tried, and a step
+    that failed once more (each looks before it acts), so that one refused or late command leaves
+    nothing behind; what still fails is raised, for the journal to settle."""
+    steps: list[Callable[[], None]] = []
     for disk in disks:
-        _remove_bitmap_if_there(qmp, disk, _SINCE_COPY)
+        steps.append(functools.partial(_remove_bitmap_if_there, qmp, disk, _SINCE_COPY))
         if not succeeded:
-            _remove_bitmap_if_there(qmp, disk, checkpoint_bitmap(checkpoint))
+            steps.append(functools.partial(_remove_bitmap_if_there, qmp, disk, checkpoint_bitmap(checkpoint)))
         names = set(disk_node_names(disk.id, BACKUP_LAYER))
-        delete_disk_nodes(qmp, disk.id, only=names)
-        remove_disk_fdsets(qmp, disk.id, layers={BACKUP_LAYER})
+        steps.append(functools.partial(delete_disk_nodes, qmp, disk.id, only=names))
+        steps.append(functools.partial(remove_disk_fdsets, qmp, disk.id, layers={BACKUP_LAYER}))
+    failures: list[QMPError] = []
+    for _ in range(2):
+        failed, failures = [], []
+        for step in steps:
+            try:
+                step()
+            except QMPError as exc:
+                failed.append(step)
+                failures.append(exc)
+        steps = failed
+        if not steps:
+            return
+    raise failures[0]
 
 
 def remove_checkpoint(qmp: QMPMonitor, disks: Sequence[DiskSpec], name: str) -> None:
