@@ -14,7 +14,7 @@ import pytest
 
 from integration.conftest import VMFactory, make_image
 from integration.versions import BACKUP
-from vmctl import VM, DiskSpec, restore_disk
+from vmctl import VM, Backup, DiskSpec, restore_disk
 from vmctl.errors import BlockJobError
 from vmctl.testing import GuestShell
 
@@ -38,6 +38,16 @@ def file_sum(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def restored_sum(chain: list[Backup], tmp_path: Path) -> str:
+    """The sha256 of disk d1 rebuilt from a full backup and the incrementals after it."""
+    restored = tmp_path / "restored.raw"
+    restore_disk([backup.files["d1"] for backup in chain], restored, format="raw")
+    try:
+        return file_sum(restored)
+    finally:
+        restored.unlink()
+
+
 def allocated(path: Path) -> int:
     """Bytes of guest data the image holds itself (``qemu-img map``), not reading through."""
     done = subprocess.run(["qemu-img", "map", "--output=json", str(path)], capture_output=True, text=True, check=True)
@@ -58,9 +68,7 @@ def test_a_full_and_an_incremental_backup_restore_the_disk_exactly(vm: VM, tmp_p
     assert incremental.since == "c1" and vm.checkpoints() == ["c1", "c2"]
     changed = allocated(Path(incremental.files["d1"]))
     assert 4 * MIB <= changed <= 4 * MIB + 2 * 65536, changed  # the rewritten clusters, not the disk
-    restored = tmp_path / "restored.raw"
-    restore_disk([full.files["d1"], incremental.files["d1"]], restored, format="raw")
-    assert file_sum(restored) == expected
+    assert restored_sum([full, incremental], tmp_path) == expected
 
 
 def test_a_backup_holds_the_disk_as_it_was_when_it_began(vm: VM, tmp_path: Path) -> None:
@@ -98,9 +106,7 @@ def test_a_failed_incremental_loses_no_change_and_leaves_no_checkpoint(vm: VM, t
             expected = device_sum(shell)
     finally:
         subprocess.run(["umount", str(small)], check=True)
-    restored = tmp_path / "restored.raw"
-    restore_disk([full.files["d1"], incremental.files["d1"]], restored, format="raw")
-    assert file_sum(restored) == expected
+    assert restored_sum([full, incremental], tmp_path) == expected
 
 
 def test_checkpoints_hold_across_attach_and_an_incremental_after_it_is_exact(
@@ -120,9 +126,7 @@ def test_checkpoints_hold_across_attach_and_an_incremental_after_it_is_exact(
         shell.run("head -c 2097152 /dev/urandom | dd of=/dev/vda bs=1M seek=30 conv=fsync 2>/dev/null", check=True)
         incremental = again.backup(out, since="c1", checkpoint="c2").wait(120)
         expected = device_sum(shell)
-    restored = tmp_path / "restored.raw"
-    restore_disk([full.files["d1"], incremental.files["d1"]], restored, format="raw")
-    assert file_sum(restored) == expected
+    assert restored_sum([full, incremental], tmp_path) == expected
     again.remove_checkpoint("c1")
     assert again.checkpoints() == ["c2"]
 
@@ -159,6 +163,4 @@ def test_a_backup_whose_control_plane_is_killed_is_settled_at_attach_and_loses_n
     with GuestShell(again) as shell:
         incremental = again.backup(out, since="c1", checkpoint="c2").wait(120)
         expected = device_sum(shell)
-    restored = tmp_path / "restored.raw"
-    restore_disk([full.files["d1"], incremental.files["d1"]], restored, format="raw")
-    assert file_sum(restored) == expected
+    assert restored_sum([full, incremental], tmp_path) == expected
