@@ -25,9 +25,22 @@ SIZE = 32 * MIB
 
 
 @pytest.fixture
+def out(tmp_path: Path) -> Path:
+    """Where the backups go."""
+    path = tmp_path / "backups"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
 def vm(vms: VMFactory, tmp_path: Path) -> Iterator[VM]:
     image = make_image(tmp_path / "data.qcow2", "qcow2", "32M")
     yield vms.launch(vms.spec(disks=[DiskSpec(id="d1", path=image)]))
+
+
+def write_random(shell: GuestShell, mib: int, *, seek: int = 0) -> None:
+    """The guest writes ``mib`` MiB of random data to its disk from MiB ``seek`` on, to the disk itself."""
+    shell.run(f"head -c {mib * MIB} /dev/urandom | dd of=/dev/vda bs=1M seek={seek} conv=fsync 2>/dev/null", check=True)
 
 
 def device_sum(shell: GuestShell) -> str:
@@ -54,15 +67,13 @@ def allocated(path: Path) -> int:
     return sum(e["length"] for e in json.loads(done.stdout) if e["data"] and e.get("depth", 0) == 0)
 
 
-def test_a_full_and_an_incremental_backup_restore_the_disk_exactly(vm: VM, tmp_path: Path) -> None:
-    out = tmp_path / "backups"
-    out.mkdir()
+def test_a_full_and_an_incremental_backup_restore_the_disk_exactly(vm: VM, out: Path, tmp_path: Path) -> None:
     with GuestShell(vm) as shell:
-        shell.run("head -c 33554432 /dev/urandom | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+        write_random(shell, 32)
         full = vm.backup(out, checkpoint="c1").wait(120)
         assert (full.since, set(full.files)) == (None, {"d1"})
         assert vm.checkpoints() == ["c1"]
-        shell.run("head -c 4194304 /dev/urandom | dd of=/dev/vda bs=1M seek=8 conv=fsync 2>/dev/null", check=True)
+        write_random(shell, 4, seek=8)
         incremental = vm.backup(out, since="c1", checkpoint="c2").wait(120)
         expected = device_sum(shell)
     assert incremental.since == "c1" and vm.checkpoints() == ["c1", "c2"]
@@ -71,13 +82,11 @@ def test_a_full_and_an_incremental_backup_restore_the_disk_exactly(vm: VM, tmp_p
     assert restored_sum([full, incremental], tmp_path) == expected
 
 
-def test_a_backup_holds_the_disk_as_it_was_when_it_began(vm: VM, tmp_path: Path) -> None:
-    out = tmp_path / "backups"
-    out.mkdir()
+def test_a_backup_holds_the_disk_as_it_was_when_it_began(vm: VM, out: Path, tmp_path: Path) -> None:
     with GuestShell(vm) as shell:
         shell.run("head -c 33554432 /dev/zero | tr '\\0' A | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
         job = vm.backup(out, checkpoint="c1", bandwidth=MIB)  # 32 s at the least
-        shell.run("head -c 33554432 /dev/urandom | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+        write_random(shell, 32)
         progress = job.progress()
         assert progress and progress[0].status == "running", "the backup ended before the guest overwrote the disk"
         job.set_bandwidth(0)
@@ -87,21 +96,19 @@ def test_a_backup_holds_the_disk_as_it_was_when_it_began(vm: VM, tmp_path: Path)
     assert restored.read_bytes() == b"A" * SIZE
 
 
-def test_a_failed_incremental_loses_no_change_and_leaves_no_checkpoint(vm: VM, tmp_path: Path) -> None:
-    out = tmp_path / "backups"
-    out.mkdir()
+def test_a_failed_incremental_loses_no_change_and_leaves_no_checkpoint(vm: VM, out: Path, tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
     try:
         with GuestShell(vm) as shell:
-            shell.run("head -c 33554432 /dev/urandom | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+            write_random(shell, 32)
             full = vm.backup(out, checkpoint="c1").wait(120)
-            shell.run("head -c 8388608 /dev/urandom | dd of=/dev/vda bs=1M seek=4 conv=fsync 2>/dev/null", check=True)
+            write_random(shell, 8, seek=4)
             with pytest.raises(BlockJobError):
                 vm.backup(small, since="c1", checkpoint="failed").wait(120)  # 8 MiB into 2 MiB
             assert vm.checkpoints() == ["c1"] and list(small.iterdir()) == []
-            shell.run("head -c 1048576 /dev/urandom | dd of=/dev/vda bs=1M seek=20 conv=fsync 2>/dev/null", check=True)
+            write_random(shell, 1, seek=20)
             incremental = vm.backup(out, since="c1", checkpoint="c2").wait(120)
             expected = device_sum(shell)
     finally:
@@ -110,12 +117,10 @@ def test_a_failed_incremental_loses_no_change_and_leaves_no_checkpoint(vm: VM, t
 
 
 def test_checkpoints_hold_across_attach_and_an_incremental_after_it_is_exact(
-    vm: VM, vms: VMFactory, tmp_path: Path
+    vm: VM, vms: VMFactory, out: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "backups"
-    out.mkdir()
     with GuestShell(vm) as shell:
-        shell.run("head -c 33554432 /dev/urandom | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+        write_random(shell, 32)
     full = vm.backup(out, checkpoint="c1").wait(120)
     vm.close()
     vms.vms.remove(vm)
@@ -123,7 +128,7 @@ def test_checkpoints_hold_across_attach_and_an_incremental_after_it_is_exact(
     vms.vms.append(again)
     assert again.checkpoints() == ["c1"]
     with GuestShell(again) as shell:
-        shell.run("head -c 2097152 /dev/urandom | dd of=/dev/vda bs=1M seek=30 conv=fsync 2>/dev/null", check=True)
+        write_random(shell, 2, seek=30)
         incremental = again.backup(out, since="c1", checkpoint="c2").wait(120)
         expected = device_sum(shell)
     assert restored_sum([full, incremental], tmp_path) == expected
@@ -132,14 +137,12 @@ def test_checkpoints_hold_across_attach_and_an_incremental_after_it_is_exact(
 
 
 def test_a_backup_whose_control_plane_is_killed_is_settled_at_attach_and_loses_no_change(
-    vm: VM, vms: VMFactory, tmp_path: Path
+    vm: VM, vms: VMFactory, out: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "backups"
-    out.mkdir()
     with GuestShell(vm) as shell:
-        shell.run("head -c 33554432 /dev/urandom | dd of=/dev/vda bs=1M conv=fsync 2>/dev/null", check=True)
+        write_random(shell, 32)
         full = vm.backup(out, checkpoint="c1").wait(120)
-        shell.run("head -c 8388608 /dev/urandom | dd of=/dev/vda bs=1M seek=2 conv=fsync 2>/dev/null", check=True)
+        write_random(shell, 8, seek=2)
     vm.close()
     vms.vms.remove(vm)
     child = textwrap.dedent(
