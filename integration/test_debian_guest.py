@@ -178,6 +178,14 @@ def test_a_hotplugged_nic_appears_in_ip_link_with_its_mac_and_is_gone_after_unpl
         time.sleep(0.2)
 
 
+def assert_clean_ext4_holding(partition: str, path: str, text: str) -> None:
+    """``e2fsck -fn`` finds the ext4 at ``partition`` clean, and its file ``path`` holds ``text``."""
+    fsck = subprocess.run(["e2fsck", "-fn", partition], capture_output=True, text=True, timeout=120)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    found = subprocess.run(["debugfs", "-R", f"cat {path}", partition], capture_output=True, text=True, check=True)
+    assert found.stdout == text
+
+
 def test_a_quiesced_snapshot_freezes_and_thaws_the_root_and_its_backing_image_is_a_clean_ext4_with_the_file(
     debian: Guest,
 ) -> None:
@@ -198,12 +206,7 @@ def test_a_quiesced_snapshot_freezes_and_thaws_the_root_and_its_backing_image_is
     copy = debian.tmp_path / "snapshotted.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", before, str(copy)], check=True, timeout=120)
     partition = f"{copy}?offset={debian.image.root_offset}"
-    fsck = subprocess.run(["e2fsck", "-fn", partition], capture_output=True, text=True, timeout=120)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    found = subprocess.run(
-        ["debugfs", "-R", "cat /root/before-snapshot", partition], capture_output=True, text=True, check=True
-    )
-    assert found.stdout == f"{token}\n"
+    assert_clean_ext4_holding(partition, "/root/before-snapshot", f"{token}\n")
     listing = subprocess.run(["debugfs", "-R", "ls /root", partition], capture_output=True, text=True, check=True)
     assert "after-snapshot" not in listing.stdout  # written to the new overlay only
     copy.unlink()
@@ -219,13 +222,7 @@ def test_a_quiesced_backup_of_the_mounted_root_restores_to_a_clean_ext4_with_the
     debian.run("echo after > /root/after-backup && sync")  # the root takes writes again
     restored = debian.tmp_path / "restored.raw"
     restore_disk([backup.files[ROOT]], restored, format="raw")
-    partition = f"{restored}?offset={debian.image.root_offset}"
-    fsck = subprocess.run(["e2fsck", "-fn", partition], capture_output=True, text=True, timeout=120)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    found = subprocess.run(
-        ["debugfs", "-R", "cat /root/before-backup", partition], capture_output=True, text=True, check=True
-    )
-    assert found.stdout == f"{token}\n"
+    assert_clean_ext4_holding(f"{restored}?offset={debian.image.root_offset}", "/root/before-backup", f"{token}\n")
     restored.unlink()
     debian.vm.remove_checkpoint("debian1")
 
