@@ -39,6 +39,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
 
 
 def backup(world: World, checkpoint: str, since: str | None) -> None:
+    backup_ops.check_request(world.monitor, [DISK], world.dir, checkpoint=checkpoint, since=since)
     jobs, files = backup_ops.start_backup(world.monitor, LOG, [DISK], world.dir, checkpoint=checkpoint, since=since)
     BackupJob(
         qmp=world.monitor, log=LOG, jobs=jobs, disks=[DISK], files=files, checkpoint=checkpoint, since=since,

@@ -102,10 +102,10 @@ def start_backup(
     bandwidth: int | None = None,
     frozen: Any = None,
 ) -> tuple[list[Job], dict[str, str]]:
-    """Make each disk's target file, add it, and start every job and the checkpoint in one
-    transaction (inside ``frozen``, a context that quiesces the guest, if given). Returns the jobs
-    and the files. On failure nothing is left: files, nodes and bitmaps go again."""
-    check_request(qmp, disks, dest_dir, checkpoint=checkpoint, since=since)
+    """For a request ``check_request`` has passed (its caller journals it in between): make each
+    disk's target file, add it, and start every job and the checkpoint in one transaction (inside
+    ``frozen``, a context that quiesces the guest, if given). Returns the jobs and the files. On
+    failure nothing is left: files, nodes and bitmaps go again."""
     files = {disk.id: str(target_path(dest_dir, disk, checkpoint)) for disk in disks}
     actions: list[dict[str, Any]] = []
     with Steps(log.bind(checkpoint=checkpoint)) as steps:
